@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny synthetic MURA tree, the real FracAtlas subset when present, an isolated XRAI_HOME."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_FRACATLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-dev"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_xrai_home(tmp_path_factory):
+    """Keep every cache a test makes out of the user's ~/.cache."""
+    home = tmp_path_factory.mktemp("xrai_home")
+    old = os.environ.get("XRAI_HOME")
+    os.environ["XRAI_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("XRAI_HOME", None)
+    else:
+        os.environ["XRAI_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    from xrai.data.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), patients_per_part=3, size=96)
+
+
+@pytest.fixture(scope="session")
+def synthetic_manifest(synthetic_root):
+    from xrai.data import load
+
+    return load("synthetic", root=synthetic_root, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fracatlas_root() -> Path:
+    root = Path(os.environ.get("XRAI_FRACATLAS_DEV", REAL_FRACATLAS))
+    if not (root / "dataset.csv").is_file():
+        pytest.skip(f"real FracAtlas subset not found at {root}")
+    return root

@@ -1,0 +1,308 @@
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from xrai.config import TrainConfig
+
+SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "synthetic") -> None:
+    p.add_argument("--data", default=default, choices=SOURCES, help="dataset source (default: %(default)s)")
+    p.add_argument("--root", default=None, help="dataset folder; omitted: download it (or the synthetic default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m xrai",
+        description="Train, evaluate and explain musculoskeletal X-ray classifiers (MURA, FracAtlas).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic set (CPU, ~2 min)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--model", default="mobilenet_v2")
+
+    p = sub.add_parser("download", help="fetch a dataset with kagglehub (or find it attached in Kaggle)")
+    p.add_argument("name", choices=("mura", "fracatlas", "multiregion", "bonefracture"))
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+
+    p = sub.add_parser("audit", help="write manifest.csv and audit.csv (duplicates across splits and labels)")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a classifier (resumable)")
+    _add_data_args(p)
+    p.add_argument("--body-part", default="all", help="all, one MURA part (wrist) or several (wrist,hand)")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--img-size", type=int, default=None, help="crop side (default 224; 128 on synthetic)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights (default: yes)")
+    p.add_argument("--freeze", action="store_true", help="train the head alone (frozen backbone)")
+    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--optimizer", default=TrainConfig.optimizer, choices=("adamw", "adam", "sgd"))
+    p.add_argument("--scheduler", default=TrainConfig.scheduler,
+                   choices=("cosine", "step", "exponential", "plateau", "none"))
+    p.add_argument("--patience", type=int, default=TrainConfig.patience)
+    p.add_argument("--monitor", default=TrainConfig.monitor, choices=("auroc", "accuracy", "loss"))
+    p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
+    p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
+    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>])")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+
+    p = sub.add_parser("evaluate", help="score a run: report_<split>.json, predictions and figures")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--split", default=None, choices=("valid", "test"),
+                   help="one split (default: valid, then test)")
+    p.add_argument("--data", default=None, choices=SOURCES, help="score an external dataset instead")
+    p.add_argument("--root", default=None)
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+
+    p = sub.add_parser("explain", help="write a Grad-CAM overlay PNG per image")
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="gradcam", choices=("gradcam", "gradcam++", "eigencam"))
+
+    p = sub.add_parser("predict", help="print one JSON line per image: path, probability, label, threshold")
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+")
+
+    p = sub.add_parser("bench", help="input-path and model throughput, side by side")
+    _add_data_args(p)
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+
+    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def cmd_download(args) -> int:
+    from xrai.data import download
+
+    print(download(args.name, force=args.force))
+    return 0
+
+
+def _load_manifest(data: str, root: str | None, seed: int = 0):
+    from xrai.data import load
+
+    return load(data, root=root, seed=seed)
+
+
+def cmd_audit(args) -> int:
+    from xrai.data import audit, audit_summary, save_manifest
+
+    out = Path(args.out)
+    manifest = _load_manifest(args.data, args.root, args.seed)
+    save_manifest(manifest, out)
+    table = audit(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "audit.csv", index=False)
+    summary = audit_summary(table)
+    print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
+          f"crossing labels: {summary['cross_label_groups']}")
+    print(f"wrote {out / 'manifest.csv'} and {out / 'audit.csv'}")
+    return 0
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(
+        data=args.data, root=args.root, body_part=args.body_part, model=args.model, epochs=args.epochs,
+        img_size=args.img_size, batch_size=args.batch_size, lr=args.lr, pretrained=args.pretrained,
+        freeze=args.freeze, head=args.head, dropout=args.dropout, optimizer=args.optimizer,
+        scheduler=args.scheduler, patience=args.patience, monitor=args.monitor,
+        prune_sparsity=args.prune_sparsity, input_path=args.input_path, num_workers=args.num_workers,
+        seed=args.seed, loggers=args.loggers,
+    )
+
+
+def cmd_train(args) -> int:
+    from xrai.data import read_manifest
+    from xrai.train import fit
+
+    config = _train_config(args)
+    part = "" if config.body_parts() is None else "_" + "-".join(config.body_parts())
+    run_dir = Path(args.out or f"runs/{config.data}_{config.model}{part}")
+    if (run_dir / "manifest.csv").is_file():
+        manifest = read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
+    else:
+        manifest = _load_manifest(config.data, config.root, config.seed)
+    result = fit(config, manifest, run_dir, resume=args.resume)
+    _save_curves(run_dir)
+    print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run folder: {run_dir}")
+    return 0
+
+
+def _save_curves(run_dir: Path) -> None:
+    import pandas as pd
+
+    from xrai import plots
+
+    history = pd.read_csv(run_dir / "history.csv")
+    plots.plot_history(history, run_dir / "curves.png")
+
+
+def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[str, dict]:
+    from xrai import plots
+    from xrai.evaluate import evaluate_run
+
+    reports = {}
+    for split in splits:
+        reports[split] = evaluate_run(run_dir, split=split, tta=tta)
+        plots.save_run_figures(run_dir, split)
+    return reports
+
+
+def _headline(report: dict) -> str:
+    image = report["image"]
+    parts = [f"{report['split']}: n={image['n']}", f"AUROC {_fmt(image.get('auroc'))} {_ci(image.get('auroc_ci'))}",
+             f"kappa {_fmt(image.get('kappa'))} {_ci(image.get('kappa_ci'))}",
+             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}"]
+    if report.get("study"):
+        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} (MURA DenseNet-169 baseline 0.705)")
+    return ", ".join(parts) + f" at threshold {report['threshold']:.3f} (chosen on {report['threshold_from']})"
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _ci(ci) -> str:
+    return "" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def cmd_evaluate(args) -> int:
+    run_dir = Path(args.run)
+    if args.data:
+        from xrai.evaluate import evaluate_external
+
+        report = evaluate_external(run_dir, _load_manifest(args.data, args.root))
+        print(_headline(report))
+        print(f"wrote {run_dir / 'report_external.json'}")
+        return 0
+    splits = [args.split] if args.split else ["valid", "test"]
+    for report in _evaluate(run_dir, splits, tta=args.tta).values():
+        print(_headline(report))
+    print(f"reports and figures in {run_dir}")
+    return 0
+
+
+def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
+    from xrai.evaluate import run_threshold
+    from xrai.explain import explain_paths
+    from xrai.models import load_model
+
+    model, config = load_model(run)
+    threshold = run_threshold(run)
+    results = explain_paths(model, config, images, threshold=threshold, out_dir=out, method=method,
+                            with_cam=out is not None)
+    failures = 0
+    for r in results:
+        if r.get("error"):
+            failures += 1
+            print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
+            continue
+        line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
+                "threshold": threshold}
+        if r.get("overlay"):
+            line["overlay"] = str(r["overlay"])
+        print(json.dumps(line), flush=True)
+    return 1 if failures == len(results) else 0
+
+
+def cmd_predict(args) -> int:
+    return _explain_or_predict(args.run, args.images, None)
+
+
+def cmd_explain(args) -> int:
+    return _explain_or_predict(args.run, args.images, args.out, args.method)
+
+
+def cmd_bench(args) -> int:
+    from xrai.bench import run_bench
+
+    run_bench(data=args.data, root=args.root, model=args.model, img_size=args.img_size, device=args.device,
+              json_path=args.json)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from xrai.app import serve
+
+    serve(args.run, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Data, audit, training, evaluation on valid and test, and the Grad-CAM gallery, on the synthetic set."""
+    from xrai.data import audit, audit_summary, load, save_manifest
+    from xrai.explain import gallery
+    from xrai.train import fit
+
+    start = time.perf_counter()
+    run_dir = Path(args.out)
+    manifest = load("synthetic")
+    save_manifest(manifest, run_dir)
+    table = audit(manifest)
+    table.to_csv(run_dir / "audit.csv", index=False)
+    summary = audit_summary(table)
+    print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
+          f"duplicate groups crossing splits: {summary['cross_split_groups']}")
+    config = TrainConfig(data="synthetic", model=args.model, pretrained=False, epochs=args.epochs)
+    fit(config, manifest, run_dir, resume=(run_dir / "checkpoints" / "last.pt").is_file())
+    _save_curves(run_dir)
+    reports = _evaluate(run_dir, ["valid", "test"])
+    pictures = gallery(run_dir, split="test")
+    print()
+    for report in reports.values():
+        print(_headline(report))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    print(f"reports : {run_dir / 'report_valid.json'}, {run_dir / 'report_test.json'}")
+    print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
+          f"per_body_part_test.png")
+    print(f"Grad-CAM: {run_dir / 'gradcam'} ({len(pictures)} galleries)")
+    print(f"next    : python -m xrai serve --run {run_dir}")
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
+    "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

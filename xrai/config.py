@@ -1,0 +1,149 @@
+"""TrainConfig: every knob of a run, with a JSON round trip; saved in config.json and every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "exponential", "plateau", "none")
+MONITORS = ("auroc", "accuracy", "loss")
+INPUT_PATHS = ("auto", "cached", "classic")
+HEADS = ("linear", "mlp")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run. The CLI flags, the notebooks' parameters and the
+    checkpoint all use these names.
+
+    ``body_part`` is ``"all"``, one part (``"wrist"``) or several joined by commas (``"wrist,hand"``).
+    ``img_size`` of ``None`` means 224, or 128 on the synthetic set (its phantoms carry a line that is
+    plainly visible at 128 px, which keeps the CPU demo within minutes).
+    """
+
+    # data
+    data: str = "synthetic"
+    root: str | None = None
+    body_part: str = "all"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # model
+    model: str = "mobilenet_v2"
+    pretrained: bool = True
+    head: str = "linear"
+    freeze: bool = False
+    dropout: float = 0.0
+    prune_sparsity: float = 0.0
+    prune_iterations: int = 100
+    # optimisation
+    epochs: int = 10
+    img_size: int | None = None
+    cache_size: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: int = 1
+    step_size: int = 5
+    step_gamma: float = 0.1
+    exp_gamma: float = 0.99
+    patience: int = 5
+    monitor: str = "auroc"
+    seed: int = 0
+    # machinery
+    input_path: str = "auto"
+    num_workers: int = 2
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    max_batches: int = 0
+    loggers: list[str] = field(default_factory=list)
+    experiment: str = "xrai"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values when a setting is off."""
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("monitor", self.monitor, MONITORS)
+        _choice("input_path", self.input_path, INPUT_PATHS)
+        _choice("head", self.head, HEADS)
+        if not 0.0 <= self.prune_sparsity < 1.0:
+            raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for fraction in ("val_fraction", "test_fraction"):
+            value = getattr(self, fraction)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{fraction} must be in [0, 1), got {value}")
+        for logger in self.loggers:
+            _choice("loggers", logger, ("mlflow", "wandb"))
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        """The square side fed to the model."""
+        if self.img_size is not None:
+            return int(self.img_size)
+        return 128 if self.data == "synthetic" else 224
+
+    @property
+    def resize_size(self) -> int:
+        """The side images are resized to before cropping (and the cache's size): 8/7 of the crop."""
+        if self.cache_size is not None:
+            return int(self.cache_size)
+        return int(round(self.image_size * 8 / 7))
+
+    def body_parts(self) -> list[str] | None:
+        """The selected body parts, lower case, or None for all."""
+        text = (self.body_part or "all").strip().lower()
+        if text in ("", "all"):
+            return None
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return parts
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys raise, so a typo never passes silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "TrainConfig":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")

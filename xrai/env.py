@@ -1,0 +1,196 @@
+"""Where are we running (Colab, Kaggle, local), which GPUs are there, and is one of them a T4."""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+T4_HINTS = {
+    "colab": "In Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run all again.",
+    "kaggle": "In Kaggle: Settings (right panel) > Accelerator > GPU T4 x2, then run all again "
+    "(a phone-verified account is needed for GPUs).",
+    "local": "No T4 here. Open the notebook in Colab or Kaggle with the badges at its top to get a free T4, "
+    "or run on this machine's CPU/GPU (slower, but everything works).",
+}
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    name: str
+    memory_gb: float
+    capability: tuple[int, int]
+
+    @property
+    def is_t4(self) -> bool:
+        return "T4" in self.name.upper()
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What this kernel runs on."""
+
+    platform: str  # "colab", "kaggle" or "local"
+    kaggle_batch: bool  # Kaggle's "Save & Run All" (no one is watching)
+    gpus: tuple[GPUInfo, ...] = field(default_factory=tuple)
+    python: str = ""
+    torch: str = ""
+    cpu_count: int = 1
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def has_t4(self) -> bool:
+        return any(g.is_t4 for g in self.gpus)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+    @property
+    def amp_dtype(self) -> str | None:
+        """'float16' on Volta/Turing (T4), 'bfloat16' on Ampere and newer, None on CPU."""
+        if not self.gpus:
+            return None
+        return amp_dtype_for(self.gpus[0].capability)
+
+    def summary(self) -> str:
+        where = {"colab": "Google Colab", "kaggle": "Kaggle", "local": "local machine"}[self.platform]
+        if self.platform == "kaggle":
+            where += " (batch run)" if self.kaggle_batch else " (interactive)"
+        lines = [f"runtime : {where}, Python {self.python}, torch {self.torch}, {self.cpu_count} CPU cores"]
+        if self.gpus:
+            for i, g in enumerate(self.gpus):
+                lines.append(
+                    f"gpu {i}   : {g.name}, {g.memory_gb:.1f} GiB, compute {g.capability[0]}.{g.capability[1]}"
+                )
+        else:
+            lines.append("gpu     : none (training runs on the CPU: fine for the synthetic demo, slow for real data)")
+        lines.append(f"device  : {self.device}, mixed precision: {self.amp_dtype or 'off'}")
+        if self.has_t4:
+            lines.append("T4      : yes")
+        else:
+            lines.append("T4      : no. " + T4_HINTS[self.platform])
+        return "\n".join(lines)
+
+
+def amp_dtype_for(capability: tuple[int, int]) -> str | None:
+    """The autocast dtype for a CUDA compute capability: bf16 from Ampere (8.0) on, fp16 from Volta (7.0)."""
+    major = capability[0]
+    if major >= 8:
+        return "bfloat16"
+    if major >= 7:
+        return "float16"
+    return None
+
+
+def detect_platform(environ: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Return (platform, kaggle_batch) from environment variables and the modules loaded."""
+    env = os.environ if environ is None else environ
+    if "KAGGLE_KERNEL_RUN_TYPE" in env or "KAGGLE_URL_BASE" in env or "KAGGLE_DATA_PROXY_TOKEN" in env:
+        return "kaggle", env.get("KAGGLE_KERNEL_RUN_TYPE", "Interactive") == "Batch"
+    if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env or (environ is None and "google.colab" in sys.modules):
+        return "colab", False
+    return "local", False
+
+
+def list_gpus() -> tuple[GPUInfo, ...]:
+    """The CUDA devices torch can see."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append(GPUInfo(name=p.name, memory_gb=p.total_memory / 2**30, capability=(p.major, p.minor)))
+    return tuple(gpus)
+
+
+def runtime_info() -> RuntimeInfo:
+    import torch
+
+    plat, batch = detect_platform()
+    return RuntimeInfo(
+        platform=plat,
+        kaggle_batch=batch,
+        gpus=list_gpus(),
+        python=_platform.python_version(),
+        torch=torch.__version__,
+        cpu_count=cpu_count(),
+    )
+
+
+class NoT4Error(RuntimeError):
+    """Raised by check_runtime(strict=True) when no T4 is attached."""
+
+
+def check_runtime(strict: bool = False, *, show: bool = True) -> RuntimeInfo:
+    """Print a short block on this runtime and, with no T4, how to get one.
+
+    Args:
+        strict: raise NoT4Error instead of carrying on without a T4.
+        show: print the block (notebooks want it; tests may not).
+    Raises:
+        NoT4Error: strict is set and no T4 is attached.
+    """
+    info = runtime_info()
+    if show:
+        print(info.summary())
+    if strict and not info.has_t4:
+        raise NoT4Error("no T4 GPU is attached. " + T4_HINTS[info.platform])
+    return info
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def get_device(preference: str = "auto"):
+    """torch.device for 'auto' (CUDA when there, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    import torch
+
+    if preference in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return device
+
+
+def autocast_dtype(device) -> "torch.dtype | None":
+    """The autocast dtype for a torch.device, or None where mixed precision is off (CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    index = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    name = amp_dtype_for(torch.cuda.get_device_capability(index))
+    return None if name is None else getattr(torch, name)
+
+
+def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and CUDA). With deterministic, also pin cuDNN's algorithms."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def xrai_home() -> Path:
+    """Where xrai keeps caches (synthetic data, decoded-image caches): $XRAI_HOME or ~/.cache/xrai."""
+    return Path(os.environ.get("XRAI_HOME", Path.home() / ".cache" / "xrai")).expanduser()
