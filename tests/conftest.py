@@ -43,3 +43,20 @@ def fracatlas_root() -> Path:
     if not (root / "dataset.csv").is_file():
         pytest.skip(f"real FracAtlas subset not found at {root}")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The run folder of `python -m xrai demo`, run once per session exactly as a user runs it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "xrai", "demo", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    (out / "demo_stdout.txt").write_text(proc.stdout)
+    return out

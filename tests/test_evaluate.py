@@ -1,0 +1,224 @@
+"""predict, the report format, the threshold discipline, external scoring, on a fake run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import xrai.evaluate as ev
+from xrai.evaluate import PREDICTION_COLUMNS, build_report, evaluate_external, evaluate_run, predict, run_threshold
+
+# DESIGN.md's report_<split>.json, key for key
+DESIGN_REPORT_KEYS = ["split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
+                      "per_body_part", "classification_report"]
+DESIGN_METRIC_KEYS = ["n", "accuracy", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity", "f1",
+                      "kappa", "kappa_ci", "confusion_matrix"]
+
+
+def make_fake_run(run: Path, manifest: pd.DataFrame, *, img_size: int = 64) -> Path:
+    """A run folder as fit() leaves it (checkpoint dict per the contract, config.json, manifest), with an
+    untrained mobilenet_v2 whose BatchNorm statistics are set on a few images, so its outputs vary."""
+    from xrai.config import TrainConfig
+    from xrai.data import read_image, save_manifest
+    from xrai.data.augment import preprocess
+    from xrai.models import create_model
+
+    config = TrainConfig(data="synthetic", pretrained=False, img_size=img_size, epochs=1)
+    torch.manual_seed(0)
+    net = create_model("mobilenet_v2", pretrained=False)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    x = preprocess([read_image(p) for p in manifest["path"].iloc[:24]], image_size=config.image_size,
+                   resize_size=config.resize_size)
+    net.train()
+    with torch.no_grad():
+        net(x)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save({"model": net.state_dict(), "config": config.to_dict(), "model_name": "mobilenet_v2", "epoch": 1,
+                "best_metric": 0.5, "history": []}, run / "checkpoints" / "best.pt")
+    config.to_json(run / "config.json")
+    save_manifest(manifest, run)
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory, synthetic_manifest):
+    return make_fake_run(tmp_path_factory.mktemp("eval_run"), synthetic_manifest)
+
+
+@pytest.fixture()
+def run(fake_run, tmp_path):
+    """A fresh copy per test, so reports written by one test never leak into another."""
+    copy = tmp_path / "run"
+    shutil.copytree(fake_run, copy)
+    return copy
+
+
+def _quiet(fn, *args, **kwargs):
+    with pytest.warns(UserWarning, match="audit"):  # the fake runs have no audit.csv
+        return fn(*args, **kwargs)
+
+
+def test_evaluate_run_valid_writes_design_report(run, synthetic_manifest):
+    report = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=50)
+    on_disk = json.loads((run / "report_valid.json").read_text())
+    assert on_disk == report
+    assert list(report) == DESIGN_REPORT_KEYS
+    assert list(report["image"]) == DESIGN_METRIC_KEYS
+    assert list(report["study"]) == DESIGN_METRIC_KEYS  # synthetic has MURA's study ids
+    assert report["split"] == "valid" and report["threshold_from"] == "valid"
+    assert report["split_method"] == synthetic_manifest.attrs["split_method"]
+    assert report["audit"] == {"cross_split_groups": None, "cross_label_groups": None}
+    assert 0.0 <= report["threshold"] <= 1.0
+    valid = synthetic_manifest[synthetic_manifest["split"] == "valid"]
+    assert report["image"]["n"] == len(valid)
+    assert report["study"]["n"] == valid["study_id"].nunique()
+    assert set(report["per_body_part"]) == set(valid["body_part"])
+    for part in report["per_body_part"].values():
+        assert list(part) == ["n", "auroc", "kappa", "study_kappa"]
+    assert {"normal", "abnormal", "accuracy"} <= set(report["classification_report"])
+    pred = pd.read_csv(run / "predictions_valid.csv")
+    assert list(pred.columns) == PREDICTION_COLUMNS and len(pred) == len(valid)
+    assert pred["probability"].between(0, 1).all()
+    assert report["image"]["auroc_ci"] is None or len(report["image"]["auroc_ci"]) == 2
+
+
+def test_test_split_reads_valid_threshold_and_never_chooses(run, monkeypatch):
+    seen = []
+    real = ev.choose_threshold
+
+    def spy(y_true, prob, **kwargs):
+        seen.append(np.asarray(y_true).copy())
+        return real(y_true, prob, **kwargs)
+
+    monkeypatch.setattr(ev, "choose_threshold", spy)
+    test_report = _quiet(evaluate_run, run, split="test", progress=False, n_bootstrap=20)
+    valid_report = json.loads((run / "report_valid.json").read_text())  # made first, because it was missing
+    assert len(seen) == 1  # chosen once, on valid
+    valid_pred = pd.read_csv(run / "predictions_valid.csv")
+    np.testing.assert_array_equal(seen[0], valid_pred["label"].to_numpy())
+    assert test_report["threshold"] == valid_report["threshold"]
+    assert test_report["threshold_from"] == "valid"
+    assert json.loads((run / "report_test.json").read_text())["threshold"] == valid_report["threshold"]
+    # an existing valid threshold is used as it is, and test chooses nothing
+    valid_report["threshold"] = 0.123
+    (run / "report_valid.json").write_text(json.dumps(valid_report))
+    seen.clear()
+    again = _quiet(evaluate_run, run, split="test", progress=False, n_bootstrap=0)
+    assert seen == [] and again["threshold"] == 0.123 and run_threshold(run) == 0.123
+    test_pred = pd.read_csv(run / "predictions_test.csv")
+    tn, fp, fn, tp = np.ravel(again["image"]["confusion_matrix"])
+    assert tp + fp == int((test_pred["probability"] >= 0.123).sum())
+
+
+def test_sensitivity_threshold_method(run):
+    report = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0,
+                    threshold_method="sensitivity", target_sensitivity=0.9)
+    assert report["image"]["sensitivity"] >= 0.9
+
+
+def test_audit_counts_from_audit_csv(run, synthetic_manifest):
+    paths = synthetic_manifest["path"].tolist()
+    pd.DataFrame({
+        "group": [0, 0, 1, 1], "path": paths[:4], "label": [0, 1, 0, 0],
+        "split": ["train", "train", "train", "test"], "kind": ["exact"] * 4, "crosses": ["label", "label", "split", "split"],
+    }).to_csv(run / "audit.csv", index=False)
+    report = evaluate_run(run, split="valid", progress=False, n_bootstrap=0)
+    assert report["audit"] == {"cross_split_groups": 1, "cross_label_groups": 1}
+
+
+def test_body_part_filter_of_the_run(run):
+    from xrai.config import TrainConfig
+
+    checkpoint = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    checkpoint["config"]["body_part"] = "wrist"
+    torch.save(checkpoint, run / "checkpoints" / "best.pt")
+    TrainConfig.from_dict(checkpoint["config"]).to_json(run / "config.json")
+    report = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
+    assert list(report["per_body_part"]) == ["wrist"]
+
+
+def test_evaluate_external_uses_run_threshold(run, synthetic_manifest):
+    _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
+    external = synthetic_manifest[synthetic_manifest["body_part"].isin(["hand", "elbow"])]
+    report = evaluate_external(run, external, progress=False, n_bootstrap=0)
+    assert list(report) == DESIGN_REPORT_KEYS
+    assert report["threshold"] == run_threshold(run) and report["threshold_from"] == "valid"
+    assert report["split"] == "external" and report["image"]["n"] == len(external)
+    assert (run / "report_external.json").is_file() and (run / "predictions_external.csv").is_file()
+    with pytest.raises(ValueError, match="plain word"):
+        evaluate_external(run, external, name="test")
+
+
+def test_run_threshold_needs_valid_report(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluate --run"):
+        run_threshold(tmp_path)
+
+
+def test_predict_drops_bad_images_and_tta(fake_run, synthetic_manifest, tmp_path):
+    from xrai.models import load_model
+
+    model, config = load_model(fake_run)
+    rows = synthetic_manifest.head(6).copy()
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    rows.loc[rows.index[2], "path"] = str(bad)
+    with pytest.warns(UserWarning, match="dropped 1 unreadable"):
+        pred = predict(model, rows, config=config, batch_size=4, device="cpu", progress=False)
+    assert list(pred.columns) == PREDICTION_COLUMNS
+    assert str(bad) not in set(pred["path"]) and len(pred) == 5
+    assert pred["path"].tolist() == [p for p in rows["path"] if p != str(bad)]  # manifest order kept
+    # batching does not change the numbers
+    one = predict(model, rows.drop(rows.index[2]), config=config, batch_size=1, device="cpu", progress=False)
+    np.testing.assert_allclose(one["probability"], pred["probability"], atol=1e-5)
+
+
+class _LeftMinusRight(torch.nn.Module):
+    """logit = mean(left half) - mean(right half): its flip is the negative, so flip-TTA gives exactly 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        w = x.shape[-1] // 2
+        return (x[..., :w].mean(dim=(1, 2, 3)) - x[..., -w:].mean(dim=(1, 2, 3)))[:, None] * 10 + self.dummy
+
+
+def test_tta_averages_the_flip(synthetic_manifest):
+    from xrai.config import TrainConfig
+
+    config = TrainConfig(data="synthetic", img_size=64)
+    rows = synthetic_manifest.head(4)
+    plain = predict(_LeftMinusRight(), rows, config=config, device="cpu", progress=False)
+    tta = predict(_LeftMinusRight(), rows, config=config, device="cpu", tta=True, progress=False)
+    assert not np.allclose(plain["probability"], 0.5)
+    np.testing.assert_allclose(tta["probability"], 0.5, atol=1e-6)
+
+
+def test_report_without_studies_or_second_class():
+    pred = pd.DataFrame({"path": list("abcd"), "probability": [0.2, 0.4, 0.6, 0.9], "label": [1, 1, 1, 1],
+                         "body_part": ["hand", "hand", "leg", "leg"], "patient_id": "", "study_id": ""})
+    with pytest.warns(UserWarning, match="only one class"):
+        report = build_report(pred, split="test", threshold=0.5, threshold_from="valid", split_method=None,
+                              audit={"cross_split_groups": 0, "cross_label_groups": 0}, n_bootstrap=30)
+    assert report["study"] is None  # FracAtlas-like: no study ids
+    assert report["image"]["auroc"] is None and report["image"]["auroc_ci"] is None
+    assert report["image"]["kappa_ci"] is None or len(report["image"]["kappa_ci"]) == 2
+    json.dumps(report, allow_nan=False)

@@ -1,0 +1,253 @@
+"""Registry, heads, freezing, Grad-CAM layers, offline pretrained weights and checkpoint loading."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from xrai import models
+from xrai.config import TrainConfig
+from xrai.models import (
+    MODELS,
+    PretrainedWeightsError,
+    count_nonzero,
+    create_model,
+    gradcam_layer,
+    list_models,
+    load_model,
+    prune_synflow,
+    restore_pruning,
+)
+
+EXPECTED = ["mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50", "densenet169"] + [
+    f"efficientnet_b{i}" for i in range(8)
+]
+# The big ones get a smaller input so the whole file stays well under a minute on 2 CPU cores.
+REAL_CAN_REACH = models._can_reach
+HEAVY = {"densenet169", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "resnet50"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contend and run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """No test may download: any connectivity check or download fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to reach the network")
+
+    monkeypatch.setattr(models, "_can_reach", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_registry_lists_every_model_default_first():
+    assert list_models() == EXPECTED
+    assert list_models("efficientnet_*") == [f"efficientnet_b{i}" for i in range(8)]
+    for spec in MODELS.values():  # every pinned weights name resolves in this torchvision
+        assert torchvision.models.get_weight(spec.weights).url.startswith("https://")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_model_builds_runs_backward_and_has_a_gradcam_layer(name):
+    torch.manual_seed(0)
+    model = create_model(name, pretrained=False)
+    assert model.xrai_name == name
+    layer = gradcam_layer(model)
+    assert any(layer is module for module in model.backbone.modules())
+
+    shapes = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    size = 32 if name in HEAVY else 64
+    out = model(torch.randn(2, 3, size, size))
+    handle.remove()
+    assert out.shape == (2, 1)
+    assert len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][0] == 2
+
+    out.sum().backward()
+    first_conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    assert model.head[-1].weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "densenet169", "efficientnet_b0"])
+def test_gradcam_layer_works_with_pytorch_grad_cam(name):
+    grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = create_model(name, pretrained=False).eval()
+    with grad_cam.GradCAM(model=model, target_layers=[gradcam_layer(model)]) as cam:
+        maps = cam(input_tensor=torch.randn(1, 3, 64, 64), targets=[ClassifierOutputTarget(0)])
+    assert maps.shape == (1, 64, 64) and torch.isfinite(torch.as_tensor(maps)).all()
+
+
+def test_heads():
+    linear = create_model("mobilenet_v2", pretrained=False)
+    assert [type(m) for m in linear.head] == [nn.Linear]
+    assert (linear.head[0].in_features, linear.head[0].out_features) == (1280, 1)
+
+    dropped = create_model("mobilenet_v2", pretrained=False, dropout=0.3)
+    assert [type(m) for m in dropped.head] == [nn.Dropout, nn.Linear] and dropped.head[0].p == 0.3
+
+    mlp = create_model("resnet18", pretrained=False, head="mlp")
+    assert [type(m) for m in mlp.head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (mlp.head[0].in_features, mlp.head[0].out_features) == (512, 256)
+    assert mlp.head[2].p == 0.5 and mlp.head[3].out_features == 1
+
+    v3 = create_model("mobilenet_v3_large", pretrained=False)  # keeps its pretrained 960 -> 1280 projection
+    assert v3.head[0].in_features == 1280 and isinstance(v3.backbone.classifier[0], nn.Linear)
+
+    with pytest.raises(ValueError, match="linear, mlp"):
+        create_model("resnet18", pretrained=False, head="transformer")
+    with pytest.raises(ValueError, match="dropout"):
+        create_model("resnet18", pretrained=False, dropout=1.0)
+
+
+def test_freeze_trains_the_head_alone_and_keeps_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = create_model("resnet18", pretrained=False, freeze=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("head.") for name in trainable)
+
+    model.train()
+    assert model.training and model.head.training and not model.backbone.training
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(4, 3, 64, 64) * 3 + 1).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+    unfrozen = create_model("resnet18", pretrained=False).train()
+    assert all(p.requires_grad for p in unfrozen.parameters()) and unfrozen.backbone.training
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as error:
+        create_model("resnet19", pretrained=False)
+    message = str(error.value)
+    assert "'resnet19'" in message and "did you mean 'resnet18'" in message
+    for name in EXPECTED:
+        assert name in message
+
+
+def test_pretrained_offline_fails_at_once_naming_the_weights(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(models, "_can_reach", lambda url, timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(PretrainedWeightsError) as error:
+        create_model("mobilenet_v2")
+    assert time.perf_counter() - start < 2.0
+    message = str(error.value)
+    assert "MobileNet_V2_Weights.IMAGENET1K_V2" in message
+    assert "pretrained=False" in message
+    assert "mobilenet_v2-7ebf99e0.pth" in message and str(tmp_path / "checkpoints") in message
+
+
+def test_pretrained_uses_a_cached_file_without_the_network(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    model = create_model("resnet18")  # _no_network makes any network use fail
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_a_failed_download_becomes_a_pretrained_weights_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(models, "_can_reach", lambda url, timeout=3.0: True)
+
+    def fail(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("connection reset")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    with pytest.raises(PretrainedWeightsError, match="ResNet18_Weights.IMAGENET1K_V1.*connection reset"):
+        create_model("resnet18")
+
+
+def test_connectivity_check_is_bounded(monkeypatch):
+    # The real check, with no proxy in the way.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.perf_counter()
+    assert REAL_CAN_REACH("https://xrai-test.invalid/weights.pth", timeout=0.5) is False
+    # Unroutable: times out where it is black-holed; here an intercepting proxy answers with a
+    # certificate for another name, which counts as unreachable too.
+    assert REAL_CAN_REACH("https://10.255.255.1/weights.pth", timeout=0.5) is False
+    assert time.perf_counter() - start < 3.0
+
+
+def _fake_run(run_dir, model, config, which="best"):
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    config.to_json(run_dir / "config.json")
+    checkpoint = {"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "model_name": config.model}
+    torch.save(checkpoint, run_dir / "checkpoints" / f"{which}.pt")
+    return run_dir
+
+
+def test_load_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = TrainConfig(model="mobilenet_v2", pretrained=False, head="mlp", dropout=0.2)
+    model = create_model("mobilenet_v2", pretrained=False, head="mlp", dropout=0.2).eval()
+    run = _fake_run(tmp_path / "run", model, config)
+
+    loaded, loaded_config = load_model(run)
+    assert loaded_config == config and loaded.xrai_name == "mobilenet_v2" and not loaded.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert load_model(run / "checkpoints" / "best.pt")[1] == config  # a .pt path works too
+
+
+def test_load_model_folds_a_pruned_model(tmp_path):
+    torch.manual_seed(0)
+    config = TrainConfig(model="mobilenet_v2", pretrained=False, prune_sparsity=0.9)
+    model = create_model("mobilenet_v2", pretrained=False)
+    prune_synflow(model, sparsity=0.9, iterations=5, input_shape=(1, 3, 32, 32), progress=False)
+    model.eval()
+    assert any(key.endswith("weight_mask") for key in model.state_dict())
+    run = _fake_run(tmp_path / "run", model, config, which="last")
+
+    loaded, _ = load_model(run, which="last")
+    assert not any(key.endswith(("_orig", "_mask")) for key in loaded.state_dict())
+    assert count_nonzero(loaded) == count_nonzero(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+    # Resuming a pruned run: re-apply the masks, then the pruned state dict loads strictly.
+    fresh = create_model("mobilenet_v2", pretrained=False)
+    assert restore_pruning(fresh, model.state_dict()) == len([k for k in model.state_dict() if k.endswith("_mask")])
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert count_nonzero(fresh) == count_nonzero(model)
+
+
+def test_load_model_missing_checkpoint_says_what_makes_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_model(tmp_path / "empty-run")
+    message = str(error.value)
+    assert "empty-run" in message and "03_train" in message and "python -m xrai train" in message
+
+
+def test_load_model_rejects_a_foreign_file(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(ValueError, match="not an xrai checkpoint"):
+        load_model(tmp_path)

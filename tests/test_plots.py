@@ -1,0 +1,111 @@
+"""Every figure function returns a Figure and writes a PNG when given a path (Agg, no display)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from xrai import plots
+
+
+def _png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_plot_history(tmp_path):
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [0.7, 0.5, 0.4], "val_loss": [0.72, 0.6, 0.55],
+                            "val_auroc": [0.6, 0.8, 0.9], "val_accuracy": [0.55, 0.7, 0.8], "lr": [1e-3] * 3,
+                            "seconds": [1.0] * 3, "images_per_s": [100.0] * 3})
+    fig = plots.plot_history(history, tmp_path / "curves.png")
+    assert isinstance(fig, Figure)
+    _png(tmp_path / "curves.png")
+
+
+def test_plot_confusion_matrix_counts_and_row_percent(tmp_path):
+    fig = plots.plot_confusion_matrix([[8, 2], [1, 3]], tmp_path / "cm.png")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "8\n80.0%" in texts and "3\n75.0%" in texts
+    _png(tmp_path / "cm.png")
+
+
+def test_plot_roc_and_pr(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    fig = plots.plot_roc(y, p, tmp_path / "roc.png", threshold=0.5, auroc_ci=[0.7, 0.9])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("AUROC" in t and "95% CI 0.700-0.900" in t for t in legend)
+    assert any("threshold 0.500" in t for t in legend)
+    plots.plot_pr(y, p, tmp_path / "pr.png", threshold=0.5)
+    _png(tmp_path / "roc.png")
+    _png(tmp_path / "pr.png")
+    plots.plot_roc(np.ones(5), np.linspace(0, 1, 5))  # one class: no crash
+
+
+def test_plot_per_body_part_shows_baseline(tmp_path):
+    report = {"split": "valid", "study": {"kappa": 0.6}, "image": {"kappa": 0.5},
+              "per_body_part": {"wrist": {"n": 10, "auroc": 0.9, "kappa": 0.7, "study_kappa": 0.8},
+                                "finger": {"n": 6, "auroc": None, "kappa": None, "study_kappa": None}}}
+    fig = plots.plot_per_body_part(report, tmp_path / "parts.png")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("DenseNet-169" in t for t in legend) and any("0.705" in t for t in legend)
+    heights = sorted(round(b.get_height(), 3) for b in fig.axes[0].patches if np.isfinite(b.get_height()))
+    assert 0.931 in heights and 0.389 in heights and 0.8 in heights  # baseline wrist/finger beside ours
+    _png(tmp_path / "parts.png")
+
+
+def test_save_run_figures(tmp_path, synthetic_manifest):
+    run = tmp_path / "run"
+    run.mkdir()
+    test = synthetic_manifest[synthetic_manifest["split"] == "test"]
+    rng = np.random.default_rng(0)
+    pred = test[["path", "label", "body_part", "patient_id", "study_id"]].assign(
+        probability=np.clip(0.3 + 0.4 * test["label"] + rng.normal(0, 0.2, len(test)), 0, 1))
+    pred.to_csv(run / "predictions_test.csv", index=False)
+    from xrai.evaluate import build_report
+
+    report = build_report(pred, split="test", threshold=0.5, threshold_from="valid", split_method="official",
+                          audit={"cross_split_groups": 0, "cross_label_groups": 0}, n_bootstrap=50)
+    (run / "report_test.json").write_text(json.dumps(report))
+    pd.DataFrame({"epoch": [1, 2], "train_loss": [0.6, 0.4], "val_loss": [0.6, 0.5], "val_auroc": [0.7, 0.8],
+                  "val_accuracy": [0.6, 0.7]}).to_csv(run / "history.csv", index=False)
+    written = plots.save_run_figures(run, "test")
+    assert set(written) == {"confusion_matrix", "roc", "pr", "per_body_part", "curves"}
+    for name in ("confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png", "curves.png"):
+        _png(run / name)
+    with pytest.raises(FileNotFoundError, match="evaluate"):
+        plots.save_run_figures(run, "valid")
+
+
+def test_eda_figures(tmp_path, synthetic_manifest):
+    for name, fig in {
+        "balance": plots.plot_class_balance(synthetic_manifest, tmp_path / "balance.png"),
+        "grid": plots.plot_sample_grid(synthetic_manifest, tmp_path / "grid.png", n=3),
+        "sizes": plots.plot_image_sizes(synthetic_manifest, tmp_path / "sizes.png", sample=30),
+        "patients": plots.plot_patients_per_part(synthetic_manifest, tmp_path / "patients.png"),
+    }.items():
+        assert isinstance(fig, Figure), name
+        _png(tmp_path / f"{name}.png")
+
+
+def test_plot_audit_groups(tmp_path, synthetic_manifest):
+    paths = synthetic_manifest["path"].tolist()
+    audit = pd.DataFrame({
+        "group": [0, 0, 1, 1, 1], "path": paths[:5], "label": [0, 1, 0, 0, 0],
+        "split": ["train", "test", "train", "train", "train"], "kind": ["exact", "exact", "near", "near", "near"],
+        "crosses": ["split+label", "split+label", "", "", ""],
+    })
+    fig = plots.plot_audit_groups(audit, tmp_path / "audit.png", groups=2, per_group=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0].startswith("group 0 [split+label")  # the worst group comes first
+    _png(tmp_path / "audit.png")
+    plots.plot_audit_groups(audit.iloc[:0], tmp_path / "empty.png")
+    _png(tmp_path / "empty.png")

@@ -1,0 +1,315 @@
+"""train.fit and its parts: optimisers, schedulers, pos_weight, atomic checkpoints, NaN, early stopping, loggers."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import xrai.train as train
+from xrai.checkpoint import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
+from xrai.config import OPTIMIZERS, SCHEDULERS, TrainConfig
+from xrai.train import (
+    HISTORY_COLUMNS,
+    TrainingDivergedError,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    pos_weight_from_labels,
+    train_one_epoch,
+)
+
+
+def _config(**changes) -> TrainConfig:
+    """A seconds-long run: 32 px crops, one or two batches per epoch, images decoded in this process."""
+    base = dict(data="synthetic", pretrained=False, epochs=1, img_size=32, batch_size=16, num_workers=0,
+                input_path="classic", max_batches=1, warmup_epochs=0, patience=0)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(synthetic_manifest, tmp_path_factory):
+    config = _config(max_batches=2)
+    run_dir = tmp_path_factory.mktemp("run")
+    return config, run_dir, fit(config, synthetic_manifest, run_dir, progress=False)
+
+
+# ---- the run folder and the checkpoint ----------------------------------------------------------
+
+
+def test_run_folder_and_config_round_trip(one_epoch_run):
+    config, run_dir, result = one_epoch_run
+    for name in ("config.json", "manifest.csv", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert TrainConfig.from_json(run_dir / "config.json") == config
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert TrainConfig.from_dict(last["config"]) == config
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "bad_epochs", "history", "rng",
+            "config", "model_name"} <= set(last)
+    assert last["epoch"] == 1 and last["model_name"] == config.model
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1
+    assert list(result.history.columns) == HISTORY_COLUMNS and result.best_epoch == 1
+    assert all(math.isfinite(v) for v in history.drop(columns="val_auroc").iloc[0])
+
+
+def test_finished_run_resumed_just_returns(one_epoch_run, synthetic_manifest):
+    config, run_dir, result = one_epoch_run
+    stamp = os.stat(run_dir / "checkpoints" / "last.pt").st_mtime_ns
+    again = fit(config, synthetic_manifest, run_dir, resume=True, progress=False)
+    assert os.stat(run_dir / "checkpoints" / "last.pt").st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(again.history, result.history)
+
+
+def test_resume_with_a_different_config_names_the_fields(one_epoch_run, synthetic_manifest):
+    config, run_dir, _ = one_epoch_run
+    with pytest.raises(ValueError, match=r"(?s)lr: 0.001 in the checkpoint, 0.01 now.*optimizer"):
+        fit(config.replace(lr=0.01, optimizer="sgd", epochs=2), synthetic_manifest, run_dir, resume=True,
+            progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        fit(config, synthetic_manifest, run_dir, progress=False)
+
+
+def test_config_differences_allow_raising_epochs_only():
+    saved = _config(epochs=3).to_dict()
+    assert config_differences(saved, _config(epochs=5, num_workers=4).to_dict(), epochs_done=3) == []
+    assert config_differences(saved, _config(epochs=2).to_dict(), epochs_done=2)[0].startswith("epochs")
+
+
+def test_rng_state_round_trips_through_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    atomic_save(state, tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt"))
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": 1}, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+# ---- optimisers, schedulers, loss ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_builds_and_steps(name):
+    model = nn.Linear(4, 1)
+    optimizer = build_optimizer(model, _config(optimizer=name, lr=0.1))
+    expected = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+    assert type(optimizer) is expected
+    if name == "sgd":
+        assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["nesterov"]
+    before = model.weight.detach().clone()
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+def _lrs(scheduler_name: str, epochs: int, *, steps_per_epoch: int = 1, metric=None, **changes) -> list[float]:
+    model = nn.Linear(2, 1)
+    config = _config(scheduler=scheduler_name, lr=1.0, epochs=epochs, **changes)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if scheduler_name == "cosine":
+                scheduler.step()
+        if scheduler_name in ("step", "exponential"):
+            scheduler.step()
+        elif scheduler_name == "plateau":
+            scheduler.step(metric)
+    return lrs
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_each_scheduler_builds_and_steps(name):
+    if name == "none":
+        assert build_scheduler(build_optimizer(nn.Linear(2, 1), _config()), _config(scheduler="none"),
+                               steps_per_epoch=3) is None
+        return
+    lrs = _lrs(name, 7, steps_per_epoch=2 if name == "cosine" else 1, metric=0.5, warmup_epochs=1, patience=2)
+    if name == "step":  # x0.1 after 5 epochs
+        assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(0.1)
+    elif name == "exponential":  # x0.99 per epoch
+        assert [lrs[i + 1] / lrs[i] for i in range(6)] == pytest.approx([0.99] * 6)
+    elif name == "cosine":  # linear warm-up over the first epoch's 2 steps, then down towards 0
+        assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+        assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+    else:  # plateau: a flat metric cuts the lr by 10 once patience (max(1, 2 // 2) = 1) runs out
+        assert lrs[0] == 1.0 and lrs[-1] < 0.1
+
+
+def test_pos_weight_from_labels():
+    assert pos_weight_from_labels([0, 0, 0, 1]) == 3.0
+    assert pos_weight_from_labels(pd.Series([1, 1, 0, 0, 0, 0])) == 2.0
+    with pytest.raises(ValueError, match="both labels"):
+        pos_weight_from_labels([0, 0])
+
+
+class _FakeSource:
+    """A BatchSource over fixed random batches."""
+
+    def __init__(self, n=3, size=16):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(4, 3, size, size, generator=g), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+                        for _ in range(n)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch):
+        yield from self.batches
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_amp_plumbing_on_cpu(amp_dtype):
+    """The CPU path (no scaler) and autocast with bf16 run; fp16's GradScaler is the same calls, enabled."""
+    from xrai.models import create_model
+
+    model = create_model("mobilenet_v2", pretrained=False)
+    optimizer = build_optimizer(model, _config())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(1.0))
+    stats = train_one_epoch(model, _FakeSource(), criterion, optimizer, scaler, epoch=1,
+                            device=torch.device("cpu"), amp_dtype=amp_dtype, progress=False)
+    assert math.isfinite(stats["train_loss"]) and stats["images"] == 12
+    assert scaler.state_dict() == {}  # what fit() stores for CPU and bf16 runs; resume skips loading it
+
+
+# ---- NaN, early stopping, best.pt --------------------------------------------------------------
+
+
+class _NaNLoss(nn.BCEWithLogitsLoss):
+    def forward(self, logits, target):
+        return super().forward(logits, target) * float("nan")
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(one_epoch_run, synthetic_manifest, tmp_path,
+                                                             monkeypatch):
+    import shutil
+
+    config, source_dir, _ = one_epoch_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source_dir, run_dir)
+    before = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    monkeypatch.setattr(train.nn, "BCEWithLogitsLoss", _NaNLoss)
+    with pytest.raises(TrainingDivergedError, match=r"(?s)loss became nan at epoch 2.*still holds epoch 1.*lower lr"):
+        fit(config.replace(epochs=2), synthetic_manifest, run_dir, resume=True, progress=False)
+    after = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert after["epoch"] == 1
+    assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
+    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
+
+
+def _scripted_evaluate(monkeypatch, values):
+    """Replace validation by a scripted sequence of metrics (training still runs for real)."""
+    calls = iter(values)
+
+    def fake(model, source, criterion, **kwargs):
+        auroc, loss = next(calls)
+        return {"val_loss": loss, "val_auroc": auroc, "val_accuracy": 0.5}
+
+    monkeypatch.setattr(train, "validate", fake)
+
+
+def test_early_stopping_and_best_by_auroc(synthetic_manifest, tmp_path, monkeypatch):
+    _scripted_evaluate(monkeypatch, [(0.6, 1.0), (0.7, 0.9), (0.65, 0.8), (0.6, 0.7), (0.9, 0.6), (0.9, 0.5)])
+    result = fit(_config(epochs=6, patience=2), synthetic_manifest, tmp_path, progress=False)
+    assert result.stopped_early and len(result.history) == 4
+    assert result.best_epoch == 2 and result.best_metric == 0.7
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2 and best["best_metric"] == 0.7
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["bad_epochs"] == 2
+
+
+def test_best_by_loss_is_the_minimum(synthetic_manifest, tmp_path, monkeypatch):
+    _scripted_evaluate(monkeypatch, [(0.9, 1.0), (0.8, 0.8), (0.7, 0.9), (0.6, 0.7), (0.95, 0.95)])
+    result = fit(_config(epochs=5, patience=5, monitor="loss"), synthetic_manifest, tmp_path, progress=False)
+    assert not result.stopped_early and result.best_epoch == 4 and result.best_metric == 0.7
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["epoch"] == 4
+
+
+# ---- input paths and loggers -----------------------------------------------------------------
+
+
+def test_cached_input_path_runs(synthetic_manifest, tmp_path):
+    result = fit(_config(input_path="cached", max_batches=2), synthetic_manifest, tmp_path, progress=False)
+    assert len(result.history) == 1 and math.isfinite(result.history["train_loss"][0])
+
+
+def test_mlflow_logger_against_a_local_file_store(synthetic_manifest, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database; a folder is enough here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # MLflow 3 deprecates the file store we test on
+        fit(_config(epochs=2, loggers=["mlflow"], experiment="xrai-test"), synthetic_manifest, tmp_path / "run",
+            progress=False)
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("xrai-test")
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.data.params["model"] == "mobilenet_v2" and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert sorted(steps) == [1, 2]
+        assert "best.pt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_missing_logger_package_warns_and_trains(synthetic_manifest, tmp_path, monkeypatch):
+    import importlib.util
+
+    import xrai.tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(xrai.tracking.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    with pytest.warns(UserWarning, match="wandb package is not installed"):
+        result = fit(_config(loggers=["wandb"]), synthetic_manifest, tmp_path, progress=False)
+    assert len(result.history) == 1
+
+
+def test_pruned_run_keeps_its_masks_through_resume(synthetic_manifest, tmp_path):
+    config = _config(prune_sparsity=0.5, prune_iterations=2)
+    fit(config, synthetic_manifest, tmp_path, progress=False)
+    fit(config.replace(epochs=2), synthetic_manifest, tmp_path, resume=True, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    masks = [v for k, v in state["model"].items() if k.endswith("_mask")]
+    assert state["epoch"] == 2 and masks
+    kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert kept == pytest.approx(0.5, abs=0.01)

@@ -1,0 +1,415 @@
+"""Write notebooks/01_download.ipynb ... 05_gradcam.ipynb from the cell sources below.
+
+    python tools/make_notebooks.py           # (re)write the five notebooks
+    python tools/make_notebooks.py --check   # exit 1 when a committed notebook differs from this script
+
+The notebooks are generated so that the five share one set-up cell, one badge line and one way of
+finding the run folder, and so that they stay outputs-free with deterministic cell ids (clean diffs).
+tests/test_notebooks.py checks that the committed files equal this script's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+REPO = "x-rai/x-rai"  # GitHub owner/name: the badges and the set-up cell use it (colab_setup.sh too)
+BRANCH = "main"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def colab_url(name: str) -> str:
+    return f"https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/notebooks/{name}.ipynb"
+
+
+def kaggle_url(name: str) -> str:
+    return f"https://kaggle.com/kernels/welcome?src=https://github.com/{REPO}/blob/{BRANCH}/notebooks/{name}.ipynb"
+
+
+def badges(name: str) -> str:
+    return (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(name)}) "
+        f"[![Open In Kaggle](https://kaggle.com/static/images/open-in-kaggle.svg)]({kaggle_url(name)})"
+    )
+
+
+# ---- cells every notebook shares ----------------------------------------------------------------
+
+SETUP = f'''\
+# Set-up: installs xrai where it is missing (a bare Colab or Kaggle session); does nothing where it imports.
+import importlib, importlib.util, os, subprocess, sys
+
+if importlib.util.find_spec("xrai") is None:
+    SETUP_COMMAND = ("bash ../colab_setup.sh" if os.path.isfile("../colab_setup.sh") else
+                     "set -o pipefail; curl -fsSL https://raw.githubusercontent.com/{REPO}/{BRANCH}/colab_setup.sh | bash")
+    SETUP_RUN = subprocess.run(["bash", "-c", SETUP_COMMAND], capture_output=True, text=True,
+                               env={{**os.environ, "XRAI_PYTHON": sys.executable}})
+    print(SETUP_RUN.stdout, SETUP_RUN.stderr)
+    SETUP_RUN.check_returncode()
+    importlib.invalidate_caches()'''
+
+RUN_FOLDER_MD = """\
+`RUN_DIR` is where this series keeps its files (manifest, audit, checkpoints, reports, figures): every
+notebook reads what the one before wrote there, so it can start in a fresh kernel. In Colab each notebook
+gets its own runtime, so with `USE_DRIVE = True` the run folder lives on Google Drive (under
+`MyDrive/xrai/`; Colab asks once for access) and a disconnect loses nothing."""
+
+RUN_FOLDER = '''\
+if USE_DRIVE and xrai.env.detect_platform()[0] == "colab":
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+    RUN_DIR = str(Path("/content/drive/MyDrive/xrai") / RUN_DIR)
+print(f"run folder: {Path(RUN_DIR).resolve()}")'''
+
+
+def title(name: str, heading: str, text: str, needs: str) -> str:
+    return f"# {heading}\n\n{text}\n\n**Needs:** {needs}\n\n{badges(name)}"
+
+
+def imports(*extra: str) -> str:
+    # the inline backend shows the matplotlib Figures xrai.plots returns (they are not pyplot figures)
+    lines = ["%matplotlib inline", "from pathlib import Path", "", "import pandas as pd", "from IPython.display import Image, display", ""]
+    lines += ["import xrai", "import xrai.data", "import xrai.env", *extra, "", "RUNTIME = xrai.env.check_runtime()"]
+    return "\n".join(lines)
+
+
+def header(name: str, heading: str, text: str, needs: str, extra_imports: tuple[str, ...]) -> list:
+    return [
+        new_markdown_cell(title(name, heading, text, needs)),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Imports and runtime\n\nSays whether a T4 GPU is attached and, if not, how to get one."),
+        new_code_cell(imports(*extra_imports)),
+        new_markdown_cell("## Parameters\n\nChange them here, or pass them with papermill (`-p EPOCHS 1`)."),
+    ]
+
+
+def parameters(source: str) -> nbformat.NotebookNode:
+    return new_code_cell(source, metadata={"tags": ["parameters"]})
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return new_markdown_cell(text)
+
+
+def code(text: str) -> nbformat.NotebookNode:
+    return new_code_cell(text)
+
+
+# ---- the five notebooks -------------------------------------------------------------------------
+
+DATA_PARAMETERS = '''\
+DATASET = "mura"  # mura, fracatlas, multiregion, bonefracture, or synthetic (built in: no download, fine on a CPU)
+ROOT = None  # a folder that already holds the data; None: found attached in Kaggle, else downloaded with kagglehub
+RUN_DIR = "runs/mura"  # the run folder every notebook of the series reads and writes
+USE_DRIVE = True  # Colab only: keep RUN_DIR on Google Drive (ignored elsewhere)'''
+
+
+def nb01() -> list:
+    name = "01_download"
+    return [
+        *header(
+            name,
+            "01 · Download the data and build the manifest",
+            "Fetches MURA v1.1 (or FracAtlas, or a class-folder set) with kagglehub, or finds it attached in "
+            "Kaggle, reads it into the **manifest** (one row per image: path, label, body part, patient, study, "
+            "split), splits it by patient, and saves it as `RUN_DIR/manifest.csv` for the notebooks after it.",
+            "no GPU (CPU is fine) · about 5 minutes on Colab for MURA (3.3 GB download; an estimate) · "
+            "nothing before it. In Kaggle, attach the dataset first (Add input > search `mura-v11`) and "
+            "nothing is downloaded.",
+            (),
+        ),
+        parameters(DATA_PARAMETERS + "\nSEED = 0  # seeds the patient-grouped split"),
+        md("## Run folder\n\n" + RUN_FOLDER_MD),
+        code(RUN_FOLDER),
+        md(
+            "## Load\n\n`xrai.data.load` finds the dataset (`ROOT`, a Kaggle attachment, or a kagglehub download, "
+            "cached after the first time), reads every image's label and body part, and fills the splits the "
+            "source lacks: MURA has train and valid, so a patient-grouped, label-stratified test split is carved "
+            "out of train. No patient lands in two splits."
+        ),
+        code("manifest = xrai.data.load(DATASET, root=ROOT, seed=SEED)\nprint(manifest.attrs)\nmanifest.head()"),
+        code("xrai.data.save_manifest(manifest, RUN_DIR)"),
+        md("## Counts per body part and label"),
+        code(
+            'pd.crosstab(manifest["body_part"], manifest["label"].map({0: "normal", 1: "abnormal"}), '
+            'margins=True, margins_name="total")'
+        ),
+        code('pd.crosstab(manifest["body_part"], manifest["split"], margins=True, margins_name="total")'),
+        md("Next: **02_eda.ipynb** (class balance, samples, image sizes, and the leakage audit)."),
+    ]
+
+
+def nb02() -> list:
+    name = "02_eda"
+    return [
+        *header(
+            name,
+            "02 · Explore the data and audit it for leakage",
+            "Class balance per body part, sample images per class, image sizes, patients and studies per part, "
+            "and the **leakage audit**: exact and near-duplicate images that cross splits or labels, as a table "
+            "and as thumbnails. Writes `RUN_DIR/audit.csv` and the figures under `RUN_DIR/eda/`.",
+            "no GPU (CPU is fine) · about 10 minutes on Colab for MURA's 40,561 images (an estimate) · "
+            "run **01_download.ipynb** first (same `RUN_DIR`).",
+            ("import xrai.plots",),
+        ),
+        parameters(
+            'RUN_DIR = "runs/mura"  # the run folder 01_download.ipynb wrote\n'
+            "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
+            "SAMPLES_PER_CLASS = 6  # images per class in the sample grid\n"
+            "WORST_GROUPS = 6  # duplicate groups shown as thumbnails"
+        ),
+        md("## Run folder\n\n" + RUN_FOLDER_MD),
+        code(RUN_FOLDER + '\nFIGURES = Path(RUN_DIR, "eda")'),
+        code("manifest = xrai.data.read_manifest(RUN_DIR)\nprint(f\"{len(manifest):,} images, {manifest.attrs}\")"),
+        md("## Class balance per body part"),
+        code('xrai.plots.plot_class_balance(manifest, path=FIGURES / "class_balance.png")'),
+        md("## Sample images per class"),
+        code('xrai.plots.plot_sample_grid(manifest, n=SAMPLES_PER_CLASS, path=FIGURES / "samples.png")'),
+        md("## Image sizes"),
+        code('xrai.plots.plot_image_sizes(manifest, path=FIGURES / "image_sizes.png")'),
+        md("## Patients and studies per body part"),
+        code(
+            'manifest.groupby("body_part").agg(patients=("patient_id", "nunique"), studies=("study_id", "nunique"), '
+            'images=("path", "size"))'
+        ),
+        code('xrai.plots.plot_patients_per_part(manifest, path=FIGURES / "patients_per_part.png")'),
+        md(
+            "## Leakage audit\n\nThe same picture in train and test inflates every test metric; the same picture "
+            "under both labels is label noise. `xrai.data.audit` hashes every image (exact: decoded pixels; near: "
+            "a perceptual hash) and lists the groups that cross a split or a label. The test report "
+            "(04_evaluate) quotes these counts."
+        ),
+        code(
+            "audit_table = xrai.data.audit(manifest)\n"
+            'audit_table.to_csv(Path(RUN_DIR, "audit.csv"), index=False)\n'
+            "xrai.data.audit_summary(audit_table)"
+        ),
+        code('audit_table[audit_table["crosses"] != ""].head(20)'),
+        code('xrai.plots.plot_audit_groups(audit_table, path=FIGURES / "audit_groups.png", groups=WORST_GROUPS)'),
+        md("Next: **03_train.ipynb**."),
+    ]
+
+
+def nb03() -> list:
+    name = "03_train"
+    return [
+        *header(
+            name,
+            "03 · Train a classifier",
+            "Pick a body part (or all seven) and a model, and train it on the run folder's manifest with mixed "
+            "precision on the GPU, live progress, a checkpoint every epoch and early stopping. Run it again after "
+            "a disconnect and it **resumes** from the last checkpoint.",
+            "GPU T4 · about 15 minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; "
+            "one body part takes a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
+            ("import xrai.plots", "import xrai.train", "import xrai.widgets", "from xrai.config import TrainConfig"),
+        ),
+        parameters(
+            'RUN_DIR = "runs/mura"  # the run folder 01_download.ipynb wrote; checkpoints go in it too\n'
+            "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
+            'BODY_PART = "all"  # all, or one of elbow, finger, forearm, hand, humerus, shoulder, wrist (or "wrist,hand")\n'
+            'MODEL = "mobilenet_v2"  # see xrai.models.list_models(): resnet18, densenet169, efficientnet_b0, ...\n'
+            "PRETRAINED = True  # start from ImageNet weights (downloaded once)\n"
+            "EPOCHS = 10\n"
+            "IMG_SIZE = None  # crop side fed to the model; None: 224 (128 on the synthetic set)\n"
+            "BATCH_SIZE = 64\n"
+            "SEED = 0"
+        ),
+        md("## Run folder\n\n" + RUN_FOLDER_MD),
+        code(RUN_FOLDER),
+        code("manifest = xrai.data.read_manifest(RUN_DIR)\nprint(f\"{len(manifest):,} images, {manifest.attrs}\")"),
+        md(
+            "## Body part and model\n\nPick a body part and a model below, then run the cells after this one "
+            "(**Run > Run selected cell and all below**). *Run all* does not wait for a click: the pickers start at "
+            "`BODY_PART` and `MODEL`, so a non-interactive run (papermill, Kaggle's *Save & Run All*) uses the "
+            "parameters."
+        ),
+        code(
+            "part_picker = xrai.widgets.body_part_picker(manifest, default=BODY_PART)\n"
+            "model_choice = xrai.widgets.model_picker(default=MODEL)\n"
+            "display(part_picker, model_choice)"
+        ),
+        code(
+            "config = TrainConfig(\n"
+            '    data=manifest.attrs["source"] or "mura",\n'
+            '    root=manifest.attrs["root"] or None,\n'
+            "    body_part=xrai.widgets.selected_body_part(part_picker, fallback=BODY_PART),\n"
+            "    model=xrai.widgets.selected_model(model_choice, fallback=MODEL),\n"
+            "    pretrained=PRETRAINED,\n"
+            "    epochs=EPOCHS,\n"
+            "    img_size=IMG_SIZE,\n"
+            "    batch_size=BATCH_SIZE,\n"
+            "    seed=SEED,\n"
+            ")\n"
+            'print(f"body part: {config.body_part}, model: {config.model}, image size: {config.image_size}")'
+        ),
+        md("The images this run trains, validates and tests on:"),
+        code(
+            "run_rows = xrai.data.filter_body_parts(manifest, config.body_parts())\n"
+            'pd.crosstab([run_rows["body_part"], run_rows["split"]], run_rows["label"].map({0: "normal", 1: "abnormal"}),\n'
+            '            margins=True, margins_name="total")'
+        ),
+        md(
+            "## Train\n\nA run found unfinished in `RUN_DIR` (a `checkpoints/last.pt`) is resumed exactly where it "
+            "stopped; a finished one returns at once. To start over, use a new `RUN_DIR`."
+        ),
+        code(
+            'RESUME = Path(RUN_DIR, "checkpoints", "last.pt").is_file()\n'
+            "result = xrai.train.fit(config, manifest, RUN_DIR, resume=RESUME)\n"
+            'print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}, "\n'
+            '      f"stopped early: {result.stopped_early}")'
+        ),
+        md("## Curves"),
+        code("result.history"),
+        code('xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'),
+        md("Next: **04_evaluate.ipynb**."),
+    ]
+
+
+def nb04() -> list:
+    name = "04_evaluate"
+    return [
+        *header(
+            name,
+            "04 · Evaluate: metrics, curves, and study-level kappa beside the MURA baseline",
+            "Scores the best checkpoint on the validation split (where the decision threshold is chosen) and then "
+            "on the test split at that threshold: AUROC and kappa with bootstrap confidence intervals, the "
+            "confusion matrix, ROC and precision-recall curves, and per-body-part and study-level kappa beside "
+            "the published MURA DenseNet-169 baseline.",
+            "GPU T4 (a CPU works, slower) · about 3 minutes on a T4 for MURA (an estimate) · "
+            "run **03_train.ipynb** first (same `RUN_DIR`).",
+            ("import xrai.evaluate", "import xrai.plots"),
+        ),
+        parameters(
+            'RUN_DIR = "runs/mura"  # the run folder 03_train.ipynb trained in\n'
+            "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
+            "TTA = False  # also average each image with its mirror image"
+        ),
+        md("## Run folder\n\n" + RUN_FOLDER_MD),
+        code(RUN_FOLDER),
+        md("## Validation, then test\n\nThe threshold comes from validation (Youden's J) and is applied unchanged to test."),
+        code("report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split=\"valid\", tta=TTA)"),
+        code("report_test = xrai.evaluate.evaluate_run(RUN_DIR, split=\"test\", tta=TTA)"),
+        md("## Image level"),
+        code(
+            'print(f"threshold {report_test[\'threshold\']:.3f} (chosen on {report_test[\'threshold_from\']}); '
+            'split: {report_test[\'split_method\']}; audit: {report_test[\'audit\']}")\n'
+            'pd.DataFrame({"valid": report_valid["image"], "test": report_test["image"]}).drop(index="confusion_matrix")'
+        ),
+        code('pd.DataFrame(report_test["classification_report"]).T'),
+        md("## Study level (MURA's protocol: a study's probability is the mean of its images')"),
+        code('pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'),
+        md("## Figures (test)"),
+        code('FIGURES = xrai.plots.save_run_figures(RUN_DIR, "test")\nFIGURES'),
+        code('display(Image(filename=str(Path(RUN_DIR, "confusion_matrix_test.png"))))'),
+        code('display(Image(filename=str(Path(RUN_DIR, "roc_test.png"))))'),
+        code('display(Image(filename=str(Path(RUN_DIR, "pr_test.png"))))'),
+        md(
+            "## Per body part, beside the MURA baseline\n\nThe baseline is the study-level kappa of the "
+            "DenseNet-169 in the MURA paper (Rajpurkar et al., 2017), on MURA's own test set; ours is on a test "
+            "split carved from MURA's train set, so read it as a guide, not a ranking."
+        ),
+        code(
+            'pd.DataFrame(report_test["per_body_part"]).T.join(\n'
+            '    pd.Series(xrai.evaluate.MURA_BASELINE, name="mura_baseline_study_kappa"), how="left")'
+        ),
+        code('display(Image(filename=str(Path(RUN_DIR, "per_body_part_test.png"))))'),
+        md("Next: **05_gradcam.ipynb** (where the model looks)."),
+    ]
+
+
+def nb05() -> list:
+    name = "05_gradcam"
+    return [
+        *header(
+            name,
+            "05 · Grad-CAM: where the model looks",
+            "Galleries of the most confident true positives, false positives and false negatives with the "
+            "Grad-CAM heatmap over the original X-ray and the actual and predicted labels, then an interactive "
+            "browser: pick a body part, an outcome (TP, FP, FN, TN) and an image.",
+            "GPU T4 (a CPU works) · about 2 minutes on a T4 (an estimate) · run **04_evaluate.ipynb** first "
+            "(same `RUN_DIR`).",
+            ("import xrai.explain", "import xrai.widgets"),
+        ),
+        parameters(
+            'RUN_DIR = "runs/mura"  # the run folder 04_evaluate.ipynb scored\n'
+            "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
+            'SPLIT = "test"\n'
+            "GALLERY_N = 4  # images per gallery\n"
+            'CAM_METHOD = "gradcam"  # gradcam, gradcam++ or eigencam'
+        ),
+        md("## Run folder\n\n" + RUN_FOLDER_MD),
+        code(RUN_FOLDER),
+        md(
+            "## Galleries\n\nWritten to `RUN_DIR/gradcam/`. Red text marks a wrong call. A heatmap on the bone "
+            "where the fracture is is reassuring; one on a marker, the text or the image edge is a shortcut."
+        ),
+        code("GALLERY = xrai.explain.gallery(RUN_DIR, split=SPLIT, n=GALLERY_N, method=CAM_METHOD)"),
+        code('display(Image(filename=str(GALLERY["tp"])))'),
+        code('display(Image(filename=str(GALLERY["fp"])))'),
+        code('display(Image(filename=str(GALLERY["fn"])))'),
+        md(
+            "## Browser\n\nPick a body part, an outcome and an image; images are ordered from the most confident. "
+            "Each overlay is computed when first shown."
+        ),
+        code("browser = xrai.widgets.gradcam_browser(RUN_DIR, split=SPLIT, method=CAM_METHOD)\nbrowser"),
+    ]
+
+
+NOTEBOOKS = {"01_download": nb01, "02_eda": nb02, "03_train": nb03, "04_evaluate": nb04, "05_gradcam": nb05}
+GPU_NOTEBOOKS = {"03_train", "04_evaluate", "05_gradcam"}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    """The notebook ``name`` (e.g. "03_train"), outputs empty, cell ids derived from its name."""
+    cells = NOTEBOOKS[name]()
+    for i, cell in enumerate(cells):
+        cell["id"] = f"{name.replace('_', '-')}-{i:02d}"
+    metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    if name in GPU_NOTEBOOKS:
+        # Colab opens these on a T4 runtime; Kaggle reads its own keys when it imports the notebook.
+        metadata["accelerator"] = "GPU"
+        metadata["colab"] = {"gpuType": "T4", "provenance": []}
+        metadata["kaggle"] = {"accelerator": "nvidiaTeslaT4", "isGpuEnabled": True, "isInternetEnabled": True}
+    nb = new_notebook(cells=cells, metadata=metadata)
+    nb["nbformat"], nb["nbformat_minor"] = 4, 5
+    nbformat.validate(nb)
+    return nb
+
+
+def render(name: str) -> str:
+    """The exact text of notebooks/<name>.ipynb."""
+    return nbformat.writes(build(name)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a notebook differs")
+    parser.add_argument("--out", type=Path, default=NOTEBOOK_DIR, help="folder to write to (default: notebooks/)")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path = args.out / f"{name}.ipynb"
+        text = render(name)
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                stale.append(str(path))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    if stale:
+        print("out of date (run python tools/make_notebooks.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

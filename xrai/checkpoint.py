@@ -1,0 +1,168 @@
+"""Checkpoint I/O for `train.fit`: atomic writes, RNG state as plain tensors, resume compatibility checks.
+
+Everything saved here loads with ``torch.load(path, weights_only=True)``: RNG states are converted to
+tensors and Python numbers (no numpy arrays, no arbitrary objects in the pickle).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "atomic_save",
+    "config_differences",
+    "load_checkpoint",
+    "resume_state",
+    "rng_state",
+    "set_rng_state",
+    "to_cpu",
+]
+
+# Fields that may differ between a checkpoint's config and the config a run is resumed with: they
+# do not change the maths of the epochs already done. `epochs` may only grow.
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "loggers", "experiment", "root", "device")
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save `obj` so that `path` holds either the old file or the complete new one, never a torn one.
+
+    Writes a temporary file in the same folder (same file system, so the rename is atomic, also on a
+    mounted Google Drive), flushes and fsyncs it, then os.replace()s it over `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself. Some file systems (FUSE mounts like Google Drive, Windows) cannot open
+    or fsync a directory; there the rename is as durable as that file system makes it, so we carry on."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # see the docstring: directory fsync is unsupported there, the file itself is already synced
+    finally:
+        os.close(fd)
+
+
+def to_cpu(tree: Any) -> Any:
+    """A copy of nested dicts/lists/tuples with every tensor on the CPU, so a checkpoint written on a
+    GPU loads anywhere, even with a plain torch.load(path, weights_only=True)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True; a missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU (and CUDA, when initialised) RNG states as tensors and plain numbers."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved. CUDA states are restored when this machine has as many GPUs."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs_done: int) -> list[str]:
+    """Describe how `current` differs from the checkpoint's `saved` config in ways a resume cannot accept.
+
+    Returns lines like "lr: 0.001 in the checkpoint, 0.01 now"; empty when the resume is fine.
+    """
+    problems = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name, "<missing>"), current.get(name, "<missing>")
+        if old == new:
+            continue
+        if name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old:
+            continue
+        if name in RESUME_MAY_CHANGE and name != "epochs":
+            continue
+        note = f" (may only be raised; {epochs_done} done)" if name == "epochs" else ""
+        problems.append(f"{name}: {old!r} in the checkpoint, {new!r} now{note}")
+    return problems
+
+
+def resume_state(config: dict[str, Any], last_path: Path, *, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None to start a new run.
+
+    Raises:
+        FileExistsError: `last_path` exists but resume is False (a new run would overwrite it).
+        ValueError: the checkpoint's config differs from `config` beyond RESUME_MAY_CHANGE.
+    """
+    run_dir = last_path.parent.parent
+    if not resume:
+        if last_path.is_file():
+            raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt); pass resume=True "
+                                  "(CLI: --resume) to continue it, or choose a new run folder")
+        return None
+    if not last_path.is_file():
+        warnings.warn(f"resume=True but {last_path} does not exist; starting a new run", stacklevel=3)
+        return None
+    state = load_checkpoint(last_path)
+    problems = config_differences(state["config"], config, epochs_done=state["epoch"])
+    if problems:
+        raise ValueError(f"cannot resume {run_dir} with a different config:\n  " + "\n  ".join(problems)
+                         + f"\nResume with the config in {run_dir / 'config.json'} (epochs may be raised), "
+                         "or start a new run folder")
+    return state

@@ -1,0 +1,243 @@
+"""Leakage audit: exact and near-duplicate images, and the groups that cross splits or labels.
+
+Exact duplicates share decoded pixels (a hash of read_image's array, so a PNG and a JPEG re-save of
+the same picture differ, as they should). Near duplicates share a 64-bit perceptual hash (pHash: the
+sign of the low 8x8 DCT coefficients of a 32x32 thumbnail against their median) within a small
+Hamming distance; pHash survives re-encoding, small brightness changes and rescaling, which is what
+the duplicated copies in the public Kaggle sets go through. On X-rays pHash alone is too loose (a
+dark frame and one bright limb make many different studies hash alike: on the real FracAtlas subset,
+distance <= 4 paired a hand with a foot), so every pHash candidate pair is confirmed by the Pearson
+correlation of the two 32x32 thumbnails (>= 0.99: re-saves, crops and marker edits score 0.99-1.0,
+different studies of the same view 0.97 and below). Written here rather than taken from the
+`imagehash` package: it is 20 lines of numpy, and the package would add scipy and PyWavelets to a
+Colab install for one function.
+
+Near pairs are found without comparing all n^2 pairs: the 64 bits are cut into near_distance + 1
+bands, and two hashes within near_distance bits agree exactly on at least one band (pigeonhole), so
+only hashes that share a band value are compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from xrai.data.images import ImageError, read_image
+
+AUDIT_COLUMNS = ["group", "path", "label", "split", "kind", "crosses"]
+NEAR_DISTANCE = 6  # pHash bits that may differ for a candidate pair
+MIN_CORRELATION = 0.99  # thumbnail correlation that confirms a candidate
+
+
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2 / n)
+    m[0] /= np.sqrt(2)
+    return m
+
+
+_DCT = _dct_matrix(32)
+
+
+def phash(image: np.ndarray, *, thumb: np.ndarray | None = None) -> np.uint64:
+    """64-bit perceptual hash of a uint8 grey image."""
+    thumb = _thumbnail(image) if thumb is None else thumb
+    low = (_DCT @ thumb @ _DCT.T)[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # the DC term is left out of the median: it only says how bright
+    return np.packbits(bits).view(">u8")[0].astype(np.uint64)
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    thumb = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    return thumb
+
+
+def _standardise(thumb: np.ndarray) -> np.ndarray:
+    flat = thumb.ravel()
+    return ((flat - flat.mean()) / (flat.std() + 1e-6) / np.sqrt(flat.size)).astype(np.float32)
+
+
+def _hash_one(path: str) -> tuple[str, int, np.ndarray | None, str]:
+    """(exact pixel digest, phash, standardised thumbnail, error) for one file; never raises on a bad image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncated files are reported by the loaders, not here
+            image = read_image(path)
+    except (ImageError, OSError) as e:
+        return "", 0, None, str(e)
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(str(image.shape).encode())
+    thumb = _thumbnail(image)
+    return digest.hexdigest(), int(phash(image, thumb=thumb)), _standardise(thumb), ""
+
+
+def image_hashes(paths: list[str], *, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Exact digest, pHash and thumbnail per path (columns path, digest, phash, thumb, error), in parallel."""
+    from tqdm.auto import tqdm
+
+    from xrai.env import cpu_count
+
+    workers = workers or cpu_count()
+    chunk = max(1, min(64, len(paths) // (workers * 8) or 1))
+    if workers > 1 and len(paths) > 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(_hash_one, paths, chunksize=chunk), total=len(paths),
+                                desc="hashing images", unit="img", disable=not progress))
+    else:
+        results = [_hash_one(p) for p in tqdm(paths, desc="hashing images", unit="img", disable=not progress)]
+    frame = pd.DataFrame(results, columns=["digest", "phash", "thumb", "error"])
+    frame.insert(0, "path", list(paths))
+    frame["phash"] = frame["phash"].astype(np.uint64)
+    return frame
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    x = x.astype(np.uint64)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return sum(table[(x >> np.uint64(8 * k)) & np.uint64(255)] for k in range(8))
+
+
+def near_pairs(hashes: np.ndarray, near_distance: int) -> np.ndarray:
+    """Index pairs (i < j) whose 64-bit hashes differ in at most near_distance bits; shape (P, 2)."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    if n < 2 or near_distance < 0:
+        return np.empty((0, 2), dtype=np.int64)
+    bands = near_distance + 1
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    found: list[np.ndarray] = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = np.uint64((1 << (hi - lo)) - 1)
+        band = (hashes >> np.uint64(lo)) & mask
+        order = np.argsort(band, kind="stable")
+        sorted_band = band[order]
+        starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts, ends):
+            if e - s < 2:
+                continue
+            members = order[s:e]
+            h = hashes[members]
+            dist = _popcount(h[:, None] ^ h[None, :])
+            i, j = np.nonzero(np.triu(dist <= near_distance, k=1))
+            if len(i):
+                found.append(np.stack([members[i], members[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def _grouping(hashes: pd.DataFrame, near_distance: int, min_correlation: float) -> np.ndarray:
+    """Component id per row (-1 for rows that did not decode)."""
+    ok = hashes["error"] == ""
+    idx = np.flatnonzero(ok.to_numpy())
+    digests = hashes["digest"].to_numpy()[idx]
+    candidates = near_pairs(hashes["phash"].to_numpy()[idx], near_distance)
+    if len(candidates):
+        thumbs = np.stack(hashes["thumb"].to_numpy()[idx])
+        corr = np.einsum("ij,ij->i", thumbs[candidates[:, 0]], thumbs[candidates[:, 1]])
+        candidates = candidates[corr >= min_correlation]
+    pairs = [candidates]
+    _, inverse = np.unique(digests, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    same = inverse[order][1:] == inverse[order][:-1]
+    pairs.append(np.stack([order[:-1][same], order[1:][same]], axis=1))
+    comp_local = _components(len(idx), np.concatenate(pairs))
+    comp = np.full(len(hashes), -1)
+    comp[idx] = comp_local
+    return comp
+
+
+def _report_bad(hashes: pd.DataFrame) -> None:
+    bad = hashes[hashes["error"] != ""]
+    if len(bad):
+        listed = "; ".join(f"{p}: {e}" for p, e in zip(bad["path"].head(10), bad["error"].head(10)))
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        warnings.warn(f"audit skipped {len(bad)} unreadable image(s): {listed}{more}", UserWarning, stacklevel=3)
+
+
+def duplicate_groups(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE,
+                     min_correlation: float = MIN_CORRELATION, workers: int | None = None,
+                     progress: bool = True, hashes: pd.DataFrame | None = None) -> pd.Series:
+    """A group id per manifest row ("dup<N>" shared by duplicates, the row's own id otherwise)."""
+    hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress) \
+        if hashes is None else hashes
+    _report_bad(hashes)
+    comp = _grouping(hashes, near_distance, min_correlation)
+    sizes = pd.Series(comp).map(pd.Series(comp).value_counts())
+    ids = [f"dup{c}" if c >= 0 and s > 1 else f"img{i}" for i, (c, s) in enumerate(zip(comp, sizes))]
+    return pd.Series(ids, index=manifest.index, name="duplicate_group")
+
+
+def audit(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE, min_correlation: float = MIN_CORRELATION,
+          workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per image that has a duplicate: group, path, label, split, kind, crosses (DESIGN.md).
+
+    ``kind`` is "exact" when every image of the group has the same pixels, else "near"; ``crosses``
+    is "", "split", "label" or "split+label". Unreadable images are skipped with a warning.
+    """
+    hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress)
+    _report_bad(hashes)
+    comp = _grouping(hashes, near_distance, min_correlation)
+    frame = pd.DataFrame({
+        "component": comp,
+        "path": manifest["path"].astype(str).to_numpy(),
+        "label": manifest["label"].astype(int).to_numpy(),
+        "split": manifest["split"].fillna("").astype(str).to_numpy() if "split" in manifest else "",
+        "digest": hashes["digest"].to_numpy(),
+    })
+    frame = frame[frame["component"] >= 0]
+    sizes = frame.groupby("component")["path"].transform("size")
+    frame = frame[sizes > 1]
+    if frame.empty:
+        return pd.DataFrame(columns=AUDIT_COLUMNS)
+    per = frame.groupby("component").agg(n_digest=("digest", "nunique"), n_split=("split", "nunique"),
+                                         n_label=("label", "nunique"), size=("path", "size"))
+    per["kind"] = np.where(per["n_digest"] == 1, "exact", "near")
+    crosses = np.where(per["n_split"] > 1, "split", "")
+    label = np.where(per["n_label"] > 1, "label", "")
+    per["crosses"] = [("+".join(x for x in (s, l) if x)) for s, l in zip(crosses, label)]
+    # number groups worst first: crossing both, then labels, then splits, then by size
+    rank = per["crosses"].map({"split+label": 0, "label": 1, "split": 2, "": 3})
+    per = per.assign(rank=rank).sort_values(["rank", "size"], ascending=[True, False], kind="stable")
+    per["group"] = np.arange(len(per))
+    out = frame.join(per[["group", "kind", "crosses"]], on="component")
+    out = out.sort_values(["group", "path"], kind="stable")[AUDIT_COLUMNS].reset_index(drop=True)
+    return out
+
+
+def audit_summary(table: pd.DataFrame) -> dict[str, int]:
+    """{"cross_split_groups": n, "cross_label_groups": n} from an audit table (or audit.csv read back)."""
+    if table is None or len(table) == 0:
+        return {"cross_split_groups": 0, "cross_label_groups": 0}
+    crosses = table.drop_duplicates("group")["crosses"].fillna("").astype(str)
+    return {
+        "cross_split_groups": int(crosses.str.contains("split").sum()),
+        "cross_label_groups": int(crosses.str.contains("label").sum()),
+    }
+

@@ -1,0 +1,496 @@
+"""Phantom X-rays in MURA v1.1's exact layout, with every fracture line's position recorded.
+
+The set is the built-in default for the demo, the tests and the notebooks in CI: small, made in
+seconds, deterministic, and learnable from scratch in a few CPU epochs. Each image is a grey
+"radiograph" of one body part: a noisy dark background, a soft-tissue ellipse and long bones drawn
+as projected hollow cylinders (bright cortical rims, greyer medulla). An abnormal study's images
+carry a fracture: a thin dark gap across one bone's shaft, with the distal fragment slightly
+displaced. Normal and abnormal images share every other distribution (bone count, contrast,
+brightness, markers), so the gap is the only signal a model can use.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from xrai.env import xrai_home
+
+SYNTHETIC_VERSION = 1  # bump whenever the images change: it names the default folder
+PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
+MURA_DIR = "MURA-v1.1"
+LINES_CSV = "fracture_lines.csv"
+COMPLETE_MARKER = ".complete"
+VALID_FRACTURE = 0.15
+POSITIVE_RATE = 0.45  # MURA's studies are about 40% abnormal
+# A generous mask: the gap itself plus `width` pixels on either side, so that a Grad-CAM peak on the
+# gap's edge (where the broken cortex is) still counts as a hit.
+MASK_DILATION = 1.0
+# The fracture, tuned so mobilenet_v2 trained from scratch learns it in 3 CPU epochs at 128 px while
+# the gap stays a thin line (a few pixels at that size), not a stripe.
+FRACTURE_WIDTH = (0.011, 0.016)  # gap width, fraction of the image side
+FRACTURE_SHIFT = (0.25, 0.5)  # sideways displacement of the far fragment, in bone radii
+FRACTURE_ANGLE = (0.0, 0.0)  # angulation of the far fragment, radians
+TISSUE_LEVEL = (0.22, 0.32)
+BONE_LEVEL = (0.5, 0.62)
+RADIUS_SCALE = 1.0
+
+_Bone = tuple  # (x0, y0, x1, y1, radius, density, end_radius)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Study:
+    split: str
+    part: str
+    patient: int  # global patient number, as in MURA's patientNNNNN
+    number: int  # study number within the patient
+    label: int
+    views: int
+    key: tuple[int, ...]  # stable seed material for the study's anatomy
+
+    @property
+    def folder(self) -> str:
+        kind = "positive" if self.label else "negative"
+        return f"{MURA_DIR}/{self.split}/XR_{self.part}/patient{self.patient:05d}/study{self.number}_{kind}/"
+
+
+def default_synthetic_root() -> Path:
+    """Where the default synthetic set lives: ``xrai_home()/"synthetic-v<N>"``."""
+    return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}"
+
+
+def ensure_synthetic(root: str | Path | None = None) -> Path:
+    """Generate the default synthetic set at ``root`` (default: default_synthetic_root()) unless it is there.
+
+    The tree is written into a temporary folder beside ``root`` and renamed into place, so a run that
+    is interrupted, or one racing another process, never leaves a half tree that reads as complete.
+
+    Raises:
+        FileExistsError: ``root`` exists, is not empty and is not a finished synthetic set.
+    """
+    root = Path(root) if root is not None else default_synthetic_root()
+    if (root / MURA_DIR / COMPLETE_MARKER).is_file():
+        return root
+    if root.exists():
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # an empty folder someone made for us: the rename below replaces it
+        else:
+            raise FileExistsError(
+                f"{root} exists but holds no finished synthetic set (no {MURA_DIR}/{COMPLETE_MARKER}); "
+                "delete it or pass another root"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        make_synthetic(tmp)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another process finished first (the target is now a non-empty folder): use theirs.
+            if not (root / MURA_DIR / COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def make_synthetic(root: str | Path, *, patients_per_part: int = 24, seed: int = 0, size: int = 256) -> Path:
+    """Write a phantom X-ray set in MURA v1.1's layout under ``root/MURA-v1.1`` and return ``root``.
+
+    Layout: ``{train,valid}/XR_<PART>/patientNNNNN/studyN_{positive,negative}/imageN.png`` for the
+    seven MURA body parts, patients split about 85/15 between train and valid (both labels in each
+    split of each part), 1-2 studies per patient and 1-3 views per study; the four headerless CSVs
+    (``{train,valid}_image_paths.csv``, ``{train,valid}_labeled_studies.csv``); and
+    ``fracture_lines.csv`` (``path,x0,y0,x1,y1,width`` in pixels) for every abnormal image. The
+    same arguments always give byte-identical files.
+
+    Args:
+        root: folder to write into (created when missing).
+        patients_per_part: patients per body part (>= 2, so each part has a train and a valid patient).
+        seed: changes every random choice.
+        size: side of the square images in pixels (>= 32).
+
+    Raises:
+        ValueError: patients_per_part < 2 or size < 32.
+    """
+    if patients_per_part < 2:
+        raise ValueError(f"patients_per_part must be >= 2 (one train and one valid patient), got {patients_per_part}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 pixels, got {size}")
+    root = Path(root)
+    base = root / MURA_DIR
+    marker = base / COMPLETE_MARKER
+    if marker.exists():
+        marker.unlink()  # rewriting: the tree is incomplete until we finish
+    studies = _plan(patients_per_part, seed)
+    lines: list[tuple[str, float, float, float, float, float]] = []
+    for study in studies:
+        folder = base / study.folder.removeprefix(MURA_DIR + "/")
+        folder.mkdir(parents=True, exist_ok=True)
+        anatomy = _anatomy(study.part, np.random.default_rng([seed, 1, *study.key]))
+        for view in range(1, study.views + 1):
+            rng = np.random.default_rng([seed, 2, *study.key, view])
+            pixels, line = _render(anatomy, study.label, size, rng)
+            rel = f"{study.folder}image{view}.png"
+            Image.fromarray(pixels, mode="L").save(base / rel.removeprefix(MURA_DIR + "/"), compress_level=1)
+            if line is not None:
+                lines.append((rel, *line))
+    for split in ("train", "valid"):
+        chosen = [s for s in studies if s.split == split]
+        _write_lines(
+            base / f"{split}_image_paths.csv",
+            [f"{s.folder}image{v}.png" for s in chosen for v in range(1, s.views + 1)],
+        )
+        _write_lines(base / f"{split}_labeled_studies.csv", [f"{s.folder},{s.label}" for s in chosen])
+    with open(base / LINES_CSV, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["path", "x0", "y0", "x1", "y1", "width"])
+        writer.writerows([rel, *(f"{v:.2f}" for v in values)] for rel, *values in lines)
+    marker.write_text(f"xrai synthetic v{SYNTHETIC_VERSION} patients_per_part={patients_per_part} seed={seed} size={size}\n")
+    return root
+
+
+def read_fracture_lines(root: str | Path) -> "Any":
+    """``fracture_lines.csv`` of a synthetic tree as a DataFrame (path, x0, y0, x1, y1, width).
+
+    ``root`` may be the folder above ``MURA-v1.1`` or that folder itself.
+    """
+    import pandas as pd
+
+    base = Path(root)
+    if base.name != MURA_DIR:
+        base = base / MURA_DIR
+    return pd.read_csv(base / LINES_CSV, dtype={"path": str})
+
+
+def fracture_mask(
+    row_or_path: Mapping[str, Any] | str | Path,
+    shape: tuple[int, int],
+    *,
+    image_size: tuple[int, int] | None = None,
+) -> np.ndarray | None:
+    """The recorded fracture line rasterised as a bool (H, W) mask, or None for a normal image.
+
+    The gap is dilated by its width on both sides. Coordinates are scaled from the stored image's
+    size to ``shape`` (synthetic images are square, so letterboxing is a plain resize).
+
+    Args:
+        row_or_path: a manifest row (``line_x0, line_y0, line_x1, line_y1, line_width``, NaN for a
+            normal image; ``x0 ... width`` also accepted) or an image path inside a synthetic tree,
+            looked up in its ``fracture_lines.csv``.
+        shape: (H, W) of the mask wanted.
+        image_size: (H, W) of the stored image the coordinates refer to; read from the file's header
+            when not given.
+
+    Raises:
+        FileNotFoundError: a path with no ``MURA-v1.1/fracture_lines.csv`` above it.
+    """
+    if isinstance(row_or_path, (str, Path)):
+        path = Path(row_or_path)
+        line = _line_for_path(path)
+    else:
+        row = row_or_path
+        path = Path(row["path"]) if "path" in row else None
+        prefix = "line_" if "line_x0" in row else ""
+        line = tuple(float(row[prefix + k]) for k in ("x0", "y0", "x1", "y1", "width"))
+        if any(math.isnan(v) for v in line):
+            line = None
+    if line is None:
+        return None
+    height, width = int(shape[0]), int(shape[1])
+    if image_size is None:
+        if path is None:
+            image_size = (height, width)
+        else:
+            with Image.open(path) as img:  # header only: no pixels are decoded
+                image_size = (img.height, img.width)
+    sy, sx = height / image_size[0], width / image_size[1]
+    x0, y0, x1, y1, w = line
+    half = max(0.5 * w * (sx + sy) / 2 * (1 + 2 * MASK_DILATION), 1.0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    return _segment_distance(xx + 0.5, yy + 0.5, x0 * sx, y0 * sy, x1 * sx, y1 * sy) <= half
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def _plan(patients_per_part: int, seed: int) -> list[_Study]:
+    """Every study's split, part, patient, labels and view count, in writing order."""
+    drafts: dict[str, list[tuple[str, list[list[int]]]]] = {"train": [], "valid": []}
+    n_valid = min(max(1, round(patients_per_part * VALID_FRACTURE)), patients_per_part - 1)
+    for part_index, part in enumerate(PARTS):
+        rng = np.random.default_rng([seed, 0, part_index])
+        valid = set(rng.choice(patients_per_part, size=n_valid, replace=False).tolist())
+        groups: dict[str, list[list[list[int]]]] = {"train": [], "valid": []}
+        for p in range(patients_per_part):
+            n_studies = 1 + int(rng.random() < 0.4)
+            studies = [[int(rng.random() < POSITIVE_RATE), int(rng.choice([1, 2, 3], p=[0.25, 0.45, 0.3]))]
+                       for _ in range(n_studies)]
+            groups["valid" if p in valid else "train"].append(studies)
+        for split, patients in groups.items():
+            _ensure_both_labels(patients, rng)
+            drafts[split].extend((part, studies) for studies in patients)
+    out: list[_Study] = []
+    number = 0
+    for split in ("train", "valid"):  # MURA numbers train patients first, then valid
+        for part, studies in drafts[split]:
+            number += 1
+            for s, (label, views) in enumerate(studies, start=1):
+                out.append(_Study(split=split, part=part, patient=number, number=s, label=label,
+                                  views=views, key=(PARTS.index(part), number, s)))
+    return out
+
+
+def _ensure_both_labels(patients: list[list[list[int]]], rng: np.random.Generator) -> None:
+    """Make sure a split of a part holds both a normal and an abnormal study."""
+    for wanted in (1, 0):
+        labels = [label for studies in patients for label, _ in studies]
+        if wanted in labels:
+            continue
+        if len(labels) == 1:  # a single study cannot hold both: add one
+            patients[0].append([wanted, int(rng.choice([1, 2, 3]))])
+        else:  # every study has the other label, so flipping one keeps that label present
+            patients[0][-1][0] = wanted
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+# ---- anatomy --------------------------------------------------------------------------------
+
+
+def _anatomy(part: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Bones of one study in a canonical frame (unit square, long axis vertical) and which may break."""
+    j = lambda s=0.02: float(rng.normal(0, s))  # noqa: E731 - tiny jitter helper
+    r = lambda lo=0.9, hi=1.12: float(rng.uniform(lo, hi))  # noqa: E731
+    bones: list[list[float]] = []  # x0, y0, x1, y1, radius, density, end_radius (factor of radius)
+    breakable: list[int] = []
+
+    def bone(x0, y0, x1, y1, radius, *, ends=1.35, breaks=True, density=1.0):
+        if breaks:
+            breakable.append(len(bones))
+        bones.append([x0 + j(), y0 + j(), x1 + j(), y1 + j(), radius * r(), density * r(0.92, 1.08), ends])
+
+    if part == "HUMERUS":
+        bone(0.5, 0.1, 0.5, 0.9, 0.065, ends=1.7)
+    elif part == "FOREARM":
+        bone(0.41, 0.08, 0.44, 0.92, 0.042)
+        bone(0.6, 0.08, 0.57, 0.92, 0.038)
+    elif part == "ELBOW":
+        bend = rng.uniform(0, 0.6)  # flexion, radians: the forearm turns about the joint
+
+        def turned(x, y):
+            c, s = math.cos(bend), math.sin(bend)
+            return 0.5 + (x - 0.5) * c - (y - 0.5) * s, 0.5 + (x - 0.5) * s + (y - 0.5) * c
+
+        bone(0.5, 0.02, 0.5, 0.43, 0.06, ends=1.6)
+        for x, radius in ((0.44, 0.042), (0.57, 0.044)):
+            bone(*turned(x, 0.55), *turned(x, 0.98), radius)
+    elif part == "FINGER":
+        bone(0.5, 0.0, 0.5, 0.16, 0.06, breaks=False)  # metacarpal head
+        bone(0.5, 0.2, 0.5, 0.52, 0.055)
+        bone(0.5, 0.56, 0.5, 0.76, 0.05)
+        bone(0.5, 0.8, 0.5, 0.93, 0.045, breaks=False)
+    elif part == "HAND":
+        for k, x in enumerate((0.3, 0.43, 0.56, 0.69)):
+            bone(0.42 + 0.06 * k, 0.75, x, 0.42, 0.032)
+            bone(x, 0.38, x - 0.02 + 0.013 * k, 0.12, 0.028, breaks=False)
+        bone(0.36, 0.8, 0.18, 0.58, 0.035)  # thumb metacarpal
+        for k in range(5):
+            bone(0.4 + 0.05 * k, 0.86, 0.42 + 0.05 * k, 0.88, 0.04, breaks=False, ends=1.0)
+    elif part == "SHOULDER":
+        bone(0.56, 0.5, 0.6, 1.0, 0.075, ends=2.0)  # humerus with its head at the top end
+        bone(0.08, 0.2, 0.78, 0.28, 0.035)  # clavicle
+        bone(0.25, 0.35, 0.35, 0.8, 0.06, breaks=False, density=0.45, ends=1.0)  # scapula, faint
+    elif part == "WRIST":
+        bone(0.42, 0.56, 0.42, 1.0, 0.06, ends=1.45)  # radius
+        bone(0.62, 0.6, 0.62, 1.0, 0.038)  # ulna
+        for k in range(7):
+            x, y = 0.36 + 0.055 * (k % 4), 0.42 - 0.07 * (k // 4)
+            bone(x, y, x + 0.01, y + 0.01, 0.03, breaks=False, ends=1.0)
+        for k in range(4):
+            bone(0.36 + 0.08 * k, 0.26, 0.33 + 0.1 * k, 0.0, 0.028, breaks=False)
+    else:  # pragma: no cover - PARTS is fixed
+        raise ValueError(f"unknown body part {part!r}; choose one of: {', '.join(PARTS)}")
+    target = int(rng.choice(breakable))
+    return {
+        "bones": np.array(bones, dtype=np.float64),
+        "target": target,
+        "t": float(rng.uniform(0.3, 0.7)),  # where along the shaft the fracture sits
+        "tilt": float(rng.uniform(-0.5, 0.5)),  # radians off perpendicular
+        "shift": float(rng.uniform(*FRACTURE_SHIFT)) * float(rng.choice([-1, 1])),
+        "angle": float(rng.uniform(*FRACTURE_ANGLE)) * float(rng.choice([-1, 1])),
+        "width": float(rng.uniform(*FRACTURE_WIDTH)),
+    }
+
+
+# ---- rendering ------------------------------------------------------------------------------
+
+
+def _render(anatomy: dict[str, Any], label: int, size: int, rng: np.random.Generator):
+    """One view of a study: (uint8 (size, size) image, fracture line (x0, y0, x1, y1, width) | None)."""
+    bones = anatomy["bones"].copy()
+    # The view: rotate, scale and shift the whole anatomy about the centre.
+    angle = rng.uniform(-0.35, 0.35)
+    scale = rng.uniform(0.85, 1.05)
+    shift = rng.normal(0, 0.03, size=2)
+    flip = rng.random() < 0.5
+    cos, sin = math.cos(angle), math.sin(angle)
+
+    def place(x, y):
+        x, y = x - 0.5, y - 0.5
+        if flip:
+            x = -x
+        return ((x * cos - y * sin) * scale + 0.5 + shift[0]) * size, ((x * sin + y * cos) * scale + 0.5 + shift[1]) * size
+
+    bones[:, 0], bones[:, 1] = place(bones[:, 0], bones[:, 1])
+    bones[:, 2], bones[:, 3] = place(bones[:, 2], bones[:, 3])
+    bones[:, 4] *= scale * size * RADIUS_SCALE
+
+    yy, xx = _grid(size)
+    # Soft tissue: an ellipse around the bones' extent, with a soft edge.
+    lo = np.minimum(bones[:, [0, 1]], bones[:, [2, 3]]).min(0) - bones[:, 4].max() * 2.2
+    hi = np.maximum(bones[:, [0, 1]], bones[:, [2, 3]]).max(0) + bones[:, 4].max() * 2.2
+    centre, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, size * 0.15) * rng.uniform(0.95, 1.1)
+    ell = np.sqrt(((xx - np.float32(centre[0])) / np.float32(half[0])) ** 2
+                  + ((yy - np.float32(centre[1])) / np.float32(half[1])) ** 2)
+    tissue = np.clip((1.0 - ell) * 6.0, 0, 1) * np.float32(rng.uniform(*TISSUE_LEVEL))
+
+    # Overlapping bones add up on a film, but a plain sum saturates where joints overlap; a damped
+    # sum keeps overlaps brighter without white blobs.
+    peak = np.zeros((size, size), np.float32)
+    total = np.zeros((size, size), np.float32)
+    line = None
+    for k, (x0, y0, x1, y1, radius, dens, ends) in enumerate(bones.tolist()):
+        reach = radius * max(ends, 1.0) + 2.0
+        if label and k == anatomy["target"]:
+            reach += abs(anatomy["shift"]) * radius + abs(anatomy["angle"]) * math.hypot(x1 - x0, y1 - y0)
+        box = _box(min(x0, x1) - reach, min(y0, y1) - reach, max(x0, x1) + reach, max(y0, y1) + reach, size)
+        if box is None:
+            continue
+        sx, sy = xx[box], yy[box]
+        if label and k == anatomy["target"]:
+            value, line = _broken_bone(sx, sy, (x0, y0, x1, y1, radius, ends), anatomy, size)
+        else:
+            value = _bone(sx, sy, x0, y0, x1, y1, radius, ends)
+        value = value * np.float32(dens)
+        np.maximum(peak[box], value, out=peak[box])
+        total[box] += value
+    density = peak + 0.35 * (total - peak)
+    bone_level = rng.uniform(*BONE_LEVEL)
+    img = rng.uniform(0.03, 0.1) + tissue + bone_level * density
+    if rng.random() < 0.5:  # a side marker ("L"/"R" plate) in a corner, as on real films
+        mx, my = float(rng.choice([0.06, 0.84])) * size, float(rng.choice([0.06, 0.86])) * size
+        img = np.where((abs(xx - mx - 0.04 * size) < 0.04 * size) & (abs(yy - my - 0.03 * size) < 0.03 * size), 0.9, img)
+    img = _blur(img.astype(np.float32), rng.uniform(0.5, 1.0) * size / 256)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.85, 1.1)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.015, 0.035))
+    pixels = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+    return pixels, line
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (yy, xx), float32; cached because every image of a size shares them."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5)
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
+def _box(x0: float, y0: float, x1: float, y1: float, size: int) -> tuple[slice, slice] | None:
+    """The (rows, cols) slices of a bounding box clipped to the image, or None when it lies outside."""
+    c0, c1 = max(int(x0), 0), min(int(math.ceil(x1)) + 1, size)
+    r0, r1 = max(int(y0), 0), min(int(math.ceil(y1)) + 1, size)
+    if c0 >= c1 or r0 >= r1:
+        return None
+    return slice(r0, r1), slice(c0, c1)
+
+
+def _segment_distance(xx, yy, x0, y0, x1, y1):
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0, 1)
+    return np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy))
+
+
+def _tube(distance, radius):
+    """Projected thickness of a hollow cylinder: bright cortical rims, a greyer medulla."""
+    u = distance / radius
+    return np.sqrt(np.clip(1 - u * u, 0, None)) - 0.75 * np.sqrt(np.clip(0.42 - u * u, 0, None))
+
+
+def _bone(xx, yy, x0, y0, x1, y1, radius, ends):
+    shaft = _tube(_segment_distance(xx, yy, x0, y0, x1, y1), radius)
+    if ends <= 1.0:
+        return shaft
+    heads = [_tube(np.hypot(xx - x, yy - y), radius * ends) * 0.9 for x, y in ((x0, y0), (x1, y1))]
+    return np.maximum(shaft, np.maximum(*heads))
+
+
+def _broken_bone(xx, yy, geometry, anatomy, size):
+    """A bone with a gap across its shaft; the far fragment is shifted sideways."""
+    x0, y0, x1, y1, radius, ends = geometry
+    length = max(math.hypot(x1 - x0, y1 - y0), 1e-9)
+    ax, ay = (x1 - x0) / length, (y1 - y0) / length  # along the bone
+    nx, ny = -ay, ax  # across the bone
+    t, tilt = anatomy["t"], anatomy["tilt"]
+    fx, fy = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+    cx, cy = nx * math.cos(tilt) + ax * math.sin(tilt), ny * math.cos(tilt) + ay * math.sin(tilt)  # the line
+    lx, ly = -cy, cx  # the line's normal, turned to point along the bone
+    if lx * ax + ly * ay < 0:
+        lx, ly = -lx, -ly
+    side = (xx - fx) * lx + (yy - fy) * ly  # > 0 on the far fragment
+    # The far fragment: turned about the fracture point (angulation), then shifted sideways.
+    dx, dy = nx * anatomy["shift"] * radius, ny * anatomy["shift"] * radius
+    c, s = math.cos(anatomy["angle"]), math.sin(anatomy["angle"])
+    (u0, v0), (u1, v1) = ((fx + (x - fx) * c - (y - fy) * s + dx, fy + (x - fx) * s + (y - fy) * c + dy)
+                          for x, y in ((x0, y0), (x1, y1)))
+    near = _bone(xx, yy, x0, y0, x1, y1, radius, ends)
+    far = _bone(xx, yy, u0, v0, u1, v1, radius, ends)
+    width = max(anatomy["width"] * size, 1.0)
+    out = np.where(side > 0, far, near)
+    out = np.where(np.abs(side) < width / 2, 0.0, out)
+    reach = radius * 1.25 / max(abs(math.cos(tilt)), 0.5) + abs(anatomy["shift"]) * radius
+    line = (fx - cx * reach, fy - cy * reach, fx + cx * reach, fy + cy * reach, width)
+    return out, tuple(float(v) for v in line)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur in numpy (a few shifted adds; avoids depending on scipy for one filter)."""
+    if sigma < 0.3:
+        return img
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    rows, cols = img.shape
+    padded = np.pad(img, radius, mode="edge")
+    tmp = sum(np.float32(w) * padded[i:i + rows, :] for i, w in enumerate(taps))
+    img = sum(np.float32(w) * tmp[:, i:i + cols] for i, w in enumerate(taps))
+    return img
+
+
+@functools.lru_cache(maxsize=8)
+def _lines_table(csv_path: str, mtime: float) -> dict[str, tuple[float, ...]]:
+    with open(csv_path, newline="") as handle:
+        return {row["path"]: tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1", "width"))
+                for row in csv.DictReader(handle)}
+
+
+def _line_for_path(path: Path) -> tuple[float, ...] | None:
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        if parent.name == MURA_DIR and (parent / LINES_CSV).is_file():
+            table = _lines_table(str(parent / LINES_CSV), (parent / LINES_CSV).stat().st_mtime)
+            return table.get(resolved.relative_to(parent.parent).as_posix())
+    raise FileNotFoundError(f"{path} is not inside a synthetic tree (no {MURA_DIR}/{LINES_CSV} above it)")

@@ -1,0 +1,308 @@
+"""Notebook widgets on core ipywidgets only: a body-part picker and a Grad-CAM browser.
+
+Core widgets (Dropdown, ToggleButtons, IntSlider, HTML, Image, VBox, HBox) render in Colab, Kaggle,
+JupyterLab, classic Jupyter and VS Code without any front-end extension, which third-party widgets
+would need. Every API used here exists in ipywidgets 7.6 and 8, so Colab's own copy works.
+
+The picker's value starts at the notebook's BODY_PART parameter, so "Run all" (and papermill, and Kaggle's
+"Save & Run All") never waits for a click: the cell after it reads the value it started with. A person
+running cell by cell picks a part, then runs the cells below, which read the new value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import ipywidgets as widgets
+import pandas as pd
+
+ALL = "all"
+OUTCOMES = ("TP", "FP", "FN", "TN")
+OUTCOME_HELP = {
+    "TP": "true positives: abnormal, called abnormal",
+    "FP": "false positives: normal, called abnormal",
+    "FN": "false negatives: abnormal, called normal",
+    "TN": "true negatives: normal, called normal",
+}
+
+# explain(path, label) -> PNG bytes of the Grad-CAM overlay of that image (label: the actual one, 0/1)
+Explain = Callable[[str, int], bytes]
+
+
+def enable_colab_widgets() -> None:
+    """Turn on Colab's widget manager when running in Colab; does nothing anywhere else.
+
+    Core widgets render without it on recent Colab, but the call is cheap and makes ipywidgets 8
+    render on Colab front ends that still expect version 7.
+    """
+    if "google.colab" not in sys.modules:
+        return
+    from google.colab import output  # type: ignore[import-not-found]
+
+    output.enable_custom_widget_manager()
+
+
+# ---- body-part picker ---------------------------------------------------------------------------
+
+
+def part_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images and abnormal images per body part, sorted by part name.
+
+    Returns:
+        DataFrame indexed by body part with columns ``images`` and ``abnormal``.
+    """
+    grouped = manifest.groupby("body_part")["label"]
+    return pd.DataFrame({"images": grouped.size(), "abnormal": grouped.sum()}).astype(int).sort_index()
+
+
+def _option_label(name: str, images: int, abnormal: int) -> str:
+    return f"{name} ({images:,} images, {abnormal:,} abnormal)"
+
+
+def body_part_picker(
+    manifest: pd.DataFrame, *, default: str = ALL, description: str = "Body part"
+) -> widgets.Dropdown:
+    """A dropdown of the manifest's body parts with their image counts, plus "all".
+
+    The value is the part's name ("wrist", or "all"), ready for ``TrainConfig(body_part=...)``.
+
+    Args:
+        manifest: the run's manifest (``xrai.data.read_manifest(RUN_DIR)``).
+        default: the value it starts with, normally the notebook's BODY_PART parameter. Several parts
+            joined by commas ("wrist,hand") are offered as one extra entry.
+    Raises:
+        ValueError: ``default`` names a part the manifest does not have.
+    """
+    enable_colab_widgets()
+    counts = part_counts(manifest)
+    options = [(_option_label(ALL, len(manifest), int(manifest["label"].sum())), ALL)]
+    options += [(_option_label(part, int(row.images), int(row.abnormal)), part) for part, row in counts.iterrows()]
+    default = (default or ALL).strip().lower()
+    if default != ALL:
+        wanted = [p.strip() for p in default.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in counts.index]
+        if unknown:
+            present = ", ".join(f"{part} ({n})" for part, n in counts["images"].items())
+            raise ValueError(f"unknown body part(s) {unknown} in {default!r}; this manifest has: {present}")
+        if len(wanted) > 1:
+            default = ",".join(wanted)
+            chosen = counts.loc[wanted]
+            options.append((_option_label(default, int(chosen.images.sum()), int(chosen.abnormal.sum())), default))
+        else:
+            default = wanted[0]
+    return widgets.Dropdown(
+        options=options,
+        value=default,
+        description=description,
+        style={"description_width": "initial"},
+        layout=widgets.Layout(width="max-content"),
+    )
+
+
+def selected_body_part(picker: widgets.Widget | None, *, fallback: str = ALL) -> str:
+    """The body part a picker holds, or ``fallback`` when there is no picker (or it holds nothing).
+
+    The picker starts at the BODY_PART parameter, so a non-interactive run ("Run all", papermill) gets
+    the parameter and a person who picked another part gets theirs.
+    """
+    return _selected(picker, fallback)
+
+
+def selected_model(picker: widgets.Widget | None, *, fallback: str = "mobilenet_v2") -> str:
+    """The model a ``model_picker`` holds, or ``fallback`` (the MODEL parameter) without one."""
+    return _selected(picker, fallback)
+
+
+def _selected(picker: widgets.Widget | None, fallback: str) -> str:
+    value = getattr(picker, "value", None)
+    return str(value) if value else fallback
+
+
+def model_picker(*, default: str = "mobilenet_v2", description: str = "Model") -> widgets.Dropdown:
+    """A dropdown of the registry's model names, starting at ``default`` (the MODEL parameter).
+
+    Raises:
+        ValueError: ``default`` is not a registered model.
+    """
+    from xrai.models import list_models
+
+    enable_colab_widgets()
+    names = list_models()
+    if default not in names:
+        raise ValueError(f"unknown model {default!r}; choose one of: {', '.join(names)}")
+    return widgets.Dropdown(options=names, value=default, description=description)
+
+
+# ---- Grad-CAM browser ---------------------------------------------------------------------------
+
+
+def outcome_table(predictions: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Predictions with ``predicted`` (0/1 at ``threshold``) and ``outcome`` (TP, FP, FN or TN) added."""
+    table = predictions.copy()
+    table["predicted"] = (table["probability"] >= threshold).astype(int)
+    truth = table["label"].astype(int)
+    table["outcome"] = "TN"
+    table.loc[(truth == 1) & (table["predicted"] == 1), "outcome"] = "TP"
+    table.loc[(truth == 0) & (table["predicted"] == 1), "outcome"] = "FP"
+    table.loc[(truth == 1) & (table["predicted"] == 0), "outcome"] = "FN"
+    return table
+
+
+def browse_rows(table: pd.DataFrame, *, body_part: str = ALL, outcome: str = "TP") -> pd.DataFrame:
+    """The rows of an outcome table for one body part and outcome, most confident first.
+
+    TP and FP are sorted by probability high to low, FN and TN low to high, so image 0 is the case the
+    model was surest about.
+    """
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; choose one of: {', '.join(OUTCOMES)}")
+    rows = table[table["outcome"] == outcome]
+    if body_part != ALL:
+        rows = rows[rows["body_part"] == body_part]
+    ascending = outcome in ("FN", "TN")
+    return rows.sort_values(["probability", "path"], ascending=[ascending, True]).reset_index(drop=True)
+
+
+def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
+    path = run_dir / f"predictions_{split}.csv"
+    report = run_dir / f"report_{split}.json"
+    if not path.is_file() or not report.is_file():
+        raise FileNotFoundError(
+            f"{path.name} and {report.name} are not in {run_dir}; run notebooks/04_evaluate.ipynb "
+            f"(or: python -m xrai evaluate --run {run_dir} --split {split}) first"
+        )
+    predictions = pd.read_csv(path, dtype={"patient_id": str, "study_id": str}, keep_default_na=False)
+    threshold = float(json.loads(report.read_text())["threshold"])
+    return predictions, threshold
+
+
+def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradcam") -> Explain:
+    """An ``explain(path, label) -> PNG bytes`` over the run's best model; the model loads on first use.
+
+    Overlays are written once under ``RUN_DIR/gradcam/browser/`` and read back on later visits.
+    """
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "gradcam" / "browser"
+    loaded: dict[str, object] = {}
+
+    def explain(path: str, label: int) -> bytes:
+        from xrai.explain import explain_paths
+        from xrai.models import load_model
+
+        if "model" not in loaded:
+            loaded["model"], loaded["config"] = load_model(run_dir)
+        (result,) = explain_paths(
+            loaded["model"], loaded["config"], [path], threshold=threshold, out_dir=out_dir, labels=[label],
+            method=method,
+        )
+        if result.get("error"):
+            raise ValueError(f"cannot explain {path}: {result['error']}")
+        return Path(result["overlay"]).read_bytes()
+
+    return explain
+
+
+class GradCamBrowser(widgets.VBox):
+    """Browse Grad-CAM overlays by body part, outcome (TP/FP/FN/TN) and image.
+
+    Attributes:
+        part, outcome, index: the three controls (Dropdown, ToggleButtons, IntSlider).
+        caption: an HTML line naming the image, its label, the prediction and the probability.
+        image: the overlay (an ipywidgets.Image holding PNG bytes).
+        table: the split's predictions with ``outcome`` added.
+    """
+
+    def __init__(self, table: pd.DataFrame, *, threshold: float, explain: Explain, split: str = "test") -> None:
+        self.table = table
+        self.threshold = threshold
+        self.split = split
+        self._explain = explain
+        self._cache: dict[str, bytes] = {}
+        parts = part_counts(table)
+        self.part = widgets.Dropdown(
+            options=[(f"{ALL} ({len(table):,})", ALL)]
+            + [(f"{part} ({n:,})", part) for part, n in parts["images"].items()],
+            value=ALL,
+            description="Body part",
+        )
+        present = set(table["outcome"])
+        first = next((o for o in OUTCOMES if o in present), "TP")  # open on an outcome that has images
+        self.outcome = widgets.ToggleButtons(options=list(OUTCOMES), value=first, description="Outcome",
+                                             tooltips=[OUTCOME_HELP[o] for o in OUTCOMES])
+        self.index = widgets.IntSlider(value=0, min=0, max=0, description="Image", continuous_update=False)
+        self.caption = widgets.HTML()
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="640px"))
+        super().__init__([widgets.HBox([self.part, self.index]), self.outcome, self.caption, self.image])
+        self.part.observe(self._on_filter, names="value")
+        self.outcome.observe(self._on_filter, names="value")
+        self.index.observe(self._on_index, names="value")
+        self._on_filter()
+
+    def rows(self) -> pd.DataFrame:
+        """The images the current body part and outcome select, in the slider's order."""
+        return browse_rows(self.table, body_part=self.part.value, outcome=self.outcome.value)
+
+    def _outcome_labels(self) -> list[tuple[str, str]]:
+        table = self.table if self.part.value == ALL else self.table[self.table["body_part"] == self.part.value]
+        counts = table["outcome"].value_counts()
+        return [(f"{o} ({int(counts.get(o, 0))})", o) for o in OUTCOMES]
+
+    def _on_filter(self, change: dict | None = None) -> None:
+        value = self.outcome.value
+        self.outcome.unobserve(self._on_filter, names="value")
+        self.outcome.options = self._outcome_labels()
+        self.outcome.value = value
+        self.outcome.observe(self._on_filter, names="value")
+        self._rows = self.rows()
+        self.index.unobserve(self._on_index, names="value")
+        self.index.max = max(len(self._rows) - 1, 0)
+        self.index.value = 0
+        self.index.disabled = len(self._rows) <= 1
+        self.index.observe(self._on_index, names="value")
+        self._on_index()
+
+    def _on_index(self, change: dict | None = None) -> None:
+        if self._rows.empty:
+            self.caption.value = (
+                f"<i>no {self.outcome.value} images for {self.part.value} in {self.split} "
+                f"at threshold {self.threshold:.3f}</i>"
+            )
+            self.image.value = b""
+            return
+        row = self._rows.iloc[self.index.value]
+        label = "abnormal" if int(row["label"]) == 1 else "normal"
+        called = "abnormal" if int(row["predicted"]) == 1 else "normal"
+        self.caption.value = (
+            f"<b>{self.outcome.value} {self.index.value + 1} of {len(self._rows)}</b> · {row['body_part']} · "
+            f"label {label}, called {called} (p = {float(row['probability']):.3f}, threshold "
+            f"{self.threshold:.3f})<br><code>{row['path']}</code>"
+        )
+        path = str(row["path"])
+        if path not in self._cache:
+            self._cache[path] = self._explain(path, int(row["label"]))
+        self.image.value = self._cache[path]
+
+
+def gradcam_browser(
+    run_dir: str | Path, *, split: str = "test", method: str = "gradcam", explain: Explain | None = None
+) -> GradCamBrowser:
+    """An interactive Grad-CAM browser over a run's predictions on one split.
+
+    Args:
+        run_dir: a run folder holding predictions_<split>.csv and report_<split>.json (notebook 04).
+        split: "valid" or "test".
+        method: a CAM method of ``xrai.explain.CAM_METHODS``.
+        explain: ``(path, label) -> PNG bytes``; by default Grad-CAM of the run's best model at the report's
+            threshold (tests pass a stand-in).
+    Raises:
+        FileNotFoundError: the predictions or the report are missing (run 04_evaluate first).
+    """
+    enable_colab_widgets()
+    run_dir = Path(run_dir)
+    predictions, threshold = _read_predictions(run_dir, split)
+    if explain is None:
+        explain = run_explainer(run_dir, threshold=threshold, method=method)
+    return GradCamBrowser(outcome_table(predictions, threshold), threshold=threshold, explain=explain, split=split)
