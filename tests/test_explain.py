@@ -67,6 +67,7 @@ def test_batch_cams_for_both_classes(model, method):
         probs = explainer.probabilities
         normal = explainer(x, target_class=0)
         mixed = explainer(x, target_class=[1, 0, 1])
+        assert explainer.grid == (2, 2)  # mobilenet_v2's stride 32 on a 64 px input
     for cams in (abnormal, normal, mixed):
         assert cams.shape == (3, 64, 64) and cams.dtype == np.float32
         assert cams.min() >= 0.0 and cams.max() <= 1.0

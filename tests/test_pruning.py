@@ -110,7 +110,8 @@ def test_squeeze_excitation_layers_stay_dense():
 
     torch.manual_seed(0)
     model = create_model("efficientnet_b0", pretrained=False)
-    se_convs = [m for se in model.modules() if isinstance(se, SqueezeExcitation) for m in se.modules() if isinstance(m, nn.Conv2d)]
+    se_blocks = [se for se in model.modules() if isinstance(se, SqueezeExcitation)]
+    se_convs = [m for se in se_blocks for m in se.modules() if isinstance(m, nn.Conv2d)]
     assert se_convs and not {id(m) for m in se_convs} & {id(m) for _, m in prunable_layers(model)}
     report = prune_synflow(model, sparsity=0.9, iterations=3, input_shape=(1, 3, 32, 32), progress=False)
     assert abs(report.achieved_sparsity - 0.9) <= 0.005
@@ -164,6 +165,7 @@ def test_bad_arguments(keyword, value):
 
 
 def test_report_helpers():
-    report = SynFlowReport(remaining=5, total=20, sparsity=0.75, iterations=1, seconds=0.0, layers={"a": (5, 10), "b": (0, 10)})
+    layers = {"a": (5, 10), "b": (0, 10)}
+    report = SynFlowReport(remaining=5, total=20, sparsity=0.75, iterations=1, seconds=0.0, layers=layers)
     assert str(report) == "remaining parameters: 5 of 20 (25.00%)"
     assert report.achieved_sparsity == 0.75 and report.empty_layers == ["b"] and report.min_layer() == ("b", 0.0)

@@ -36,20 +36,26 @@ def test_sigkill_during_epoch_3_then_resume_is_bit_identical(synthetic_root, tmp
     reference, killed, marker = tmp_path / "reference", tmp_path / "killed", tmp_path / "epoch3-started"
     uninterrupted = _start(synthetic_root, reference)
     victim = _start(synthetic_root, killed, "--hang-epoch", 3, "--marker", marker)
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert victim.poll() is None, victim.communicate()[0]
-        assert time.monotonic() < deadline, "the worker never reached epoch 3"
-        time.sleep(0.1)
-    # Epoch 3 is under way (two batches trained); the last checkpoint is epoch 2's.
-    assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
-    assert not list((killed / "checkpoints").glob(".*.tmp"))  # the kill fell mid-epoch, not mid-save
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert victim.poll() is None, victim.communicate()[0]
+            assert time.monotonic() < deadline, "the worker never reached epoch 3"
+            time.sleep(0.1)
+        # Epoch 3 is under way (two batches trained); the last checkpoint is epoch 2's.
+        assert torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        assert victim.returncode == -signal.SIGKILL
+        assert not list((killed / "checkpoints").glob(".*.tmp"))  # the kill fell mid-epoch, not mid-save
 
-    _finish(_start(synthetic_root, killed, "--resume"))
-    _finish(uninterrupted)
+        _finish(_start(synthetic_root, killed, "--resume"))
+        _finish(uninterrupted)
+    finally:
+        for process in (uninterrupted, victim):  # never leave a worker behind when an assertion fails
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
     a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
@@ -62,6 +68,5 @@ def test_sigkill_during_epoch_3_then_resume_is_bit_identical(synthetic_root, tmp
     ha = pd.read_csv(reference / "history.csv").drop(columns=WALL_CLOCK)
     hb = pd.read_csv(killed / "history.csv").drop(columns=WALL_CLOCK)
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
-    assert [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in a["history"]] == [
-        {k: v for k, v in r.items() if k not in WALL_CLOCK} for r in b["history"]
-    ]
+    pd.testing.assert_frame_equal(pd.DataFrame(a["history"]).drop(columns=WALL_CLOCK),
+                                  pd.DataFrame(b["history"]).drop(columns=WALL_CLOCK), check_exact=True)

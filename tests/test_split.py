@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xrai.data.split import filter_body_parts, group_ids, split_manifest
+from xrai.data.split import connected_groups, filter_body_parts, split_manifest
 
 
 def _frame(n_patients=60, seed=0, with_split=False, patient_ids=True):
@@ -73,8 +73,9 @@ def test_duplicate_groups_kept_together_without_patients():
 
 
 def test_groups_join_through_shared_keys():
-    frame = pd.DataFrame({"patient_id": ["a", "a", "b", "", ""], "study_id": ["s1", "s2", "s2", "", ""]})
-    ids = group_ids(frame)
+    patients = np.array([0, 0, 1, -1, -1])
+    studies = np.array([0, 1, 1, -1, -1])
+    ids = connected_groups(5, patients, studies)
     assert ids[0] == ids[1] == ids[2] and len({ids[3], ids[4], ids[0]}) == 3
 
 
@@ -90,5 +91,5 @@ def test_filter_body_parts():
     frame = _frame()
     assert set(filter_body_parts(frame, ["wrist"])["body_part"]) == {"wrist"}
     assert len(filter_body_parts(frame, None)) == len(frame)
-    with pytest.raises(ValueError, match=r"no images for body part\(s\) \['elbow'\].*hand \(\d+\), wrist"):
+    with pytest.raises(ValueError, match=r"unknown body part\(s\) \['elbow'\].*hand \(\d+\), wrist"):
         filter_body_parts(frame, "elbow")

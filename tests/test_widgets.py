@@ -76,7 +76,6 @@ def test_picked_part_flows_into_the_config_and_the_filter(synthetic_manifest):
     rows = filter_body_parts(synthetic_manifest, config.body_parts())
     assert len(rows) == (synthetic_manifest["body_part"] == "wrist").sum() > 0
     assert set(rows["body_part"]) == {"wrist"}
-    assert set(rows["split"]) >= {"train", "valid"}
 
 
 def test_picker_offers_a_several_part_parameter_as_one_entry():
@@ -184,7 +183,7 @@ def test_browser_without_predictions_says_which_notebook_makes_them(tmp_path):
 @pytest.mark.slow
 def test_browser_on_a_trained_run_draws_real_overlays(demo_run):
     browser = gradcam_browser(demo_run, split="test")
-    assert browser.image.value.startswith(b"\x89PNG") or browser.rows().empty
+    assert not browser.rows().empty and bytes(browser.image.value).startswith(b"\x89PNG")  # ipywidgets 8: memoryview
     browser.outcome.value = "TN"
-    assert browser.image.value.startswith(b"\x89PNG") or browser.rows().empty
+    assert browser.rows().empty or bytes(browser.image.value).startswith(b"\x89PNG")
     assert (demo_run / "gradcam" / "browser").is_dir()

@@ -195,8 +195,8 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
     output is norm5 (the ReLU after it is functional, inside ``DenseNet.forward``, so there is no module
     to hook); its output is the 1664-channel map that the classifier pools, it normalises
     ``denseblock4``'s concatenation of every earlier layer's features so channels are comparable, and it
-    is pytorch-grad-cam's documented choice for DenseNet. Grad-CAM's own ReLU on the weighted sum
-    removes the sign that the missing activation would have.
+    is pytorch-grad-cam's documented choice for DenseNet. The gradients Grad-CAM reads there already
+    pass through that functional ReLU.
     """
     backbone = getattr(model, "backbone", model)
     if hasattr(backbone, "layer4"):

@@ -287,11 +287,16 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool) -> lis
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = {pool.submit(_decode_rows, str(npy), start, chunk, size): len(chunk)
                            for start, chunk in chunks}
-                for future in as_completed(futures):
-                    b, w = future.result()
-                    bad += b
-                    caught += w
-                    bar.update(futures[future])
+                try:
+                    for future in as_completed(futures):
+                        b, w = future.result()
+                        bad += b
+                        caught += w
+                        bar.update(futures[future])
+                except BaseException:  # an error or Ctrl-C: stop at once, not after every queued chunk
+                    for future in futures:
+                        future.cancel()
+                    raise
     finally:
         bar.close()
     for category, message in caught:  # the workers' warnings (truncated JPEGs), raised here where they show

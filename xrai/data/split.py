@@ -1,6 +1,16 @@
-"""Patient-grouped, label-stratified, seeded splits; no patient, study or duplicate group in two splits."""
+"""Patient-grouped, label-stratified, seeded splits, and the body-part filter.
+
+No patient, study or duplicate group ever lands in two splits: rows are merged into groups through
+every link they share (patient id, study id, a caller's groups such as the audit's duplicate groups,
+the file path), and whole groups are assigned. Assignment is a greedy, label-aware bin packing in
+the spirit of scikit-learn's StratifiedGroupKFold: largest groups first, each into the split that
+keeps every split's size and label mix closest to its target. StratifiedGroupKFold itself only
+makes k equal folds, not train/valid/test shares of 70/15/15, hence this small version.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -8,93 +18,71 @@ import pandas as pd
 SPLITS = ("train", "valid", "test")
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
+def connected_groups(n: int, *links: np.ndarray) -> np.ndarray:
+    """Component id (0..k-1, numbered by first row) of each of ``n`` rows joined by equal keys.
 
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def group_ids(manifest: pd.DataFrame, groups: pd.Series | None = None) -> np.ndarray:
-    """One integer per row: rows sharing a patient, a study or a duplicate group get the same id.
-
-    Keys that are empty ("" where a source has none) join nothing; a row with no key at all is its
-    own group.
+    Each array in ``links`` holds one key per row; rows with equal keys are joined, and a key of -1
+    joins nothing. Union-find over all links at once, done as scipy's connected components on the
+    sparse graph row -> first row with the same key (vectorised; a Python union-find loop is slow on
+    MURA's 40k rows).
     """
-    n = len(manifest)
-    uf = _UnionFind(n)
-    keys: list[pd.Series] = []
-    for column in ("patient_id", "study_id"):
-        if column in manifest:
-            keys.append(manifest[column].fillna("").astype(str).reset_index(drop=True))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows, cols = [np.arange(n)], [np.arange(n)]
+    for key in links:
+        key = np.asarray(key)
+        ok = np.flatnonzero(key >= 0)
+        if ok.size == 0:
+            continue
+        _, first = np.unique(key[ok], return_index=True)
+        _, inverse = np.unique(key[ok], return_inverse=True)
+        rows.append(ok)
+        cols.append(ok[first][inverse])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    # Renumber by first appearance so ids do not depend on scipy's internal order.
+    _, first_row, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first_row))
+    return order[inverse].astype(np.int64)
+
+
+def group_ids(manifest: pd.DataFrame, groups: pd.Series | Sequence | None = None) -> np.ndarray:
+    """One integer per row: rows sharing a patient, a study, a ``groups`` value or a path get the same id.
+
+    Empty keys ("" where a source has none) join nothing, so a row with no key is its own group.
+    """
+    links = [_codes(manifest[c]) for c in ("patient_id", "study_id", "path") if c in manifest.columns]
     if groups is not None:
-        if len(groups) != n:
-            raise ValueError(f"groups has {len(groups)} values for a manifest of {n} rows")
-        keys.append(pd.Series(groups).fillna("").astype(str).reset_index(drop=True))
-    for key in keys:
-        for rows in pd.Series(np.arange(n)).groupby(key.values).indices.values():
-            if len(rows) < 2:
-                continue
-            for other in rows[1:]:
-                uf.union(int(rows[0]), int(other))
-    # rows whose keys are all empty would be joined through the "" bucket: undo that by grouping
-    # them on the path instead
-    empty = np.ones(n, dtype=bool)
-    for key in keys:
-        empty &= (key == "").to_numpy()
-    roots = np.array([uf.find(i) for i in range(n)])
-    if empty.any():
-        # rebuild without the empty-key unions
-        uf = _UnionFind(n)
-        for key in keys:
-            valid = key != ""
-            for rows in pd.Series(np.arange(n))[valid.values].groupby(key[valid].values).indices.values():
-                idx = np.flatnonzero(valid.values)[rows]
-                for other in idx[1:]:
-                    uf.union(int(idx[0]), int(other))
-        roots = np.array([uf.find(i) for i in range(n)])
-    _, ids = np.unique(roots, return_inverse=True)
-    return ids
+        links.append(_codes(_aligned(groups, manifest)))
+    return connected_groups(len(manifest), *links)
 
 
-def _assign(group: np.ndarray, label: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Greedy stratified assignment of whole groups to splits, largest groups first.
+def _aligned(groups: pd.Series | Sequence, manifest: pd.DataFrame) -> pd.Series:
+    """``groups`` as a Series on the manifest's index (a Series by index, anything else by position)."""
+    n = len(manifest)
+    if isinstance(groups, pd.Series):
+        if groups.index.equals(manifest.index):
+            return groups
+        if len(groups) == n and groups.index.isin(manifest.index).all() and groups.index.is_unique:
+            return groups.reindex(manifest.index)
+        if len(groups) == n:
+            return pd.Series(groups.to_numpy(), index=manifest.index)
+        raise ValueError(f"groups has {len(groups)} values for a manifest of {n} rows")
+    values = list(groups)
+    if len(values) != n:
+        raise ValueError(f"groups has {len(values)} values for a manifest of {n} rows")
+    return pd.Series(values, index=manifest.index)
 
-    Each group goes to the split whose shortfall (target minus current, per label) it reduces most;
-    ties broken by a seeded shuffle. Works when one label is rare, since shortfalls are per label.
-    """
-    rng = np.random.default_rng(seed)
-    names = list(fractions)
-    target = np.array([[fractions[s] * np.sum(label == c) for c in (0, 1)] for s in names])  # (S, 2)
-    have = np.zeros_like(target)
-    n_groups = group.max() + 1 if len(group) else 0
-    counts = np.zeros((n_groups, 2))
-    np.add.at(counts, (group, label), 1)
-    order = rng.permutation(n_groups)
-    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
-    out = np.empty(n_groups, dtype=object)
-    for g in order:
-        c = counts[g]
-        # gain = how much of the remaining per-label need this split has, weighted by what the group holds
-        need = np.clip(target - have, 0, None)
-        gain = (need * c).sum(1) / max(c.sum(), 1)
-        # relative need breaks ties towards the split furthest behind its target
-        rel = (need.sum(1) / np.maximum(target.sum(1), 1e-9))
-        best = int(np.lexsort((rel, gain))[-1])
-        out[g] = names[best]
-        have[best] += c
-    return out[group]
+
+def _codes(values: pd.Series) -> np.ndarray:
+    """Integer code per row, -1 for empty / missing."""
+    text = values.astype("string").fillna("")
+    codes, _ = pd.factorize(text)
+    codes = codes.astype(np.int64)
+    codes[(text == "").to_numpy()] = -1
+    return codes
 
 
 def split_manifest(
@@ -103,82 +91,136 @@ def split_manifest(
     seed: int = 0,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
-    groups: pd.Series | None = None,
+    groups: pd.Series | Sequence | None = None,
 ) -> pd.DataFrame:
-    """Fill the manifest's splits, grouped and label-stratified; returns a new frame.
+    """Fill the splits a manifest lacks, keeping every patient, study and group within one split.
 
-    - Rows with no split ("") are divided into train/valid/test.
-    - A source with an official train and valid but no test (MURA) keeps valid as it is and has test
-      carved out of train by patient.
-    - Rows that share a patient, a study or a duplicate group (``groups``, aligned to the manifest)
-      always land in one split; an official split is moved only where a group already straddles it.
+    - Every row already has train/valid/test and both valid and test exist: returned as is ("official").
+    - Rows with split "" are assigned to train/valid/test (``val_fraction``, ``test_fraction`` of them).
+    - Official train with valid but no test (MURA): ``test`` is carved out of train (``test_fraction``
+      of the train rows); valid is kept untouched. Likewise valid is carved from train when only
+      train and test exist.
+    Groups join rows by patient_id, study_id, ``groups`` (a Series aligned to the manifest's index,
+    or a sequence in row order; e.g. :func:`xrai.data.duplicate_groups`) and path. A group that
+    touches an official valid or test row is never moved. Splits are label-stratified, seeded and
+    deterministic. ``attrs["split_method"]`` says what was done, e.g. "official + test carved from
+    train, patient-grouped stratified, seed 0".
 
-    Sets ``attrs["split_method"]``.
+    Returns:
+        A new DataFrame (the input is never changed).
+    Raises:
+        ValueError: fractions out of range, an unknown split name, or misaligned ``groups``.
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be below 1")
-    out = manifest.copy().reset_index(drop=True)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    out = manifest.copy()
     out.attrs = dict(manifest.attrs)
-    split = out["split"].fillna("").astype(str).to_numpy(dtype=object)
-    label = out["label"].astype(int).to_numpy()
-    gids = group_ids(out, None if groups is None else pd.Series(groups).reset_index(drop=True))
-    grouped_by = "patient-grouped" if (out.get("patient_id", pd.Series(dtype=str)).fillna("") != "").any() else (
-        "duplicate-grouped" if groups is not None else "image-level")
-    present = set(split) - {""}
+    n = len(out)
+    split = out["split"].astype("string").fillna("").str.strip().str.lower().replace({"val": "valid"})
+    unknown = sorted(set(split.unique()) - set(SPLITS) - {""})
+    if unknown:
+        raise ValueError(f"unknown split value(s) {unknown} in the manifest; expected one of {SPLITS} or ''")
+    split = split.to_numpy(dtype=object)
+    labels = out["label"].to_numpy(dtype=np.int64)
 
-    if not present:
-        fractions = {"train": 1 - val_fraction - test_fraction, "valid": val_fraction, "test": test_fraction}
-        fractions = {k: v for k, v in fractions.items() if v > 0}
-        out["split"] = _assign(gids, label, fractions, seed)
-        method = f"{grouped_by} stratified, seed {seed}"
+    links = []
+    kinds = []
+    for column, kind in (("patient_id", "patient"), ("study_id", "study")):
+        if column in out.columns:
+            codes = _codes(out[column])
+            if (codes >= 0).any():
+                links.append(codes)
+                kinds.append(kind)
+    if groups is not None:
+        links.append(_codes(_aligned(groups, out)))
+        kinds.append("duplicate")
+    links.append(_codes(out["path"]))
+    group = connected_groups(n, *links)
+    grouping = next((k for k in kinds if k == "patient"), kinds[0] if kinds else None)
+    how = f"{grouping}-grouped stratified" if grouping else "image-level stratified"
+
+    present = set(split) - {""}
+    empty = split == ""
+    rng = np.random.default_rng(seed)
+    if empty.any():
+        # Groups holding official rows keep that split (the first official one, by row order).
+        pinned: dict[int, str] = {}
+        for g, s in zip(group[~empty], split[~empty]):
+            pinned.setdefault(int(g), s)
+        free = np.array([int(g) not in pinned for g in group]) & empty
+        for i in np.flatnonzero(empty & ~free):
+            split[i] = pinned[int(group[i])]
+        fractions = {"train": 1.0 - val_fraction - test_fraction, "valid": val_fraction, "test": test_fraction}
+        split[free] = _assign(group[free], labels[free], fractions, rng)
+        method = f"{how}, seed {seed}" if not present else f"official + rest {how}, seed {seed}"
     else:
-        unknown = present - set(SPLITS)
-        if unknown:
-            raise ValueError(f"unknown split name(s) {sorted(unknown)}; use train, valid or test")
-        split = _official_groups_whole(gids, split)
-        method = "official"
-        if "test" not in present and "train" in present and test_fraction > 0:
-            rows = np.flatnonzero(split == "train")
-            _, local = np.unique(gids[rows], return_inverse=True)
-            share = test_fraction / max(1e-9, 1 - val_fraction) if "valid" in present else test_fraction
-            carved = _assign(local, label[rows], {"train": 1 - share, "test": share}, seed)
-            split[rows] = carved
-            method = f"official + test carved from train, {grouped_by} stratified, seed {seed}"
-        if (split == "").any():  # a few rows without a split beside official ones: follow their group or train
-            split[split == ""] = "train"
-        out["split"] = split
+        missing = [s for s in ("valid", "test") if s not in present]
+        wanted = {"valid": val_fraction, "test": test_fraction}
+        missing = [s for s in missing if wanted[s] > 0]
+        if not missing or "train" not in present:
+            method = "official"
+        else:
+            touches_other = np.zeros(group.max() + 1, dtype=bool)
+            touches_other[group[split != "train"]] = True
+            movable = (split == "train") & ~touches_other[group]
+            fractions = {"train": 1.0 - sum(wanted[s] for s in missing), **{s: wanted[s] for s in missing}}
+            split[movable] = _assign(group[movable], labels[movable], fractions, rng)
+            method = f"official + {' and '.join(missing)} carved from train, {how}, seed {seed}"
+    out["split"] = pd.Series(split, index=out.index, dtype=object).astype(out["split"].dtype)
     out.attrs["split_method"] = method
     return out
 
 
-def _official_groups_whole(gids: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """Where a group straddles official splits, move it whole to the split most of its rows are in."""
-    split = split.copy()
-    frame = pd.DataFrame({"g": gids, "s": split})
-    spread = frame[frame["s"] != ""].groupby("g")["s"].agg(lambda s: s.value_counts().index[0])
-    mixed = frame.groupby("g")["s"].nunique()
-    for g in mixed[mixed > 1].index:
-        if g in spread.index:
-            split[gids == g] = spread[g]
-    return split
+def _assign(group: np.ndarray, labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Split name per row: whole groups, greedily, towards each split's share of rows and of each label."""
+    names = [s for s, f in fractions.items() if f > 0]
+    share = np.array([fractions[s] for s in names])
+    ids, inverse = np.unique(group, return_inverse=True)
+    size = np.bincount(inverse, minlength=ids.size).astype(float)
+    pos = np.bincount(inverse, weights=labels, minlength=ids.size)
+    neg = size - pos
+    totals = np.array([size.sum(), pos.sum(), neg.sum()])
+    target = share[:, None] * totals[None, :]  # (splits, [rows, positives, negatives])
+    scale = 1.0 / np.maximum(totals, 1.0)  # each count weighs by its total, so a rare label still counts
+    # Largest groups first (hardest to place); a seeded shuffle breaks ties, which is what the seed changes.
+    order = rng.permutation(ids.size)
+    order = order[np.argsort(-size[order], kind="stable")]
+    current = np.zeros_like(target)
+    chosen = np.empty(ids.size, dtype=np.int64)
+    for g in order:
+        add = np.array([size[g], pos[g], neg[g]])
+        before = ((current - target) * scale) ** 2
+        after = ((current + add - target) * scale) ** 2
+        best = int(np.argmin((after - before).sum(axis=1)))
+        chosen[g] = best
+        current[best] += add
+    return np.array(names, dtype=object)[chosen[inverse]]
 
 
-def filter_body_parts(manifest: pd.DataFrame, parts: list[str] | str | None) -> pd.DataFrame:
-    """Keep the rows of the given body parts (None or "all": everything).
+def filter_body_parts(manifest: pd.DataFrame, parts: str | Sequence[str] | None) -> pd.DataFrame:
+    """Rows of the given body parts (case-insensitive); None, [] or "all" keeps every row.
+
+    Returns a new DataFrame with a fresh index and the same attrs.
 
     Raises:
-        ValueError: a part has no images; the message lists the parts present with their counts.
+        ValueError: a part that is not in the manifest; the message lists the parts present with counts.
     """
-    if parts is None or parts == "all" or parts == ["all"]:
-        return manifest
     if isinstance(parts, str):
-        parts = [p.strip() for p in parts.split(",") if p.strip()]
-    wanted = [p.lower() for p in parts]
-    counts = manifest["body_part"].value_counts()
-    missing = [p for p in wanted if p not in counts.index]
-    if missing:
-        have = ", ".join(f"{p} ({n})" for p, n in counts.sort_index().items())
-        raise ValueError(f"no images for body part(s) {missing}; this dataset has: {have}")
-    out = manifest[manifest["body_part"].isin(wanted)].reset_index(drop=True)
+        parts = [p for p in parts.split(",")]
+    wanted = [p.strip().lower() for p in (parts or []) if p and p.strip()]
+    if not wanted or wanted == ["all"]:
+        out = manifest.reset_index(drop=True)
+        out.attrs = dict(manifest.attrs)
+        return out
+    column = manifest["body_part"].astype("string").fillna("").str.lower()
+    counts = column.value_counts()
+    unknown = [p for p in wanted if p not in counts.index]
+    if unknown:
+        listing = ", ".join(f"{part} ({count})" for part, count in sorted(counts.items()))
+        raise ValueError(f"unknown body part(s) {unknown}; parts present: {listing}")
+    out = manifest[column.isin(wanted).to_numpy()].reset_index(drop=True)
     out.attrs = dict(manifest.attrs)
     return out

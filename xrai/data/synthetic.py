@@ -44,6 +44,7 @@ FRACTURE_ANGLE = (0.0, 0.0)  # angulation of the far fragment, radians
 TISSUE_LEVEL = (0.22, 0.32)
 BONE_LEVEL = (0.5, 0.62)
 RADIUS_SCALE = 1.0
+FRACTURE_DARKNESS = 0.0  # share of the soft tissue missing in the gap
 
 _Bone = tuple  # (x0, y0, x1, y1, radius, density, end_radius)
 
@@ -382,7 +383,9 @@ def _render(anatomy: dict[str, Any], label: int, size: int, rng: np.random.Gener
             continue
         sx, sy = xx[box], yy[box]
         if label and k == anatomy["target"]:
-            value, line = _broken_bone(sx, sy, (x0, y0, x1, y1, radius, ends), anatomy, size)
+            value, gap, line = _broken_bone(sx, sy, (x0, y0, x1, y1, radius, ends), anatomy, size)
+            if FRACTURE_DARKNESS > 0:  # the gap is more lucent than the soft tissue around the bone
+                tissue[box] *= 1 - FRACTURE_DARKNESS * gap
         else:
             value = _bone(sx, sy, x0, y0, x1, y1, radius, ends)
         value = value * np.float32(dens)
@@ -460,10 +463,11 @@ def _broken_bone(xx, yy, geometry, anatomy, size):
     far = _bone(xx, yy, u0, v0, u1, v1, radius, ends)
     width = max(anatomy["width"] * size, 1.0)
     out = np.where(side > 0, far, near)
-    out = np.where(np.abs(side) < width / 2, 0.0, out)
+    gap = (np.abs(side) < width / 2) & (np.maximum(near, far) > 0)
+    out = np.where(gap, 0.0, out)
     reach = radius * 1.25 / max(abs(math.cos(tilt)), 0.5) + abs(anatomy["shift"]) * radius
     line = (fx - cx * reach, fy - cy * reach, fx + cx * reach, fy + cy * reach, width)
-    return out, tuple(float(v) for v in line)
+    return out, gap, tuple(float(v) for v in line)
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
