@@ -297,7 +297,7 @@ def _anatomy(part: str, rng: np.random.Generator) -> dict[str, Any]:
             return 0.5 + (x - 0.5) * c - (y - 0.5) * s, 0.5 + (x - 0.5) * s + (y - 0.5) * c
 
         bone(0.5, 0.02, 0.5, 0.43, 0.06, ends=1.6)
-        for x, radius in ((0.44, 0.042), (0.57, 0.044)):
+        for x, radius in ((0.43, 0.048), (0.58, 0.05)):
             bone(*turned(x, 0.55), *turned(x, 0.98), radius)
     elif part == "FINGER":
         bone(0.5, 0.0, 0.5, 0.16, 0.06, breaks=False)  # metacarpal head
@@ -305,24 +305,25 @@ def _anatomy(part: str, rng: np.random.Generator) -> dict[str, Any]:
         bone(0.5, 0.56, 0.5, 0.76, 0.05)
         bone(0.5, 0.8, 0.5, 0.93, 0.045, breaks=False)
     elif part == "HAND":
-        for k, x in enumerate((0.3, 0.43, 0.56, 0.69)):
-            bone(0.42 + 0.06 * k, 0.75, x, 0.42, 0.032)
-            bone(x, 0.38, x - 0.02 + 0.013 * k, 0.12, 0.028, breaks=False)
-        bone(0.36, 0.8, 0.18, 0.58, 0.035)  # thumb metacarpal
-        for k in range(5):
-            bone(0.4 + 0.05 * k, 0.86, 0.42 + 0.05 * k, 0.88, 0.04, breaks=False, ends=1.0)
+        # Fanned, well-spaced metacarpals: crowded, overlapping bones hide a small gap.
+        for k in range(4):
+            x = 0.27 + 0.15 * k
+            bone(0.39 + 0.075 * k, 0.8, x, 0.44, 0.04)
+            bone(x, 0.38, x + 0.02 * (k - 1.5), 0.1, 0.032, breaks=False)
+        bone(0.33, 0.82, 0.15, 0.6, 0.04)  # thumb metacarpal
+        for x in (0.42, 0.52, 0.62):  # carpal row
+            bone(x, 0.9, x + 0.01, 0.9, 0.045, breaks=False, ends=1.0)
     elif part == "SHOULDER":
         bone(0.56, 0.5, 0.6, 1.0, 0.075, ends=2.0)  # humerus with its head at the top end
-        bone(0.08, 0.2, 0.78, 0.28, 0.035)  # clavicle
+        bone(0.08, 0.2, 0.78, 0.28, 0.045)  # clavicle
         bone(0.25, 0.35, 0.35, 0.8, 0.06, breaks=False, density=0.45, ends=1.0)  # scapula, faint
     elif part == "WRIST":
-        bone(0.42, 0.56, 0.42, 1.0, 0.06, ends=1.45)  # radius
-        bone(0.62, 0.6, 0.62, 1.0, 0.038)  # ulna
-        for k in range(7):
-            x, y = 0.36 + 0.055 * (k % 4), 0.42 - 0.07 * (k // 4)
-            bone(x, y, x + 0.01, y + 0.01, 0.03, breaks=False, ends=1.0)
-        for k in range(4):
-            bone(0.36 + 0.08 * k, 0.26, 0.33 + 0.1 * k, 0.0, 0.028, breaks=False)
+        bone(0.42, 0.56, 0.42, 1.0, 0.065, ends=1.45)  # radius
+        bone(0.64, 0.6, 0.64, 1.0, 0.045)  # ulna
+        for x, y in ((0.37, 0.43), (0.49, 0.42), (0.61, 0.44), (0.45, 0.33)):  # carpals
+            bone(x, y, x + 0.01, y + 0.01, 0.04, breaks=False, ends=1.0)
+        for k in range(3):  # metacarpal bases
+            bone(0.36 + 0.12 * k, 0.24, 0.33 + 0.15 * k, 0.0, 0.032, breaks=False)
     else:  # pragma: no cover - PARTS is fixed
         raise ValueError(f"unknown body part {part!r}; choose one of: {', '.join(PARTS)}")
     target = int(rng.choice(breakable))
