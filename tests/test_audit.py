@@ -104,3 +104,17 @@ def test_real_fracatlas_has_groups_under_both_labels(fracatlas_root):
         table = audit(manifest, progress=False)
     assert audit_summary(table)["cross_label_groups"] >= 1
     assert (table["kind"] == "exact").any() and (table["kind"] == "near").any()
+
+
+def test_resized_copy_is_near_and_distinct_stays_alone(tmp_path):
+    base = Image.fromarray(_xray(7, size=96))
+    base.save(tmp_path / "orig.png")
+    base.resize((80, 80), Image.Resampling.LANCZOS).save(tmp_path / "small.png")  # a rescaled re-export
+    Image.fromarray(_xray(8, size=96)).save(tmp_path / "other.png")
+    frame = pd.DataFrame({"path": [str(tmp_path / n) for n in ("orig.png", "small.png", "other.png")],
+                          "label": [0, 0, 1], "split": ["train", "valid", "train"]})
+    table = audit(frame, workers=1, progress=False)
+    assert sorted(p.rsplit("/", 1)[1] for p in table["path"]) == ["orig.png", "small.png"]
+    assert set(table["kind"]) == {"near"} and set(table["crosses"]) == {"split"}
+    groups = duplicate_groups(frame, workers=1, progress=False)
+    assert groups[0] == groups[1] != groups[2]

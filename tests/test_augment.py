@@ -32,7 +32,8 @@ def test_shapes_dtype_and_range(train, shape):
     assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32
     pixels = _unnormalise(out)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # normalised from [0, 1]
-    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5) and torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-5)
+    assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
 
 
 def test_rejects_wrong_input():
@@ -80,8 +81,9 @@ def test_flip_is_a_mirror_and_crop_box_maps_exactly():
 
 def test_rotation_by_a_quarter_turn_is_rot90():
     x = _batch(1, 16).float() / 255
-    params = {"box": torch.tensor([[0.0, 0.0, 16.0, 16.0]], dtype=torch.float64), "flip": torch.ones(1, dtype=torch.float64),
-              "angle": torch.tensor([math.pi / 2], dtype=torch.float64)}
+    f64 = torch.float64
+    params = {"box": torch.tensor([[0.0, 0.0, 16.0, 16.0]], dtype=f64), "flip": torch.ones(1, dtype=f64),
+              "angle": torch.tensor([math.pi / 2], dtype=f64)}
     theta = GpuAugment.affine(params, 16).float()
     grid = torch.nn.functional.affine_grid(theta, [1, 1, 16, 16], align_corners=False)
     out = torch.nn.functional.grid_sample(x, grid, align_corners=False)

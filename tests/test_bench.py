@@ -31,7 +31,8 @@ def test_table_and_machine():
     info = machine_info()
     assert info["cpu"] and info["cores"] >= 1
     fake = {"machine": info, "model": "m", "img_size": 224, "device": "cpu", "data": "x:/y",
-            "feed_img_s": {"cached": 3000.0, "classic": 100.0}, "train_img_s": {"cached": 9.0, "classic": 8.0, "ceiling": 10.0},
+            "feed_img_s": {"cached": 3000.0, "classic": 100.0},
+            "train_img_s": {"cached": 9.0, "classic": 8.0, "ceiling": 10.0},
             "cache_build_img_s": 150.0, "predict_gradcam_ms": {"median": 80.0, "p90": 90.0}}
     assert "30.0x" in format_table(fake)
 

@@ -137,7 +137,8 @@ def test_audit_counts_from_audit_csv(run, synthetic_manifest):
     paths = synthetic_manifest["path"].tolist()
     pd.DataFrame({
         "group": [0, 0, 1, 1], "path": paths[:4], "label": [0, 1, 0, 0],
-        "split": ["train", "train", "train", "test"], "kind": ["exact"] * 4, "crosses": ["label", "label", "split", "split"],
+        "split": ["train", "train", "train", "test"], "kind": ["exact"] * 4,
+        "crosses": ["label", "label", "split", "split"],
     }).to_csv(run / "audit.csv", index=False)
     report = evaluate_run(run, split="valid", progress=False, n_bootstrap=0)
     assert report["audit"] == {"cross_split_groups": 1, "cross_label_groups": 1}

@@ -93,3 +93,60 @@ def test_filter_body_parts():
     assert len(filter_body_parts(frame, None)) == len(frame)
     with pytest.raises(ValueError, match=r"unknown body part\(s\) \['elbow'\].*hand \(\d+\), wrist"):
         filter_body_parts(frame, "elbow")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_no_patient_study_or_duplicate_group_crosses_property(seed):
+    rng = np.random.default_rng(100 + seed)
+    frame = _frame(n_patients=int(rng.integers(20, 80)), seed=seed)
+    # duplicate groups that link images of different patients (a re-filed copy)
+    dup = pd.Series([f"d{i}" for i in range(len(frame))], index=frame.index + 1000)
+    for a, b in rng.integers(0, len(frame), (8, 2)):
+        dup.iloc[b] = dup.iloc[a]
+    frame.index = frame.index + 1000  # groups align by index, not position
+    out = split_manifest(frame, seed=seed, groups=dup)
+    out["dup"] = dup
+    for key in ("patient_id", "study_id", "dup"):
+        _assert_no_group_crosses(out, key)
+    assert out.index.equals(frame.index)
+
+
+def test_valid_carved_when_only_train_and_test_exist():
+    frame = _frame(with_split=True)
+    frame["split"] = frame["split"].replace({"valid": "test"})
+    out = split_manifest(frame, seed=0)
+    assert (out.loc[frame["split"] == "test", "split"] == "test").all()
+    assert set(out.loc[frame["split"] == "train", "split"]) == {"train", "valid"}
+    assert out.attrs["split_method"].startswith("official + valid carved from train")
+
+
+def test_unsplit_rows_follow_their_patients_official_split():
+    frame = _frame(with_split=True)
+    first_valid = frame.index[frame["split"] == "valid"][0]
+    patient = frame.loc[first_valid, "patient_id"]
+    extra = frame[frame["patient_id"] == patient].assign(split="", path=lambda f: f["path"] + ".extra")
+    fresh = _frame(n_patients=30, seed=9).assign(patient_id=lambda f: "new" + f["patient_id"],
+                                                 study_id=lambda f: "new" + f["study_id"],
+                                                 path=lambda f: "/new" + f["path"])
+    out = split_manifest(pd.concat([frame, extra, fresh], ignore_index=True), seed=0)
+    assert (out.loc[out["patient_id"] == patient, "split"] == "valid").all()
+    assert set(out.loc[out["patient_id"].str.startswith("new"), "split"]) == {"train", "valid", "test"}
+    _assert_no_group_crosses(out, "patient_id")
+
+
+def test_official_splits_left_alone():
+    frame = _frame(with_split=True)
+    frame.loc[frame.index[::5], "split"] = "test"
+    frame = frame[frame.groupby("patient_id")["split"].transform("nunique") == 1]
+    out = split_manifest(frame, seed=0)
+    assert out["split"].tolist() == frame["split"].tolist() and out.attrs["split_method"] == "official"
+
+
+def test_bad_arguments():
+    frame = _frame()
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_manifest(frame, val_fraction=1.2)
+    with pytest.raises(ValueError, match="groups has 3 values"):
+        split_manifest(frame, groups=["a", "b", "c"])
+    with pytest.raises(ValueError, match="unknown split"):
+        split_manifest(frame.assign(split="holdout"))

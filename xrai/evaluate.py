@@ -179,7 +179,8 @@ def per_body_part(predictions: pd.DataFrame, threshold: float) -> dict[str, dict
         }
         if studies:
             s = study_level(frame)
-            row["study_kappa"] = kappa_score(s["label"].to_numpy(int), (s["probability"].to_numpy() >= threshold).astype(int))
+            study_pred = (s["probability"].to_numpy() >= threshold).astype(int)
+            row["study_kappa"] = kappa_score(s["label"].to_numpy(int), study_pred)
         out[str(part)] = row
     return out
 

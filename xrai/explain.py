@@ -84,11 +84,13 @@ class CamExplainer:
         """
         if self._cam is None:
             raise RuntimeError(
-                "CamExplainer hooks the model only inside its context manager: use `with CamExplainer(model) as e: e(x)`"
+                "CamExplainer hooks the model only inside its context manager: "
+                "use `with CamExplainer(model) as e: e(x)`"
             )
         if x.dim() != 4:
             raise ValueError(f"CamExplainer wants a batch (B, 3, H, W), got shape {tuple(x.shape)}")
-        classes = [int(target_class)] * x.shape[0] if isinstance(target_class, (int, np.integer)) else list(target_class)
+        single = isinstance(target_class, (int, np.integer))
+        classes = [int(target_class)] * x.shape[0] if single else list(target_class)
         if len(classes) != x.shape[0] or not set(classes) <= {0, 1}:
             raise ValueError(f"target_class must be 0 or 1, one per image ({x.shape[0]}), got {target_class!r}")
         device = next(self.model.parameters()).device

@@ -350,7 +350,8 @@ def pointing_game(cams: Any, masks: Any, *, tolerance_px: float = 15.0) -> float
 
 def pointing_chance(masks: Any, *, tolerance_px: float = 15.0) -> float:
     """The pointing game's chance level: the mean area fraction of the dilated masks."""
-    fractions = [_dilate(np.asarray(m, bool), tolerance_px).mean() for m in masks if m is not None and np.asarray(m).any()]
+    present = [np.asarray(m, bool) for m in masks if m is not None and np.asarray(m).any()]
+    fractions = [_dilate(m, tolerance_px).mean() for m in present]
     if not fractions:
         raise ValueError("no image with a non-empty mask to score")
     return float(np.mean(fractions))

@@ -138,7 +138,8 @@ def plot_per_body_part(report: dict[str, Any], path: str | Path | None = None) -
     if any(b is not None for b in base):
         ax.bar(x + 0.2, [np.nan if b is None else b for b in base], 0.4, color="lightgrey", hatch="//",
                edgecolor="grey", label="MURA DenseNet-169 (study kappa)")
-        ax.axhline(MURA_BASELINE["overall"], ls="--", color="grey", label=f"MURA overall {MURA_BASELINE['overall']:.3f}")
+        ax.axhline(MURA_BASELINE["overall"], ls="--", color="grey",
+                   label=f"MURA overall {MURA_BASELINE['overall']:.3f}")
     block = report.get("study") if key == "study_kappa" else report.get("image")
     if block and block.get("kappa") is not None:
         ax.axhline(block["kappa"], color=CLASS_COLOURS[0], label=f"this run overall {block['kappa']:.3f}")
@@ -169,7 +170,8 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
         "per_body_part": run_dir / f"per_body_part_{split}.png",
     }
     where = f"{split}, threshold {thr:.3f} from {report['threshold_from']}"
-    plot_confusion_matrix(report["image"]["confusion_matrix"], out["confusion_matrix"], title=f"confusion matrix ({where})")
+    plot_confusion_matrix(report["image"]["confusion_matrix"], out["confusion_matrix"],
+                          title=f"confusion matrix ({where})")
     plot_roc(y, p, out["roc"], threshold=thr, auroc_ci=report["image"].get("auroc_ci"), title=f"ROC ({split})")
     plot_pr(y, p, out["pr"], threshold=thr, title=f"precision-recall ({split})")
     plot_per_body_part(report, out["per_body_part"])
@@ -228,7 +230,9 @@ def plot_sample_grid(manifest: pd.DataFrame, path: str | Path | None = None, *, 
     return _finish(fig, path)
 
 
-def plot_image_sizes(manifest: pd.DataFrame, path: str | Path | None = None, *, sample: int = 1000, seed: int = 0) -> Figure:
+def plot_image_sizes(
+    manifest: pd.DataFrame, path: str | Path | None = None, *, sample: int = 1000, seed: int = 0
+) -> Figure:
     """Width against height (read from file headers, no decoding) of up to ``sample`` images."""
     from PIL import Image
 
@@ -267,7 +271,9 @@ def plot_patients_per_part(manifest: pd.DataFrame, path: str | Path | None = Non
 _CROSS_RANK = {"split+label": 3, "label": 2, "split": 1, "": 0}
 
 
-def plot_audit_groups(audit: pd.DataFrame, path: str | Path | None = None, *, groups: int = 5, per_group: int = 4) -> Figure:
+def plot_audit_groups(
+    audit: pd.DataFrame, path: str | Path | None = None, *, groups: int = 5, per_group: int = 4
+) -> Figure:
     """Thumbnails of the worst duplicate groups: crossing split and label first, then the largest."""
     fig = Figure(figsize=(2.2 * per_group, 2.4 * max(1, groups)), layout="constrained")
     if audit.empty:

@@ -30,7 +30,7 @@ from PIL import Image
 from xrai.data.images import ImageError, read_image
 
 AUDIT_COLUMNS = ["group", "path", "label", "split", "kind", "crosses"]
-NEAR_DISTANCE = 6  # pHash bits that may differ for a candidate pair
+NEAR_DISTANCE = 4  # pHash bits that may differ for a candidate pair (the contract's default)
 MIN_CORRELATION = 0.99  # thumbnail correlation that confirms a candidate
 
 
@@ -65,6 +65,9 @@ def _standardise(thumb: np.ndarray) -> np.ndarray:
 
 def _hash_one(path: str) -> tuple[str, int, np.ndarray | None, str]:
     """(exact pixel digest, phash, standardised thumbnail, error) for one file; never raises on a bad image."""
+    # The whole image is decoded (no JPEG draft mode): "exact" means the same decoded pixels, which a
+    # reduced decode cannot tell. Decoding is the floor cost: about 0.5 s per 1,000 FracAtlas JPEGs and
+    # 1.4 s per 1,000 512 px PNGs with 2 workers on this 2-core machine.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncated files are reported by the loaders, not here
@@ -105,51 +108,51 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return sum(table[(x >> np.uint64(8 * k)) & np.uint64(255)] for k in range(8))
 
 
-def near_pairs(hashes: np.ndarray, near_distance: int) -> np.ndarray:
-    """Index pairs (i < j) whose 64-bit hashes differ in at most near_distance bits; shape (P, 2)."""
+def near_pairs(hashes: np.ndarray, near_distance: int, *, chunk: int = 4_000_000) -> np.ndarray:
+    """Index pairs (i < j) whose 64-bit hashes differ in at most near_distance bits; shape (P, 2).
+
+    Multi-index hashing: within each of the near_distance + 1 bands, rows are sorted by the band's
+    value and each row is compared with the next 1, 2, 3, ... rows for as long as any of them still
+    shares its band value, all in numpy (work grows with the candidate pairs, not with n^2, and with
+    no Python loop over buckets). ``chunk`` bounds the candidates held at once.
+    """
     hashes = np.asarray(hashes, dtype=np.uint64)
     n = len(hashes)
     if n < 2 or near_distance < 0:
         return np.empty((0, 2), dtype=np.int64)
-    bands = near_distance + 1
-    edges = np.linspace(0, 64, bands + 1).astype(int)
+    edges = np.linspace(0, 64, min(near_distance + 1, 64) + 1).astype(int)
     found: list[np.ndarray] = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         mask = np.uint64((1 << (hi - lo)) - 1)
         band = (hashes >> np.uint64(lo)) & mask
         order = np.argsort(band, kind="stable")
         sorted_band = band[order]
-        starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
-        ends = np.r_[starts[1:], n]
-        for s, e in zip(starts, ends):
-            if e - s < 2:
-                continue
-            members = order[s:e]
-            h = hashes[members]
-            dist = _popcount(h[:, None] ^ h[None, :])
-            i, j = np.nonzero(np.triu(dist <= near_distance, k=1))
-            if len(i):
-                found.append(np.stack([members[i], members[j]], axis=1))
+        active = np.arange(n - 1)  # positions whose run of equal band values may reach further
+        offset = 1
+        while active.size:
+            active = active[active + offset < n]
+            active = active[sorted_band[active] == sorted_band[active + offset]]
+            for part in np.array_split(active, max(1, active.size // chunk + 1)):
+                i, j = order[part], order[part + offset]
+                close = _popcount(hashes[i] ^ hashes[j]) <= near_distance
+                if close.any():
+                    found.append(np.stack([np.minimum(i, j)[close], np.maximum(i, j)[close]], axis=1))
+            offset += 1
     if not found:
         return np.empty((0, 2), dtype=np.int64)
-    pairs = np.sort(np.concatenate(found), axis=1)
-    return np.unique(pairs, axis=0)
+    pairs = np.concatenate(found).astype(np.int64)
+    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])  # the same pair found in several bands counts once
+    return np.stack([keys // n, keys % n], axis=1)
 
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
-    parent = np.arange(n)
+    """Connected component per node (union-find over the pairs), via scipy's sparse graph routine."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _grouping(hashes: pd.DataFrame, near_distance: int, min_correlation: float) -> np.ndarray:

@@ -142,7 +142,7 @@ class GpuAugment(nn.Module):
         if images.dim() == 3:
             images = images.unsqueeze(1)
         if images.dim() != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
-            raise ValueError(f"GpuAugment wants uint8 (B,1,S,S) or (B,S,S) square grey images, got {tuple(images.shape)}")
+            raise ValueError(f"GpuAugment wants square grey uint8 (B,1,S,S) or (B,S,S), got {tuple(images.shape)}")
         if images.dtype != torch.uint8:
             raise ValueError(f"GpuAugment wants uint8 images (the cache's dtype), got {images.dtype}")
         batch, side = images.shape[0], images.shape[-1]

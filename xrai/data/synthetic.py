@@ -4,9 +4,9 @@ The set is the built-in default for the demo, the tests and the notebooks in CI:
 seconds, deterministic, and learnable from scratch in a few CPU epochs. Each image is a grey
 "radiograph" of one body part: a noisy dark background, a soft-tissue ellipse and long bones drawn
 as projected hollow cylinders (bright cortical rims, greyer medulla). An abnormal study's images
-carry a fracture: a thin dark gap across one bone's shaft, with the distal fragment slightly
-displaced. Normal and abnormal images share every other distribution (bone count, contrast,
-brightness, markers), so the gap is the only signal a model can use.
+carry a fracture: a thin lucent gap across one bone's shaft, the far fragment displaced and
+angulated. Normal and abnormal images share every other distribution (anatomy, bone count, view,
+contrast, brightness, noise), so the gap is the only signal a model can use.
 """
 
 from __future__ import annotations
@@ -26,28 +26,30 @@ from PIL import Image
 
 from xrai.env import xrai_home
 
-SYNTHETIC_VERSION = 1  # bump whenever the images change: it names the default folder
+SYNTHETIC_VERSION = 2  # bump whenever the images change: it names the default folder
 PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
 MURA_DIR = "MURA-v1.1"
 LINES_CSV = "fracture_lines.csv"
 COMPLETE_MARKER = ".complete"
-VALID_FRACTURE = 0.15
+VALID_SHARE = 0.15
 POSITIVE_RATE = 0.45  # MURA's studies are about 40% abnormal
 # A generous mask: the gap itself plus `width` pixels on either side, so that a Grad-CAM peak on the
 # gap's edge (where the broken cortex is) still counts as a hit.
 MASK_DILATION = 1.0
-# The fracture, tuned so mobilenet_v2 trained from scratch learns it in 3 CPU epochs at 128 px while
-# the gap stays a thin line (a few pixels at that size), not a stripe.
-FRACTURE_WIDTH = (0.011, 0.016)  # gap width, fraction of the image side
-FRACTURE_SHIFT = (0.25, 0.5)  # sideways displacement of the far fragment, in bone radii
-FRACTURE_ANGLE = (0.0, 0.0)  # angulation of the far fragment, radians
-TISSUE_LEVEL = (0.22, 0.32)
-BONE_LEVEL = (0.5, 0.62)
-RADIUS_SCALE = 1.0
-FRACTURE_DARKNESS = 0.0  # share of the soft tissue missing in the gap
-
-_Bone = tuple  # (x0, y0, x1, y1, radius, density, end_radius)
-
+# Tuned so that `python -m xrai train --data synthetic --no-pretrained --epochs 3` (mobilenet_v2 from
+# scratch, 128 px crops) reaches validation AUROC 0.985-1.0 over six training seeds on a 2-core CPU.
+# What made the difference: the gap shows no soft tissue (it is darker than anything else inside the
+# limb, so its edges are the strongest in the image, while a bone's own edges against soft tissue
+# stay weaker), and no other dark-on-bright edge competes (no side markers). The gap is 3.5-4.5 px at
+# the 146 px the model sees (6-8 px at 256); 3-4 px gave 0.95-1.0 and 2.5-3.5 px 0.94, too close to
+# the 0.95 bar; smaller displacement or fewer images (1,400) lowered the worst seed likewise.
+FRACTURE_WIDTH = (0.024, 0.032)  # gap width, fraction of the image side
+FRACTURE_SHIFT = (0.5, 1.0)  # sideways displacement of the far fragment, in bone radii
+FRACTURE_ANGLE = (0.15, 0.3)  # angulation of the far fragment, radians
+TISSUE_LEVEL = (0.3, 0.38)  # soft tissue brightness
+BONE_LEVEL = (0.42, 0.52)  # bone brightness per unit of projected thickness
+RADIUS_SCALE = 1.3  # all bone radii, against the canonical anatomy below
+DEFAULT_PATIENTS = 80  # about 1,600 images: 3 epochs of about 36 steps each
 
 @dataclass(frozen=True, kw_only=True)
 class _Study:
@@ -70,10 +72,10 @@ def default_synthetic_root() -> Path:
     return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}"
 
 
-def ensure_synthetic(root: str | Path | None = None) -> Path:
+def ensure_synthetic(root: str | Path | None = None, **options: Any) -> Path:
     """Generate the default synthetic set at ``root`` (default: default_synthetic_root()) unless it is there.
 
-    The tree is written into a temporary folder beside ``root`` and renamed into place, so a run that
+    ``options`` go to :func:`make_synthetic` (tests use a tiny set). The tree is written into a temporary folder beside ``root`` and renamed into place, so a run that
     is interrupted, or one racing another process, never leaves a half tree that reads as complete.
 
     Raises:
@@ -93,7 +95,7 @@ def ensure_synthetic(root: str | Path | None = None) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        make_synthetic(tmp)
+        make_synthetic(tmp, **options)
         try:
             os.replace(tmp, root)
         except OSError:
@@ -106,7 +108,7 @@ def ensure_synthetic(root: str | Path | None = None) -> Path:
     return root
 
 
-def make_synthetic(root: str | Path, *, patients_per_part: int = 24, seed: int = 0, size: int = 256) -> Path:
+def make_synthetic(root: str | Path, *, patients_per_part: int = DEFAULT_PATIENTS, seed: int = 0, size: int = 256) -> Path:
     """Write a phantom X-ray set in MURA v1.1's layout under ``root/MURA-v1.1`` and return ``root``.
 
     Layout: ``{train,valid}/XR_<PART>/patientNNNNN/studyN_{positive,negative}/imageN.png`` for the
@@ -204,9 +206,9 @@ def fracture_mask(
         row = row_or_path
         path = Path(row["path"]) if "path" in row else None
         prefix = "line_" if "line_x0" in row else ""
-        line = tuple(float(row[prefix + k]) for k in ("x0", "y0", "x1", "y1", "width"))
-        if any(math.isnan(v) for v in line):
-            line = None
+        values = [row[prefix + k] for k in ("x0", "y0", "x1", "y1", "width")]
+        # None or NaN (a normal image in a manifest) means there is no line
+        line = None if any(v is None or v != v for v in values) else tuple(float(v) for v in values)
     if line is None:
         return None
     height, width = int(shape[0]), int(shape[1])
@@ -229,7 +231,7 @@ def fracture_mask(
 def _plan(patients_per_part: int, seed: int) -> list[_Study]:
     """Every study's split, part, patient, labels and view count, in writing order."""
     drafts: dict[str, list[tuple[str, list[list[int]]]]] = {"train": [], "valid": []}
-    n_valid = min(max(1, round(patients_per_part * VALID_FRACTURE)), patients_per_part - 1)
+    n_valid = min(max(1, round(patients_per_part * VALID_SHARE)), patients_per_part - 1)
     for part_index, part in enumerate(PARTS):
         rng = np.random.default_rng([seed, 0, part_index])
         valid = set(rng.choice(patients_per_part, size=n_valid, replace=False).tolist())
@@ -385,8 +387,7 @@ def _render(anatomy: dict[str, Any], label: int, size: int, rng: np.random.Gener
         sx, sy = xx[box], yy[box]
         if label and k == anatomy["target"]:
             value, gap, line = _broken_bone(sx, sy, (x0, y0, x1, y1, radius, ends), anatomy, size)
-            if FRACTURE_DARKNESS > 0:  # the gap is more lucent than the soft tissue around the bone
-                tissue[box] *= 1 - FRACTURE_DARKNESS * gap
+            tissue[box] *= ~gap  # the gap is lucent: darker than the soft tissue around the bone
         else:
             value = _bone(sx, sy, x0, y0, x1, y1, radius, ends)
         value = value * np.float32(dens)
@@ -395,9 +396,6 @@ def _render(anatomy: dict[str, Any], label: int, size: int, rng: np.random.Gener
     density = peak + 0.35 * (total - peak)
     bone_level = rng.uniform(*BONE_LEVEL)
     img = rng.uniform(0.03, 0.1) + tissue + bone_level * density
-    if rng.random() < 0.5:  # a side marker ("L"/"R" plate) in a corner, as on real films
-        mx, my = float(rng.choice([0.06, 0.84])) * size, float(rng.choice([0.06, 0.86])) * size
-        img = np.where((abs(xx - mx - 0.04 * size) < 0.04 * size) & (abs(yy - my - 0.03 * size) < 0.03 * size), 0.9, img)
     img = _blur(img.astype(np.float32), rng.uniform(0.5, 1.0) * size / 256)
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25) * rng.uniform(0.85, 1.1)
     img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.015, 0.035))
