@@ -66,8 +66,6 @@ def test_demo_end_to_end(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open: mobilenet_v2 from scratch does not yet learn the synthetic "
-                   "fracture line in 3 CPU epochs (issue 3's acceptance); see the issue notes")
 def test_demo_model_learns_the_fracture_line(demo_run):
     valid = json.loads((demo_run / "report_valid.json").read_text())
     assert valid["image"]["auroc"] >= 0.95, valid["image"]
@@ -98,3 +96,11 @@ def test_evaluate_external_at_the_runs_threshold(demo_run, synthetic_root, capsy
     report = json.loads((demo_run / "report_external.json").read_text())
     valid = json.loads((demo_run / "report_valid.json").read_text())
     assert report["threshold"] == valid["threshold"]
+
+
+@pytest.mark.slow
+def test_training_into_a_taken_run_folder_is_one_clear_line(demo_run, capsys):
+    code = main(["train", "--data", "synthetic", "--no-pretrained", "--epochs", "1", "--out", str(demo_run)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "already holds a run" in err and "--resume" in err and "Traceback" not in err

@@ -239,8 +239,6 @@ def test_gallery_writes_pngs(fake_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open: the demo's mobilenet_v2 does not yet learn the synthetic fracture "
-                   "line in 3 CPU epochs, so its Grad-CAM cannot point at it yet (issues 3 and 5)")
 def test_gradcam_points_at_the_fracture_line(demo_run):
     from xrai.explain import fracture_localisation
 

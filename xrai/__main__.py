@@ -286,7 +286,8 @@ def cmd_demo(args) -> int:
     print(f"reports : {run_dir / 'report_valid.json'}, {run_dir / 'report_test.json'}")
     print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
           f"per_body_part_test.png")
-    print(f"Grad-CAM: {run_dir / 'gradcam'} ({len(pictures)} galleries)")
+    galleries = sum(1 for key in pictures if key in ("tp", "fp", "fn"))
+    print(f"Grad-CAM: {run_dir / 'gradcam'} ({galleries} galleries, {len(pictures) - galleries} single overlays)")
     print(f"next    : python -m xrai serve --run {run_dir}")
     return 0
 
@@ -301,7 +302,14 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        if args.verbose:
+            raise
+        # A user's mistake (a taken run folder, a missing dataset, a bad option) reads as one line, not a trace.
+        print(f"xrai {args.command}: {error} (-v shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
