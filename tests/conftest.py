@@ -60,3 +60,15 @@ def demo_run(tmp_path_factory) -> Path:
         raise AssertionError(f"demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     (out / "demo_stdout.txt").write_text(proc.stdout)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: on a shared 2-core machine two threads contend and run
+    many times slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,7 +20,8 @@ from PIL import Image
 from xrai.data import cache as cache_mod
 from xrai.data import images as images_mod
 from xrai.data.augment import GpuAugment
-from xrai.data.cache import CachedBatches, CacheSpaceError, ImageCache, build_cache, cache_fits
+from xrai.data.cache import CacheSpaceError, ImageCache, build_cache, cache_fits, find_cache
+from xrai.data.loader import CachedBatches
 
 
 @pytest.fixture
@@ -176,6 +177,39 @@ def test_disk_space_is_checked(image_set, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "_free_bytes", lambda path: 0)
     with pytest.raises(CacheSpaceError, match="GiB"):
         _build(image_set, tmp_path)
+
+
+def test_find_cache_sees_what_build_would_reuse(image_set, tmp_path):
+    assert find_cache(image_set, size=32, cache_dir=tmp_path / "cache") is None  # nothing built yet
+    cache = _build(image_set, tmp_path)
+    assert find_cache(image_set.iloc[3:7], size=32, cache_dir=tmp_path / "cache").path == cache.path  # a subset
+    assert find_cache(image_set, size=48, cache_dir=tmp_path / "cache") is None  # another size
+    Path(image_set["path"].iloc[0]).touch()  # a changed file makes it stale
+    os.utime(image_set["path"].iloc[0], ns=(1, 1))
+    assert find_cache(image_set, size=32, cache_dir=tmp_path / "cache") is None
+
+
+def test_fit_caches_the_whole_manifest_and_reuses_a_cache_when_the_disk_is_full(image_set, tmp_path, monkeypatch):
+    from xrai.config import TrainConfig
+    from xrai.train import make_sources
+
+    monkeypatch.setenv("XRAI_HOME", str(tmp_path / "home"))
+    manifest = image_set.assign(label=np.arange(12) % 2, split=["train"] * 6 + ["valid"] * 3 + ["test"] * 3)
+    train, valid = manifest[manifest.split == "train"], manifest[manifest.split == "valid"]
+    config = TrainConfig(data="synthetic", img_size=24, batch_size=4, pretrained=False)
+
+    def sources():
+        return make_sources(config, train, valid, manifest=manifest, device=torch.device("cpu"), progress=False)
+
+    monkeypatch.setattr(cache_mod, "_free_bytes", lambda path: 0)  # a full disk and no cache: classic
+    assert sources()[2] == "classic"
+    monkeypatch.undo()
+    monkeypatch.setenv("XRAI_HOME", str(tmp_path / "home"))
+    train_src, valid_src, path = sources()
+    assert path == "cached" and len(train_src.cache) == 12  # test rows too, so evaluation and reruns reuse it
+    monkeypatch.setattr(cache_mod, "_free_bytes", lambda path: 0)  # full disk now, but the cache exists
+    train_src, _, path = sources()
+    assert path == "cached" and not train_src.cache.built
 
 
 def test_open_refuses_an_incomplete_folder(tmp_path):

@@ -49,12 +49,7 @@ def make_fake_run(run: Path, manifest: pd.DataFrame, *, img_size: int = 64) -> P
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

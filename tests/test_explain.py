@@ -9,15 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from test_evaluate import make_fake_run
+
 from xrai.explain import CAM_METHODS, CamExplainer, cam_to_image, explain_paths, gallery, overlay
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -197,31 +194,8 @@ def test_explain_paths_survives_a_bad_file(model, synthetic_manifest, tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory, synthetic_manifest):
-    """A run folder as fit() leaves it: a checkpoint dict per the contract, config.json, manifest.csv;
-    an untrained mobilenet_v2 with BatchNorm statistics set on a few images, so its outputs vary."""
-    from xrai.config import TrainConfig
-    from xrai.data import read_image, save_manifest
-    from xrai.data.augment import preprocess
-    from xrai.models import create_model
-
-    run = tmp_path_factory.mktemp("explain_run")
-    config = TrainConfig(data="synthetic", pretrained=False, img_size=64, epochs=1)
-    torch.manual_seed(0)
-    net = create_model("mobilenet_v2", pretrained=False)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(preprocess([read_image(p) for p in synthetic_manifest["path"].iloc[:24]], image_size=64,
-                       resize_size=config.resize_size))
-    (run / "checkpoints").mkdir()
-    torch.save({"model": net.state_dict(), "config": config.to_dict(), "model_name": "mobilenet_v2", "epoch": 1},
-               run / "checkpoints" / "best.pt")
-    config.to_json(run / "config.json")
-    save_manifest(synthetic_manifest, run)
-    return run
+    """A run folder as fit() leaves it, with an untrained mobilenet_v2 whose outputs vary."""
+    return make_fake_run(tmp_path_factory.mktemp("explain_run"), synthetic_manifest)
 
 
 def test_gallery_writes_pngs(fake_run):

@@ -32,13 +32,7 @@ REAL_CAN_REACH = models._can_reach
 HEAVY = {"densenet169", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "resnet50"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend and run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -204,7 +204,8 @@ def run_bench(
 def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, dev: torch.device,
              batch_size: int, n_train: int, base: Path, progress: bool, latency_runs: int) -> float:
     """Fill `result` with the figures; return the cached feed rate including augmentation (table only)."""
-    from xrai.data.cache import CachedBatches, build_cache
+    from xrai.data.cache import build_cache
+    from xrai.data.loader import CachedBatches
     from xrai.data.images import TruncatedImageWarning
     from xrai.models import create_model
 
@@ -252,7 +253,7 @@ def _latency(model: nn.Module, *, paths: list[str], image_size: int, resize_size
     """ms from a 512 px image file to probability + Grad-CAM (decode, letterbox, crop, forward, backward)."""
     from PIL import Image
 
-    from xrai.data.cache import preprocess
+    from xrai.data.augment import preprocess
     from xrai.data.images import letterbox, read_image
     from xrai.explain import CamExplainer
 
@@ -322,7 +323,8 @@ def memory_check(*, gb: float = 3.5, size: int = 256, image_size: int = 224, bat
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from xrai.data.cache import CACHE_FORMAT, CachedBatches, ImageCache, _write_meta, _write_tables, default_cache_dir
+    from xrai.data.cache import CACHE_FORMAT, ImageCache, _write_meta, _write_tables, default_cache_dir
+    from xrai.data.loader import CachedBatches
     from xrai.data.images import DECODER_VERSION
 
     n = int(gb * 1e9) // (size * size)

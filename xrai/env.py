@@ -8,6 +8,10 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 T4_HINTS = {
     "colab": "In Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run all again.",
@@ -167,7 +171,7 @@ def get_device(preference: str = "auto"):
     return device
 
 
-def autocast_dtype(device) -> "torch.dtype | None":
+def autocast_dtype(device) -> torch.dtype | None:
     """The autocast dtype for a torch.device, or None where mixed precision is off (CPU)."""
     import torch
 

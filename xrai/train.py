@@ -186,19 +186,37 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
 
 
 def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
-                 device: torch.device, progress: bool = True) -> tuple[Any, Any, str]:
-    """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits)."""
-    path = config.input_path
-    if path == "auto":
-        from xrai.data.cache import cache_fits
+                 device: torch.device, progress: bool = True,
+                 manifest: pd.DataFrame | None = None) -> tuple[Any, Any, str]:
+    """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits).
 
-        path = "cached" if cache_fits(len(train_rows) + len(valid_rows), config.resize_size) else "classic"
+    The cache is built over the whole `manifest` when given (every split and body part), so the next run
+    on another body part, or the evaluation, reuses it instead of decoding again; over train and valid
+    alone when only that fits the disk. A cache that already exists needs no space and is always used.
+    """
+    path = config.input_path
+    cache_rows = None
+    if path in ("auto", "cached"):
+        from xrai.data.cache import cache_fits, find_cache
+
+        size = config.resize_size
+        train_and_valid = pd.concat([train_rows, valid_rows])
+        whole = manifest is not None and len(manifest) > len(train_and_valid)
+        choices = [manifest, train_and_valid] if whole else [train_and_valid]
+        cache_rows = next((rows for rows in choices if find_cache(rows, size=size) is not None), None)
+        if cache_rows is None:
+            cache_rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
+        if path == "auto":
+            path = "classic" if cache_rows is None else "cached"
+        elif cache_rows is None:
+            cache_rows = choices[-1]  # asked for explicitly: build_cache says why it does not fit
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
                   channels_last=config.channels_last, max_batches=config.max_batches)
     if path == "cached":
-        from xrai.data.cache import CachedBatches, build_cache
+        from xrai.data.cache import build_cache
+        from xrai.data.loader import CachedBatches
 
-        cache = build_cache(pd.concat([train_rows, valid_rows]), size=config.resize_size, progress=progress)
+        cache = build_cache(cache_rows, size=config.resize_size, progress=progress)
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common), path)
     classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, **common)
@@ -248,7 +266,8 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     train_rows, valid_rows = _split_rows(manifest, config)
     monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
     model = _build_model(config, device, state, say, progress)
-    train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, device=device, progress=progress)
+    train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, manifest=manifest, device=device,
+                                                    progress=progress)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None

@@ -1,8 +1,8 @@
-"""Decode once: every manifest image letterboxed into one uint8 memmap on disk, and a loader that feeds it.
+"""Decode once: every manifest image letterboxed into one uint8 memmap on disk (fed by xrai.data.loader).
 
 The classic path decodes and resizes every JPEG/PNG in every epoch, which on Colab's 2 vCPUs feeds a few
 hundred images a second while a T4 wants more. Here each image is decoded once (`build_cache`), stored
-as one (N, size, size) uint8 array, and every epoch only gathers rows from it (`CachedBatches`) and
+as one (N, size, size) uint8 array, and every epoch only gathers rows from it (`xrai.data.loader.CachedBatches`) and
 ships uint8 to the device, where `GpuAugment` crops, flips, rotates, jitters and normalises whole
 batches.
 
@@ -24,13 +24,11 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import queue
 import secrets
 import shutil
 import sys
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,15 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
 from xrai.data import images as _images
-from xrai.data.augment import GpuAugment, preprocess
-from xrai.env import cpu_count, get_device, xrai_home
+from xrai.env import cpu_count, xrai_home
 
-__all__ = ["CacheSpaceError", "CachedBatches", "GpuAugment", "ImageCache", "build_cache", "cache_fits",
-           "default_cache_dir", "preprocess"]
+__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "cache_fits", "default_cache_dir", "find_cache"]
 
 CACHE_FORMAT = 1  # bump when the folder layout changes; part of the key
 _MARGIN_BYTES = 1 << 30  # keep 1 GiB (plus 10% of the cache) free for checkpoints and the rest of the run
@@ -142,15 +136,14 @@ def build_cache(
     """
     if size < 1:
         raise ValueError(f"cache size must be >= 1, got {size}")
-    paths = manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest
-    entries = _stat_entries(paths)
+    entries = _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
     if not entries:
         raise ValueError("build_cache got an empty manifest")
     key = _cache_key(entries, size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{size}px-{key[:20]}"
-    found = _complete(final, key) or _find_superset(root, entries, size)
+    found = _lookup(root, entries, size)
     if found is not None:
         return found
     _remove_dead_builds(root)
@@ -190,6 +183,20 @@ def build_cache(
 
 
 # ---- keying and finding caches ----------------------------------------------------------------
+
+
+def find_cache(manifest: pd.DataFrame | Sequence[str], *, size: int,
+               cache_dir: str | os.PathLike | None = None) -> ImageCache | None:
+    """The complete, current cache holding every image of the manifest at this size (its own or a
+    superset's), or None: what build_cache would reuse without decoding anything."""
+    entries = _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _lookup(root, entries, size) if entries and root.is_dir() else None
+
+
+def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int) -> ImageCache | None:
+    key = _cache_key(entries, size)
+    return _complete(root / f"{size}px-{key[:20]}", key) or _find_superset(root, entries, size)
 
 
 def _stat_entries(paths) -> list[tuple[str, int, int]]:
@@ -336,186 +343,3 @@ def _write_meta(tmp: Path, meta: dict) -> None:
         json.dump(meta, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-# ---- the loader -------------------------------------------------------------------------------
-
-
-class CachedBatches:
-    """BatchSource over an ImageCache: gather rows from the memmap on a background thread into pinned
-    host memory, copy them to the device without blocking, and augment there with GpuAugment.
-
-    The next batches are read while the current one trains (a prefetch thread; numpy's gather and the
-    page-ins release the GIL). All randomness derives from (seed, epoch): the order from one
-    torch.Generator, the augmentation from another, so a resumed run replays epoch k exactly. Train
-    drops the last partial batch (a batch of one breaks BatchNorm) unless it is the only one; eval
-    keeps manifest order and every image. Files in the cache's bad list are left out with a warning;
-    `manifest` holds the rows that are served, in order.
-    """
-
-    prefetch = 2  # batches read ahead of the one training
-    reuse_buffers = False  # on the CPU too (always on CUDA); lets the CPU-only tests cover the ring
-
-    def __init__(self, cache: ImageCache, manifest: pd.DataFrame, *, image_size: int, batch_size: int,
-                 train: bool, seed: int, device: torch.device | str, channels_last: bool = False,
-                 max_batches: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        rows = cache.rows(manifest["path"])
-        keep = rows >= 0
-        if not keep.any():
-            raise ValueError(f"none of the {len(manifest)} manifest images is usable in the cache at {cache.path}; "
-                             "build the cache from this manifest with build_cache(manifest, size=...)")
-        if not keep.all():
-            dropped = manifest["path"][~keep].tolist()
-            warnings.warn(f"{len(dropped)} of {len(manifest)} images are left out of the batches: they could not "
-                          f"be decoded or are not in the cache (see {cache.path / 'bad.csv'}); first: {dropped[:3]}",
-                          stacklevel=2)
-        self.cache, self.manifest = cache, manifest[keep]
-        self._rows = rows[keep]
-        self._labels = torch.as_tensor(self.manifest["label"].to_numpy(dtype=np.float32))
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
-        self.device = get_device(device) if isinstance(device, str) else torch.device(device)
-        self.channels_last, self.max_batches = channels_last, int(max_batches)
-        self.augment = GpuAugment(image_size, train=train).to(self.device)
-
-    def __len__(self) -> int:
-        n, bs = len(self._rows), self.batch_size
-        batches = n // bs if self.train and n >= bs else -(-n // bs)
-        return min(batches, self.max_batches) if self.max_batches > 0 else batches
-
-    def _generator(self, epoch: int, stream: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, int(epoch), stream]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-    def _batch_positions(self, epoch: int) -> list[np.ndarray]:
-        n = len(self._rows)
-        order = torch.randperm(n, generator=self._generator(epoch, 0)).numpy() if self.train else np.arange(n)
-        bs = self.batch_size
-        return [order[k * bs : (k + 1) * bs] for k in range(len(self))]
-
-    def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The host side alone: uint8 (B,1,S,S) and float32 (B,) batches as shipped to the device (pinned on
-        CUDA). The tensors may be reused buffers, valid until the next-but-one batch is asked for."""
-        with _Prefetcher(self, epoch) as batches:
-            for slot, x, y in batches:
-                yield x, y
-                batches.release(slot)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x float32 (B,3,H,W) normalised, y float32 (B,)) on the device, for one epoch."""
-        generator = self._generator(epoch, 1)
-        cuda = self.device.type == "cuda"
-        with _Prefetcher(self, epoch) as batches:
-            for slot, x, y in batches:
-                if cuda:
-                    x = x.to(self.device, non_blocking=True)
-                    y = y.to(self.device, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()  # the slot may be refilled once the copy out of it has run on the GPU
-                    batches.release(slot, event)
-                    x = self.augment(x, generator=generator)
-                else:
-                    x = self.augment(x.to(self.device), generator=generator)
-                    if slot is not None:  # a reused buffer: nothing the caller keeps may point into it
-                        y = y.clone()
-                        batches.release(slot)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x, y
-
-
-class _Prefetcher:
-    """Background thread filling a ring of host buffers with the batches of one epoch, in order."""
-
-    def __init__(self, source: CachedBatches, epoch: int) -> None:
-        self.source = source
-        self.positions = source._batch_positions(epoch)
-        side, bs = source.cache.size, source.batch_size
-        self.slots: list[tuple[Tensor, Tensor]] = []
-        # Reused pinned buffers on CUDA (pinning fresh memory every batch costs more than the copy); on
-        # the CPU fresh arrays are as cheap, unless a test asks for the ring (reuse_buffers=True).
-        pin = source.device.type == "cuda"
-        if pin or source.reuse_buffers:
-            self.slots = [(torch.empty((bs, 1, side, side), dtype=torch.uint8, pin_memory=pin),
-                           torch.empty(bs, dtype=torch.float32, pin_memory=pin)) for _ in range(source.prefetch + 2)]
-        self.free: queue.Queue = queue.Queue()
-        for i in range(len(self.slots)):
-            self.free.put((i, None))
-        self.ready: queue.Queue = queue.Queue(maxsize=source.prefetch)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="xrai-cache-prefetch", daemon=True)
-
-    def __enter__(self) -> _Prefetcher:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-    def _wait(self, q: queue.Queue):
-        while not self.stop.is_set():
-            try:
-                return q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-        return None
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            array, rows, labels = self.source.cache.array, self.source._rows, self.source._labels
-            for positions in self.positions:
-                slot = None
-                if self.slots:
-                    got = self._wait(self.free)
-                    if got is None:
-                        return
-                    slot, event = got
-                    if event is not None:
-                        event.synchronize()
-                b = len(positions)
-                srt = np.argsort(rows[positions], kind="stable")  # ascending rows: sequential disk reads
-                if self.source.train:
-                    positions = positions[srt]  # order inside a training batch does not matter
-                if slot is None:
-                    x, y = torch.empty((b, 1, array.shape[1], array.shape[2]), dtype=torch.uint8), torch.empty(b)
-                else:
-                    x, y = self.slots[slot][0][:b], self.slots[slot][1][:b]
-                out = x.numpy()[:, 0]
-                # mode="clip" (rows are valid by construction) lets numpy write straight into `out`;
-                # the default "raise" buffers the whole batch first, 5x slower.
-                if self.source.train:
-                    np.take(array, rows[positions], axis=0, out=out, mode="clip")
-                else:  # eval keeps manifest order: gather sorted, then put each row back in its place
-                    out[srt] = np.take(array, rows[positions][srt], axis=0, mode="clip")
-                y.copy_(labels[torch.from_numpy(positions)])
-                if not self._put((slot, x, y)):
-                    return
-            self._put(None)
-        except BaseException as e:  # hand the error to the consumer instead of dying silently
-            self._put(e)
-
-    def __iter__(self):
-        while True:
-            item = self.ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def release(self, slot: int | None, event=None) -> None:
-        if slot is not None:
-            self.free.put((slot, event))
