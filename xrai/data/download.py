@@ -99,10 +99,14 @@ def _network_ok(address: tuple[str, int] | None = None, timeout: float = NETWORK
 
     def probe() -> None:
         try:
-            with socket.create_connection(address, timeout=timeout):
-                result.append(True)
-        except OSError:
+            connection = socket.create_connection(address, timeout=timeout)
+        except Exception:  # noqa: BLE001 - any failure to connect means "no network"
             result.append(False)
+            return
+        result.append(True)
+        close = getattr(connection, "close", None)
+        if callable(close):
+            close()
 
     thread = threading.Thread(target=probe, name="xrai-network-probe", daemon=True)
     thread.start()
