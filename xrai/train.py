@@ -195,28 +195,26 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
     alone when only that fits the disk. A cache that already exists needs no space and is always used.
     """
     path = config.input_path
-    cache_rows = None
+    cache = None
     if path in ("auto", "cached"):
-        from xrai.data.cache import cache_fits, find_cache
+        from xrai.data.cache import build_cache, cache_fits, find_cache
 
         size = config.resize_size
         train_and_valid = pd.concat([train_rows, valid_rows])
-        whole = manifest is not None and len(manifest) > len(train_and_valid)
-        choices = [manifest, train_and_valid] if whole else [train_and_valid]
-        cache_rows = next((rows for rows in choices if find_cache(rows, size=size) is not None), None)
-        if cache_rows is None:
-            cache_rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
-        if path == "auto":
-            path = "classic" if cache_rows is None else "cached"
-        elif cache_rows is None:
-            cache_rows = choices[-1]  # asked for explicitly: build_cache says why it does not fit
+        cache = find_cache(train_and_valid, size=size)  # its own, or a superset's (the whole manifest's)
+        if cache is None:
+            choices = [train_and_valid]
+            if manifest is not None and len(manifest) > len(train_and_valid):
+                choices.insert(0, manifest)
+            rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
+            if rows is not None or path == "cached":  # asked for explicitly: build_cache says why it does not fit
+                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress)
+        path = "classic" if cache is None else "cached"
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
                   channels_last=config.channels_last, max_batches=config.max_batches)
     if path == "cached":
-        from xrai.data.cache import build_cache
         from xrai.data.loader import CachedBatches
 
-        cache = build_cache(cache_rows, size=config.resize_size, progress=progress)
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common), path)
     classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, **common)

@@ -136,14 +136,14 @@ def build_cache(
     """
     if size < 1:
         raise ValueError(f"cache size must be >= 1, got {size}")
-    entries = _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
+    entries = _manifest_entries(manifest)
     if not entries:
         raise ValueError("build_cache got an empty manifest")
     key = _cache_key(entries, size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{size}px-{key[:20]}"
-    found = _lookup(root, entries, size)
+    found = _lookup(root, entries, size, key)
     if found is not None:
         return found
     _remove_dead_builds(root)
@@ -189,14 +189,18 @@ def find_cache(manifest: pd.DataFrame | Sequence[str], *, size: int,
                cache_dir: str | os.PathLike | None = None) -> ImageCache | None:
     """The complete, current cache holding every image of the manifest at this size (its own or a
     superset's), or None: what build_cache would reuse without decoding anything."""
-    entries = _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
+    entries = _manifest_entries(manifest)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _lookup(root, entries, size) if entries and root.is_dir() else None
+    return _lookup(root, entries, size, _cache_key(entries, size)) if entries and root.is_dir() else None
 
 
-def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int) -> ImageCache | None:
-    key = _cache_key(entries, size)
+def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int, key: str) -> ImageCache | None:
+    """The cache keyed `key` if complete, else a complete cache of a superset of `entries`."""
     return _complete(root / f"{size}px-{key[:20]}", key) or _find_superset(root, entries, size)
+
+
+def _manifest_entries(manifest: pd.DataFrame | Sequence[str]) -> list[tuple[str, int, int]]:
+    return _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
 
 
 def _stat_entries(paths) -> list[tuple[str, int, int]]:

@@ -99,14 +99,10 @@ def _network_ok(address: tuple[str, int] | None = None, timeout: float = NETWORK
 
     def probe() -> None:
         try:
-            connection = socket.create_connection(address, timeout=timeout)
-        except Exception:  # noqa: BLE001 - any failure to connect means "no network"
+            with socket.create_connection(address, timeout=timeout):
+                result.append(True)
+        except Exception:  # noqa: BLE001 - any failure to connect (OSError, a bad host name's UnicodeError) is "no network"
             result.append(False)
-            return
-        result.append(True)
-        close = getattr(connection, "close", None)
-        if callable(close):
-            close()
 
     thread = threading.Thread(target=probe, name="xrai-network-probe", daemon=True)
     thread.start()

@@ -21,7 +21,6 @@ from xrai.env import get_device
 __all__ = ["CachedBatches"]
 
 
-
 class CachedBatches:
     """BatchSource over an ImageCache: gather rows from the memmap on a background thread into pinned
     host memory, copy them to the device without blocking, and augment there with GpuAugment.

@@ -23,10 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from xrai.data import phantom
 from xrai.data.phantom import PARTS
-from xrai.data.phantom import anatomy as _anatomy
-from xrai.data.phantom import render as _render
-from xrai.data.phantom import segment_distance as _segment_distance
 from xrai.env import xrai_home
 
 SYNTHETIC_VERSION = 2  # bump whenever the images change: it names the default folder
@@ -130,10 +128,10 @@ def make_synthetic(root: str | Path, *, patients_per_part: int = DEFAULT_PATIENT
     for study in studies:
         folder = base / study.folder.removeprefix(MURA_DIR + "/")
         folder.mkdir(parents=True, exist_ok=True)
-        anatomy = _anatomy(study.part, np.random.default_rng([seed, 1, *study.key]))
+        anatomy = phantom.anatomy(study.part, np.random.default_rng([seed, 1, *study.key]))
         for view in range(1, study.views + 1):
             rng = np.random.default_rng([seed, 2, *study.key, view])
-            pixels, line = _render(anatomy, study.label, size, rng)
+            pixels, line = phantom.render(anatomy, study.label, size, rng)
             rel = f"{study.folder}image{view}.png"
             Image.fromarray(pixels, mode="L").save(base / rel.removeprefix(MURA_DIR + "/"), compress_level=1)
             if line is not None:
@@ -211,7 +209,7 @@ def fracture_mask(
     x0, y0, x1, y1, w = line
     half = max(0.5 * w * (sx + sy) / 2 * (1 + 2 * MASK_DILATION), 1.0)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    return _segment_distance(xx + 0.5, yy + 0.5, x0 * sx, y0 * sy, x1 * sx, y1 * sy) <= half
+    return phantom.segment_distance(xx + 0.5, yy + 0.5, x0 * sx, y0 * sy, x1 * sx, y1 * sy) <= half
 
 
 # ---- layout ---------------------------------------------------------------------------------
