@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -155,7 +156,7 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
         upload = request.files.get("file")
         if upload is None or not upload.filename:
             raise UploadError("no file uploaded: send the image in the multipart form field 'file'")
-        filename = _clean_name(upload.filename)
+        filename = _clean_name(_raw_filename(upload))
         start = time.perf_counter()
         result = predictor.predict(upload.read(), filename=filename, with_overlay=with_overlay)
         ms = (time.perf_counter() - start) * 1000
@@ -314,6 +315,23 @@ def _decode(data: bytes, *, filename: str) -> tuple[np.ndarray, list[str]]:
     for note in notes:
         logger.warning("%s", note)
     return image, notes
+
+
+_FILENAME_PARAM = re.compile(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', re.IGNORECASE)
+
+
+def _raw_filename(upload) -> str:
+    """The upload's file name as the client sent it.
+
+    Werkzeug (>= 3.1) reads the Content-Disposition filename as an RFC quoted-string and drops every
+    backslash ("C:\\x\\a.png" becomes "C:xa.png"), but browsers send backslashes literally (only " and
+    newlines are percent-encoded, per the HTML standard), so a Windows-style name would keep its folder
+    parts glued onto the base name. The raw header still has them; fall back to Werkzeug's reading.
+    """
+    match = _FILENAME_PARAM.search(upload.headers.get("Content-Disposition", ""))
+    if match is None:
+        return upload.filename or ""
+    return match.group(1).replace('\\"', '"')
 
 
 def _clean_name(name: str) -> str:
