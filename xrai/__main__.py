@@ -1,4 +1,8 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}."""
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}.
+
+A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
+traceback. Anything else is a bug: a traceback and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import time
 from pathlib import Path
 
 from xrai.config import TrainConfig
+from xrai.errors import is_user_error, one_line
+from xrai.fileio import atomic_write_with
 
 SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
 
@@ -122,8 +128,7 @@ def cmd_audit(args) -> int:
     manifest = _load_manifest(args.data, args.root, args.seed)
     save_manifest(manifest, out)
     table = audit(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "audit.csv", index=False)
+    atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
           f"crossing labels: {summary['cross_label_groups']}")
@@ -270,7 +275,7 @@ def cmd_demo(args) -> int:
     manifest = load("synthetic")
     save_manifest(manifest, run_dir)
     table = audit(manifest)
-    table.to_csv(run_dir / "audit.csv", index=False)
+    atomic_write_with(run_dir / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
           f"duplicate groups crossing splits: {summary['cross_split_groups']}")
@@ -304,11 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        # A user's mistake (a taken run folder, a missing dataset, a bad option) reads as one line, not a trace.
-        print(f"xrai {args.command}: {error} (-v shows the traceback)", file=sys.stderr)
+        print(f"xrai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.verbose or not is_user_error(error):
+            raise  # -v, or a bug: the traceback, exit code 1
+        # A user's mistake (a taken run folder, a torn checkpoint, no network, a bad option) reads as one line.
+        print(f"xrai {args.command}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -38,7 +38,9 @@ import numpy as np
 import pandas as pd
 
 from xrai.data import images as _images
+from xrai.data.sources import require_columns
 from xrai.env import cpu_count, xrai_home
+from xrai.errors import UserError
 
 __all__ = ["CacheSpaceError", "ImageCache", "build_cache", "cache_fits", "default_cache_dir", "find_cache"]
 
@@ -46,7 +48,7 @@ CACHE_FORMAT = 1  # bump when the folder layout changes; part of the key
 _MARGIN_BYTES = 1 << 30  # keep 1 GiB (plus 10% of the cache) free for checkpoints and the rest of the run
 
 
-class CacheSpaceError(OSError):
+class CacheSpaceError(UserError, OSError):
     """Not enough free disk for the cache; the message says how much is needed and where."""
 
 
@@ -200,7 +202,10 @@ def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int, key: str
 
 
 def _manifest_entries(manifest: pd.DataFrame | Sequence[str]) -> list[tuple[str, int, int]]:
-    return _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
+    if isinstance(manifest, pd.DataFrame):
+        require_columns(manifest.columns, where="the manifest to cache", needed=("path",))
+        return _stat_entries(manifest["path"])
+    return _stat_entries(manifest)
 
 
 def _stat_entries(paths) -> list[tuple[str, int, int]]:
