@@ -98,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
 
-    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run")
+    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run (waitress)")
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=None, help="request threads (default: 4, xrai.server.SERVER_THREADS)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch's intra-op threads (default: the CPUs this process may use)")
+    p.add_argument("--debug", action="store_true", help="Flask's development server instead (local debugging)")
+
     return parser
 
 
@@ -258,9 +263,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from xrai.app import serve
+    from xrai.server import serve
 
-    serve(args.run, host=args.host, port=args.port)
+    for flag, value in (("--threads", args.threads), ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    threads = {} if args.threads is None else {"threads": args.threads}
+    serve(args.run, host=args.host, port=args.port, torch_threads=args.torch_threads, debug=args.debug, **threads)
     return 0
 
 
