@@ -1,4 +1,4 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}.
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,cache}.
 
 A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
 traceback. Anything else is a bug: a traceback and exit 1.
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch's intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--debug", action="store_true", help="Flask's development server instead (local debugging)")
 
+    p = sub.add_parser("cache", help="list the decoded-image caches; --prune removes unused ones")
+    p.add_argument("--dir", default=None, help="cache folder (default: $XRAI_HOME/cache)")
+    p.add_argument("--prune", action="store_true", help="remove caches unused for --older-than days or over --max-gb")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="with --prune: remove caches not used for DAYS days (default: 30)")
+    p.add_argument("--max-gb", type=float, default=None, help="with --prune: then keep at most this many GB")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: only list what would be removed")
     return parser
 
 
@@ -273,6 +280,37 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from xrai.data.cache import default_cache_dir
+    from xrai.data.cachedir import DEFAULT_PRUNE_DAYS, list_caches, prune_caches
+
+    root = Path(args.dir) if args.dir else default_cache_dir()
+    if not args.prune:
+        if args.older_than is not None or args.max_gb is not None or args.dry_run:
+            raise ValueError("--older-than, --max-gb and --dry-run go with --prune")
+        caches = list_caches(root)
+        total = sum(c.bytes for c in caches) / 1e9
+        print(f"{root}: {len(caches)} cache(s), {total:.2f} GB")
+        for c in caches:
+            print("  " + _cache_line(c))
+        return 0
+    days = DEFAULT_PRUNE_DAYS if args.older_than is None else args.older_than
+    removed = prune_caches(root, older_than_days=days, max_gb=args.max_gb, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for c in removed:
+        print(f"{verb} " + _cache_line(c))
+    cap = f" or beyond {args.max_gb:g} GB" if args.max_gb is not None else ""
+    print(f"{verb} {len(removed)} cache(s), {sum(c.bytes for c in removed) / 1e9:.2f} GB "
+          f"(unused for more than {days:g} days{cap}, or from an older xrai)")
+    return 0
+
+
+def _cache_line(c) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used))
+    what = f"{c.images:,} images at {c.size_px} px" if c.current else "stale (an older xrai's format)"
+    return f"{c.path.name}  {c.bytes / 1e9:.2f} GB  {what}  last used {when} ({c.days_unused:.0f} days ago)"
+
+
 def cmd_demo(args) -> int:
     """Data, audit, training, evaluation on valid and test, and the Grad-CAM gallery, on the synthetic set."""
     from xrai.data import audit, audit_summary, load, save_manifest
@@ -309,7 +347,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
-    "serve": cmd_serve,
+    "serve": cmd_serve, "cache": cmd_cache,
 }
 
 
