@@ -1,4 +1,8 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}."""
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,cache}.
+
+A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
+traceback. Anything else is a bug: a traceback and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import time
 from pathlib import Path
 
 from xrai.config import TrainConfig
+from xrai.errors import is_user_error, one_line
+from xrai.fileio import atomic_write_with
 
 SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
 
@@ -92,10 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
 
-    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run")
+    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run (waitress)")
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=None, help="request threads (default: 4, xrai.server.SERVER_THREADS)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch's intra-op threads (default: the CPUs this process may use)")
+    p.add_argument("--debug", action="store_true", help="Flask's development server instead (local debugging)")
+
+    p = sub.add_parser("cache", help="list the decoded-image caches; --prune removes unused ones")
+    p.add_argument("--dir", default=None, help="cache folder (default: $XRAI_HOME/cache)")
+    p.add_argument("--prune", action="store_true", help="remove caches unused for --older-than days or over --max-gb")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="with --prune: remove caches not used for DAYS days (default: 30)")
+    p.add_argument("--max-gb", type=float, default=None, help="with --prune: then keep at most this many GB")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: only list what would be removed")
     return parser
 
 
@@ -122,8 +140,7 @@ def cmd_audit(args) -> int:
     manifest = _load_manifest(args.data, args.root, args.seed)
     save_manifest(manifest, out)
     table = audit(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "audit.csv", index=False)
+    atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
           f"crossing labels: {summary['cross_label_groups']}")
@@ -253,10 +270,45 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from xrai.app import serve
+    from xrai.server import serve
 
-    serve(args.run, host=args.host, port=args.port)
+    for flag, value in (("--threads", args.threads), ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    threads = {} if args.threads is None else {"threads": args.threads}
+    serve(args.run, host=args.host, port=args.port, torch_threads=args.torch_threads, debug=args.debug, **threads)
     return 0
+
+
+def cmd_cache(args) -> int:
+    from xrai.data.cache import default_cache_dir
+    from xrai.data.cachedir import DEFAULT_PRUNE_DAYS, list_caches, prune_caches
+
+    root = Path(args.dir) if args.dir else default_cache_dir()
+    if not args.prune:
+        if args.older_than is not None or args.max_gb is not None or args.dry_run:
+            raise ValueError("--older-than, --max-gb and --dry-run go with --prune")
+        caches = list_caches(root)
+        total = sum(c.bytes for c in caches) / 1e9
+        print(f"{root}: {len(caches)} cache(s), {total:.2f} GB")
+        for c in caches:
+            print("  " + _cache_line(c))
+        return 0
+    days = DEFAULT_PRUNE_DAYS if args.older_than is None else args.older_than
+    removed = prune_caches(root, older_than_days=days, max_gb=args.max_gb, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for c in removed:
+        print(f"{verb} " + _cache_line(c))
+    cap = f" or beyond {args.max_gb:g} GB" if args.max_gb is not None else ""
+    print(f"{verb} {len(removed)} cache(s), {sum(c.bytes for c in removed) / 1e9:.2f} GB "
+          f"(unused for more than {days:g} days{cap}, or from an older xrai)")
+    return 0
+
+
+def _cache_line(c) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used))
+    what = f"{c.images:,} images at {c.size_px} px" if c.current else "stale (an older xrai's format)"
+    return f"{c.path.name}  {c.bytes / 1e9:.2f} GB  {what}  last used {when} ({c.days_unused:.0f} days ago)"
 
 
 def cmd_demo(args) -> int:
@@ -270,7 +322,7 @@ def cmd_demo(args) -> int:
     manifest = load("synthetic")
     save_manifest(manifest, run_dir)
     table = audit(manifest)
-    table.to_csv(run_dir / "audit.csv", index=False)
+    atomic_write_with(run_dir / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
           f"duplicate groups crossing splits: {summary['cross_split_groups']}")
@@ -295,7 +347,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
-    "serve": cmd_serve,
+    "serve": cmd_serve, "cache": cmd_cache,
 }
 
 
@@ -304,11 +356,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        # A user's mistake (a taken run folder, a missing dataset, a bad option) reads as one line, not a trace.
-        print(f"xrai {args.command}: {error} (-v shows the traceback)", file=sys.stderr)
+        print(f"xrai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.verbose or not is_user_error(error):
+            raise  # -v, or a bug: the traceback, exit code 1
+        # A user's mistake (a taken run folder, a torn checkpoint, no network, a bad option) reads as one line.
+        print(f"xrai {args.command}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
         return 2
 
 

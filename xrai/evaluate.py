@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
+from xrai.fileio import atomic_write_json
 from xrai.metrics import (
     MURA_BASELINE,
     MURA_BASELINE_SOURCE,
@@ -227,12 +227,7 @@ def build_report(
 
 def _write_json(obj: Any, path: Path) -> Path:
     """Strict JSON (NaN is refused: undefined metrics are null), written atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, obj, allow_nan=False)
 
 
 def _audit_counts(run_dir: Path) -> dict[str, int | None]:

@@ -22,7 +22,9 @@ import torch
 import torchvision
 from torch import nn
 
+from xrai.checkpoint import CheckpointError, load_checkpoint
 from xrai.config import HEADS, TrainConfig
+from xrai.errors import UserError
 from xrai.pruning import (
     SynFlowReport,
     count_nonzero,
@@ -55,7 +57,7 @@ DEFAULT_MODEL = "mobilenet_v2"
 CONNECT_TIMEOUT_S = 3.0
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights were asked for but can be neither found on disk nor downloaded."""
 
 
@@ -220,7 +222,7 @@ def load_model(
 
     Raises:
         FileNotFoundError: no such checkpoint; says which notebook or command makes it.
-        ValueError: the file is not an xrai checkpoint.
+        ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
     path = Path(path_or_run_dir)
     if path.suffix in (".pt", ".pth"):
@@ -234,7 +236,7 @@ def load_model(
             f"A run folder's checkpoints are made by notebooks/03_train.ipynb or "
             f"`python -m xrai train --out {run_dir}`"
         )
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path)  # a torn or foreign file: CheckpointError naming it
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{checkpoint_path} is not an xrai checkpoint: expected keys 'model' and 'config', got {keys}")
@@ -242,7 +244,12 @@ def load_model(
     model = create_model(
         config.model, pretrained=False, head=config.head, dropout=config.dropout, freeze=config.freeze
     )
-    model.load_state_dict(fold_pruning(_strip_wrappers(checkpoint["model"])), strict=True)
+    try:
+        model.load_state_dict(fold_pruning(_strip_wrappers(checkpoint["model"])), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights: a file edited or mixed up
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{checkpoint_path}: its weights do not fit the {config.model} its config names "
+                              f"({first}); the file was altered or mixed up with another run's") from err
     if str(device) == "auto":
         from xrai.env import get_device
 

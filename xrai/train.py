@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 
 from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
-from xrai.data import filter_body_parts, save_manifest
+from xrai.data import filter_body_parts, require_columns, save_manifest
 from xrai.data.dataset import ClassicBatches
 from xrai.env import autocast_dtype, get_device, seed_everything
+from xrai.errors import UserError
+from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
 from xrai.models import create_model, prune_synflow, restore_pruning
 from xrai.tracking import open_trackers
 
@@ -50,10 +52,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s"]
+FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
 BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The loss (or a weight) became NaN or infinite; the last good checkpoint was left as it was."""
 
 
@@ -230,7 +233,8 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     """Train `config.model` on the manifest's train split, validating on "valid" each epoch.
 
     Writes RUN_DIR/config.json, manifest.csv (when absent), history.csv, checkpoints/last.pt (every
-    epoch) and checkpoints/best.pt (when the monitor improves), all atomically.
+    epoch) and checkpoints/best.pt (when the monitor improves), all atomically, and nothing at all until
+    the config, the data (columns, both labels in train, a valid split) and the model have been checked.
 
     Args:
         config: the run's settings.
@@ -241,7 +245,7 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     Raises:
         FileExistsError: run_dir already holds a run and resume is False.
         ValueError: resuming with a different config (the differing fields are named), or a split
-            without both labels.
+            without both labels; ManifestError (a ValueError): a column fit() reads is missing.
         TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
     """
     run_dir = Path(run_dir)
@@ -252,11 +256,9 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
         config = config.replace(input_path=state["config"].get("input_path", "auto"))
     say = tqdm.write if progress else logger.info
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for torn in run_dir.glob("checkpoints/.*.pt.*.tmp"):  # left by a process killed while saving
-        torn.unlink()
-    if not (run_dir / "manifest.csv").is_file():
-        save_manifest(manifest, run_dir)
+    # Config, data and model are checked before anything is written to run_dir: a failed start
+    # (a bad model name, a split with one label, no network for pretrained weights) leaves it as it was.
+    require_columns(manifest.columns, where="the manifest passed to fit()", needed=FIT_COLUMNS)
     device = get_device(config.device)
     if state is None:
         seed_everything(config.seed)
@@ -268,7 +270,11 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, manifest=manifest, device=device,
                                                     progress=progress)
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
-    config.to_json(run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
+    for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):  # left by a process killed while saving
+        torn.unlink()
+    if not (run_dir / "manifest.csv").is_file():
+        save_manifest(manifest, run_dir)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None
@@ -406,9 +412,8 @@ def _check_finite(model: nn.Module, val_loss: float, epoch: int) -> None:
 
 
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    table = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    atomic_write_with(path, lambda f: table.to_csv(f, index=False, lineterminator="\n"))
 
 
 def _summary(row: dict[str, Any], epochs: int, improved: bool) -> str:

@@ -16,13 +16,16 @@ from xrai.data.images import DECODER_VERSION, ImageError, TruncatedImageWarning,
 from xrai.data.sources import (
     MANIFEST_COLUMNS,
     LabelConflictWarning,
+    ManifestError,
     ManifestWarning,
     read_class_folders,
     read_fracatlas,
     read_mura,
+    require_columns,
 )
 from xrai.data.split import filter_body_parts, split_manifest
 from xrai.data.synthetic import default_synthetic_root, ensure_synthetic, make_synthetic, read_fracture_lines
+from xrai.fileio import atomic_write_json, atomic_write_text
 
 __all__ = [
     "DATASETS",
@@ -32,6 +35,7 @@ __all__ = [
     "DownloadError",
     "ImageError",
     "LabelConflictWarning",
+    "ManifestError",
     "ManifestWarning",
     "TruncatedImageWarning",
     "audit",
@@ -48,6 +52,7 @@ __all__ = [
     "read_image",
     "read_manifest",
     "read_mura",
+    "require_columns",
     "save_manifest",
     "scan_images",
     "split_manifest",
@@ -146,12 +151,6 @@ def load(
     return manifest
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
     """Write run_dir/manifest.csv and run_dir/manifest.json (its attrs: source, root, split_method).
 
@@ -164,10 +163,10 @@ def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     csv_path = run_dir / "manifest.csv"
-    _atomic_write_text(csv_path, manifest.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(csv_path, manifest.to_csv(index=False, lineterminator="\n"))
     meta = {k: manifest.attrs.get(k, "") for k in ("source", "root", "split_method")}
     meta.update({"rows": int(len(manifest)), "columns": [str(c) for c in manifest.columns]})
-    _atomic_write_text(run_dir / "manifest.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(run_dir / "manifest.json", meta)
     return csv_path
 
 
@@ -176,12 +175,17 @@ def read_manifest(run_dir: str | os.PathLike) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: no manifest.csv there; the message says what makes one.
+        ManifestError: a column is missing; the message names it and the file.
     """
     run_dir = Path(run_dir)
     csv_path = run_dir / "manifest.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"no manifest.csv in {run_dir}; make it with {_MAKES_MANIFEST}")
-    header = pd.read_csv(csv_path, nrows=0).columns
+    try:
+        header = pd.read_csv(csv_path, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{csv_path} is not a readable CSV ({e}); make it again with {_MAKES_MANIFEST}") from e
+    require_columns(header, where=str(csv_path), hint=f"make it again with {_MAKES_MANIFEST}")
     manifest = pd.read_csv(csv_path, dtype={c: str for c in _STR_COLUMNS if c in header})
     for c in _STR_COLUMNS:
         if c in manifest.columns:

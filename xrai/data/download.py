@@ -10,6 +10,7 @@ from collections import deque
 from pathlib import Path
 
 from xrai.env import detect_platform
+from xrai.errors import UserError
 
 __all__ = ["DATASETS", "DownloadError", "download", "find_attached", "kaggle_input_dir"]
 
@@ -32,7 +33,7 @@ NETWORK_TIMEOUT_S = 3.0
 _ATTACHED_DEPTH = 4  # /kaggle/input/<slug>/... or /kaggle/input/datasets/<owner>/<slug>/...
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A dataset could not be fetched; the message names the slug and the two ways out."""
 
 

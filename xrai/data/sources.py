@@ -15,15 +15,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xrai.errors import UserError
+
 __all__ = [
     "MANIFEST_COLUMNS",
     "IMAGE_EXTENSIONS",
     "LabelConflictWarning",
+    "ManifestError",
     "ManifestWarning",
     "class_label",
     "read_class_folders",
     "read_fracatlas",
     "read_mura",
+    "require_columns",
 ]
 
 MANIFEST_COLUMNS = ["path", "label", "body_part", "patient_id", "study_id", "split", "source"]
@@ -50,6 +54,26 @@ class LabelConflictWarning(UserWarning):
 
 class ManifestWarning(UserWarning):
     """Images listed but missing, on disk but unlisted, or otherwise left out of a manifest."""
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest that lacks a column the next step needs; the message names the column and the file."""
+
+
+def require_columns(columns, *, where: str, needed=MANIFEST_COLUMNS, hint: str = "") -> None:
+    """Raise ManifestError naming every column of ``needed`` missing from ``columns``.
+
+    Args:
+        columns: the manifest's columns (``frame.columns``).
+        where: what to name in the message: the CSV's path, or "the manifest passed to fit()".
+        needed: the columns the caller reads.
+        hint: what makes a complete manifest, appended to the message.
+    """
+    missing = [c for c in needed if c not in set(columns)]
+    if missing:
+        names = ", ".join(repr(c) for c in missing)
+        raise ManifestError(f"{where} has no {names} column{'s' if len(missing) > 1 else ''} (a manifest has "
+                            f"{', '.join(MANIFEST_COLUMNS)})" + (f"; {hint}" if hint else ""))
 
 
 def class_label(name: str) -> int | None:
