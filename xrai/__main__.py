@@ -1,4 +1,4 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve}."""
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,wheelhouse}."""
 
 from __future__ import annotations
 
