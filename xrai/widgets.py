@@ -82,8 +82,8 @@ def show(*items: widgets.Widget) -> None:
     from IPython.display import display
 
     for item in items:
-        make = getattr(item, "_repr_mimebundle_", None) if isinstance(item, GradCamBrowser) else None
-        display(make() if make else mimebundle(item, text=describe(item)), raw=True)
+        bundle = item._repr_mimebundle_() if isinstance(item, GradCamBrowser) else mimebundle(item, text=describe(item))
+        display(bundle, raw=True)
 
 
 def describe(widget: widgets.Widget) -> str:
