@@ -103,7 +103,8 @@ def _candidates(meta: dict, root, tried: list[str]) -> Iterator[tuple[str, Path]
         options = dict(meta.get("synthetic") or {})
         version = options.pop("version", SYNTHETIC_VERSION)
         if version != SYNTHETIC_VERSION:
-            tried.append(f"regenerating: the set was made by synthetic v{version}, this xrai makes v{SYNTHETIC_VERSION}")
+            tried.append(f"regenerating: the set was made by synthetic v{version}, "
+                         f"this xrai makes v{SYNTHETIC_VERSION}")
             return
         target = default_synthetic_root(**options)
         how = "synthetic set" if (target / MURA_DIR / COMPLETE_MARKER).is_file() else "synthetic set regenerated"
