@@ -187,3 +187,5 @@ def test_colab_puts_a_relative_run_folder_on_drive(monkeypatch, tmp_path):
     assert env.prepare_run_dir("runs/mura", show=False) == "/content/drive/MyDrive/xrai/runs/mura"
     assert mounted == ["/content/drive"]
     assert env.prepare_run_dir("runs/mura", use_drive=False, show=False).endswith("runs/mura") and len(mounted) == 1
+    assert env.prepare_run_dir("/content/drive/MyDrive/mine", show=False) == "/content/drive/MyDrive/mine"
+    assert len(mounted) == 2

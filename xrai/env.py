@@ -270,9 +270,9 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, use_drive: bool = True, show:
     """
     platform, _ = detect_platform()
     path = Path(run_dir).expanduser()
-    if platform == "colab" and use_drive and not path.is_absolute():
-        _mount_drive()
-        path = DRIVE_FOLDER / path
+    if platform == "colab" and use_drive and (not path.is_absolute() or is_under(path, DRIVE_MOUNT)):
+        _mount_drive()  # also for a path the user wrote under /content/drive: unmounted, it is a local folder
+        path = DRIVE_FOLDER / path if not path.is_absolute() else path
     path = Path(os.path.abspath(path))
     inputs, source, why = kaggle_input_dir(), None, ""
     if is_under(path, inputs) or (path.exists() and not _writable(path)):
