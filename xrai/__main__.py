@@ -1,4 +1,4 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,cache}.
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,cache,wheelhouse}.
 
 A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
 traceback. Anything else is a bug: a traceback and exit 1.
@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+
+    from xrai.wheelhouse import KAGGLE_PLATFORM, KAGGLE_PYTHON
+
+    p = sub.add_parser("wheelhouse", help="xrai's wheel + the wheels Kaggle lacks, for Internet-off notebooks")
+    p.add_argument("--out", default="wheelhouse", help="folder to fill (default: %(default)s)")
+    p.add_argument("--python-version", default=KAGGLE_PYTHON, help="the target's Python (default: %(default)s)")
+    p.add_argument("--platform", default=KAGGLE_PLATFORM, help="the target's pip platform tag (default: %(default)s)")
+    p.add_argument("--xrai-only", action="store_true", help="only xrai's own wheel (works offline)")
 
     p = sub.add_parser("serve", help="the upload page and JSON API for a trained run (waitress)")
     p.add_argument("--run", required=True)
@@ -344,10 +352,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_wheelhouse(args) -> int:
+    from xrai.wheelhouse import build_wheelhouse
+
+    try:
+        wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
+                                  xrai_only=args.xrai_only)
+    except RuntimeError as error:  # pip's own failure (no network, no wheel for the platform): one line
+        print(f"xrai wheelhouse: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(wheels)} wheels to {args.out}: {', '.join(w.name for w in wheels)}")
+    print("next: upload the folder as a Kaggle dataset and attach it to each notebook (README: Kaggle, Internet off)")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
-    "serve": cmd_serve, "cache": cmd_cache,
+    "serve": cmd_serve, "cache": cmd_cache, "wheelhouse": cmd_wheelhouse,
 }
 
 

@@ -377,6 +377,7 @@ def gallery(
     """
     import pandas as pd
 
+    from xrai.data import read_manifest, relocate_paths
     from xrai.evaluate import evaluate_run, run_threshold
     from xrai.models import load_model
 
@@ -385,6 +386,8 @@ def gallery(
     if not pred_path.is_file():
         evaluate_run(run_dir, split=split, progress=progress)
     pred = pd.read_csv(pred_path, dtype={"path": str, "patient_id": str, "study_id": str}, keep_default_na=False)
+    if (run_dir / "manifest.csv").is_file():  # predicted on another machine (a fresh runtime): find its images here
+        pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir))
     threshold = run_threshold(run_dir)
     model, config = load_model(run_dir)
     out_dir = run_dir / "gradcam"
