@@ -33,7 +33,7 @@ from torch import nn
 
 from xrai.env import autocast_dtype, cpu_count, get_device, list_gpus
 
-__all__ = ["machine_info", "memory_check", "run_bench"]
+__all__ = ["machine_info", "memory_check", "run_bench", "train_step"]
 
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,7 +123,8 @@ def _rate(batches: Iterator, n: int, step: Callable, device: torch.device, warmu
     return images / (time.perf_counter() - start)
 
 
-def _train_step(model: nn.Module, device: torch.device, channels_last: bool) -> Callable:
+def train_step(model: nn.Module, device: torch.device, channels_last: bool) -> Callable:
+    """step(x, y): one AdamW step of `model` on a batch (AMP on CUDA), as the bench times training."""
     dtype = autocast_dtype(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -156,6 +157,7 @@ def run_bench(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     latency_runs: int = 20,
+    nproc: int | None = None,
 ) -> dict:
     """Measure both input paths, the model's ceiling and one prediction with Grad-CAM; print a table.
 
@@ -172,6 +174,8 @@ def run_bench(
         progress: progress bars for loading and the cache build.
         cache_dir: where the freshly built (and afterwards removed) cache goes; default under xrai_home().
         latency_runs: timed repetitions of the predict + Grad-CAM latency.
+        nproc: also time training on 1 and on nproc processes (torchrun) and their scaling efficiency
+            (`xrai.scaling`); the JSON then holds "scaling".
     Returns:
         The dict of DESIGN.md's bench JSON.
     """
@@ -192,7 +196,7 @@ def run_bench(
     try:
         augmented = _measure(result, manifest, model=model, img_size=img_size, resize=resize, dev=dev,
                              batch_size=batch_size, n_train=n_train, base=base, progress=progress,
-                             latency_runs=latency_runs)
+                             latency_runs=latency_runs, nproc=nproc)
     finally:
         torch.backends.cudnn.benchmark = old_benchmark
     print(format_table(result, n_images=len(manifest), batch_size=batch_size, augmented=augmented))
@@ -202,7 +206,8 @@ def run_bench(
 
 
 def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, dev: torch.device,
-             batch_size: int, n_train: int, base: Path, progress: bool, latency_runs: int) -> float:
+             batch_size: int, n_train: int, base: Path, progress: bool, latency_runs: int,
+             nproc: int | None = None) -> float:
     """Fill `result` with the figures; return the cached feed rate including augmentation (table only)."""
     from xrai.data.cache import build_cache
     from xrai.data.loader import CachedBatches
@@ -227,7 +232,7 @@ def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, 
         # augmentation on the device, i.e. what a training step is actually fed at on this device.
         augmented = _rate(_batches(cached.epoch, n_feed + 1), n_feed, noop, dev)
         net = create_model(model, pretrained=False).to(dev).to(memory_format=torch.channels_last).train()
-        step = _train_step(net, dev, channels_last=True)
+        step = train_step(net, dev, channels_last=True)
         fixed_x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
         fixed = (fixed_x.contiguous(memory_format=torch.channels_last),
                  torch.randint(0, 2, (batch_size,), device=dev).float())
@@ -242,6 +247,11 @@ def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, 
             for name, make in sources.items():
                 rate = _rate(_batches(make, n_train + warm), n_train, step, dev, warm)
                 result["train_img_s"][name] = max(result["train_img_s"][name], rate)
+        if nproc:  # several processes, on the same cache (xrai.scaling)
+            from xrai.scaling import measure_scaling
+
+            result["scaling"] = measure_scaling(cache.path, ok, nproc=nproc, model=model, img_size=img_size,
+                                                batch_size=batch_size, n_batches=n_train, device=dev.type)
         result["predict_gradcam_ms"] = _latency(net.eval(), paths=ok["path"].tolist(), image_size=img_size,
                                                 resize_size=resize, device=dev, runs=latency_runs, tmp=Path(tmp))
         del cached, cache  # the memmap must be closed before its folder goes
@@ -295,6 +305,10 @@ def format_table(result: dict, *, n_images: int | None = None, batch_size: int |
              f"{'cache build (one-time)':<28}{result['cache_build_img_s']:>10,.0f}",
              f"predict + Grad-CAM, one 512 px image: median {result['predict_gradcam_ms']['median']:.0f} ms, "
              f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
+    if "scaling" in result:
+        from xrai.scaling import scaling_lines
+
+        lines += scaling_lines(result["scaling"], ceiling=train["ceiling"], device=result["device"])
     return "\n".join(lines)
 
 
