@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settings from a JSON file (a run's config.json); flags set away from their defaults "
                         "override it")
     p.add_argument("--manifest", default=None, metavar="DIR",
-                   help="train on DIR/manifest.csv (another run folder's split) instead of loading --data")
+                   help="train on DIR/manifest.csv (another run folder's split) instead of loading --data; "
+                        "a run folder's own manifest.csv still wins")
 
     p = sub.add_parser("evaluate", help="score a run: report_<split>.json, predictions and figures")
     p.add_argument("--run", required=True, help="run folder")

@@ -273,6 +273,10 @@ def _stop(process: subprocess.Popen) -> None:
     """End torchrun and its workers (one process group): SIGTERM, then SIGKILL after 30 s."""
     if process.poll() is not None:
         return
+    if not hasattr(os, "killpg"):  # Windows: torchrun alone (it ends its workers on the way out)
+        process.terminate()
+        process.wait()
+        return
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
