@@ -224,7 +224,8 @@ def init(device: str = "auto") -> Distributed:
     rank, local_rank = _env_int("RANK", -1), _env_int("LOCAL_RANK", -1)
     if not (0 <= rank < world and local_rank >= 0):
         raise ValueError(f"torchrun's environment is inconsistent: RANK={os.environ.get('RANK')!r}, "
-                         f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}, WORLD_SIZE={world}; start the run with torchrun")
+                         f"LOCAL_RANK={os.environ.get('LOCAL_RANK')!r}, WORLD_SIZE={world}; start the run with "
+                         "torchrun")
     target = _rank_device(device, local_rank)
     if not dist.is_initialized():
         if target.type == "cuda":

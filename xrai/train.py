@@ -302,7 +302,8 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
     if ctx.is_main:  # rank 0 alone writes
         atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
-        for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):  # left by a process killed while saving
+        # Left by a process killed while saving.
+        for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
             torn.unlink()
         if not (run_dir / "manifest.csv").is_file():
             save_manifest(manifest, run_dir)
