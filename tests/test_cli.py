@@ -37,6 +37,8 @@ def test_train_flags_map_onto_the_config():
         "fracatlas", "/x", "wrist", "resnet18", 2, 160, 8)
     assert (cfg.pretrained, cfg.freeze, cfg.head, cfg.prune_sparsity, cfg.scheduler, cfg.loggers) == (
         False, True, "mlp", 0.95, "step", ["mlflow"])
+    assert cfg.deterministic is False
+    assert _train_config(build_parser().parse_args(["train", "--deterministic"])).deterministic is True
 
 
 def test_audit_writes_manifest_and_audit(synthetic_root, tmp_path, capsys):
@@ -48,6 +50,45 @@ def test_audit_writes_manifest_and_audit(synthetic_root, tmp_path, capsys):
     audit = pd.read_csv(out / "audit.csv")
     assert list(audit.columns[:6]) == ["group", "path", "label", "split", "kind", "crosses"]
     assert "duplicate groups crossing splits" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """60 tiny distinct images in two class folders and no split folders: every split is made by load()."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("not fractured", "fractured")):
+        (root / name).mkdir()
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, monkeypatch, capsys):
+    counts = {}
+    for name, flags in {"default": [], "wider": ["--val-fraction", "0.3", "--test-fraction", "0.25"]}.items():
+        out = tmp_path / name
+        assert main(["audit", "--data", "folder", "--root", str(class_folders), "--out", str(out), *flags]) == 0
+        counts[name] = pd.read_csv(out / "manifest.csv")["split"].value_counts().to_dict()
+    assert counts["default"] == {"train": 42, "valid": 9, "test": 9}  # 70/15/15 of 60
+    assert counts["wider"] == {"train": 27, "valid": 18, "test": 15}  # 45/30/25
+
+    import xrai.train
+
+    seen = {}
+
+    def fake_fit(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
+        seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(xrai.train, "fit", fake_fit)
+    assert main(["train", "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / "run"),
+                 "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
+    assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
+    assert seen["counts"] == counts["wider"]
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ class TrainConfig:
     checkpoint all use these names.
 
     ``body_part`` is ``"all"``, one part (``"wrist"``) or several joined by commas (``"wrist,hand"``).
+    ``val_fraction`` / ``test_fraction`` are the shares of images ``xrai.data.load`` puts in valid / test
+    where the source has no such split (MURA has an official valid split, FracAtlas none); a run folder
+    that already holds manifest.csv keeps its split.
     ``img_size`` of ``None`` means 224, or 128 on the synthetic set (its phantoms carry a line that is
     plainly visible at 128 px, which keeps the CPU demo within minutes).
     """
@@ -64,6 +67,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"
+    deterministic: bool = False  # GPU: no cuDNN autotuning, deterministic kernels (slower); see README
     max_batches: int = 0
     loggers: list[str] = field(default_factory=list)
     experiment: str = "xrai"
@@ -88,6 +92,9 @@ class TrainConfig:
             value = getattr(self, fraction)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{fraction} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be < 1 (train needs the rest), got "
+                             f"{self.val_fraction} + {self.test_fraction}")
         for logger in self.loggers:
             _choice("loggers", logger, ("mlflow", "wandb"))
 
