@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _checks import assert_picture
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -164,6 +165,8 @@ def _check_artifacts(run_dir: Path, *, body_part: str | None = None) -> None:
     report = json.loads((run_dir / "report_test.json").read_text())
     assert report["threshold_from"] == "valid" and "auroc" in report["image"]
     assert list((run_dir / "gradcam" / "browser").glob("*.png")), "the browser drew no overlay"
+    for figure in [*run_dir.glob("*.png"), *run_dir.glob("eda/*.png"), *run_dir.glob("gradcam/**/*.png")]:
+        assert_picture(figure, min_side=64)  # every figure a real picture, not an empty canvas
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["epochs"], config["pretrained"]) == (1, False)
     if body_part is not None:

@@ -57,6 +57,7 @@ def test_run_folder_and_config_round_trip(one_epoch_run):
     for name in ("config.json", "manifest.csv", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
     assert TrainConfig.from_json(run_dir / "config.json") == config
+    assert len(pd.read_csv(run_dir / "manifest.csv")) > 0 and (run_dir / "manifest.json").is_file()
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert TrainConfig.from_dict(last["config"]) == config
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "bad_epochs", "history", "rng",
