@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--markdown", default=None, metavar="FILE.json",
+                   help="measure nothing: print the README's performance table from a saved bench JSON")
 
     p = sub.add_parser("serve", help="the upload page and JSON API for a trained run")
     p.add_argument("--run", required=True)
@@ -260,8 +262,14 @@ def cmd_explain(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from xrai.bench import run_bench
+    from xrai.bench import markdown_table, run_bench
 
+    if args.markdown:
+        path = Path(args.markdown)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
+        print(markdown_table(json.loads(path.read_text())))
+        return 0
     run_bench(data=args.data, root=args.root, model=args.model, img_size=args.img_size, device=args.device,
               json_path=args.json)
     return 0
