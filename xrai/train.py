@@ -230,8 +230,10 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: bool = True) -> FitResult:
     """Train `config.model` on the manifest's train split, validating on "valid" each epoch.
 
-    Writes RUN_DIR/config.json, manifest.csv (when absent), history.csv, checkpoints/last.pt (every
-    epoch) and checkpoints/best.pt (when the monitor improves), all atomically.
+    Writes RUN_DIR/config.json (with input_path resolved to the path used), manifest.csv (when absent),
+    history.csv, checkpoints/last.pt (every epoch) and checkpoints/best.pt (when the monitor improves),
+    the last three atomically.
+    Runs under `env.backend_settings` (config.deterministic), which puts the global settings back after.
 
     Args:
         config: the run's settings.
@@ -241,7 +243,8 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: show tqdm bars and a line per epoch (logging at INFO otherwise).
     Raises:
         FileExistsError: run_dir already holds a run and resume is False.
-        ValueError: resuming with a different config (the differing fields are named), or a split
+        ValueError: resuming with a different config (the differing fields are named; input_path "auto"
+            resumes on the path the run recorded, another explicit path is refused), or a split
             without both labels.
         TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
     """
