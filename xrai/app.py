@@ -23,17 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from xrai.data.augment import preprocess
 from xrai.data.images import ImageError, read_image
 from xrai.env import get_device
-from xrai.evaluate import run_threshold
 from xrai.explain import CamExplainer, overlay
-from xrai.models import load_model
+from xrai.inference import load_run
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 RESEARCH_NOTICE = "For research and teaching only: not a medical device, not for diagnosis."
@@ -80,10 +78,16 @@ class Predictor:
         self.run = self.run_dir.name
         self.which = which
         self.device = get_device(device)
-        self.model, self.config = load_model(self.run_dir, which=which, device=self.device)
+        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
+        self.loaded = load_run(self.run_dir, which=which, device=self.device)
+        self.model, self.config = self.loaded.model, self.loaded.config
         self.model.eval()
         self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
-        self.threshold, self.threshold_note = _load_threshold(self.run_dir)
+        self.threshold = self.loaded.threshold
+        self.threshold_note = "" if self.loaded.point.source == "valid" else f"default: {self.loaded.point.note}"
+        if self.threshold_note:
+            logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
+                           self.run, self.loaded.point.note, self.run_dir)
         self._lock = threading.Lock()
 
     def predict(self, data: bytes, *, filename: str = "upload", with_overlay: bool = True) -> Prediction:
@@ -108,18 +112,17 @@ class Predictor:
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
                        device=self.device)
         if not with_cam:
-            with torch.inference_mode():
-                return float(torch.sigmoid(self.model(x).float().reshape(-1)[0])), None
+            return float(self.loaded.probabilities(x)[0][0]), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and
-        # the probability comes from the same forward pass as the map.
+        # the probability (calibrated) comes from the same forward pass as the map.
         with CamExplainer(self.model) as explainer:
             cam = explainer(x, target_class=1)[0]
-            probability = float(explainer.probabilities[0])
+            probability = float(self.loaded.calibrate(explainer.logits)[0])
         return probability, cam
 
 
 def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> Flask:
-    """Build the Flask app serving one run: GET/POST /, POST /api/predict, GET /healthz.
+    """Build the Flask app serving one run: GET/POST /, POST /api/predict, GET /healthz, GET /model_card.
 
     Args:
         run_dir: the run folder made by ``python -m xrai demo`` or ``train``.
@@ -130,7 +133,7 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
         A ``flask.Flask`` app; the model is already loaded.
 
     Raises:
-        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_model``).
+        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_run``).
     """
     predictor = Predictor(run_dir, which=which, device=device)
     app = Flask(__name__)
@@ -171,6 +174,14 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
     @app.get("/")
     def index():
         return page()
+
+    @app.get("/model_card")
+    def model_card():
+        path = predictor.run_dir / "model_card.md"
+        if not path.is_file():
+            return error(404, f"run {predictor.run} has no model_card.md: `python -m xrai evaluate --run "
+                              f"{predictor.run_dir}` writes it")
+        return Response(path.read_text(encoding="utf-8"), mimetype="text/markdown")
 
     @app.post("/")
     def upload_page():
@@ -278,16 +289,6 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     m_arena_max = -8  # from glibc's malloc.h
     if mallopt(m_arena_max, arenas) != 1:
         logger.debug("mallopt(M_ARENA_MAX, %d) was refused; RSS may grow with the number of threads", arenas)
-
-
-def _load_threshold(run_dir: Path) -> tuple[float, str]:
-    """The run's threshold (chosen on validation), or 0.5 with a note when the run was never evaluated."""
-    try:
-        return float(run_threshold(run_dir)), ""
-    except FileNotFoundError:
-        logger.warning("run %s has no report_valid.json, so the threshold is 0.5; `python -m xrai evaluate "
-                       "--run %s` sets the run's own", run_dir.name, run_dir)
-        return 0.5, "default: the run has not been evaluated"
 
 
 def _decode(data: bytes, *, filename: str) -> tuple[np.ndarray, list[str]]:
