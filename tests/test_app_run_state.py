@@ -10,6 +10,8 @@ from scipy.special import expit, logit
 
 from test_app import build_fake_run, upload, xray_bytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _report(run, *, threshold: float, temperature: float, sha: str | None = None) -> None:
     from xrai.inference import checkpoint_sha256

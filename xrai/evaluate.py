@@ -112,7 +112,8 @@ def predict(
     in a thread pool one batch ahead of the model. Unreadable images are dropped with a warning.
 
     Args:
-        model: a one-logit classifier, or a RunModel (its config and temperature are then the defaults).
+        model: a one-logit classifier, or a RunModel (its logits, device, config and temperature are then
+            used; ``device`` is ignored).
         manifest: rows with at least ``path``; label, body_part, patient_id, study_id (and ``group``)
             are carried over when present (label -1 and "" otherwise).
         config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
@@ -133,18 +134,25 @@ def predict(
     if "path" not in manifest.columns:
         raise ValueError(f"predict needs a manifest with a 'path' column, got {list(manifest.columns)}")
     if isinstance(model, RunModel):
+        # through RunModel.logits, so whatever stands behind a run (one model, a fold ensemble) predicts
         config = model.config if config is None else config
         temperature = model.temperature if temperature is None else temperature
-        model = model.model
+        dev, forward = model.device, model.logits
+    else:
+        dev = get_device(device) if isinstance(device, str) else torch.device(device)
+        module = model.to(dev).eval()
+        amp = autocast_dtype(dev) if dev.type == "cuda" else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                return module(x).float().reshape(x.shape[0], -1)[:, 0]
+
     temperature = 1.0 if temperature is None else float(temperature)
     if config is None:
         from xrai.config import TrainConfig
 
         source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
         config = TrainConfig(data=source)
-    dev = get_device(device) if isinstance(device, str) else torch.device(device)
-    model = model.to(dev).eval()
-    amp = autocast_dtype(dev) if dev.type == "cuda" else None
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
@@ -162,10 +170,9 @@ def predict(
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
                            resize_size=config.resize_size, device=dev)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                z = model(x).float().reshape(len(keep), -1)[:, 0]
-                if tta:
-                    z = (z + model(torch.flip(x, dims=[3])).float().reshape(len(keep), -1)[:, 0]) / 2
+            z = forward(x)
+            if tta:
+                z = (z + forward(torch.flip(x, dims=[3]))) / 2
             logits[[i for i, _ in keep]] = z.cpu().numpy()
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
@@ -329,8 +336,7 @@ def evaluate_run(
     selection = None if split == "valid" else _valid_selection(run_dir, which=which, tta=tta, **options)
     run = load_run(run_dir, which=which, device=device, refresh=False)
     rows = _split_rows(run_dir, split, run.config)
-    pred = predict(run.model, rows, config=run.config, temperature=1.0, batch_size=batch_size, tta=tta,
-                   device=run.device, progress=progress)
+    pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
     threshold_from = "valid"
     if selection is None:
         selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
@@ -376,8 +382,8 @@ def evaluate_external(
     selection = _valid_selection(run_dir, which=which, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
                                  seed=seed, batch_size=batch_size, device=device, explain_images=0)
     run = load_run(run_dir, which=which, device=device, refresh=False)
-    pred = predict(run.model, manifest, config=run.config, temperature=selection.temperature,
-                   batch_size=batch_size, tta=tta, device=run.device, progress=progress)
+    pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
+                   progress=progress)
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
     attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
