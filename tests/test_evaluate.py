@@ -20,8 +20,8 @@ DESIGN_REPORT_KEYS = ["split", "threshold", "threshold_from", "split_method", "a
 DESIGN_METRIC_KEYS = ["n", "accuracy", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity", "f1",
                       "kappa", "kappa_ci", "confusion_matrix"]
 # what issue 14 added after DESIGN.md's keys (DESIGN.md lists them)
-EXTENDED_REPORT_KEYS = ["study_threshold", "resampling_unit", "threshold_method", "operating_points", "calibration",
-                        "checkpoint", "tta", "source", "baseline", "explain"]
+EXTENDED_REPORT_KEYS = ["study_threshold", "threshold_use", "resampling_unit", "threshold_method",
+                        "operating_points", "calibration", "checkpoint", "tta", "source", "baseline", "explain"]
 
 
 def make_fake_run(run: Path, manifest: pd.DataFrame, *, img_size: int = 64) -> Path:

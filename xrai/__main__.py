@@ -171,11 +171,11 @@ def _save_curves(run_dir: Path) -> None:
 def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[str, dict]:
     """Evaluate each split in turn; the explanation scores (tens of seconds on a CPU) on the last one."""
     from xrai import plots
-    from xrai.evaluate import EXPLAIN_IMAGES, evaluate_run
+    from xrai.evaluate import evaluate_run
 
     reports = {}
     for split in splits:
-        explain = EXPLAIN_IMAGES if split == splits[-1] else 0
+        explain = None if split == splits[-1] else 0  # None: the default sample
         reports[split] = evaluate_run(run_dir, split=split, tta=tta, explain_images=explain)
         plots.save_run_figures(run_dir, split)
     return reports

@@ -54,7 +54,6 @@ from xrai.report import (
 )
 
 __all__ = [
-    "EXPLAIN_IMAGES",
     "MURA_BASELINE",
     "MURA_BASELINE_SOURCE",
     "PREDICTION_COLUMNS",
@@ -79,7 +78,6 @@ PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id",
 # After DESIGN.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
 # the manifest has it, the duplicate group the split kept together (the bootstrap resamples it).
 PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
-EXPLAIN_IMAGES = 32  # images sampled (seeded) per split for the explanation scores; 0 skips them
 
 
 # ---- prediction ---------------------------------------------------------------------------------
@@ -312,7 +310,7 @@ def evaluate_run(
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
-    explain_images: int = EXPLAIN_IMAGES,
+    explain_images: int | None = None,
 ) -> dict[str, Any]:
     """Score one split of a run; write predictions_<split>.csv, report_<split>.json and model_card.md.
 
@@ -324,7 +322,7 @@ def evaluate_run(
     Args:
         explain_images: images sampled (seeded) from the split for the explanation scores (ROAD,
             confidence change, the randomisation check, and the pointing game on the synthetic set);
-            0 skips them (``explain`` is then null).
+            None takes ``xrai.explain_metrics.EXPLAIN_IMAGES``, 0 skips them (``explain`` is then null).
 
     Returns:
         the report dict (as written).
@@ -345,11 +343,12 @@ def evaluate_run(
     pred.to_csv(run_dir / f"predictions_{split}.csv", index=False)
     report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
                     audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)
-    if explain_images > 0:
-        from xrai.explain_metrics import measure_explanations
+    if explain_images != 0:
+        from xrai.explain_metrics import EXPLAIN_IMAGES, measure_explanations
 
-        report["explain"] = measure_explanations(run, pred, split=split, threshold=selection.threshold,
-                                                 n_images=explain_images, seed=seed, progress=progress)
+        report["explain"] = measure_explanations(
+            run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress,
+            n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
     _write_json(report, run_dir / f"report_{split}.json")
     from xrai.model_card import write_model_card
 

@@ -54,6 +54,9 @@ REPORT_KEYS = (
     "split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
     "per_body_part", "classification_report",
 )
+# Which threshold made which figure; written into every report as "threshold_use".
+THRESHOLD_USE = {"threshold": "image, classification_report, per_body_part kappa",
+                 "study_threshold": "study, per_body_part study_kappa (study probability = mean of its images')"}
 OPERATING_POINTS = ("youden", "sensitivity")
 DEFAULT_TARGET_SENSITIVITY = 0.95  # a screening tool misses few abnormal studies
 
@@ -203,7 +206,8 @@ def build_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """DESIGN.md's report (REPORT_KEYS, in order), then ``study_threshold`` and ``resampling_unit``.
+    """DESIGN.md's report (REPORT_KEYS, in order), then ``study_threshold``, ``threshold_use`` and
+    ``resampling_unit``.
 
     ``image`` is at ``threshold``; ``study`` at ``study_threshold`` (the image threshold where None,
     and ``study_threshold`` then says so by repeating it). Intervals resample patients where every image
@@ -232,6 +236,7 @@ def build_report(
         "per_body_part": per_body_part(predictions, threshold, t_study, n_bootstrap=n_bootstrap, seed=seed),
         "classification_report": classification_report(predictions["label"], predictions["probability"], threshold),
         "study_threshold": None if study is None else float(t_study),
+        "threshold_use": dict(THRESHOLD_USE),
         "resampling_unit": {"image": unit, "study": study_unit, "replicates": int(n_bootstrap)},
     }
 
