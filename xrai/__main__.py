@@ -26,6 +26,13 @@ def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "synthet
     p.add_argument("--root", default=None, help="dataset folder; omitted: download it (or the synthetic default)")
 
 
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="share of images for valid where the source has no valid split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=TrainConfig.test_fraction,
+                   help="share of images for test where the source has no test split (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xrai",
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
 
     p = sub.add_parser("train", help="train a classifier (resumable)")
     _add_data_args(p)
@@ -69,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
     p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels, no cuDNN autotuning (slower; for bit-exact reruns)")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
@@ -110,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--markdown", default=None, metavar="FILE.json",
+                   help="measure nothing: print the README's performance table from a saved bench JSON")
     p.add_argument("--nproc", default=None, metavar="N|auto",
                    help="also time training on 1 and N processes (auto: one per GPU) and the scaling efficiency")
 
@@ -150,17 +163,19 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _load_manifest(data: str, root: str | None, seed: int = 0):
+def _load_manifest(data: str, root: str | None, seed: int = 0, *, val_fraction: float = TrainConfig.val_fraction,
+                   test_fraction: float = TrainConfig.test_fraction):
     from xrai.data import load
 
-    return load(data, root=root, seed=seed)
+    return load(data, root=root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 def cmd_audit(args) -> int:
     from xrai.data import audit, audit_summary, save_manifest
 
     out = Path(args.out)
-    manifest = _load_manifest(args.data, args.root, args.seed)
+    manifest = _load_manifest(args.data, args.root, args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction)
     save_manifest(manifest, out)
     table = audit(manifest)
     atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
@@ -178,7 +193,8 @@ def _train_config(args) -> TrainConfig:
         freeze=args.freeze, head=args.head, dropout=args.dropout, optimizer=args.optimizer,
         scheduler=args.scheduler, patience=args.patience, monitor=args.monitor,
         prune_sparsity=args.prune_sparsity, input_path=args.input_path, num_workers=args.num_workers,
-        seed=args.seed, loggers=args.loggers,
+        seed=args.seed, loggers=args.loggers, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        deterministic=args.deterministic,
     )
 
 
@@ -210,7 +226,8 @@ def cmd_train(args) -> int:
             return read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
         if args.manifest is not None:
             return read_manifest(args.manifest)
-        return _load_manifest(config.data, config.root, config.seed)
+        return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction)
 
     nproc = 1 if args.nproc is None else resolve_nproc(args.nproc, config.device)
     if nproc > 1:  # torchrun in a subprocess; this process draws the curves once it is done
@@ -241,24 +258,60 @@ def _save_curves(run_dir: Path) -> None:
 
 
 def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[str, dict]:
+    """Evaluate each split in turn; the explanation scores (tens of seconds on a CPU) on the last one."""
     from xrai import plots
     from xrai.evaluate import evaluate_run
 
     reports = {}
     for split in splits:
-        reports[split] = evaluate_run(run_dir, split=split, tta=tta)
+        explain = None if split == splits[-1] else 0  # None: the default sample
+        reports[split] = evaluate_run(run_dir, split=split, tta=tta, explain_images=explain)
         plots.save_run_figures(run_dir, split)
     return reports
 
 
 def _headline(report: dict) -> str:
+    """One line per report: image figures at the image threshold, study figures at the study threshold;
+    the MURA baseline only on MURA runs, with what it was measured on."""
     image = report["image"]
     parts = [f"{report['split']}: n={image['n']}", f"AUROC {_fmt(image.get('auroc'))} {_ci(image.get('auroc_ci'))}",
              f"kappa {_fmt(image.get('kappa'))} {_ci(image.get('kappa_ci'))}",
-             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}"]
+             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}",
+             f"at image threshold {report['threshold']:.3f}"]
     if report.get("study"):
-        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} (MURA DenseNet-169 baseline 0.705)")
-    return ", ".join(parts) + f" at threshold {report['threshold']:.3f} (chosen on {report['threshold_from']})"
+        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} {_ci(report['study'].get('kappa_ci'))} "
+                     f"at study threshold {report['study_threshold']:.3f}")
+    line = ", ".join(parts) + f" (chosen on {report['threshold_from']})"
+    if report.get("baseline"):
+        line += (f"\n  MURA DenseNet-169 baseline study kappa {report['baseline']['study_kappa']['overall']:.3f}: "
+                 f"{report['baseline']['caveat']}")
+    return line
+
+
+def _extras(report: dict) -> list[str]:
+    """Calibration, the screening operating point and the explanation scores of a report, as lines."""
+    lines = []
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"  calibration: T={cal['temperature']:.3f} (fitted on valid); ECE ({cal['bins']} equal-width "
+                     f"bins) {cal['ece']['uncalibrated']:.3f} uncalibrated -> {cal['ece']['calibrated']:.3f}")
+    point = (report.get("operating_points") or {}).get("sensitivity")
+    if point:
+        lines.append(f"  screening point (sensitivity >= {point['target']:.2f} on valid): threshold "
+                     f"{point['threshold']:.3f} -> sensitivity {_fmt(point['image']['sensitivity'])}, specificity "
+                     f"{_fmt(point['image']['specificity'])}")
+    block = report.get("explain")
+    if block:
+        for method, v in block["methods"].items():
+            check = "passes" if v["randomisation"]["passes"] else "FAILS"
+            point = v.get("pointing_game")
+            lines.append(f"  {method}: ROAD {_fmt(v['road_combined']['mean'])}, randomisation check {check} "
+                         f"(Spearman {_fmt(v['randomisation']['spearman_mean'])})"
+                         + (f", pointing game {point['pointing_game']:.2f} (chance {point['chance']:.2f})"
+                            if point else ""))
+        lines.append(f"  (noise map ROAD {_fmt(block['noise_map']['road_combined']['mean'])}; "
+                     f"{block['sample']['n_images']} images, seed {block['sample']['seed']})")
+    return lines
 
 
 def _fmt(value) -> str:
@@ -276,24 +329,28 @@ def cmd_evaluate(args) -> int:
 
         report = evaluate_external(run_dir, _load_manifest(args.data, args.root))
         print(_headline(report))
+        print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
     splits = [args.split] if args.split else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
-    print(f"reports and figures in {run_dir}")
+        print("\n".join(_extras(report)))
+    print(f"reports and figures in {run_dir}; model card: {run_dir / 'model_card.md'}")
     return 0
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
-    from xrai.evaluate import run_threshold
     from xrai.explain import explain_paths
-    from xrai.models import load_model
+    from xrai.inference import load_run
 
-    model, config = load_model(run)
-    threshold = run_threshold(run)
-    results = explain_paths(model, config, images, threshold=threshold, out_dir=out, method=method,
-                            with_cam=out is not None)
+    loaded = load_run(run)  # a threshold chosen with another checkpoint is chosen again first
+    if loaded.point.source != "valid":
+        raise FileNotFoundError(f"no threshold for this checkpoint: {loaded.point.note}; run "
+                                f"`python -m xrai evaluate --run {run} --split valid` first")
+    threshold = loaded.threshold
+    results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
+                            with_cam=out is not None, temperature=loaded.temperature)
     failures = 0
     for r in results:
         if r.get("error"):
@@ -301,7 +358,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
             print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
-                "threshold": threshold}
+                "threshold": threshold, "temperature": round(loaded.temperature, 6)}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
         print(json.dumps(line), flush=True)
@@ -317,8 +374,14 @@ def cmd_explain(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from xrai.bench import run_bench
+    from xrai.bench import markdown_table, run_bench
 
+    if args.markdown:
+        path = Path(args.markdown)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
+        print(markdown_table(json.loads(path.read_text())))
+        return 0
     nproc = None
     if args.nproc is not None:
         from xrai.launch import resolve_nproc
@@ -397,10 +460,12 @@ def cmd_demo(args) -> int:
     print()
     for report in reports.values():
         print(_headline(report))
+        print("\n".join(_extras(report)))
     print(f"done in {time.perf_counter() - start:.0f} s")
     print(f"reports : {run_dir / 'report_valid.json'}, {run_dir / 'report_test.json'}")
     print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
-          f"per_body_part_test.png")
+          f"per_body_part_test.png, reliability_test.png")
+    print(f"card    : {run_dir / 'model_card.md'}")
     galleries = sum(1 for key in pictures if key in ("tp", "fp", "fn"))
     print(f"Grad-CAM: {run_dir / 'gradcam'} ({galleries} galleries, {len(pictures) - galleries} single overlays)")
     print(f"next    : python -m xrai serve --run {run_dir}")

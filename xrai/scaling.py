@@ -47,6 +47,7 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
     from xrai.bench import train_step
     from xrai.data.cache import ImageCache
     from xrai.data.loader import CachedBatches
+    from xrai.env import backend_settings
     from xrai.models import create_model
 
     ctx = distributed.init(device)
@@ -55,20 +56,21 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
                            channels_last=True, rank=ctx.rank, world_size=ctx.world_size)
     torch.manual_seed(0)
     net = create_model(model, pretrained=False).to(ctx.device).to(memory_format=torch.channels_last).train()
-    step = train_step(ctx.wrap(net), ctx.device, channels_last=True)
+    step = train_step(ctx.wrap(net), ctx.device)
     images, start, epoch, done = 0, 0.0, 0, 0
-    while done < warmup + n_batches:
-        for x, y in source.epoch(epoch):
-            if done == warmup:
-                _sync(ctx)
-                start = time.perf_counter()
-            step(x, y)
-            done += 1
-            images += len(y) if done > warmup else 0
-            if done == warmup + n_batches:
-                break
-        epoch += 1
-    _sync(ctx)
+    with backend_settings(ctx.device):  # cuDNN autotuning, as fit() and the rest of the bench train
+        while done < warmup + n_batches:
+            for x, y in source.epoch(epoch):
+                if done == warmup:
+                    _sync(ctx)
+                    start = time.perf_counter()
+                step(x, y)
+                done += 1
+                images += len(y) if done > warmup else 0
+                if done == warmup + n_batches:
+                    break
+            epoch += 1
+        _sync(ctx)
     seconds = time.perf_counter() - start
     totals = ctx.reduce_train_stats({"train_loss": 0.0, "images": images, "seconds": seconds})
     return {"img_s": totals["images"] / totals["seconds"], "images": totals["images"], "seconds": totals["seconds"],
