@@ -4,10 +4,12 @@ python -m xrai.launch --standalone --nproc_per_node 2 tests/_ddp_worker.py [HOOK
 
 Hooks (each rank installs them, then runs xrai.__main__.main(TRAIN ARGS) for each `--` group in turn and
 exits with the first non-zero status, else 0):
-  --write-log DIR          write DIR/rank<R>.json at exit: the files this rank created, replaced or removed under
-                      --out (Python's audit hooks see every open for writing, rename, mkdir and unlink), and
-                      the manifest paths each training epoch served, batch by batch
-  --no-augment        GpuAugment's eval branch for training batches too (identical inputs for any sharding)
+  --write-log DIR          write DIR/rank<R>.json after each run (and at exit): the files this rank created,
+                      replaced or removed under any --out (Python's audit hooks see every open for writing,
+                      rename, mkdir and unlink), and the manifest paths each run's training epochs served, batch
+                      by batch ({run name: {epoch: [[path, ...], ...]}}; a run's name is its --out's name)
+  --no-augment NAMES  in the runs so named (comma-separated), GpuAugment's eval branch for training batches too
+                      (identical inputs for any sharding)
   --hang RANK:EPOCH:FILE  on that rank, after two batches of that epoch, write the pid to FILE and sleep
   --fail RANK:EPOCH:NAME  in the run whose --out is named NAME, on that rank, raise RuntimeError after two
                       batches of that epoch
@@ -29,7 +31,7 @@ import torch
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write-log", default=None)
-    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--no-augment", default="")
     parser.add_argument("--hang", default=None)
     parser.add_argument("--fail", default=None)
     hooks, rest = parser.parse_known_args()
@@ -50,7 +52,7 @@ def main() -> int:
 
     outs = [str(Path(run[run.index("--out") + 1]).resolve()) for run in runs]
     writes: list[list[str]] = []
-    served: dict[int, list[list[str]]] = {}
+    served: dict[str, dict[int, list[list[str]]]] = {}
 
     if hooks.write_log:
         def audit(event: str, args: tuple) -> None:
@@ -73,17 +75,19 @@ def main() -> int:
         def dump() -> None:
             Path(hooks.write_log, f"rank{rank}.json").write_text(json.dumps({"writes": writes, "served": served}))
 
-        atexit.register(dump)
+        atexit.register(dump)  # a rank that torchrun terminates skips it: dumped after each run as well
+    else:
+        def dump() -> None:
+            pass
 
-    if hooks.no_augment:
-        original_init = GpuAugment.__init__
+    current: list[str] = [""]  # the name of the --out of the run under way
+    plain = set(filter(None, hooks.no_augment.split(",")))
+    original_init = GpuAugment.__init__
 
-        def eval_only(self, image_size, *, train, **kwargs):
-            original_init(self, image_size, train=False, **kwargs)
+    def maybe_eval_only(self, image_size, *, train, **kwargs):
+        original_init(self, image_size, train=train and current[0] not in plain, **kwargs)
 
-        GpuAugment.__init__ = eval_only
-
-    current: list[str] = [""]  # the --out of the run under way
+    GpuAugment.__init__ = maybe_eval_only
     for cls in (loader.CachedBatches, dataset.ClassicBatches):
         cls.epoch = _hooked(cls.epoch, rank, served, hooks.hang, hooks.fail, current)
     # One process group for all the runs: cmd_train ends it after a run, and a group initialised again at
@@ -92,6 +96,7 @@ def main() -> int:
     for run in runs:
         current[0] = Path(run[run.index("--out") + 1]).name
         code = xrai_main(run)
+        dump()
         if code:
             return code
     teardown()
@@ -103,7 +108,7 @@ def _hooked(epoch_of, rank: int, served: dict, hang: str | None, fail: str | Non
         positions = self.batch_positions(k)
         for i, batch in enumerate(epoch_of(self, k)):
             if self.train:
-                served.setdefault(k, []).append([str(p) for p in self.manifest["path"].iloc[positions[i]]])
+                served.setdefault(current[0], {}).setdefault(k, []).append([str(p) for p in self.manifest["path"].iloc[positions[i]]])
                 if hang and i == 2 and (int(hang.split(":")[0]), int(hang.split(":")[1])) == (rank, k):
                     Path(hang.split(":", 2)[2]).write_text(str(os.getpid()))
                     time.sleep(600)

@@ -41,20 +41,9 @@ def _worker(*args: str | Path) -> list[str]:
 
 def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
     # Without SyncBatchNorm: on 2 shared CPU cores its ~100 small all-reduces a step cost more than the
-    # step (the "same_inputs" runs cover it); this way the runs also cover rank 0's buffers being shared.
+    # step (the "step" run covers it); this way the runs also cover rank 0's buffers being shared.
     return ["--", "train", "--data", "synthetic", "--root", str(root), "--out", str(out), *SMALL, "--no-sync-bn",
             *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(synthetic_root, tmp_path_factory):
-    """Two epochs on 2 processes through the CLI, every write and every served batch logged per rank."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    out, log = tmp / "run", tmp / "log"
-    log.mkdir()
-    run_torchrun(_worker("--write-log", log, *_train_args(synthetic_root, out, "--epochs", "2")), env=_env())
-    logs = {rank: json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)}
-    return out, logs
 
 
 # ---- sharding, without processes ------------------------------------------------------------------
@@ -145,49 +134,59 @@ def test_two_processes_train_with_one_writer(reference, synthetic_manifest):
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and len(last["rng_ranks"]) == 2
     assert not any(k.startswith("module.") for k in last["model"]), "the checkpoint holds the plain model"
-    # Only rank 0 writes into the run folder.
+    # Only rank 0 writes into the run folders (this one and the other runs of the same torchrun).
     assert logs[1]["writes"] == [], logs[1]["writes"][:5]
-    written = {Path(path).name for _, path in logs[0]["writes"]}
+    written = {Path(path).name for _, path in logs[0]["writes"] if Path(path).resolve().is_relative_to(out.resolve())}
     assert {"config.json", "history.csv", "manifest.csv"} <= written
     assert any(name.startswith(".last.pt.") for name in written), "rank 0 saved the checkpoint (atomically)"
     # Each epoch, the ranks' batches are disjoint halves of the global batches: every training image
     # is served once (the 35 % 8 = 3 left over are dropped, a different 3 each epoch).
     train = set(synthetic_manifest.loc[synthetic_manifest["split"] == "train", "path"])
     for epoch in ("1", "2"):
-        batches = [logs[rank]["served"][epoch] for rank in (0, 1)]
+        batches = [logs[rank]["served"]["reference"][epoch] for rank in (0, 1)]
         assert len(batches[0]) == len(batches[1]) == 4 and all(len(b) == 4 for r in batches for b in r)
         paths = [p for r in batches for b in r for p in b]
         assert len(paths) == len(set(paths)) == 32 and set(paths) <= train
 
 
 @pytest.fixture(scope="module")
-def same_inputs(synthetic_root, synthetic_manifest, tmp_path_factory):
-    """Three runs on 2 processes (one torchrun), augmentation off: "step", one SGD step on one global batch
-    of 8, also run on 1 process; "learn", 4 epochs of AdamW at 48 px; "fail", where rank 1 raises in
-    its third step (the run's LaunchError and how long it took to come are returned too).
+def torchrun_runs(synthetic_root, synthetic_manifest, tmp_path_factory):
+    """Four runs in one torchrun of 2 processes (its start-up, ~10 s on 2 cores, is paid once), every write
+    and every served batch logged per rank, then one run on 1 process here:
 
-    Augmentation is off because each rank draws it from its own stream (seed, epoch, rank): with it on,
-    the 2-process and 1-process steps would see differently augmented pixels and could not agree. With
-    the eval crop both see the very same inputs, so what is compared is the sharding, the gradient
-    averaging and SyncBatchNorm. (Without augmentation the tiny set is learned by heart, which is the
-    learning "learn" shows; its validation AUROC is noise, so the AUROC of 2 and 1 processes is
+    - "reference": two epochs through the CLI flags, augmentation on, without SyncBatchNorm (on 2 shared
+      CPU cores its ~100 small all-reduces a step cost more than the step; "step" covers it, and this
+      way rank 0's buffers being shared is covered too);
+    - "step": one SGD step on one global batch of 8 (2 x 4, SyncBatchNorm), also run on 1 process here;
+    - "learn": 4 epochs of AdamW at 48 px;
+    - "fail": rank 1 raises in its third step; the run's LaunchError ends the torchrun, so it is last.
+
+    Augmentation is off in the last three because each rank draws it from its own stream (seed, epoch,
+    rank): with it on, the 2-process and 1-process steps would see differently augmented pixels and could
+    not agree. With the eval crop both see the very same inputs, so what is compared is the sharding, the
+    gradient averaging and SyncBatchNorm. (Without augmentation the tiny set is learned by heart, which is
+    the learning "learn" shows; its validation AUROC is noise, so the AUROC of 2 and 1 processes is
     compared on the synthetic set proper, in the README's measured figures.)
     """
-    tmp = tmp_path_factory.mktemp("same")
+    tmp = tmp_path_factory.mktemp("ddp")
+    log = tmp / "log"
+    log.mkdir()
     common = dict(data="synthetic", root=str(synthetic_root), pretrained=False, batch_size=8, num_workers=0,
                   warmup_epochs=0, scheduler="none", device="cpu", patience=0)
     configs = {"step": TrainConfig(**common, img_size=32, epochs=1, max_batches=1, optimizer="sgd", lr=0.1,
                                    momentum=0.0, input_path="classic"),
                "learn": TrainConfig(**common, img_size=48, epochs=4, lr=1e-3)}
     configs["fail"] = configs["learn"].replace(epochs=2)
-    args = []
+    args = _train_args(synthetic_root, tmp / "two" / "reference", "--epochs", "2")
     for name, config in configs.items():
         (tmp / f"{name}.json").write_text(config.to_json())
         args += ["--", "train", "--config", str(tmp / f"{name}.json"), "--out", str(tmp / "two" / name)]
     with pytest.raises(LaunchError) as failed:
         # A bound, not a speed target: rank 0 left waiting on rank 1 would sit out the process group's
         # 30-minute timeout; torchrun ends it within seconds.
-        run_torchrun(_worker("--no-augment", "--fail", "1:1:fail", *args), env=_env(), timeout=900)
+        run_torchrun(_worker("--write-log", log, "--no-augment", "step,learn,fail", "--fail", "1:1:fail", *args),
+                     env=_env(), timeout=900)
+    logs = {rank: json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
     from xrai.data.augment import GpuAugment
     from xrai.train import fit
@@ -198,7 +197,19 @@ def same_inputs(synthetic_root, synthetic_manifest, tmp_path_factory):
         fit(configs["step"], synthetic_manifest, tmp / "one" / "step", progress=False)
     finally:
         GpuAugment.__init__ = original_init
-    return configs, tmp / "one", tmp / "two", failed.value
+    return configs, tmp / "one", tmp / "two", failed.value, logs
+
+
+@pytest.fixture(scope="module")
+def reference(torchrun_runs):
+    """The "reference" run's folder and every rank's log of writes and served batches."""
+    return torchrun_runs[2] / "reference", torchrun_runs[4]
+
+
+@pytest.fixture(scope="module")
+def same_inputs(torchrun_runs):
+    """(configs, the 1-process runs' folder, the 2-process runs' folder, the "fail" run's LaunchError)."""
+    return torchrun_runs[:4]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -287,3 +298,53 @@ def test_a_rank_that_raises_ends_the_run_in_one_line(same_inputs):
     assert message.startswith("training on 2 processes failed (rank 1, exit code 1): RuntimeError: injected failure "
                               "on rank 1 in epoch 1"), message
     assert not (two / "fail" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_warns_once(reference, synthetic_manifest, tmp_path):
+    """The 2-process run resumed by 1 process: one warning that the data order changes, then it carries on."""
+    import shutil
+    import warnings
+
+    from xrai.train import fit
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    config = TrainConfig.from_json(out / "config.json").replace(epochs=3)
+    assert config.world_size == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(config, synthetic_manifest, out, resume=True, progress=False)
+    changed = [str(w.message) for w in caught if "data order changes" in str(w.message)]
+    assert len(changed) == 1 and "\n" not in changed[0] and "trained by 2 processes) with 1" in changed[0], changed
+    assert list(result.history["world_size"]) == [2, 2, 1]
+    assert TrainConfig.from_json(out / "config.json").world_size == 1
+
+
+# ---- the scaling bench ------------------------------------------------------------------------------
+
+
+def test_scaling_figures_and_their_lines(synthetic_manifest, tmp_path):
+    """train_rate on this one process (what the 1-process figure is), and how the bench reports the figures."""
+    from xrai.bench import format_table, markdown_table, machine_info
+    from xrai.data.cache import build_cache
+    from xrai.scaling import scaling_lines, train_rate
+
+    rows = synthetic_manifest.iloc[:12]
+    cache = build_cache(rows, size=36, cache_dir=tmp_path, progress=False)
+    rate = train_rate(cache.path, rows, model="mobilenet_v2", img_size=32, batch_size=4, n_batches=2, device="cpu",
+                      warmup=1)
+    assert rate["processes"] == 1 and rate["images"] == 8 and rate["img_s"] > 0
+    del cache
+    scaling = {"nproc": 2, "per_process_batch": 64, "img_s_1": 100.0, "img_s_n": 170.0, "efficiency": 0.85}
+    lines = scaling_lines(scaling, ceiling=120.0, device="cuda")
+    assert [line.split()[:2] for line in lines] == [["training,", "1"], ["training,", "2"], ["scaling", "efficiency"],
+                                                    ["single-device", "ceiling"]]
+    assert "0.85" in lines[2] and "128 in all" in lines[1]
+    result = {"machine": machine_info(), "model": "m", "img_size": 224, "device": "cpu", "data": "x:/y",
+              "ready_img_s": {"cached": 1500.0, "classic": 1000.0, "seeds": 600.0},
+              "feed_img_s": {"cached": 30000.0, "classic": 1200.0},
+              "train_img_s": {"cached": 9.0, "classic": 8.0, "ceiling": 10.0},
+              "cache_build_img_s": 150.0, "predict_gradcam_ms": {"median": 80.0, "p90": 90.0}, "scaling": scaling}
+    assert "reported, not judged" in format_table(result).splitlines()[-2]
+    assert "scaling efficiency 0.85 (the processes share" in markdown_table(result)
