@@ -11,7 +11,8 @@ rank's images over the slowest rank's seconds.
     efficiency = N-process img/s / (N x 1-process img/s)
 
 On one GPU per process this says how much of the extra hardware turns into speed (gradient all-reduce,
-SyncBatchNorm, the host feeding N devices); on a CPU the processes share the cores, so the figure is
+SyncBatchNorm, the host feeding N devices). On a CPU one core stands for one device (one thread per
+process, in both runs), and the processes share the machine with everything else, so the figure is
 reported, not judged.
 """
 
@@ -58,6 +59,12 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
     net = create_model(model, pretrained=False).to(ctx.device).to(memory_format=torch.channels_last).train()
     step = train_step(ctx.wrap(net), ctx.device)
     images, start, epoch, done = 0, 0.0, 0, 0
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu":
+        # One core stands for one device: one thread in every process, the 1-process run included (as
+        # torchrun gives its CPU workers). Two threads in one process on shared cores can also stall at
+        # every convolution (1 img/s against 61 with one thread, measured on the 2-core development machine).
+        torch.set_num_threads(1)
     with backend_settings(ctx.device):  # cuDNN autotuning, as fit() and the rest of the bench train
         while done < warmup + n_batches:
             for x, y in source.epoch(epoch):
@@ -71,6 +78,7 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
                     break
             epoch += 1
         _sync(ctx)
+    torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     totals = ctx.reduce_train_stats({"train_loss": 0.0, "images": images, "seconds": seconds})
     return {"img_s": totals["images"] / totals["seconds"], "images": totals["images"], "seconds": totals["seconds"],
