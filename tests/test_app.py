@@ -124,7 +124,7 @@ def test_healthz(client):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok", "model": "mobilenet_v2", "run": "fake-run", "threshold": 0.5,
-                                   "threshold_note": "default: the run has not been evaluated"}
+                                   "threshold_note": "default: the run has not been evaluated", "backend": "pytorch"}
 
 
 def test_api_predict(client):
@@ -211,12 +211,12 @@ def test_threshold_comes_from_the_evaluated_run(tmp_path):
 
 
 def test_model_is_loaded_once(fake_run, monkeypatch):
-    import xrai.app
+    import xrai.models
     from xrai.app import create_app
 
     calls = []
-    real = xrai.app.load_model
-    monkeypatch.setattr(xrai.app, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = xrai.models.load_model  # the app imports it when it loads the run (torch stays out of its import)
+    monkeypatch.setattr(xrai.models, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     client = create_app(fake_run).test_client()
     for _ in range(3):
         assert upload(client, xray_bytes()).status_code == 200
