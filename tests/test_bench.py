@@ -10,10 +10,11 @@ from xrai.bench import format_table, machine_info, memory_check, run_bench
 
 def test_bench_smoke(synthetic_root, tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # onnx=False: the ONNX latency (an export, tens of seconds) is tested on test_export.py's export.
     result = run_bench(data="synthetic", root=synthetic_root, img_size=48, device="cpu", batch_size=8, n_batches=2,
-                       json_path=out, progress=False, latency_runs=2)
+                       json_path=out, progress=False, latency_runs=2, onnx=False)
     assert set(result) == {"machine", "model", "img_size", "device", "data", "feed_img_s", "train_img_s",
-                           "cache_build_img_s", "predict_gradcam_ms"}
+                           "cache_build_img_s", "predict_gradcam_ms", "predict_ms"}
     assert set(result["machine"]) == {"cpu", "cores", "gpu"} and result["machine"]["cores"] >= 1
     assert result["model"] == "mobilenet_v2" and result["img_size"] == 48 and result["device"] == "cpu"
     assert result["data"].startswith("synthetic:")
@@ -23,8 +24,13 @@ def test_bench_smoke(synthetic_root, tmp_path, capsys):
     numbers = [*result["feed_img_s"].values(), *result["train_img_s"].values(), result["cache_build_img_s"],
                *result["predict_gradcam_ms"].values()]
     assert all(isinstance(v, float) and v > 0 for v in numbers)
+    cpu = result["predict_ms"]
+    assert set(cpu) == {"torch_cpu", "onnxruntime_cpu"} and cpu["torch_cpu"]["median"] > 0
+    assert cpu["onnxruntime_cpu"] is None
     assert json.loads(out.read_text()) == result
-    assert "host feed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "host feed" in printed and "predict, one image, CPU: PyTorch median" in printed
+    assert "onnxruntime not timed" in printed
 
 
 def test_table_and_machine():

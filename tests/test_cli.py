@@ -19,11 +19,11 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     proc = _run("--help")
     assert proc.returncode == 0
-    for name in ("demo", "download", "audit", "train", "evaluate", "explain", "predict", "bench", "serve", "cache",
-                 "wheelhouse"):
+    for name in ("demo", "download", "audit", "train", "evaluate", "explain", "predict", "bench", "export", "serve",
+                 "cache", "wheelhouse"):
         assert name in proc.stdout
     assert set(COMMANDS) == {"demo", "download", "audit", "train", "evaluate", "explain", "predict", "bench",
-                             "serve", "cache", "wheelhouse"}
+                             "export", "serve", "cache", "wheelhouse"}
 
 
 def test_train_flags_map_onto_the_config():

@@ -10,6 +10,10 @@ Figures (DESIGN.md, "bench JSON"):
 - cache_build_img_s: the one-time decode into a fresh cache.
 - predict_gradcam_ms: one 512 px image from file to probability and Grad-CAM, median and p90 after
   warm-up.
+- predict_ms: one decoded 512 px image to its probability on the CPU, no Grad-CAM: PyTorch
+  (``preprocess`` + the model) beside onnxruntime (the numpy contract + the model exported to ONNX,
+  as ``serve --onnx`` runs it), with the same number of threads; onnxruntime is null where it (or
+  the exporter) is not installed.
 
 `python -m xrai.bench --memory-gb 3.5` is the memory check: it writes a cache of that size and iterates
 it, showing that anonymous memory (RssAnon) stays flat while the file's pages come and go.
@@ -156,6 +160,7 @@ def run_bench(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     latency_runs: int = 20,
+    onnx: bool = True,
 ) -> dict:
     """Measure both input paths, the model's ceiling and one prediction with Grad-CAM; print a table.
 
@@ -172,6 +177,7 @@ def run_bench(
         progress: progress bars for loading and the cache build.
         cache_dir: where the freshly built (and afterwards removed) cache goes; default under xrai_home().
         latency_runs: timed repetitions of the predict + Grad-CAM latency.
+        onnx: time onnxruntime beside PyTorch (exports the model to ONNX; needs ``xrai[onnx]``).
     Returns:
         The dict of DESIGN.md's bench JSON.
     """
@@ -192,7 +198,7 @@ def run_bench(
     try:
         augmented = _measure(result, manifest, model=model, img_size=img_size, resize=resize, dev=dev,
                              batch_size=batch_size, n_train=n_train, base=base, progress=progress,
-                             latency_runs=latency_runs)
+                             latency_runs=latency_runs, onnx=onnx)
     finally:
         torch.backends.cudnn.benchmark = old_benchmark
     print(format_table(result, n_images=len(manifest), batch_size=batch_size, augmented=augmented))
@@ -202,11 +208,11 @@ def run_bench(
 
 
 def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, dev: torch.device,
-             batch_size: int, n_train: int, base: Path, progress: bool, latency_runs: int) -> float:
+             batch_size: int, n_train: int, base: Path, progress: bool, latency_runs: int, onnx: bool) -> float:
     """Fill `result` with the figures; return the cached feed rate including augmentation (table only)."""
     from xrai.data.cache import build_cache
     from xrai.data.loader import CachedBatches
-    from xrai.data.images import TruncatedImageWarning
+    from xrai.data.images import TruncatedImageWarning, read_image
     from xrai.models import create_model
 
     n_feed = max(n_train, 20)
@@ -244,6 +250,9 @@ def _measure(result: dict, manifest, *, model: str, img_size: int, resize: int, 
                 result["train_img_s"][name] = max(result["train_img_s"][name], rate)
         result["predict_gradcam_ms"] = _latency(net.eval(), paths=ok["path"].tolist(), image_size=img_size,
                                                 resize_size=resize, device=dev, runs=latency_runs, tmp=Path(tmp))
+        result["predict_ms"] = cpu_predict_latency(net, image=read_image(Path(tmp) / "probe512.png"),
+                                                   image_size=img_size, resize_size=resize, runs=latency_runs,
+                                                   onnx=onnx)
         del cached, cache  # the memmap must be closed before its folder goes
     return augmented
 
@@ -275,6 +284,65 @@ def _latency(model: nn.Module, *, paths: list[str], image_size: int, resize_size
     return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
 
 
+def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int, resize_size: int, runs: int,
+                        onnx: bool = True, session=None) -> dict:
+    """ms from a decoded image to its probability on the CPU: PyTorch, and onnxruntime on the same model.
+
+    Args:
+        model: the one-logit model (copied to the CPU; the original is left where it is).
+        image: a decoded uint8 (H, W) image.
+        image_size, resize_size: the preprocessing.
+        runs: timed calls after 3 warm-up calls.
+        onnx: also time onnxruntime (when installed); the model is exported to ONNX for it.
+        session: an onnxruntime session of this very model (an export made elsewhere) instead.
+    Returns:
+        {"torch_cpu": {"median", "p90"}, "onnxruntime_cpu": {"median", "p90"} or None}.
+    """
+    import copy
+
+    from xrai.data.augment import preprocess
+    from xrai.data.contract import InputContract, prepare
+    from xrai.export import CalibratedModel, example_batch, onnx_available, onnx_bytes
+
+    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+    wrapped = CalibratedModel(cpu_model).eval()
+
+    def torch_once() -> float:
+        x = preprocess([image], image_size=image_size, resize_size=resize_size)
+        with torch.inference_mode():
+            return float(wrapped(x)[1][0])
+
+    out = {"torch_cpu": _timed(torch_once, runs), "onnxruntime_cpu": None}
+    contract = InputContract(image_size=image_size, resize_size=resize_size)
+    if session is None and onnx and onnx_available():
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # like for like with PyTorch's threads
+        session = ort.InferenceSession(onnx_bytes(wrapped, example_batch(contract, batch=2)), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+    if session is not None:
+
+        def onnx_once() -> float:
+            return float(session.run(["probability"], {"input": prepare([image], contract)})[0][0])
+
+        out["onnxruntime_cpu"] = _timed(onnx_once, runs)
+    return out
+
+
+def _timed(predict: Callable[[], float], runs: int) -> dict:
+    """Median and p90 ms of ``predict()`` after 3 warm-up calls; checks it returns a probability."""
+    times = []
+    for i in range(3 + runs):
+        start = time.perf_counter()
+        probability = predict()
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1000)
+    if not 0.0 <= probability <= 1.0:
+        raise RuntimeError(f"the latency probe gave a probability of {probability}")
+    return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
+
+
 def format_table(result: dict, *, n_images: int | None = None, batch_size: int | None = None,
                  augmented: float | None = None) -> str:
     """The bench's small table."""
@@ -295,6 +363,11 @@ def format_table(result: dict, *, n_images: int | None = None, batch_size: int |
              f"{'cache build (one-time)':<28}{result['cache_build_img_s']:>10,.0f}",
              f"predict + Grad-CAM, one 512 px image: median {result['predict_gradcam_ms']['median']:.0f} ms, "
              f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
+    cpu = result.get("predict_ms")
+    if cpu:
+        onnx = cpu.get("onnxruntime_cpu")
+        lines.append(f"predict, one image, CPU: PyTorch median {cpu['torch_cpu']['median']:.1f} ms, onnxruntime "
+                     + (f"median {onnx['median']:.1f} ms" if onnx else 'not timed (run_bench(onnx=False), or pip install "xrai[onnx]")'))
     return "\n".join(lines)
 
 
