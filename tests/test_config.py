@@ -6,10 +6,12 @@ from xrai.config import TrainConfig
 
 
 def test_json_round_trip(tmp_path):
-    cfg = TrainConfig(data="fracatlas", model="resnet18", body_part="wrist,hand", loggers=["mlflow"], epochs=7)
+    cfg = TrainConfig(data="fracatlas", model="resnet18", body_part="wrist,hand", loggers=["mlflow"], epochs=7,
+                      deterministic=True, val_fraction=0.2, test_fraction=0.1)
     cfg.to_json(tmp_path / "config.json")
     assert TrainConfig.from_json(tmp_path / "config.json") == cfg
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_json(cfg.to_json()).deterministic is True and TrainConfig().deterministic is False
 
 
 def test_keyword_only():
@@ -24,6 +26,7 @@ def test_keyword_only():
     ("prune_sparsity", 1.0, "prune_sparsity"),
     ("epochs", 0, "epochs"),
     ("loggers", ["tensorboard"], "unknown loggers"),
+    ("val_fraction", 0.9, r"val_fraction \+ test_fraction must be < 1"),
 ])
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -43,13 +43,15 @@ def fake_hub(tmp_path, monkeypatch):
     return hub
 
 
-def test_slugs():
-    assert DATASETS == {
-        "mura": "cjinny/mura-v11",
-        "fracatlas": "mahmudulhasantasin/fracatlas-original-dataset",
-        "multiregion": "bmadushanirodrigo/fracture-multi-region-x-ray-data",
-        "bonefracture": "vuppalaadithyasairam/bone-fracture-detection-using-xrays",
-    }
+def test_every_dataset_is_a_source_and_downloads_by_its_slug(monkeypatch, fake_hub, no_kaggle_input):
+    from xrai.data import SOURCES
+
+    monkeypatch.setattr(dl, "_network_ok", lambda *a, **k: True)
+    for name in DATASETS:
+        assert name in SOURCES  # what download() fetches, load() can read
+        assert download(name) == fake_hub.result
+    assert [handle for handle, _ in fake_hub.calls] == list(DATASETS.values())
+    assert all(len(handle.split("/")) == 2 and all(handle.split("/")) for handle in DATASETS.values())
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -157,7 +157,9 @@ def test_evaluate_external_uses_run_threshold(run, synthetic_manifest):
     assert list(report) == DESIGN_REPORT_KEYS
     assert report["threshold"] == run_threshold(run) and report["threshold_from"] == "valid"
     assert report["split"] == "external" and report["image"]["n"] == len(external)
-    assert (run / "report_external.json").is_file() and (run / "predictions_external.csv").is_file()
+    saved = json.loads((run / "report_external.json").read_text())
+    assert (saved["split"], saved["threshold"], saved["image"]["n"]) == ("external", report["threshold"], len(external))
+    assert len(pd.read_csv(run / "predictions_external.csv")) == len(external)
     with pytest.raises(ValueError, match="plain word"):
         evaluate_external(run, external, name="test")
 

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image, ImageFile
 
 from xrai.data.images import (
-    DECODER_VERSION,
     ImageError,
     TruncatedImageWarning,
     letterbox,
@@ -38,10 +37,6 @@ def _truncated_jpeg(path: Path, size: int = 256, keep: float = 0.6) -> Path:
     data = buf.getvalue()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
-
-
-def test_decoder_version_is_a_string():
-    assert isinstance(DECODER_VERSION, str) and DECODER_VERSION
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _checks import assert_picture
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -282,6 +283,8 @@ def _check_artifacts(run_dir: Path, *, epochs: int = 1, body_part: str | None = 
     report = json.loads((run_dir / "report_test.json").read_text())
     assert report["threshold_from"] == "valid" and "auroc" in report["image"]
     assert quickstart or list((run_dir / "gradcam" / "browser").glob("*.png")), "the browser drew no overlay"
+    for figure in [*run_dir.glob("*.png"), *run_dir.glob("eda/*.png"), *run_dir.glob("gradcam/**/*.png")]:
+        assert_picture(figure, min_side=64)  # every figure a real picture, not an empty canvas
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["epochs"], config["pretrained"]) == (epochs, False)
     assert not pd.read_csv(run_dir / "manifest.csv")["path"].str.startswith("/").any(), "absolute paths on disk"

@@ -25,6 +25,13 @@ def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "synthet
     p.add_argument("--root", default=None, help="dataset folder; omitted: download it (or the synthetic default)")
 
 
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="share of images for valid where the source has no valid split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=TrainConfig.test_fraction,
+                   help="share of images for test where the source has no test split (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xrai",
@@ -46,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
 
     p = sub.add_parser("train", help="train a classifier (resumable)")
     _add_data_args(p)
@@ -68,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
     p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels, no cuDNN autotuning (slower; for bit-exact reruns)")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
@@ -97,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--markdown", default=None, metavar="FILE.json",
+                   help="measure nothing: print the README's performance table from a saved bench JSON")
 
     from xrai.wheelhouse import KAGGLE_PLATFORM, KAGGLE_PYTHON
 
@@ -143,17 +156,19 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _load_manifest(data: str, root: str | None, seed: int = 0):
+def _load_manifest(data: str, root: str | None, seed: int = 0, *, val_fraction: float = TrainConfig.val_fraction,
+                   test_fraction: float = TrainConfig.test_fraction):
     from xrai.data import load
 
-    return load(data, root=root, seed=seed)
+    return load(data, root=root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 def cmd_audit(args) -> int:
     from xrai.data import audit, audit_summary, save_manifest
 
     out = Path(args.out)
-    manifest = _load_manifest(args.data, args.root, args.seed)
+    manifest = _load_manifest(args.data, args.root, args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction)
     save_manifest(manifest, out)
     table = audit(manifest)
     atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
@@ -171,7 +186,8 @@ def _train_config(args) -> TrainConfig:
         freeze=args.freeze, head=args.head, dropout=args.dropout, optimizer=args.optimizer,
         scheduler=args.scheduler, patience=args.patience, monitor=args.monitor,
         prune_sparsity=args.prune_sparsity, input_path=args.input_path, num_workers=args.num_workers,
-        seed=args.seed, loggers=args.loggers,
+        seed=args.seed, loggers=args.loggers, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        deterministic=args.deterministic,
     )
 
 
@@ -185,7 +201,8 @@ def cmd_train(args) -> int:
     if (run_dir / "manifest.csv").is_file():
         manifest = read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
     else:
-        manifest = _load_manifest(config.data, config.root, config.seed)
+        manifest = _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                                  test_fraction=config.test_fraction)
     result = fit(config, manifest, run_dir, resume=args.resume)
     _save_curves(run_dir)
     print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run folder: {run_dir}")
@@ -278,8 +295,14 @@ def cmd_explain(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from xrai.bench import run_bench
+    from xrai.bench import markdown_table, run_bench
 
+    if args.markdown:
+        path = Path(args.markdown)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
+        print(markdown_table(json.loads(path.read_text())))
+        return 0
     run_bench(data=args.data, root=args.root, model=args.model, img_size=args.img_size, device=args.device,
               json_path=args.json)
     return 0

@@ -43,6 +43,9 @@ class TrainConfig:
     checkpoint all use these names.
 
     ``body_part`` is ``"all"``, one part (``"wrist"``) or several joined by commas (``"wrist,hand"``).
+    ``val_fraction`` / ``test_fraction`` are the shares of images ``xrai.data.load`` puts in valid / test
+    where the source has no such split (MURA has an official valid split, FracAtlas none); a run folder
+    that already holds manifest.csv keeps its split.
     ``img_size`` of ``None`` means 224, or 128 on the synthetic set (its phantoms carry a line that is
     plainly visible at 128 px, which keeps the CPU demo within minutes).
     """
@@ -84,6 +87,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"
+    deterministic: bool = False  # GPU: no cuDNN autotuning, deterministic kernels (slower); see README
     max_batches: int = 0
     loggers: list[str] = field(default_factory=list)
     experiment: str = "xrai"

@@ -3,12 +3,14 @@ run folder can live (Google Drive in Colab; a writable copy in Kaggle's working 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform as _platform
 import random
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,6 +226,45 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what CUDA's docs ask for deterministic cuBLAS (":16:8" works too, slower)
+
+
+@contextlib.contextmanager
+def backend_settings(device, *, deterministic: bool = False) -> Iterator[None]:
+    """Run a block with the backend settings training wants; the previous global settings come back after.
+
+    deterministic=False: cuDNN autotuning on CUDA (``cudnn.benchmark``, the fastest kernels, which may
+    differ from run to run). deterministic=True: no autotuning, ``cudnn.deterministic``,
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op with no deterministic kernel
+    warns, naming itself, instead of stopping a long run) and ``CUBLAS_WORKSPACE_CONFIG`` set when unset.
+    cuBLAS reads that variable when CUDA starts, so it is set before any CUDA work where possible; a
+    warning says so when CUDA was already in use.
+    """
+    import torch
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        if deterministic:
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    import warnings
+
+                    warnings.warn("deterministic=True: CUDA was already in use when CUBLAS_WORKSPACE_CONFIG was set, "
+                                  f"so cuBLAS may not honour it; set CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} "
+                                  "before the first CUDA call (first cell / shell) for bit-exact runs", stacklevel=3)
+            cudnn.benchmark, cudnn.deterministic = False, True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        elif getattr(device, "type", str(device)) == "cuda":
+            cudnn.benchmark = True
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def xrai_home() -> Path:

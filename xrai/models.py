@@ -37,6 +37,7 @@ from xrai.pruning import (
 __all__ = [
     "DEFAULT_MODEL",
     "MODELS",
+    "DenseNetBackbone",
     "ModelSpec",
     "PretrainedWeightsError",
     "SynFlowReport",
@@ -141,6 +142,27 @@ class XraiClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class DenseNetBackbone(nn.Module):
+    """torchvision's DenseNet trunk (``features``, ending in ``norm5``), its final ReLU as an out-of-place
+    module, global average pooling: DenseNet.forward without the classifier.
+
+    Why not torchvision's forward: it applies that ReLU functionally *in place* on norm5's output, after
+    a forward hook on norm5 has stored it; grad-cam's stored activation is then the post-ReLU tensor on
+    a CPU (the same storage) but a pre-ReLU copy on CUDA, so the map depended on the device. Here the
+    ReLU is a module whose output nothing modifies, and it is the Grad-CAM layer. The state dict keys
+    (``features.*``) are torchvision's, so earlier checkpoints load unchanged.
+    """
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.relu = nn.ReLU(inplace=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.relu(self.features(x))), 1)
+
+
 def create_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -179,6 +201,8 @@ def create_model(
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # the host answered, the download failed
         raise PretrainedWeightsError(_weights_help(spec, f"downloading them failed ({err})")) from err
     features = _remove_classifier(backbone, spec.family)
+    if spec.family == "densenet":
+        backbone = DenseNetBackbone(backbone.features)
     if head == "linear":
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         head_module = nn.Sequential(*layers, nn.Linear(features, 1))
@@ -193,14 +217,13 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM target layer: the last block of the convolutional feature extractor.
 
     mobilenet and efficientnet: ``features[-1]`` (the last conv-BN-activation block); resnet:
-    ``layer4[-1]``; densenet: ``features[-1]``, i.e. ``norm5``. DenseNet's last module with a spatial
-    output is norm5 (the ReLU after it is functional, inside ``DenseNet.forward``, so there is no module
-    to hook); its output is the 1664-channel map that the classifier pools, it normalises
-    ``denseblock4``'s concatenation of every earlier layer's features so channels are comparable, and it
-    is pytorch-grad-cam's documented choice for DenseNet. The gradients Grad-CAM reads there already
-    pass through that functional ReLU.
+    ``layer4[-1]``; densenet: ``DenseNetBackbone.relu``, the ReLU after ``norm5``: its output is the
+    1664-channel map the head pools (the standard Grad-CAM feature map A), and since nothing modifies it
+    in place the map is the same on every device (see DenseNetBackbone).
     """
     backbone = getattr(model, "backbone", model)
+    if isinstance(backbone, DenseNetBackbone):
+        return backbone.relu
     if hasattr(backbone, "layer4"):
         return backbone.layer4[-1]
     if isinstance(getattr(backbone, "features", None), nn.Sequential):

@@ -13,7 +13,8 @@ optimizer state (last.pt is the one to resume from).
 
 Exact resume: every random draw is either restored from the checkpoint (python, numpy, torch, CUDA
 RNGs, which dropout uses) or derived from (seed, epoch) by the batch sources, so a run killed during
-epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU.
+epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU;
+on a GPU only with config.deterministic (cuDNN autotuning picks kernels by timing otherwise).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state,
 from xrai.config import TrainConfig
 from xrai.data import filter_body_parts, require_columns, save_manifest
 from xrai.data.dataset import ClassicBatches
-from xrai.env import autocast_dtype, get_device, seed_everything
+from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError
 from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
 from xrai.models import create_model, prune_synflow, restore_pruning
@@ -232,9 +233,11 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: bool = True) -> FitResult:
     """Train `config.model` on the manifest's train split, validating on "valid" each epoch.
 
-    Writes RUN_DIR/config.json, manifest.csv (when absent), history.csv, checkpoints/last.pt (every
-    epoch) and checkpoints/best.pt (when the monitor improves), all atomically, and nothing at all until
-    the config, the data (columns, both labels in train, a valid split) and the model have been checked.
+    Writes RUN_DIR/config.json (with input_path resolved to the path used), manifest.csv (when absent),
+    history.csv, checkpoints/last.pt (every epoch) and checkpoints/best.pt (when the monitor improves),
+    all atomically, and nothing at all until the config, the data (columns, both labels in train, a valid
+    split) and the model have been checked.
+    Runs under `env.backend_settings` (config.deterministic), which puts the global settings back after.
 
     Args:
         config: the run's settings.
@@ -244,10 +247,18 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: show tqdm bars and a line per epoch (logging at INFO otherwise).
     Raises:
         FileExistsError: run_dir already holds a run and resume is False.
-        ValueError: resuming with a different config (the differing fields are named), or a split
+        ValueError: resuming with a different config (the differing fields are named; input_path "auto"
+            resumes on the path the run recorded, another explicit path is refused), or a split
             without both labels; ManifestError (a ValueError): a column fit() reads is missing.
         TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
     """
+    with backend_settings(get_device(config.device), deterministic=config.deterministic):
+        return _fit(config, manifest, run_dir, resume=resume, progress=progress)
+
+
+def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike, *, resume: bool,
+         progress: bool) -> FitResult:
+    """fit()'s body, under the backend settings of config.deterministic."""
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     state = resume_state(config.to_dict(), last_path, resume=resume)
@@ -262,8 +273,6 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     device = get_device(config.device)
     if state is None:
         seed_everything(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     train_rows, valid_rows = _split_rows(manifest, config)
     monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
     model = _build_model(config, device, state, say, progress)

@@ -49,7 +49,7 @@ from xrai.env import cpu_count, xrai_home
 from xrai.errors import UserError
 from xrai.fileio import exclusive_lock
 
-__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "build_lock_path", "cache_fits",
+__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "build_lock_path", "cache_fits", "complete_cache_folder",
            "default_cache_dir", "find_cache", "read_meta", "remove_dead_builds"]
 
 logger = logging.getLogger(__name__)
@@ -395,3 +395,17 @@ def _write_meta(tmp: Path, meta: dict) -> None:
         json.dump(meta, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+
+
+def complete_cache_folder(folder: str | os.PathLike, paths: Sequence[str], *, size: int, key: str) -> ImageCache:
+    """Make a folder whose images.npy ((len(paths), size, size) uint8) the caller wrote into a complete
+    cache (index.csv with every row good, an empty bad.csv, meta.json last) and open it.
+
+    For tools that write pixels themselves, such as the bench's memory check; the files' sizes and
+    times are recorded as 0, so build_cache never mistakes such a folder for a cache of real files.
+    """
+    folder = Path(folder)
+    _write_tables(folder, [(str(p), 0, 0) for p in paths], [])
+    _write_meta(folder, {"format": CACHE_FORMAT, "key": key, "size": int(size), "n": len(paths), "n_bad": 0,
+                         "decoder_version": _images.DECODER_VERSION})
+    return ImageCache.open(folder)
