@@ -62,6 +62,24 @@ def demo_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, synthetic_manifest) -> Path:
+    """An untrained MobileNetV2 run (64 px) on the tiny synthetic set, evaluated on valid: a run folder as
+    predict, evaluate, serve and export take it, made in seconds where the demo takes minutes."""
+    import inspect
+
+    from test_app import build_fake_run
+
+    from xrai.data import save_manifest
+    from xrai.evaluate import evaluate_run
+
+    run = build_fake_run(tmp_path_factory.mktemp("evaluated"), image_size=64, name="evaluated-run")
+    save_manifest(synthetic_manifest, run)
+    quick = {"explain_images": 0} if "explain_images" in inspect.signature(evaluate_run).parameters else {}
+    evaluate_run(run, split="valid", progress=False, n_bootstrap=50, device="cpu", **quick)
+    return run
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module: on a shared 2-core machine two threads contend and run

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 # Identifying values written into every test file; no output of xrai may ever contain one of them.
-PATIENT_NAME = "Doe^Janet"
+PATIENT_NAME = "Zyxwulf^Quonstance"  # words that appear nowhere else, not even by chance in base64
 PATIENT_ID = "PID-7731-SECRET"
 PATIENT_TAGS = {"PatientName": PATIENT_NAME, "PatientID": PATIENT_ID, "PatientBirthDate": "19610417",
                 "InstitutionName": "St Hidden Hospital", "AccessionNumber": "ACC99812"}
-SECRETS = ("Doe^Janet", "Doe", "Janet", PATIENT_ID, "19610417", "St Hidden", "ACC99812")
+SECRETS = ("Zyxwulf", "Quonstance", PATIENT_ID, "19610417", "St Hidden", "ACC99812")
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -74,8 +74,10 @@ def write_dicom(path: str | Path, pixels: np.ndarray, *, photometric: str = "MON
         from pydicom.dataset import Dataset
 
         item = Dataset()
-        item.add_new(0x00283002, "US", [len(voi_lut), 0, 16])  # LUT Descriptor: entries, first mapped, bits
-        item.add_new(0x00283006, "US", [int(v) for v in voi_lut])  # LUT Data
+        entries = len(voi_lut) % 65536  # 0 stands for 2**16 entries (PS3.3 C.11.2.1.1)
+        item.add_new(0x00283002, "US", [entries, 0, 16])  # LUT Descriptor: entries, first value mapped, bits
+        # LUT Data: OW (its other allowed VR), as US cannot hold more than 32,767 entries in explicit VR.
+        item.add_new(0x00283006, "OW", np.asarray(voi_lut, dtype="<u2").tobytes())
         ds.VOILUTSequence = [item]
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     if compress is not None:

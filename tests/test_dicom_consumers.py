@@ -42,9 +42,9 @@ def _as_monochrome1(image: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def test_images(demo_run) -> list[Path]:
-    predictions = pd.read_csv(demo_run / "predictions_test.csv")
-    return [Path(p) for p in predictions.sort_values("probability")["path"].iloc[[0, -1]]]  # one of each end
+def test_images(synthetic_manifest) -> list[Path]:
+    test = synthetic_manifest[synthetic_manifest["split"] == "test"].sort_values("label")
+    return [Path(p) for p in test["path"].iloc[[0, -1]]]  # a normal and an abnormal one
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,11 @@ def pairs(test_images, tmp_path_factory) -> list[tuple[Path, Path]]:
     return out
 
 
-def test_dicom_uploaded_and_predicted_matches_the_windowed_png(demo_run, pairs, capsys, caplog):
+def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pairs, capsys, caplog):
     from xrai.app import create_app
     from xrai.data.images import read_image
 
-    client = create_app(demo_run).test_client()
+    client = create_app(evaluated_run).test_client()
     caplog.set_level(logging.DEBUG)
     for dcm, png in pairs:
         np.testing.assert_array_equal(read_image(dcm), read_image(png))
@@ -91,19 +91,19 @@ def test_dicom_uploaded_and_predicted_matches_the_windowed_png(demo_run, pairs, 
         assert "PNG, JPEG or DICOM" in page and 'id="overlay"' in page
         _no_secrets(page, "the result page")
 
-        assert main(["predict", "--run", str(demo_run), str(dcm), str(png)]) == 0
+        assert main(["predict", "--run", str(evaluated_run), str(dcm), str(png)]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
         assert [line["path"] for line in lines] == [str(dcm), str(png)]
         assert lines[0]["probability"] == lines[1]["probability"] == round(answers[".dcm"], 6)
     _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
 
 
-def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(demo_run, test_images, tmp_path,
-                                                                              capsys, caplog):
+def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(evaluated_run, test_images, tmp_path,
+                                                                              capsys, caplog, recwarn):
     from xrai.data.images import read_image
 
     run = tmp_path / "run"
-    shutil.copytree(demo_run, run)  # evaluate writes into the run folder: not into the shared demo run
+    shutil.copytree(evaluated_run, run)  # evaluate writes into the run folder: not into the shared one
     dataset = tmp_path / "ward"
     for label, source in zip(("normal", "abnormal"), test_images):
         folder = dataset / label
@@ -135,16 +135,18 @@ def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(de
     captured = capsys.readouterr()
     _no_secrets(captured.out + captured.err, "the CLI's output")
     _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+    _no_secrets("\n".join(str(w.message) for w in recwarn), "the warnings")
+    assert any("cut.dcm" in str(w.message) for w in recwarn)  # the dropped files are named
     for path in [*run.rglob("*"), *(tmp_path / "cams").rglob("*")]:
         if path.is_file() and path.suffix in (".csv", ".json", ".txt", ".md", ".png"):
             _no_secrets(path.read_bytes().decode("latin-1"), str(path))
         _no_secrets(path.name, "a file name")
 
 
-def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(demo_run, tmp_path, caplog):
+def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run, tmp_path, caplog):
     from xrai.app import create_app
 
-    client = create_app(demo_run).test_client()
+    client = create_app(evaluated_run).test_client()
     caplog.set_level(logging.DEBUG)
     whole = write_dicom(tmp_path / "a.dcm", np.full((64, 64), 3000, dtype=np.uint16)).read_bytes()
     cases = {"cut.dcm": whole[:-1000], "sr.dcm": write_report(tmp_path / "sr.dcm").read_bytes(),
