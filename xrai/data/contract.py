@@ -65,7 +65,7 @@ class InputContract:
     def from_dict(cls, data: Mapping[str, Any]) -> "InputContract":
         """Read back ``to_dict()`` (a sidecar's ``input``); unknown keys are refused, naming them."""
         known = {"image_size", "resize_size", "resize", "mean", "std"}
-        extra = sorted(set(data) - known - {"layout", "dtype", "channels", "steps"})
+        extra = sorted(set(data) - known - {"name", "layout", "dtype", "channels", "steps"})  # descriptive keys
         if extra:
             raise ValueError(f"unknown preprocessing keys {extra}; this xrai reads {sorted(known)}")
         values = {k: data[k] for k in known if k in data}
