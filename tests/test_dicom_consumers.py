@@ -96,7 +96,8 @@ def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pa
         assert main(["predict", "--run", str(evaluated_run), str(dcm), str(png)]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
         assert [line["path"] for line in lines] == [str(dcm), str(png)]
-        assert lines[0]["probability"] == lines[1]["probability"] == round(answers[".dcm"], 6)
+        assert lines[0]["probability"] == lines[1]["probability"]  # DICOM and PNG: the very same answer
+        assert abs(lines[0]["probability"] - answers[".dcm"]) <= 1e-5  # the app batches and hooks differently
     assert len(seen) == len(pairs)  # the model's answer depends on the image: equal answers mean equal pixels
     _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
 
