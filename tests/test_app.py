@@ -124,7 +124,7 @@ def test_healthz(client):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok", "model": "mobilenet_v2", "run": "fake-run", "threshold": 0.5,
-                                   "threshold_note": "default: the run has not been evaluated", "backend": "pytorch"}
+                                   "threshold_note": "default: the run has not been evaluated"}
 
 
 def test_api_predict(client):
@@ -199,9 +199,12 @@ def test_form_upload_shows_result(client):
 
 def test_threshold_comes_from_the_evaluated_run(tmp_path):
     from xrai.app import create_app
+    from xrai.inference import checkpoint_sha256
 
     run = build_fake_run(tmp_path)
-    (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.73}))
+    sha = checkpoint_sha256(run / "checkpoints" / "best.pt")  # a threshold holds for the checkpoint it was chosen on
+    (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.73,
+                                                       "checkpoint": {"sha256": sha}}))
     client = create_app(run).test_client()
     assert client.get("/healthz").get_json()["threshold"] == 0.73
     body = upload(client, xray_bytes()).get_json()
@@ -215,7 +218,7 @@ def test_model_is_loaded_once(fake_run, monkeypatch):
     from xrai.app import create_app
 
     calls = []
-    real = xrai.models.load_model  # the app imports it when it loads the run (torch stays out of its import)
+    real = xrai.models.load_model
     monkeypatch.setattr(xrai.models, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     client = create_app(fake_run).test_client()
     for _ in range(3):

@@ -99,9 +99,10 @@ def test_demo_end_to_end(demo_run):
     out = (demo_run / "demo_stdout.txt").read_text()
     for name in ("manifest.csv", "audit.csv", "config.json", "checkpoints/best.pt", "checkpoints/last.pt",
                  "history.csv", "predictions_valid.csv", "predictions_test.csv", "report_valid.json",
-                 "report_test.json"):
+                 "report_test.json", "model_card.md"):
         assert (demo_run / name).is_file() and (demo_run / name).stat().st_size > 0, name
-    for name in ("curves.png", "confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png"):
+    for name in ("curves.png", "confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png",
+                 "reliability_test.png"):
         assert_picture(demo_run / name, min_side=200)
     assert len(pd.read_csv(demo_run / "history.csv")) == 3  # the demo's three epochs
     assert len(pd.read_csv(demo_run / "predictions_test.csv")) == len(pd.read_csv(demo_run / "manifest.csv")
@@ -112,6 +113,36 @@ def test_demo_end_to_end(demo_run):
     test = json.loads((demo_run / "report_test.json").read_text())
     assert test["threshold"] == valid["threshold"] and test["threshold_from"] == "valid"
     assert "AUROC" in out and "report_test.json" in out and "gradcam" in out
+
+
+@pytest.mark.slow
+def test_demo_reports_thresholds_calibration_explanations_and_a_model_card(demo_run):
+    from xrai.explain import CAM_METHODS
+
+    out = (demo_run / "demo_stdout.txt").read_text()
+    valid = json.loads((demo_run / "report_valid.json").read_text())
+    test = json.loads((demo_run / "report_test.json").read_text())
+    # study and image thresholds, each chosen on valid and named beside the figures it made
+    assert valid["study_threshold"] is not None and test["study_threshold"] == valid["study_threshold"]
+    assert "at image threshold" in out and "at study threshold" in out
+    # ECE before and after the temperature fitted on valid; the screening operating point
+    for report in (valid, test):
+        ece = report["calibration"]["ece"]
+        assert 0 <= ece["uncalibrated"] <= 1 and 0 <= ece["calibrated"] <= 1
+    assert "ECE" in out and "screening point" in out
+    # ROAD per CAM method and the randomisation check on test; the pointing game beats chance
+    methods = test["explain"]["methods"]
+    assert set(methods) == set(CAM_METHODS)
+    for scores in methods.values():
+        assert scores["road_combined"]["n"] > 0 and scores["randomisation"]["n"] > 0
+    assert methods["gradcam"]["pointing_game"]["pointing_game"] > methods["gradcam"]["pointing_game"]["chance"]
+    assert "ROAD" in out and "randomisation check" in out
+    # no MURA baseline on a synthetic run
+    assert test["baseline"] is None and "DenseNet-169" not in out
+    card = (demo_run / "model_card.md").read_text()
+    assert "research and teaching, not diagnosis" in card and "Known limits" in card
+    assert f"Image threshold {valid['threshold']:.3f}" in card and f"study threshold {valid['study_threshold']:.3f}" in card
+    assert "ECE" in card and "ROAD" in card and "Spearman" in card and "model_card.md" in out
 
 
 @pytest.mark.slow

@@ -115,6 +115,8 @@ def test_load_fracatlas_keeps_duplicates_together(mini_fracatlas):
     assert len(m) == 40 and set(m["split"]) == {"train", "valid", "test"}
     dup = m[m["image_id"].isin(["IMG0000000.jpg", "IMG0000039.jpg"])]
     assert dup["split"].nunique() == 1 and set(dup["label"]) == {0, 1}
+    # the groups the split kept together stay in the manifest, for the bootstrap to resample
+    assert dup["group"].nunique() == 1 and m["group"].nunique() == 39
     assert "duplicate" in m.attrs["split_method"]
     assert m.attrs["source"] == "fracatlas"
 

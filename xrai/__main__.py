@@ -219,24 +219,60 @@ def _save_curves(run_dir: Path) -> None:
 
 
 def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[str, dict]:
+    """Evaluate each split in turn; the explanation scores (tens of seconds on a CPU) on the last one."""
     from xrai import plots
     from xrai.evaluate import evaluate_run
 
     reports = {}
     for split in splits:
-        reports[split] = evaluate_run(run_dir, split=split, tta=tta)
+        explain = None if split == splits[-1] else 0  # None: the default sample
+        reports[split] = evaluate_run(run_dir, split=split, tta=tta, explain_images=explain)
         plots.save_run_figures(run_dir, split)
     return reports
 
 
 def _headline(report: dict) -> str:
+    """One line per report: image figures at the image threshold, study figures at the study threshold;
+    the MURA baseline only on MURA runs, with what it was measured on."""
     image = report["image"]
     parts = [f"{report['split']}: n={image['n']}", f"AUROC {_fmt(image.get('auroc'))} {_ci(image.get('auroc_ci'))}",
              f"kappa {_fmt(image.get('kappa'))} {_ci(image.get('kappa_ci'))}",
-             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}"]
+             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}",
+             f"at image threshold {report['threshold']:.3f}"]
     if report.get("study"):
-        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} (MURA DenseNet-169 baseline 0.705)")
-    return ", ".join(parts) + f" at threshold {report['threshold']:.3f} (chosen on {report['threshold_from']})"
+        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} {_ci(report['study'].get('kappa_ci'))} "
+                     f"at study threshold {report['study_threshold']:.3f}")
+    line = ", ".join(parts) + f" (chosen on {report['threshold_from']})"
+    if report.get("baseline"):
+        line += (f"\n  MURA DenseNet-169 baseline study kappa {report['baseline']['study_kappa']['overall']:.3f}: "
+                 f"{report['baseline']['caveat']}")
+    return line
+
+
+def _extras(report: dict) -> list[str]:
+    """Calibration, the screening operating point and the explanation scores of a report, as lines."""
+    lines = []
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"  calibration: T={cal['temperature']:.3f} (fitted on valid); ECE ({cal['bins']} equal-width "
+                     f"bins) {cal['ece']['uncalibrated']:.3f} uncalibrated -> {cal['ece']['calibrated']:.3f}")
+    point = (report.get("operating_points") or {}).get("sensitivity")
+    if point:
+        lines.append(f"  screening point (sensitivity >= {point['target']:.2f} on valid): threshold "
+                     f"{point['threshold']:.3f} -> sensitivity {_fmt(point['image']['sensitivity'])}, specificity "
+                     f"{_fmt(point['image']['specificity'])}")
+    block = report.get("explain")
+    if block:
+        for method, v in block["methods"].items():
+            check = "passes" if v["randomisation"]["passes"] else "FAILS"
+            point = v.get("pointing_game")
+            lines.append(f"  {method}: ROAD {_fmt(v['road_combined']['mean'])}, randomisation check {check} "
+                         f"(Spearman {_fmt(v['randomisation']['spearman_mean'])})"
+                         + (f", pointing game {point['pointing_game']:.2f} (chance {point['chance']:.2f})"
+                            if point else ""))
+        lines.append(f"  (noise map ROAD {_fmt(block['noise_map']['road_combined']['mean'])}; "
+                     f"{block['sample']['n_images']} images, seed {block['sample']['seed']})")
+    return lines
 
 
 def _fmt(value) -> str:
@@ -254,24 +290,28 @@ def cmd_evaluate(args) -> int:
 
         report = evaluate_external(run_dir, _load_manifest(args.data, args.root))
         print(_headline(report))
+        print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
     splits = [args.split] if args.split else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
-    print(f"reports and figures in {run_dir}")
+        print("\n".join(_extras(report)))
+    print(f"reports and figures in {run_dir}; model card: {run_dir / 'model_card.md'}")
     return 0
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
-    from xrai.evaluate import run_threshold
     from xrai.explain import explain_paths
-    from xrai.models import load_model
+    from xrai.inference import load_run
 
-    model, config = load_model(run)
-    threshold = run_threshold(run)
-    results = explain_paths(model, config, images, threshold=threshold, out_dir=out, method=method,
-                            with_cam=out is not None)
+    loaded = load_run(run)  # a threshold chosen with another checkpoint is chosen again first
+    if loaded.point.source != "valid":
+        raise FileNotFoundError(f"no threshold for this checkpoint: {loaded.point.note}; run "
+                                f"`python -m xrai evaluate --run {run} --split valid` first")
+    threshold = loaded.threshold
+    results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
+                            with_cam=out is not None, temperature=loaded.temperature)
     failures = 0
     for r in results:
         if r.get("error"):
@@ -279,7 +319,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
             print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
-                "threshold": threshold}
+                "threshold": threshold, "temperature": round(loaded.temperature, 6)}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
         print(json.dumps(line), flush=True)
@@ -385,10 +425,12 @@ def cmd_demo(args) -> int:
     print()
     for report in reports.values():
         print(_headline(report))
+        print("\n".join(_extras(report)))
     print(f"done in {time.perf_counter() - start:.0f} s")
     print(f"reports : {run_dir / 'report_valid.json'}, {run_dir / 'report_test.json'}")
     print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
-          f"per_body_part_test.png")
+          f"per_body_part_test.png, reliability_test.png")
+    print(f"card    : {run_dir / 'model_card.md'}")
     galleries = sum(1 for key in pictures if key in ("tp", "fp", "fn"))
     print(f"Grad-CAM: {run_dir / 'gradcam'} ({galleries} galleries, {len(pictures) - galleries} single overlays)")
     print(f"next    : python -m xrai serve --run {run_dir}")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -152,35 +152,38 @@ class Predictor(BasePredictor):
 
     def __init__(self, run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> None:
         from xrai.env import get_device
-        from xrai.models import load_model
+        from xrai.inference import load_run
 
         super().__init__()
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.which = which
         self.device = get_device(device)
-        self.model, self.config = load_model(self.run_dir, which=which, device=self.device)
+        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
+        self.loaded = load_run(self.run_dir, which=which, device=self.device)
+        self.model, self.config = self.loaded.model, self.loaded.config
         self.model.eval()
         self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
-        self.threshold, self.threshold_note = _load_threshold(self.run_dir)
+        self.threshold = self.loaded.threshold
+        self.threshold_note = "" if self.loaded.point.source == "valid" else f"default: {self.loaded.point.note}"
+        if self.threshold_note:
+            logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
+                           self.run, self.loaded.point.note, self.run_dir)
 
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
-        import torch
-
         from xrai.data.augment import preprocess
         from xrai.explain import CamExplainer
 
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
                        device=self.device)
         if not with_cam:
-            with torch.inference_mode():
-                return float(torch.sigmoid(self.model(x).float().reshape(-1)[0])), None
+            return float(self.loaded.probabilities(x)[0][0]), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and
-        # the probability comes from the same forward pass as the map.
+        # the probability (calibrated) comes from the same forward pass as the map.
         with CamExplainer(self.model) as explainer:
             cam = explainer(x, target_class=1)[0]
-            probability = float(explainer.probabilities[0])
+            probability = float(self.loaded.calibrate(explainer.logits)[0])
         return probability, cam
 
     def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
@@ -222,7 +225,8 @@ class OnnxPredictor(BasePredictor):
 
 def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = None, which: str = "best",
                device: str = "cpu", threads: int | None = None) -> Flask:
-    """Build the Flask app serving one run or one ONNX export: GET/POST /, POST /api/predict, GET /healthz.
+    """Build the Flask app serving one run or one ONNX export: GET/POST /, POST /api/predict, GET /healthz,
+    GET /model_card.
 
     Args:
         run_dir: the run folder made by ``python -m xrai demo`` or ``train`` (PyTorch, Grad-CAM).
@@ -235,7 +239,7 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
         A ``flask.Flask`` app; the model is already loaded.
 
     Raises:
-        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_model``).
+        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_run``).
         ExportFileError: the export or its sidecar is missing or unreadable.
         ValueError: both or neither of run_dir and onnx.
     """
@@ -283,6 +287,14 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
     @app.get("/")
     def index():
         return page()
+
+    @app.get("/model_card")
+    def model_card():
+        path = predictor.run_dir / "model_card.md"
+        if not path.is_file():
+            return error(404, f"run {predictor.run} has no model_card.md: `python -m xrai evaluate --run "
+                              f"{predictor.run_dir}` writes it")
+        return Response(path.read_text(encoding="utf-8"), mimetype="text/markdown")
 
     @app.post("/")
     def upload_page():
@@ -345,18 +357,6 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
 
 def _status(exc: UploadError) -> int:
     return 413 if isinstance(exc, UploadTooLargeError) else 400
-
-
-def _load_threshold(run_dir: Path) -> tuple[float, str]:
-    """The run's threshold (chosen on validation), or 0.5 with a note when the run was never evaluated."""
-    from xrai.evaluate import run_threshold
-
-    try:
-        return float(run_threshold(run_dir)), ""
-    except FileNotFoundError:
-        logger.warning("run %s has no report_valid.json, so the threshold is 0.5; `python -m xrai evaluate "
-                       "--run %s` sets the run's own", run_dir.name, run_dir)
-        return 0.5, "default: the run has not been evaluated"
 
 
 _FILENAME_PARAM = re.compile(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', re.IGNORECASE)

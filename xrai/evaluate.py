@@ -1,11 +1,14 @@
-"""Score a run: predictions per image, report_<split>.json (DESIGN.md), the validation threshold.
+"""Score a run: predictions per image, report_<split>.json (DESIGN.md, extended), the model card.
 
-The threshold discipline: the decision threshold is chosen on the validation split only (Youden's J
-by default) and written in report_valid.json; every other split (test, an external set) reads it
-from there and never chooses its own.
+The threshold discipline: the temperature and the decision thresholds (image and study level, at
+Youden's J and at a target sensitivity) are chosen on the validation split only and written in
+report_valid.json with the sha256 of the checkpoint they were chosen with; every other split (test,
+an external set) reads them from there and never chooses its own. When the checkpoint changed
+since, valid is evaluated again first.
 
-The metric maths lives in ``xrai.metrics`` (re-exported here: compute_metrics, study_level,
-bootstrap_ci, choose_threshold, MURA_BASELINE).
+The metric maths lives in ``xrai.metrics``, the calibration maths in ``xrai.calibration``, the
+report's blocks in ``xrai.report`` (re-exported here: compute_metrics, study_level, bootstrap_ci,
+choose_threshold, MURA_BASELINE, build_report, per_body_part).
 """
 
 from __future__ import annotations
@@ -21,21 +24,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn import metrics as skm
 from torch import nn
 
 from xrai.fileio import atomic_write_json
+from xrai.calibration import apply_temperature
+from xrai.inference import RunModel, checkpoint_path, checkpoint_sha256, load_run, operating_point
 from xrai.metrics import (
     MURA_BASELINE,
     MURA_BASELINE_SOURCE,
     bootstrap_ci,
     choose_threshold,
-    classification_report,
     compute_metrics,
-    has_study_ids,
-    kappa_score,
-    resampling_groups,
+    mura_baseline,
     study_level,
+)
+from xrai.report import (
+    DEFAULT_TARGET_SENSITIVITY,
+    REPORT_KEYS,
+    Selection,
+    build_report,
+    calibration_block,
+    calibration_table,
+    choose_selection,
+    operating_points,
+    per_body_part,
+    per_part_table,
+    selection_from_report,
+    thresholds_table,
 )
 
 __all__ = [
@@ -45,22 +60,24 @@ __all__ = [
     "REPORT_KEYS",
     "bootstrap_ci",
     "build_report",
+    "calibration_table",
     "choose_threshold",
     "compute_metrics",
     "evaluate_external",
     "evaluate_run",
     "per_body_part",
+    "per_part_table",
     "predict",
     "read_predictions",
     "run_threshold",
     "study_level",
+    "thresholds_table",
 ]
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
-REPORT_KEYS = (
-    "split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
-    "per_body_part", "classification_report",
-)
+# After DESIGN.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
+# the manifest has it, the duplicate group the split kept together (the bootstrap resamples it).
+PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
 
 
 # ---- prediction ---------------------------------------------------------------------------------
@@ -76,10 +93,11 @@ def _read(path: str) -> tuple[np.ndarray | None, str | None]:
 
 
 def predict(
-    model: nn.Module,
+    model: nn.Module | RunModel,
     manifest: pd.DataFrame,
     *,
     config: Any = None,
+    temperature: float | None = None,
     batch_size: int = 64,
     tta: bool = False,
     device: str | torch.device = "auto",
@@ -92,16 +110,19 @@ def predict(
     in a thread pool one batch ahead of the model. Unreadable images are dropped with a warning.
 
     Args:
-        model: a one-logit classifier.
-        manifest: rows with at least ``path``; label, body_part, patient_id, study_id are carried over
-            when present (label -1 and "" otherwise).
-        config: the run's TrainConfig (image_size, resize_size); None uses TrainConfig's defaults for
-            the manifest's source.
-        tta: also score the horizontally flipped image and average the two probabilities.
+        model: a one-logit classifier, or a RunModel (its logits, device, config and temperature are then
+            used; ``device`` is ignored).
+        manifest: rows with at least ``path``; label, body_part, patient_id, study_id (and ``group``)
+            are carried over when present (label -1 and "" otherwise).
+        config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
+            TrainConfig's defaults for the manifest's source.
+        temperature: probability = sigmoid(logit / temperature); None: the RunModel's, else 1.
+        tta: also score the horizontally flipped image and average the two logits.
         device: "auto" (CUDA when there is one), "cpu", "cuda", ...
 
     Returns:
-        DataFrame with PREDICTION_COLUMNS, in manifest order, bad images left out.
+        DataFrame with PREDICTION_COLUMNS, then ``logit`` (and ``group``), in manifest order, bad
+        images left out.
     """
     from tqdm.auto import tqdm
 
@@ -110,18 +131,30 @@ def predict(
 
     if "path" not in manifest.columns:
         raise ValueError(f"predict needs a manifest with a 'path' column, got {list(manifest.columns)}")
+    if isinstance(model, RunModel):
+        # through RunModel.logits, so whatever stands behind a run (one model, a fold ensemble) predicts
+        config = model.config if config is None else config
+        temperature = model.temperature if temperature is None else temperature
+        dev, forward = model.device, model.logits
+    else:
+        dev = get_device(device) if isinstance(device, str) else torch.device(device)
+        module = model.to(dev).eval()
+        amp = autocast_dtype(dev) if dev.type == "cuda" else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                return module(x).float().reshape(x.shape[0], -1)[:, 0]
+
+    temperature = 1.0 if temperature is None else float(temperature)
     if config is None:
         from xrai.config import TrainConfig
 
         source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
         config = TrainConfig(data=source)
-    dev = get_device(device) if isinstance(device, str) else torch.device(device)
-    model = model.to(dev).eval()
-    amp = autocast_dtype(dev) if dev.type == "cuda" else None
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    probs = np.full(len(paths), np.nan)
+    logits = np.full(len(paths), np.nan)
     bad: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         pending = [pool.submit(_read, paths[i]) for i in batches[0]] if batches else []
@@ -135,94 +168,32 @@ def predict(
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
                            resize_size=config.resize_size, device=dev)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                p = torch.sigmoid(model(x).float().reshape(len(keep), -1)[:, 0])
-                if tta:
-                    p = (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float().reshape(len(keep), -1)[:, 0])) / 2
-            probs[[i for i, _ in keep]] = p.cpu().numpy()
+            z = forward(x)
+            if tta:
+                z = (z + forward(torch.flip(x, dims=[3]))) / 2
+            logits[[i for i, _ in keep]] = z.cpu().numpy()
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
         warnings.warn(f"dropped {len(bad)} unreadable image(s) from the predictions: {listed}"
                       + (" ..." if len(bad) > 5 else ""), UserWarning, stacklevel=2)
-    out = pd.DataFrame({"path": paths, "probability": probs})
+    out = pd.DataFrame({"path": paths, "probability": apply_temperature(np.nan_to_num(logits), temperature)})
     out["label"] = table["label"].astype(int) if "label" in table.columns else -1
     for col in ("body_part", "patient_id", "study_id"):
         out[col] = table[col].fillna("").astype(str) if col in table.columns else ""
-    return out[np.isfinite(out["probability"])].reset_index(drop=True)[PREDICTION_COLUMNS]
+    out["logit"] = logits
+    if "group" in table.columns:
+        out["group"] = table["group"].fillna("").astype(str)
+    columns = PREDICTION_COLUMNS + [c for c in PREDICTION_EXTRA_COLUMNS if c in out.columns]
+    return out[np.isfinite(out["logit"])].reset_index(drop=True)[columns]
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
     """A predictions_<split>.csv back, ids as strings ("" for none)."""
-    return pd.read_csv(path, dtype={c: str for c in ("path", "body_part", "patient_id", "study_id")},
+    return pd.read_csv(path, dtype={c: str for c in ("path", "body_part", "patient_id", "study_id", "group")},
                        keep_default_na=False)
 
 
-# ---- the report ---------------------------------------------------------------------------------
-
-
-def per_body_part(predictions: pd.DataFrame, threshold: float) -> dict[str, dict[str, Any]]:
-    """n, image AUROC, image kappa and study kappa for each body part (sorted by name).
-
-    Metrics a part cannot define (one class only) are None; study_kappa is None without study ids.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    studies = has_study_ids(predictions)
-    parts = predictions["body_part"].replace("", "unknown")
-    for part, frame in sorted(predictions.groupby(parts), key=lambda kv: str(kv[0])):
-        y = frame["label"].to_numpy(int)
-        p = frame["probability"].to_numpy(float)
-        row: dict[str, Any] = {
-            "n": int(len(frame)),
-            "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
-            "kappa": kappa_score(y, (p >= threshold).astype(int)),
-            "study_kappa": None,
-        }
-        if studies:
-            s = study_level(frame)
-            study_pred = (s["probability"].to_numpy() >= threshold).astype(int)
-            row["study_kappa"] = kappa_score(s["label"].to_numpy(int), study_pred)
-        out[str(part)] = row
-    return out
-
-
-def build_report(
-    predictions: pd.DataFrame,
-    *,
-    split: str,
-    threshold: float,
-    threshold_from: str,
-    split_method: str | None,
-    audit: dict[str, int | None],
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """report_<split>.json as DESIGN.md specifies it (keys REPORT_KEYS, in that order).
-
-    Confidence intervals resample patients where every image has one, else studies, else images; the
-    study block resamples patients (else studies). ``study`` is None when the source has no study ids.
-    """
-    if len(predictions) == 0:
-        raise ValueError(f"no predictions to report for split {split!r}")
-    groups, _ = resampling_groups(predictions)
-    image = compute_metrics(predictions["label"], predictions["probability"], threshold,
-                            groups=groups, n_bootstrap=n_bootstrap, seed=seed)
-    study = None
-    if has_study_ids(predictions):
-        s = study_level(predictions)
-        sgroups, _ = resampling_groups(s)
-        study = compute_metrics(s["label"], s["probability"], threshold, groups=sgroups,
-                                n_bootstrap=n_bootstrap, seed=seed, what="studies")
-    return {
-        "split": split,
-        "threshold": float(threshold),
-        "threshold_from": threshold_from,
-        "split_method": split_method or None,
-        "audit": audit,
-        "image": image,
-        "study": study,
-        "per_body_part": per_body_part(predictions, threshold),
-        "classification_report": classification_report(predictions["label"], predictions["probability"], threshold),
-    }
+# ---- writing a run's reports --------------------------------------------------------------------
 
 
 def _write_json(obj: Any, path: Path) -> Path:
@@ -244,7 +215,10 @@ def _audit_counts(run_dir: Path) -> dict[str, int | None]:
 
 
 def run_threshold(run_dir: str | Path) -> float:
-    """The run's decision threshold, as chosen on validation (report_valid.json).
+    """The run's image-level decision threshold, as chosen on validation (report_valid.json).
+
+    This reads the number as it stands; ``xrai.inference.load_run`` also checks that it was chosen
+    with the current checkpoint (and re-chooses it when not).
 
     Raises:
         FileNotFoundError: the run was never evaluated on valid; the message says how.
@@ -269,6 +243,55 @@ def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
     return rows
 
 
+def _valid_selection(run_dir: Path, *, which: str, tta: bool, **valid_options: Any) -> Selection:
+    """The Selection in report_valid.json, after evaluating valid when it is missing or was made with
+    another checkpoint (or without TTA when TTA is asked for now, or the other way round)."""
+    point, reason = operating_point(run_dir, checkpoint_sha256(checkpoint_path(run_dir, which)))
+    report = json.loads((run_dir / "report_valid.json").read_text(encoding="utf-8")) if point else {}
+    if point is not None and bool(report.get("tta", False)) != tta:
+        point, reason = None, f"report_valid.json was made with tta={report.get('tta', False)}, now tta={tta}"
+    if point is None:
+        if (run_dir / "report_valid.json").is_file():
+            from xrai.inference import StaleThresholdWarning
+
+            warnings.warn(f"{run_dir}: {reason}; evaluating valid again first", StaleThresholdWarning, stacklevel=3)
+        report = evaluate_run(run_dir, split="valid", which=which, tta=tta, **valid_options)
+    return selection_from_report(report)
+
+
+def _describe_split(split: str, split_method: str | None) -> str:
+    """What the figures are on, in words, for the baseline caveat."""
+    method = split_method or ""
+    if method.startswith("external"):
+        return f"an external set ({split})"
+    if split == "test" and "carved" in method:
+        return "a test split carved from MURA's train split"
+    if split == "valid":
+        return "MURA's public valid split" if method.startswith("official") else "this run's valid split"
+    return f"this run's {split} split"
+
+
+def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, *, split: str, threshold_from: str,
+           rows_attrs: dict[str, Any], audit: dict[str, int | None], tta: bool, n_bootstrap: int,
+           seed: int) -> dict[str, Any]:
+    """The whole report for calibrated predictions: DESIGN.md's blocks, then the extensions."""
+    report = build_report(pred, split=split, threshold=selection.threshold, threshold_from=threshold_from,
+                          split_method=rows_attrs.get("split_method"), audit=audit,
+                          study_threshold=selection.study_threshold, n_bootstrap=n_bootstrap, seed=seed)
+    source = str(rows_attrs.get("source") or "")
+    report.update({
+        "threshold_method": selection.method,
+        "operating_points": operating_points(pred, selection),
+        "calibration": calibration_block(pred, selection),
+        "checkpoint": {"file": f"checkpoints/{run.which}.pt", "sha256": run.checkpoint_sha256},
+        "tta": bool(tta),
+        "source": source or None,
+        "baseline": mura_baseline(source, _describe_split(split, rows_attrs.get("split_method"))),
+        "explain": None,
+    })
+    return report
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -277,46 +300,54 @@ def evaluate_run(
     which: str = "best",
     progress: bool = True,
     threshold_method: str = "youden",
-    target_sensitivity: float = 0.9,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     n_bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
+    explain_images: int | None = None,
 ) -> dict[str, Any]:
-    """Score one split of a run; write predictions_<split>.csv and report_<split>.json.
+    """Score one split of a run; write predictions_<split>.csv, report_<split>.json and model_card.md.
 
-    On "valid" the threshold is chosen here (``threshold_method``: "youden" or "sensitivity" with
-    ``target_sensitivity``); on any other split it is read from report_valid.json, which is made
-    first when missing. A split never chooses its own threshold.
+    On "valid" the temperature is fitted and the thresholds are chosen here (``threshold_method``,
+    "youden" or "sensitivity", is the primary one; both are reported, the sensitivity point at
+    ``target_sensitivity``). On any other split they are read from report_valid.json, which is made
+    first when missing or when it was made with another checkpoint. A split never chooses its own.
+
+    Args:
+        explain_images: images sampled (seeded) from the split for the explanation scores (ROAD,
+            confidence change, the randomisation check, and the pointing game on the synthetic set);
+            None takes ``xrai.explain_metrics.EXPLAIN_IMAGES``, 0 skips them (``explain`` is then null).
 
     Returns:
         the report dict (as written).
     """
-    from xrai.models import load_model
-
     run_dir = Path(run_dir)
-    threshold, threshold_from = None, "valid"
-    if split != "valid":
-        if not (run_dir / "report_valid.json").is_file():
-            evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress,
-                         threshold_method=threshold_method, target_sensitivity=target_sensitivity,
-                         n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device)
-        threshold = run_threshold(run_dir)
-    model, config = load_model(run_dir, which=which)
-    rows = _split_rows(run_dir, split, config)
-    pred = predict(model, rows, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
+    # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
+    options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
+                   n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
+    selection = None if split == "valid" else _valid_selection(run_dir, which=which, tta=tta, **options)
+    run = load_run(run_dir, which=which, device=device, refresh=False)
+    rows = _split_rows(run_dir, split, run.config)
+    pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
+    threshold_from = "valid"
+    if selection is None:
+        selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
+        threshold_from = selection.source
+    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
     pred.to_csv(run_dir / f"predictions_{split}.csv", index=False)
-    if threshold is None:
-        try:
-            threshold = choose_threshold(pred["label"], pred["probability"], method=threshold_method,
-                                         target=target_sensitivity)
-        except ValueError as e:
-            warnings.warn(f"{e}; using threshold 0.5", UserWarning, stacklevel=2)
-            threshold, threshold_from = 0.5, "default"
-    report = build_report(pred, split=split, threshold=threshold, threshold_from=threshold_from,
-                          split_method=rows.attrs.get("split_method"), audit=_audit_counts(run_dir),
-                          n_bootstrap=n_bootstrap, seed=seed)
+    report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
+                    audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)
+    if explain_images != 0:
+        from xrai.explain_metrics import EXPLAIN_IMAGES, measure_explanations
+
+        report["explain"] = measure_explanations(
+            run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress,
+            n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
     _write_json(report, run_dir / f"report_{split}.json")
+    from xrai.model_card import write_model_card
+
+    write_model_card(run_dir)
     return report
 
 
@@ -333,28 +364,25 @@ def evaluate_external(
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Score every image of another dataset at the run's validation threshold.
+    """Score every image of another dataset at the run's validation temperature and thresholds.
 
     All rows of ``manifest`` are used whatever their split, and no body-part filter is applied (filter
     the manifest first to compare like with like). Writes predictions_<name>.csv and
     report_<name>.json; ``audit`` counts are null (the external set is not part of the run's audit).
     """
-    from xrai.models import load_model
-
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in ("train", "valid", "test"):
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
-    if not (run_dir / "report_valid.json").is_file():
-        evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress, n_bootstrap=n_bootstrap,
-                     seed=seed, batch_size=batch_size, device=device)
-    threshold = run_threshold(run_dir)
-    model, config = load_model(run_dir, which=which)
-    pred = predict(model, manifest, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
+    selection = _valid_selection(run_dir, which=which, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
+                                 seed=seed, batch_size=batch_size, device=device, explain_images=0)
+    run = load_run(run_dir, which=which, device=device, refresh=False)
+    pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
+                   progress=progress)
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
-    report = build_report(pred, split=name, threshold=threshold, threshold_from="valid",
-                          split_method=f"external: every image of {source or 'the given manifest'}",
-                          audit={"cross_split_groups": None, "cross_label_groups": None},
-                          n_bootstrap=n_bootstrap, seed=seed)
+    attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
+    report = _score(run, pred, selection, split=name, threshold_from="valid", rows_attrs=attrs,
+                    audit={"cross_split_groups": None, "cross_label_groups": None}, tta=tta,
+                    n_bootstrap=n_bootstrap, seed=seed)
     _write_json(report, run_dir / f"report_{name}.json")
     return report

@@ -241,13 +241,14 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
 
     def explain(path: str, label: int) -> bytes:
         from xrai.explain import explain_paths
-        from xrai.models import load_model
+        from xrai.inference import load_run
 
-        if "model" not in loaded:
-            loaded["model"], loaded["config"] = load_model(run_dir)
+        if "run" not in loaded:
+            loaded["run"] = load_run(run_dir)  # the calibration the report's probabilities were made with
+        run = loaded["run"]
         (result,) = explain_paths(
-            loaded["model"], loaded["config"], [path], threshold=threshold, out_dir=out_dir, labels=[label],
-            method=method,
+            run.model, run.config, [path], threshold=threshold, out_dir=out_dir, labels=[label],
+            method=method, temperature=run.temperature,
         )
         if result.get("error"):
             raise ValueError(f"cannot explain {path}: {result['error']}")

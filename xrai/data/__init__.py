@@ -131,7 +131,8 @@ def load(
         root: where the data is. None: the synthetic set is generated under xrai_home() once; the
             others are found attached in Kaggle or downloaded with kagglehub.
         split: fill the splits the source lacks (seeded, patient-grouped, label-stratified; FracAtlas
-            keeps duplicate groups together since it has no patient ids). False leaves "" in place.
+            keeps duplicate groups together since it has no patient ids, and the manifest keeps them as
+            an extra ``group`` column). False leaves "" in place.
         seed, val_fraction, test_fraction: passed to split_manifest.
         body_part: one part, a list, or None/"all". Applied after splitting, so an image's split does
             not depend on which parts a run picks.
@@ -174,6 +175,8 @@ def load(
         manifest = split_manifest(
             manifest, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, groups=groups
         )
+        if groups is not None:  # kept, so the bootstrap resamples the units the split kept together
+            manifest["group"] = groups.reindex(manifest.index).to_numpy()
         method = manifest.attrs.get("split_method", "")
     else:
         method = "official" if (manifest["split"] != "").all() else "none"
