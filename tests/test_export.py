@@ -75,17 +75,18 @@ def test_onnx_export_matches_pytorch_on_the_synthetic_test_split(run_dir, export
 
     paths, images = test_split
     assert len(images) >= 6
-    torch_p = run.probabilities(preprocess(images, image_size=run.config.image_size,
-                                           resize_size=run.config.resize_size))[0]
+    torch_p, torch_raw = run.probabilities(preprocess(images, image_size=run.config.image_size,
+                                                      resize_size=run.config.resize_size))
     model = load_export(exported.path)
     assert isinstance(model.session.get_inputs()[0].shape[0], str)  # the dynamic batch axis
-    onnx_p = model.probabilities(images)  # the whole split in one batch, then one by one
-    singles = np.array([model.probabilities([image])[0] for image in images[:4]])
-    print(f"\nONNX vs PyTorch on {len(images)} test images: max |diff| {np.abs(onnx_p - torch_p).max():.2e}, "
-          f"probabilities {torch_p.min():.4f}..{torch_p.max():.4f}")
-    assert np.ptp(torch_p) > 100 * 1e-4  # the answers depend on the image, so 1e-4 is a real test
-    assert np.abs(onnx_p - torch_p).max() <= 1e-4, np.abs(onnx_p - torch_p).max()
-    assert np.abs(singles - torch_p[:4]).max() <= 1e-4
+    onnx_logit, onnx_p = model.outputs(prepare(images, model.contract))  # the whole split in one batch
+    singles = np.array([model.probabilities([image])[0] for image in images[:4]])  # then one by one
+    print(f"\nONNX vs PyTorch on {len(images)} test images: max |diff| {np.abs(onnx_p - torch_p).max():.2e} "
+          f"(calibrated, T={run.temperature:.3f}), {np.abs(1 / (1 + np.exp(-onnx_logit)) - torch_raw).max():.2e} "
+          f"(raw); raw probabilities {torch_raw.min():.4f}..{torch_raw.max():.4f}")
+    assert np.ptp(torch_raw) > 100 * 1e-4  # the answers depend on the image, so 1e-4 is a real test
+    assert np.abs(1 / (1 + np.exp(-onnx_logit)) - torch_raw).max() <= 1e-4
+    assert np.abs(onnx_p - torch_p).max() <= 1e-4 and np.abs(singles - torch_p[:4]).max() <= 1e-4
     logit, probability = model.outputs(prepare(images[:3], model.contract))
     assert np.allclose(probability, 1 / (1 + np.exp(-logit / sidecar["temperature"])), atol=1e-6)
 
