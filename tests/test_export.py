@@ -173,7 +173,7 @@ def test_the_onnx_app_answers_in_a_process_where_torch_cannot_be_imported(run_di
 
 
 def test_bench_times_onnxruntime_beside_pytorch_on_the_export(run_dir, exported, test_split):
-    from xrai.bench import cpu_predict_latency
+    from xrai.latency import cpu_predict_latency
     from xrai.exported import load_export
     from xrai.inference import load_run
 

@@ -186,6 +186,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
 
 def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, difference: float) -> dict[str, Any]:
     from xrai import __version__
+    from xrai.app import RESEARCH_NOTICE
 
     config = run.config
     cv = _cv_summary(run.run_dir)
@@ -213,7 +214,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "labels": {"0": "normal", "1": "abnormal"},
         "decision": "abnormal when probability >= threshold",
         "parity_max_difference": difference,
-        "research_only": "For research and teaching only: not a medical device, not for diagnosis.",
+        "research_only": RESEARCH_NOTICE,
     }
 
 

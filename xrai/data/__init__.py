@@ -33,8 +33,7 @@ if TYPE_CHECKING:
     from xrai.data.sources import (MANIFEST_COLUMNS, LabelConflictWarning, ManifestError, ManifestWarning,
                                    dataset_dir, read_class_folders, read_fracatlas, read_mura, require_columns)
     from xrai.data.split import filter_body_parts, split_manifest
-    from xrai.data.synthetic import (default_synthetic_root, ensure_synthetic, make_synthetic,
-                                     read_fracture_lines, synthetic_options)
+    from xrai.data.synthetic import default_synthetic_root, make_synthetic
 
 
 def __getattr__(name: str):

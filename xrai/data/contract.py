@@ -78,7 +78,7 @@ class InputContract:
         """JSON-ready, with the layout spelled out for runtimes other than xrai."""
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "channels": 3,
                 "layout": "NCHW", "dtype": "float32",
-                "steps": [f"decode to uint8 grey (DICOM windowed as the file says, MONOCHROME1 inverted)",
+                "steps": ["decode to uint8 grey (DICOM windowed as the file says, MONOCHROME1 inverted)",
                           f"{self.resize} into a {self.resize_size} px square (black padding)",
                           f"centre crop {self.image_size} px (zero-padded if larger)",
                           "copy grey to 3 channels, x / 255, (x - mean) / std per channel"]}
