@@ -172,6 +172,74 @@ def test_the_onnx_app_answers_in_a_process_where_torch_cannot_be_imported(run_di
     assert proc.returncode == 2 and "no exported model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _post_file(url: str, path: Path) -> dict:
+    """POST one file to the JSON API as a browser's multipart form would, with the overlay asked for."""
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "api/predict?overlay=1", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_no_gradcam(exported, test_split,
+                                                                                            tmp_path):
+    """`python -m xrai serve --onnx` itself (the Docker onnx target's command), torch unimportable."""
+    import re
+    import threading
+    import time
+
+    from PIL import Image
+
+    from xrai.app import NO_CAM_NOTE
+    from xrai.exported import load_export
+
+    png = tmp_path / "upload.png"
+    Image.fromarray(test_split[1][1]).save(png)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
+               XRAI_BLOCK_IMPORTS=",".join(NOT_IN_THE_ONNX_IMAGE))
+    proc = subprocess.Popen([sys.executable, "-m", "xrai", "serve", "--onnx", str(exported.path), "--port", "0",
+                             "--threads", "1", "--torch-threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def read_log() -> None:
+        for line in proc.stderr:  # as the server writes it
+            lines.append(line)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            found = [re.search(r"on (http://127\.0\.0\.1:\d+)", line) for line in list(lines)]
+            url = next((m.group(1) + "/" for m in found if m), None)
+            time.sleep(0.1)
+        assert url is not None, "".join(lines)[-3000:]
+        answer = _post_file(url, png)
+    finally:
+        proc.terminate()  # SIGTERM, as docker stop sends (SIGINT may be ignored where CI runs in the background)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert "Traceback" not in log, log[-3000:]
+    assert answer["backend"] == "onnxruntime" and answer["overlay_png_base64"] is None
+    assert answer["overlay_note"] == NO_CAM_NOTE and "\n" not in NO_CAM_NOTE
+    assert abs(answer["probability"] - float(load_export(exported.path).probabilities([test_split[1][1]])[0])) <= 1e-6
+    # Grad-CAM's absence is said in the log exactly once, at start-up, as that same one line.
+    assert [line.strip() for line in lines if "grad-cam" in line.lower()] == [NO_CAM_NOTE]
+    assert any("onnxruntime threads" in line for line in lines)
+
+
 def test_bench_times_onnxruntime_beside_pytorch_on_the_export(run_dir, exported, test_split):
     from xrai.latency import cpu_predict_latency
     from xrai.exported import load_export

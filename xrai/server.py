@@ -156,6 +156,8 @@ def serve(run_dir: str | Path | None = None, *, onnx: str | Path | None = None, 
         app = create_app(run_dir, which=which, device=device)  # a bad run fails here, before anything is set
         torch_threads = set_torch_threads(torch_threads)
     predictor: BasePredictor = app.extensions["xrai_predictor"]
+    if predictor.cam_note:  # one line at start-up, not a surprise at the first upload
+        logger.info("%s", predictor.cam_note)
     if debug:
         _serve_debug(app, host, port, predictor)
         return
