@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -232,7 +233,10 @@ def test_messages_never_show_python_object_reprs(tmp_path, capsys):
 
 def test_predict_reports_a_non_image_without_reprs(run_with_checkpoint, tmp_path, capsys):
     run = _copy_run(run_with_checkpoint, tmp_path / "run")
-    (run / "report_valid.json").write_text('{"split": "valid", "threshold": 0.5}')
+    from xrai.inference import checkpoint_sha256
+
+    sha = checkpoint_sha256(run / "checkpoints" / "best.pt")
+    (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.5, "checkpoint": {"sha256": sha}}))
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"\x00\x01 definitely not an image" * 10)
     assert main(["predict", "--run", str(run), str(bad)]) == 1  # every image failed

@@ -8,12 +8,12 @@ with intervals per body part, the explanation scores, the intended use and the k
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from xrai.fileio import atomic_write_text
 
 __all__ = ["INTENDED_USE", "model_card", "write_model_card"]
 
@@ -244,8 +244,5 @@ def write_model_card(run_dir: str | Path) -> Path:
     """Write run_dir/model_card.md atomically; returns its path."""
     run_dir = Path(run_dir)
     path = run_dir / "model_card.md"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".model_card.md.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(model_card(run_dir))
-    os.replace(tmp, path)
+    atomic_write_text(path, model_card(run_dir))
     return path
