@@ -5,7 +5,8 @@ rows of the memmap, the classic path the same letterboxed uint8 pixels decoded f
 batch, with the same random stream (`xrai.data.batches`). One module does train and eval: training
 samples a random crop box, flip, rotation and intensity jitter per image; evaluation is the same module's
 centre crop (an integer copy) with the same normalisation, so train and eval preprocessing cannot drift
-apart, and the numpy contract of the ONNX server (`xrai.data.contract`) matches eval to 1e-6. `preprocess` wraps the eval branch for single images (the app, CLI predict, Grad-CAM).
+apart, and the numpy contract of the ONNX server (`xrai.data.contract`) matches eval to 1e-6.
+`preprocess` wraps the eval branch for single images (the app, CLI predict, Grad-CAM).
 
 Why our own and not kornia (kornia 0.9; measured on this 2-core CPU, batch 64, 256 -> 224 px, the
 same five ops): kornia's AugmentationSequential(RandomResizedCrop, RandomHorizontalFlip, RandomRotation,
@@ -169,7 +170,6 @@ class GpuAugment(nn.Module):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)  # ColorJitter: blend with the image's mean grey
             x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
         return torch.addcmul(self._add, x, self._mul)  # grey -> 3 normalised channels, one kernel
-
 
     def _centre_crop(self, images: Tensor) -> Tensor:
         """Eval: the centre crop as an integer copy (zero-padded when the input is smaller), normalised.
