@@ -13,6 +13,9 @@ Figures (DESIGN.md, "bench JSON"), all from one run on one machine:
   the classic path, and the ceiling: the same step on one batch already on the device.
 - cache_build_img_s: the one-time decode into a fresh cache.
 - predict_gradcam_ms: one 512 px image from file to probability and Grad-CAM, median and p90 after warm-up.
+- predict_ms: one decoded 512 px image to its probability on the CPU, no Grad-CAM: PyTorch (``preprocess``
+  + the model) beside onnxruntime (the numpy contract + the model exported to ONNX, as ``serve --onnx``
+  runs it), with the same number of threads; onnxruntime is null where it (or the exporter) is missing.
 
 Each measurement is a function of a `BenchSetup` filling its own keys, so a new figure is one more
 function and one more line in `run_bench`. `markdown_table` turns a saved JSON into the README's table.
@@ -250,13 +253,25 @@ def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
     return {"predict_gradcam_ms": {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}}
 
 
+def measure_cpu_predict(bench: BenchSetup, *, runs: int = 20, onnx: bool = True) -> dict:
+    """predict_ms: the probe image of measure_latency to its probability on the CPU, PyTorch and onnxruntime."""
+    from xrai.data.images import read_image
+
+    from xrai.latency import cpu_predict_latency
+
+    image = read_image(bench.tmp / "probe512.png")  # written by measure_latency
+    return {"predict_ms": cpu_predict_latency(bench.model, image=image, image_size=bench.img_size,
+                                              resize_size=bench.resize, runs=runs, onnx=onnx)}
+
+
 # ---- the run ------------------------------------------------------------------------------------------
 
 
 def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None, model: str = "mobilenet_v2",
               img_size: int = 224, device: str = "auto", batch_size: int = 64, n_batches: int | None = None,
               json_path: str | os.PathLike | None = None, progress: bool = True,
-              cache_dir: str | os.PathLike | None = None, latency_runs: int = 20, feed_batches: int = 20) -> dict:
+              cache_dir: str | os.PathLike | None = None, latency_runs: int = 20, feed_batches: int = 20,
+              onnx: bool = True) -> dict:
     """Measure the three loaders, the training step, the cache build and one prediction; print a table.
 
     Args:
@@ -272,6 +287,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         cache_dir: where the freshly built (and afterwards removed) cache goes; default under xrai_home().
         latency_runs: timed repetitions of the predict + Grad-CAM latency.
         feed_batches: timed batches per loader measurement (at least n_batches).
+        onnx: time onnxruntime beside PyTorch in predict_ms (exports the model; needs ``xrai[onnx]``).
     Returns:
         The dict of DESIGN.md's bench JSON.
     """
@@ -312,6 +328,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         result.update(measure_ready(bench))
         result.update(measure_training(bench))
         result.update(measure_latency(bench, runs=latency_runs))
+        result.update(measure_cpu_predict(bench, runs=latency_runs, onnx=onnx))
         del bench, cache  # the memmap must be closed before its folder goes
     result["load_average"]["end"] = _load_average()  # other jobs on the machine: the figures' context
     print(format_table(result))
@@ -351,7 +368,15 @@ def format_table(result: dict) -> str:
              f"{'cache build (one-time)':<36}{result['cache_build_img_s']:>10,.0f}",
              f"predict + Grad-CAM, one 512 px image: median {result['predict_gradcam_ms']['median']:.0f} ms, "
              f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
+    if result.get("predict_ms"):
+        lines.append(f"predict, one image, CPU: {_cpu_predict(result['predict_ms'])}")
     return "\n".join(lines)
+
+
+def _cpu_predict(cpu: dict) -> str:
+    onnx = cpu.get("onnxruntime_cpu")
+    return (f"PyTorch median {cpu['torch_cpu']['median']:.1f} ms, onnxruntime "
+            + (f"median {onnx['median']:.1f} ms" if onnx else 'not timed (onnx=False, or no "xrai[onnx]")'))
 
 
 def markdown_table(result: dict) -> str:
@@ -372,6 +397,8 @@ def markdown_table(result: dict) -> str:
         ("Cache build (one-time decode)", f"{result['cache_build_img_s']:,.0f} img/s"),
         ("Predict + Grad-CAM, one 512 px image", f"median {ms['median']:.0f} ms, p90 {ms['p90']:.0f} ms after warm-up"),
     ]
+    if result.get("predict_ms"):
+        rows.append(("Predict, one image, CPU, no Grad-CAM (same threads)", _cpu_predict(result["predict_ms"])))
     lines = [f"`python -m xrai bench` in one run: {_head(result)}.", "", "| What | Figure |", "|---|---|",
              *(f"| {what} | {figure} |" for what, figure in rows)]
     return "\n".join(lines)
