@@ -124,7 +124,7 @@ def test_healthz(client):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok", "model": "mobilenet_v2", "run": "fake-run", "threshold": 0.5,
-                                   "threshold_note": "default: the run has not been evaluated"}
+                                   "threshold_note": "default: the run has not been evaluated", "backend": "pytorch"}
 
 
 def test_api_predict(client):

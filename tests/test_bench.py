@@ -23,9 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_bench_smoke(synthetic_root, tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # onnx=False: the onnxruntime latency (an ONNX export, tens of seconds) is timed on test_export.py's export.
     result = run_bench(data="synthetic", root=synthetic_root, img_size=48, device="cpu", batch_size=8, n_batches=2,
-                       json_path=out, progress=False, latency_runs=2, feed_batches=3)
-    assert set(result) == DESIGN_KEYS | {"batch_size", "images", "load_average"}
+                       json_path=out, progress=False, latency_runs=2, feed_batches=3, onnx=False)
+    assert set(result) == DESIGN_KEYS | {"batch_size", "images", "load_average", "predict_ms"}
+    assert result["predict_ms"]["torch_cpu"]["median"] > 0 and result["predict_ms"]["onnxruntime_cpu"] is None
     assert set(result["machine"]) == {"cpu", "cores", "gpu"} and result["machine"]["cores"] >= 1
     assert result["model"] == "mobilenet_v2" and result["img_size"] == 48 and result["device"] == "cpu"
     assert result["data"].startswith("synthetic:") and result["batch_size"] == 8 and result["images"] > 8
@@ -37,7 +39,8 @@ def test_bench_smoke(synthetic_root, tmp_path, capsys):
                result["cache_build_img_s"], *result["predict_gradcam_ms"].values()]
     assert all(isinstance(v, float) and v > 0 for v in numbers)
     assert json.loads(out.read_text()) == result
-    assert "ready batches on cpu" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ready batches on cpu" in printed and "predict, one image, CPU: PyTorch median" in printed
 
 
 def _fake() -> dict:

@@ -1,4 +1,4 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,serve,cache,wheelhouse}.
+"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,export,serve,cache,wheelhouse}.
 
 A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
 traceback. Anything else is a bug: a traceback and exit 1.
@@ -134,13 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", default=KAGGLE_PLATFORM, help="the target's pip platform tag (default: %(default)s)")
     p.add_argument("--xrai-only", action="store_true", help="only xrai's own wheel (works offline)")
 
+    p = sub.add_parser("export", help="the run's model (or CV ensemble) as ONNX or TorchScript, with a sidecar JSON")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), dest="fmt")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint (default: %(default)s)")
+    p.add_argument("--out", default=None, help="model file (default: RUN_DIR/model.onnx or model.torchscript.pt)")
+
     p = sub.add_parser("serve", help="the upload page and JSON API for a trained run (waitress)")
-    p.add_argument("--run", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", help="run folder (PyTorch, with Grad-CAM)")
+    what.add_argument("--onnx", help="an exported model.onnx (onnxruntime, no torch, no Grad-CAM)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--threads", type=int, default=None, help="request threads (default: 4, xrai.server.SERVER_THREADS)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch's intra-op threads (default: the CPUs this process may use)")
+                   help="torch's intra-op threads, onnxruntime's with --onnx (default: the CPUs this process may use)")
     p.add_argument("--debug", action="store_true", help="Flask's development server instead (local debugging)")
 
     p = sub.add_parser("cache", help="list the decoded-image caches; --prune removes unused ones")
@@ -402,7 +410,19 @@ def cmd_serve(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     threads = {} if args.threads is None else {"threads": args.threads}
-    serve(args.run, host=args.host, port=args.port, torch_threads=args.torch_threads, debug=args.debug, **threads)
+    serve(args.run, onnx=args.onnx, host=args.host, port=args.port, torch_threads=args.torch_threads,
+          debug=args.debug, **threads)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from xrai.export import export_run
+
+    result = export_run(args.run, fmt=args.fmt, which=args.which, out=args.out)
+    print(f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch "
+          f"{result.max_difference:.1e}); serve it with `python -m xrai serve --onnx {result.path}`"
+          if args.fmt == "onnx" else
+          f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch {result.max_difference:.1e})")
     return 0
 
 
@@ -489,7 +509,7 @@ def cmd_wheelhouse(args) -> int:
 COMMANDS = {
     "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
-    "serve": cmd_serve, "cache": cmd_cache, "wheelhouse": cmd_wheelhouse,
+    "export": cmd_export, "serve": cmd_serve, "cache": cmd_cache, "wheelhouse": cmd_wheelhouse,
 }
 
 

@@ -8,6 +8,12 @@ decompression bomb), is a 413 naming the limit; bad input never reaches a 500. D
 outside the model's lock (at most ``PARALLEL_DECODES`` at a time, which bounds its memory); Grad-CAM
 hooks are stateful, so one lock lets one inference at a time through the model and the CAM. The
 production server around the app is ``xrai.server``.
+
+Uploads may be PNG, JPEG or DICOM (recognised by content; windowed as the file says, patient tags
+never read). The app serves either a run folder (``Predictor``: PyTorch, with Grad-CAM) or an
+exported ONNX model (``OnnxPredictor``: onnxruntime and numpy, no Grad-CAM, since a CAM needs the
+model's gradients). This module imports neither torch nor pandas at import time: the ONNX mode runs
+where torch is not installed (the Dockerfile's ``onnx`` target).
 """
 
 from __future__ import annotations
@@ -27,17 +33,17 @@ from flask import Flask, Response, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from xrai.data.augment import preprocess
 from xrai.data.images import UPLOAD_MAX_DECODED_BYTES, UPLOAD_REMEDY, ImageError, ImageTooLargeError, decode_image
-from xrai.env import get_device
-from xrai.explain import CamExplainer, overlay
-from xrai.inference import load_run
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 PARALLEL_DECODES = 2  # uploads decoded at once: peak decode memory is about this x 1.5 x the budget
 RESEARCH_NOTICE = "For research and teaching only: not a medical device, not for diagnosis."
 DISPLAY_SIDE = 1024  # longest side of the overlay sent back: a 3000 px one would be megabytes
 LABEL_NAMES = {0: "normal", 1: "abnormal"}
+UPLOAD_FORMATS = "PNG, JPEG or DICOM"
+UPLOAD_ACCEPT = "image/png,image/jpeg,application/dicom,.dcm,.dicom"  # DICOM without an extension: "All files"
+NO_CAM_NOTE = ("No Grad-CAM overlay: this server runs an ONNX export, which carries no gradients, and Grad-CAM "
+               "needs them. Serve the run folder (python -m xrai serve --run RUN_DIR) to see where the model looked.")
 _TRUE = {"1", "true", "yes", "on"}
 # Everything the page needs is inline, so it works offline; the policy makes sure of it.
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; form-action 'self'; "
@@ -69,47 +75,40 @@ class Prediction:
         return LABEL_NAMES[self.label]
 
 
-class Predictor:
-    """A run's model and threshold, loaded once; ``predict`` is safe to call from many threads.
+class BasePredictor:
+    """What both predictors share: upload decoding under the budget, the threshold, one inference at a time.
 
-    Args:
-        run_dir: the run folder (config.json, checkpoints/<which>.pt, report_valid.json if evaluated).
-        which: the checkpoint to load, "best" or "last".
-        device: "cpu", "cuda", "auto", ... (resolved by ``xrai.env.get_device``).
+    Subclasses set run, run_dir, which, model_name, threshold, threshold_note and ``backend``, and
+    implement ``_infer``; ``cam_note`` says why there is no overlay where a backend cannot draw one.
     """
 
-    def __init__(self, run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> None:
-        self.run_dir = Path(run_dir).resolve()
-        self.run = self.run_dir.name
-        self.which = which
-        self.device = get_device(device)
-        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
-        self.loaded = load_run(self.run_dir, which=which, device=self.device)
-        self.model, self.config = self.loaded.model, self.loaded.config
-        self.model.eval()
-        self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
-        self.threshold = self.loaded.threshold
-        self.threshold_note = "" if self.loaded.point.source == "valid" else f"default: {self.loaded.point.note}"
-        if self.threshold_note:
-            logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
-                           self.run, self.loaded.point.note, self.run_dir)
+    backend = ""
+    cam_note = ""
+    run: str
+    run_dir: Path
+    which: str
+    model_name: str
+    threshold: float
+    threshold_note: str
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._decodes = threading.BoundedSemaphore(PARALLEL_DECODES)
 
+    @property
+    def draws_cam(self) -> bool:
+        return not self.cam_note
+
     def predict(self, data: bytes, *, filename: str = "upload", with_overlay: bool = True) -> Prediction:
-        """Decode ``data``, run the model and (if asked) Grad-CAM; raise UploadError for bad input."""
+        """Decode ``data``, run the model and (if asked and possible) Grad-CAM; raise UploadError for bad input."""
         if not data:
             raise UploadError(f"the uploaded file {filename!r} is empty")
         image, notes = self.decode(data, filename=filename)
+        with_overlay = with_overlay and self.draws_cam
         with self._lock:  # the model and its Grad-CAM hooks: one inference at a time
             probability, cam = self._infer(image, with_cam=with_overlay)
         label = int(probability >= self.threshold)
-        overlay_png = None
-        if with_overlay:
-            # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
-            rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
-                          threshold=self.threshold, resize_size=self.config.resize_size)
-            overlay_png = _png_bytes(rgb)
+        overlay_png = self._draw(image, cam, label=label, probability=probability) if with_overlay else None
         return Prediction(probability=probability, label=label, threshold=self.threshold,
                           overlay_png=overlay_png, notes=notes)
 
@@ -132,7 +131,50 @@ class Predictor:
         return image, notes
 
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
+        """Probability of "abnormal" and, if asked and possible, the CAM in the model's input frame."""
+        raise NotImplementedError
+
+    def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
+        """The overlay as PNG bytes (backends that draw CAMs only)."""
+        raise NotImplementedError(f"the {self.backend} backend draws no overlay: {self.cam_note}")
+
+
+class Predictor(BasePredictor):
+    """A run's model and threshold, loaded once; ``predict`` is safe to call from many threads.
+
+    Args:
+        run_dir: the run folder (config.json, checkpoints/<which>.pt, report_valid.json if evaluated).
+        which: the checkpoint to load, "best" or "last".
+        device: "cpu", "cuda", "auto", ... (resolved by ``xrai.env.get_device``).
+    """
+
+    backend = "pytorch"
+
+    def __init__(self, run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> None:
+        from xrai.env import get_device
+        from xrai.inference import load_run
+
+        super().__init__()
+        self.run_dir = Path(run_dir).resolve()
+        self.run = self.run_dir.name
+        self.which = which
+        self.device = get_device(device)
+        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
+        self.loaded = load_run(self.run_dir, which=which, device=self.device)
+        self.model, self.config = self.loaded.model, self.loaded.config
+        self.model.eval()
+        self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
+        self.threshold = self.loaded.threshold
+        self.threshold_note = "" if self.loaded.point.source == "valid" else f"default: {self.loaded.point.note}"
+        if self.threshold_note:
+            logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
+                           self.run, self.loaded.point.note, self.run_dir)
+
+    def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
+        from xrai.data.augment import preprocess
+        from xrai.explain import CamExplainer
+
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
                        device=self.device)
         if not with_cam:
@@ -144,22 +186,67 @@ class Predictor:
             probability = float(self.loaded.calibrate(explainer.logits)[0])
         return probability, cam
 
+    def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
+        from xrai.explain import overlay
 
-def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> Flask:
-    """Build the Flask app serving one run: GET/POST /, POST /api/predict, GET /healthz, GET /model_card.
+        # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
+        rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
+                      threshold=self.threshold, resize_size=self.config.resize_size)
+        return _png_bytes(rgb)
+
+
+class OnnxPredictor(BasePredictor):
+    """An exported model (``python -m xrai export``) run by onnxruntime with the numpy contract; no torch.
 
     Args:
-        run_dir: the run folder made by ``python -m xrai demo`` or ``train``.
-        which: the checkpoint, "best" or "last".
-        device: where the model runs; "cpu" by default.
+        model_path: the ``model.onnx`` file, its ``model.onnx.json`` sidecar beside it.
+        threads: onnxruntime's intra-op threads (default: its own choice).
+    """
+
+    backend = "onnxruntime"
+    cam_note = NO_CAM_NOTE
+
+    def __init__(self, model_path: str | Path, *, threads: int | None = None) -> None:
+        from xrai.exported import load_export
+
+        super().__init__()
+        self.export = load_export(model_path, threads=threads)
+        self.run_dir = self.export.path.parent.resolve()
+        self.run = self.export.run
+        self.which = f"{self.export.path.name} ({self.export.sidecar.get('checkpoint', {}).get('which', 'export')})"
+        self.model_name = self.export.model_name
+        self.threshold = self.export.threshold
+        point = str(self.export.sidecar.get("threshold_from", ""))
+        self.threshold_note = "" if point.startswith("valid") or point.startswith("oof") else point
+
+    def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, None]:
+        return float(self.export.probabilities([image])[0]), None
+
+
+def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = None, which: str = "best",
+               device: str = "cpu", threads: int | None = None) -> Flask:
+    """Build the Flask app serving one run or one ONNX export: GET/POST /, POST /api/predict, GET /healthz,
+    GET /model_card.
+
+    Args:
+        run_dir: the run folder made by ``python -m xrai demo`` or ``train`` (PyTorch, Grad-CAM).
+        onnx: instead, an exported ``model.onnx`` (onnxruntime; no torch needed, no Grad-CAM).
+        which: the checkpoint, "best" or "last" (run folders).
+        device: where the model runs; "cpu" by default (run folders).
+        threads: onnxruntime's intra-op threads (ONNX exports).
 
     Returns:
         A ``flask.Flask`` app; the model is already loaded.
 
     Raises:
         FileNotFoundError: the run folder or its checkpoint is missing (from ``load_run``).
+        ExportFileError: the export or its sidecar is missing or unreadable.
+        ValueError: both or neither of run_dir and onnx.
     """
-    predictor = Predictor(run_dir, which=which, device=device)
+    if (run_dir is None) == (onnx is None):
+        raise ValueError("serve one run folder (--run RUN_DIR) or one ONNX export (--onnx RUN_DIR/model.onnx)")
+    predictor: BasePredictor = (Predictor(run_dir, which=which, device=device) if onnx is None
+                                else OnnxPredictor(onnx, threads=threads))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
     app.extensions["xrai_predictor"] = predictor
@@ -170,7 +257,9 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
     def page(status: int = 200, **values: Any):
         html = render_template("index.html", run=predictor.run, model=predictor.model_name,
                                threshold=predictor.threshold, threshold_note=predictor.threshold_note,
-                               notice=RESEARCH_NOTICE, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024), **values)
+                               notice=RESEARCH_NOTICE, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
+                               formats=UPLOAD_FORMATS, accept=UPLOAD_ACCEPT, backend=predictor.backend,
+                               cam_note=predictor.cam_note, **values)
         return html, status
 
     def error(status: int, message: str):
@@ -192,7 +281,7 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
 
     @app.get("/healthz")
     def healthz():
-        return jsonify(status="ok", model=predictor.model_name, run=predictor.run,
+        return jsonify(status="ok", model=predictor.model_name, run=predictor.run, backend=predictor.backend,
                        threshold=predictor.threshold, threshold_note=predictor.threshold_note)
 
     @app.get("/")
@@ -227,11 +316,13 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
             "probability": result.probability, "label": result.label, "label_name": result.label_name,
             "threshold": result.threshold, "threshold_note": predictor.threshold_note,
             "model": predictor.model_name, "run": predictor.run,
-            "checkpoint": predictor.which, "filename": filename, "notes": result.notes,
-            "research_only": RESEARCH_NOTICE,
+            "checkpoint": predictor.which, "backend": predictor.backend, "filename": filename,
+            "notes": result.notes, "research_only": RESEARCH_NOTICE,
         }
         if with_overlay:
             body["overlay_png_base64"] = _b64(result.overlay_png)
+            if predictor.cam_note:
+                body["overlay_note"] = predictor.cam_note
         return jsonify(body)
 
     @app.errorhandler(HTTPException)
@@ -266,8 +357,6 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
 
 def _status(exc: UploadError) -> int:
     return 413 if isinstance(exc, UploadTooLargeError) else 400
-
-
 
 
 _FILENAME_PARAM = re.compile(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', re.IGNORECASE)

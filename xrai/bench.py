@@ -15,6 +15,9 @@ Figures (DESIGN.md, "bench JSON"), all from one run on one machine:
 - predict_gradcam_ms: one 512 px image from file to probability and Grad-CAM, median and p90 after warm-up.
 - scaling (with nproc): training img/s on 1 and on nproc processes (torchrun) and the scaling
   efficiency, from `xrai.scaling` on the same cache.
+- predict_ms: one decoded 512 px image to its probability on the CPU, no Grad-CAM: PyTorch (``preprocess``
+  + the model) beside onnxruntime (the numpy contract + the model exported to ONNX, as ``serve --onnx``
+  runs it), with the same number of threads; onnxruntime is null where it (or the exporter) is missing.
 
 Each measurement is a function of a `BenchSetup` filling its own keys, so a new figure is one more
 function and one more line in `run_bench`. `markdown_table` turns a saved JSON into the README's table.
@@ -253,6 +256,17 @@ def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
     return {"predict_gradcam_ms": {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}}
 
 
+def measure_cpu_predict(bench: BenchSetup, *, runs: int = 20, onnx: bool = True) -> dict:
+    """predict_ms: the probe image of measure_latency to its probability on the CPU, PyTorch and onnxruntime."""
+    from xrai.data.images import read_image
+
+    from xrai.latency import cpu_predict_latency
+
+    image = read_image(bench.tmp / "probe512.png")  # written by measure_latency
+    return {"predict_ms": cpu_predict_latency(bench.model, image=image, image_size=bench.img_size,
+                                              resize_size=bench.resize, runs=runs, onnx=onnx)}
+
+
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -260,7 +274,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
               img_size: int = 224, device: str = "auto", batch_size: int = 64, n_batches: int | None = None,
               json_path: str | os.PathLike | None = None, progress: bool = True,
               cache_dir: str | os.PathLike | None = None, latency_runs: int = 20, feed_batches: int = 20,
-              nproc: int | None = None) -> dict:
+              onnx: bool = True, nproc: int | None = None) -> dict:
     """Measure the three loaders, the training step, the cache build and one prediction; print a table.
 
     Args:
@@ -276,6 +290,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         cache_dir: where the freshly built (and afterwards removed) cache goes; default under xrai_home().
         latency_runs: timed repetitions of the predict + Grad-CAM latency.
         feed_batches: timed batches per loader measurement (at least n_batches).
+        onnx: time onnxruntime beside PyTorch in predict_ms (exports the model; needs ``xrai[onnx]``).
         nproc: also time training on 1 and on nproc processes (torchrun) and their scaling efficiency
             (`xrai.scaling.measure_scaling`); the JSON then holds "scaling".
     Returns:
@@ -318,6 +333,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         result.update(measure_ready(bench))
         result.update(measure_training(bench))
         result.update(measure_latency(bench, runs=latency_runs))
+        result.update(measure_cpu_predict(bench, runs=latency_runs, onnx=onnx))
         if nproc:  # several processes, on the same cache
             from xrai.scaling import measure_scaling
 
@@ -362,11 +378,19 @@ def format_table(result: dict) -> str:
              f"{'cache build (one-time)':<36}{result['cache_build_img_s']:>10,.0f}",
              f"predict + Grad-CAM, one 512 px image: median {result['predict_gradcam_ms']['median']:.0f} ms, "
              f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
+    if result.get("predict_ms"):
+        lines.append(f"predict, one image, CPU: {_cpu_predict(result['predict_ms'])}")
     if "scaling" in result:
         from xrai.scaling import scaling_lines
 
         lines += scaling_lines(result["scaling"], ceiling=train["ceiling"], device=result["device"])
     return "\n".join(lines)
+
+
+def _cpu_predict(cpu: dict) -> str:
+    onnx = cpu.get("onnxruntime_cpu")
+    return (f"PyTorch median {cpu['torch_cpu']['median']:.1f} ms, onnxruntime "
+            + (f"median {onnx['median']:.1f} ms" if onnx else 'not timed (onnx=False, or no "xrai[onnx]")'))
 
 
 def markdown_table(result: dict) -> str:
@@ -387,6 +411,8 @@ def markdown_table(result: dict) -> str:
         ("Cache build (one-time decode)", f"{result['cache_build_img_s']:,.0f} img/s"),
         ("Predict + Grad-CAM, one 512 px image", f"median {ms['median']:.0f} ms, p90 {ms['p90']:.0f} ms after warm-up"),
     ]
+    if result.get("predict_ms"):
+        rows.append(("Predict, one image, CPU, no Grad-CAM (same threads)", _cpu_predict(result["predict_ms"])))
     if "scaling" in result:
         sc = result["scaling"]
         rows.append((f"Training on 1 and {sc['nproc']} processes (batch {sc['per_process_batch']} each)",

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from xrai.app import MAX_UPLOAD_BYTES, Predictor, create_app
+from xrai.app import MAX_UPLOAD_BYTES, BasePredictor, create_app
 from xrai.env import cpu_count
 
 __all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "MAX_REQUEST_BODY_BYTES", "SERVER_THREADS", "available_cores",
@@ -129,35 +129,43 @@ def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, **kwargs) ->
         server.task_dispatcher.shutdown()
 
 
-def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 5000, which: str = "best",
-          device: str = "cpu", threads: int = SERVER_THREADS, torch_threads: int | None = None,
-          debug: bool = False) -> None:
-    """Serve the run on http://host:port until interrupted.
+def serve(run_dir: str | Path | None = None, *, onnx: str | Path | None = None, host: str = "127.0.0.1",
+          port: int = 5000, which: str = "best", device: str = "cpu", threads: int = SERVER_THREADS,
+          torch_threads: int | None = None, debug: bool = False) -> None:
+    """Serve the run (or an ONNX export of it) on http://host:port until interrupted.
 
     Args:
-        run_dir: the run folder.
+        run_dir: the run folder (PyTorch, with Grad-CAM).
+        onnx: instead, an exported model.onnx: onnxruntime, no torch imported, no Grad-CAM.
         host: the interface; 127.0.0.1 keeps it on this machine, 0.0.0.0 inside a container.
         port: the TCP port.
         which: the checkpoint, "best" or "last".
         device: where the model runs.
         threads: waitress's request threads.
-        torch_threads: torch's intra-op threads (default: the cores this process may use).
+        torch_threads: torch's intra-op threads (onnxruntime's with ``onnx``; default: the cores this
+            process may use).
         debug: run Flask's development server instead (local debugging only).
     Raises:
         FileNotFoundError, CheckpointError, ValueError: the run cannot be loaded (before serving).
     """
     _limit_malloc_arenas()
-    app = create_app(run_dir, which=which, device=device)  # a bad run fails here, before anything is set
-    torch_threads = set_torch_threads(torch_threads)
-    predictor: Predictor = app.extensions["xrai_predictor"]
+    if onnx is not None:  # never import torch here: the ONNX image does not have it
+        torch_threads = max(1, int(torch_threads or available_cores()))
+        app = create_app(onnx=onnx, threads=torch_threads)
+    else:
+        app = create_app(run_dir, which=which, device=device)  # a bad run fails here, before anything is set
+        torch_threads = set_torch_threads(torch_threads)
+    predictor: BasePredictor = app.extensions["xrai_predictor"]
+    if predictor.cam_note:  # one line at start-up, not a surprise at the first upload
+        logger.info("%s", predictor.cam_note)
     if debug:
         _serve_debug(app, host, port, predictor)
         return
     server = make_server(app, host=host, port=port, threads=threads)
-    logger.info("serving %s (%s, threshold %.3f) on http://%s:%s with waitress: %d request threads, %d torch "
+    logger.info("serving %s (%s, threshold %.3f) on http://%s:%s with waitress: %d request threads, %d %s "
                 "threads, %d s connection timeout  (Ctrl+C stops)", predictor.run, predictor.model_name,
                 predictor.threshold, host, getattr(server, "effective_port", port), threads, torch_threads,
-                CHANNEL_TIMEOUT_S)
+                predictor.backend, CHANNEL_TIMEOUT_S)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -166,7 +174,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 5000, whi
         server.close()
 
 
-def _serve_debug(app, host: str, port: int, predictor: Predictor) -> None:
+def _serve_debug(app, host: str, port: int, predictor: BasePredictor) -> None:
     from werkzeug.serving import make_server as make_dev_server
 
     server = make_dev_server(host, port, app, threaded=True)

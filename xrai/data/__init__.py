@@ -5,33 +5,51 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-
+# Importing xrai.data (as importing xrai.data.images, the decoder, does) must not import pandas,
+# scikit-learn or torch: the ONNX server runs without them. So the modules that need pandas are loaded
+# on first use of one of their names (PEP 562). audit and download are imported here, as their names
+# are also their modules' (a later import of the submodule would otherwise rebind xrai.data.audit to
+# the module); both import pandas only inside their functions.
 from xrai.data.audit import audit, audit_summary, duplicate_groups
 from xrai.data.download import DATASETS, DownloadError, dataset_key, download
 from xrai.data.images import DECODER_VERSION, ImageError, TruncatedImageWarning, letterbox, read_image, scan_images
-from xrai.data.manifest import manifest_info, read_manifest, relocate_paths, save_manifest
-from xrai.data.sources import (
-    MANIFEST_COLUMNS,
-    LabelConflictWarning,
-    ManifestError,
-    ManifestWarning,
-    dataset_dir,
-    read_class_folders,
-    read_fracatlas,
-    read_mura,
-    require_columns,
-)
-from xrai.data.split import filter_body_parts, split_manifest
-from xrai.data.synthetic import (
-    default_synthetic_root,
-    ensure_synthetic,
-    make_synthetic,
-    read_fracture_lines,
-    synthetic_options,
-)
+
+_LAZY = {
+    "manifest": ("manifest_info", "read_manifest", "relocate_paths", "save_manifest"),
+    "sources": ("MANIFEST_COLUMNS", "LabelConflictWarning", "ManifestError", "ManifestWarning", "dataset_dir",
+                "read_class_folders", "read_fracatlas", "read_mura", "require_columns"),
+    "split": ("filter_body_parts", "split_manifest"),
+    "synthetic": ("default_synthetic_root", "ensure_synthetic", "make_synthetic", "read_fracture_lines",
+                  "synthetic_options"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from xrai.data.manifest import manifest_info, read_manifest, relocate_paths, save_manifest
+    from xrai.data.sources import (MANIFEST_COLUMNS, LabelConflictWarning, ManifestError, ManifestWarning,
+                                   dataset_dir, read_class_folders, read_fracatlas, read_mura, require_columns)
+    from xrai.data.split import filter_body_parts, split_manifest
+    from xrai.data.synthetic import default_synthetic_root, make_synthetic
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "DATASETS",
@@ -72,6 +90,12 @@ SOURCES = ("mura", "fracatlas", "folder", "multiregion", "bonefracture", "synthe
 
 def _synthetic_lines(manifest: pd.DataFrame) -> pd.DataFrame:
     """Add line_x0, line_y0, line_x1, line_y1, line_width (NaN for normal images) from fracture_lines.csv."""
+    import numpy as np
+    import pandas as pd
+
+    from xrai.data.sources import ManifestWarning
+    from xrai.data.synthetic import read_fracture_lines
+
     cols = ["line_x0", "line_y0", "line_x1", "line_y1", "line_width"]
     # image -> study -> patient -> XR_<PART> -> split -> MURA-v1.1
     mura_dir = Path(manifest["path"].iloc[0]).parents[4]
@@ -97,7 +121,7 @@ def load(
     test_fraction: float = 0.15,
     body_part: str | list[str] | None = None,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> "pd.DataFrame":
     """Read a dataset into the manifest (DESIGN.md), with splits filled and body parts filtered.
 
     Args:
@@ -120,6 +144,10 @@ def load(
         ValueError: unknown source or body part. FileNotFoundError: no such dataset under root.
         DownloadError: root=None and the dataset can neither be found nor downloaded.
     """
+    from xrai.data.sources import dataset_dir, read_class_folders, read_fracatlas, read_mura
+    from xrai.data.split import filter_body_parts, split_manifest
+    from xrai.data.synthetic import ensure_synthetic, synthetic_options
+
     key = source.strip().lower()
     if key not in SOURCES:
         raise ValueError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")

@@ -23,11 +23,15 @@ import hashlib
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from xrai.data.images import ImageError, read_image
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 AUDIT_COLUMNS = ["group", "path", "label", "split", "kind", "crosses"]
 NEAR_DISTANCE = 4  # pHash bits that may differ for a candidate pair (the contract's default)
@@ -82,6 +86,8 @@ def _hash_one(path: str) -> tuple[str, int, np.ndarray | None, str]:
 
 def image_hashes(paths: list[str], *, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Exact digest, pHash and thumbnail per path (columns path, digest, phash, thumb, error), in parallel."""
+    import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
+
     from tqdm.auto import tqdm
 
     from xrai.env import cpu_count
@@ -188,6 +194,8 @@ def duplicate_groups(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTAN
                      min_correlation: float = MIN_CORRELATION, workers: int | None = None,
                      progress: bool = True, hashes: pd.DataFrame | None = None) -> pd.Series:
     """A group id per manifest row ("dup<N>" shared by duplicates, the row's own id otherwise)."""
+    import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
+
     hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress) \
         if hashes is None else hashes
     _report_bad(hashes)
@@ -204,6 +212,8 @@ def audit(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE, min_cor
     ``kind`` is "exact" when every image of the group has the same pixels, else "near"; ``crosses``
     is "", "split", "label" or "split+label". Unreadable images are skipped with a warning.
     """
+    import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
+
     hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress)
     _report_bad(hashes)
     comp = _grouping(hashes, near_distance, min_correlation)

@@ -3,9 +3,10 @@
 The one definition of the training recipe's augmentation, on both input paths: the cached path feeds it
 rows of the memmap, the classic path the same letterboxed uint8 pixels decoded from the files, batch by
 batch, with the same random stream (`xrai.data.batches`). One module does train and eval: training
-samples a random crop box, flip, rotation and intensity jitter per image; evaluation uses the very same
-code with the random parts switched off (a centre crop, factors of 1), so train and eval preprocessing
-cannot drift apart. `preprocess` wraps the eval branch for single images (the app, CLI predict, Grad-CAM).
+samples a random crop box, flip, rotation and intensity jitter per image; evaluation is the same module's
+centre crop (an integer copy) with the same normalisation, so train and eval preprocessing cannot drift
+apart, and the numpy contract of the ONNX server (`xrai.data.contract`) matches eval to 1e-6.
+`preprocess` wraps the eval branch for single images (the app, CLI predict, Grad-CAM).
 
 Why our own and not kornia (kornia 0.9; measured on this 2-core CPU, batch 64, 256 -> 224 px, the
 same five ops): kornia's AugmentationSequential(RandomResizedCrop, RandomHorizontalFlip, RandomRotation,
@@ -32,8 +33,7 @@ from torch import Tensor, nn
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "GpuAugment", "preprocess"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from xrai.data.contract import IMAGENET_MEAN, IMAGENET_STD, centre_crop_offset
 
 
 class GpuAugment(nn.Module):
@@ -148,6 +148,8 @@ class GpuAugment(nn.Module):
         if images.dtype != torch.uint8:
             raise ValueError(f"GpuAugment wants uint8 images (the cache's dtype), got {images.dtype}")
         batch, side = images.shape[0], images.shape[-1]
+        if not self.train_mode:
+            return self._centre_crop(images)
         device = images.device
         params = self.sample_params(batch, side, generator)
         theta = self.affine(params, side).to(dtype=torch.float32)
@@ -157,11 +159,10 @@ class GpuAugment(nn.Module):
         theta = theta.to(device, non_blocking=True)
         bright = bright.to(device, non_blocking=True)
         # Brightness is folded into the uint8 -> [0,1] conversion (one pass instead of two); scaling
-        # before rather than after the bilinear resampling differs only where clipping bites. Eval's
-        # factor is 1, so this is the plain conversion there.
+        # before rather than after the bilinear resampling differs only where clipping bites.
         x = images.to(torch.float32).mul_(bright / 255.0).clamp_(0.0, 1.0)
         # Bilinear without antialias: train crops are 0.7-1.0 of the area, so the scale factor stays
-        # within ~0.7-1.3 and aliasing is negligible; eval samples exact pixel centres (a pure copy).
+        # within ~0.7-1.3 and aliasing is negligible. (Eval never comes here: see _centre_crop.)
         x = F.grid_sample(x, _affine_grid(theta, self.image_size), mode="bilinear", padding_mode="zeros",
                           align_corners=False)
         if self.train_mode and self.contrast > 0:
@@ -169,6 +170,22 @@ class GpuAugment(nn.Module):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)  # ColorJitter: blend with the image's mean grey
             x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
         return torch.addcmul(self._add, x, self._mul)  # grey -> 3 normalised channels, one kernel
+
+    def _centre_crop(self, images: Tensor) -> Tensor:
+        """Eval: the centre crop as an integer copy (zero-padded when the input is smaller), normalised.
+
+        Not grid_sample: its float32 grid lands up to ~1e-4 px off the pixel centres at sides that are
+        not powers of two (146 -> 128), which blurred eval by up to 5e-5 and parted it from the numpy
+        contract the ONNX server uses (``xrai.data.contract.prepare``, same arithmetic to 1e-6).
+        """
+        side, size = images.shape[-1], self.image_size
+        offset = centre_crop_offset(side, size)
+        crop = images.new_zeros((images.shape[0], 1, size, size))
+        src = images[..., max(0, offset) : offset + size, max(0, offset) : offset + size]
+        pad = max(0, -offset)
+        crop[..., pad : pad + src.shape[-2], pad : pad + src.shape[-1]] = src
+        x = crop.to(torch.float32).mul_(1.0 / 255.0)
+        return torch.addcmul(self._add, x, self._mul)
 
 
 def _affine_grid(theta: Tensor, size: int) -> Tensor:

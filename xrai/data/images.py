@@ -1,4 +1,4 @@
-"""The one safe decoder: any PNG or JPEG X-ray -> uint8 (H, W) grey, or an ImageError that names the file."""
+"""The one safe decoder: any PNG, JPEG or DICOM X-ray -> uint8 (H, W) grey, or an ImageError that names the file."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # Part of every decoded-image cache key: bump it whenever read_image or letterbox can return other pixels.
-DECODER_VERSION = "1"
+DECODER_VERSION = "2"  # 2: DICOM
 
 # 64 MiPixels: ~8000 x 8000, far beyond any radiograph (MURA and FracAtlas are <= ~3000 px a side), and
 # below PIL's own MAX_IMAGE_PIXELS (~89 M), so our header check always fires before PIL's would.
@@ -133,7 +133,7 @@ def _open(data: bytes, name: str) -> ImageFile.ImageFile:
     try:
         return Image.open(fp)
     except UnidentifiedImageError as e:  # its message shows the BytesIO object, not the file
-        raise ImageError(f"{name}: not an image (neither PNG nor JPEG nor another format Pillow reads)") from e
+        raise ImageError(f"{name}: not an image (neither PNG, JPEG, DICOM nor another format Pillow reads)") from e
 
 
 def _reason(error: BaseException) -> str:
@@ -221,7 +221,9 @@ def _to_grey_uint8(img: Image.Image) -> np.ndarray:
 
 def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS,
                  max_bytes: int = MAX_DECODED_BYTES, remedy: str = DATASET_REMEDY) -> tuple[np.ndarray, list[str]]:
-    """Decode image bytes (an upload, say) as a uint8 (H, W) grey array; thread-safe, warns nothing.
+    """Decode image bytes (an upload, say) as a uint8 (H, W) grey array; thread-safe, no global state.
+
+    PNG, JPEG, DICOM (by content: ``xrai.data.dicom``) and the other formats Pillow reads.
 
     Args:
         data: the file's bytes.
@@ -237,6 +239,11 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     """
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
+    if not data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+        from xrai.data.dicom import HEAD_BYTES, decode_dicom, looks_like_dicom
+
+        if looks_like_dicom(data[:HEAD_BYTES]):  # by content: before PIL, which takes a TIFF+DICOM file as TIFF
+            return decode_dicom(data, name=name, max_pixels=max_pixels, max_bytes=max_bytes, remedy=remedy), []
     img, note = _decode(data, name, max_pixels, max_bytes, remedy)
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
@@ -247,7 +254,9 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS,
                max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
     """Read a radiograph as a uint8 (H, W) grey array.
 
-    PNG and JPEG, 8 or 16 bit, modes L/LA/RGB/RGBA/P/I;16/I/F (16-bit is stretched by its own range).
+    PNG and JPEG, 8 or 16 bit, modes L/LA/RGB/RGBA/P/I;16/I/F (16-bit is stretched by its own range);
+    DICOM, recognised by content whatever the file is called, windowed as the file says
+    (``xrai.data.dicom``).
     EXIF orientation is applied, as a viewer would. Thread- and process-safe: no global PIL state.
 
     Args:

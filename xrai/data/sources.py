@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xrai.data.dicom import DICOM_EXTENSIONS, HEAD_BYTES, looks_like_dicom
 from xrai.errors import UserError
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
 MANIFEST_COLUMNS = ["path", "label", "body_part", "patient_id", "study_id", "split", "source"]
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 _IMAGE_SUFFIXES = tuple(IMAGE_EXTENSIONS)
+# Class folders also take DICOM: .dcm/.dicom, and files without an extension whose content is DICOM
+# (PACS exports and DICOMDIR trees name files IM000001 or by UID).
+_DICOM_SUFFIXES = tuple(DICOM_EXTENSIONS)
 MURA_SPLITS = ("train", "valid")
 FRACATLAS_PARTS = ("hand", "leg", "hip", "shoulder")
 
@@ -101,8 +105,24 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted((Path(e.path) for e in dirs), key=lambda p: p.name)
 
 
-def _walk_images(top: Path) -> list[str]:
+def _is_dicom_file(path: str) -> bool:
+    """Whether a file without an extension is DICOM, from its first bytes (one small read)."""
+    try:
+        with open(path, "rb") as f:
+            return looks_like_dicom(f.read(HEAD_BYTES))
+    except OSError:
+        return False
+
+
+def _is_dicom_name(folder: str, name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(_DICOM_SUFFIXES) or ("." not in name and _is_dicom_file(os.path.join(folder, name)))
+
+
+def _walk_images(top: Path, *, dicom: bool = False) -> list[str]:
     """Image paths under top, relative to it with '/' separators, sorted, strays skipped.
+
+    ``dicom``: also DICOM files (.dcm, .dicom, and extension-less files recognised by content).
 
     One scandir per folder and no stat per file (DirEntry.is_dir uses the directory listing's type):
     MURA's ~27,000 folders take about a second, and on a mounted Drive far fewer round trips than os.walk.
@@ -120,7 +140,7 @@ def _walk_images(top: Path) -> list[str]:
                     if e.is_dir():
                         if e.name.lower() not in _SKIP_DIRS:
                             dirs.append(e.name)
-                    elif _is_image_name(e.name):
+                    elif _is_image_name(e.name) or (dicom and _is_dicom_name(folder, e.name)):
                         files.append(e.name)
         except (FileNotFoundError, NotADirectoryError):
             continue
@@ -412,7 +432,9 @@ def read_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     Wrapper folders with a single child are stepped through. Split names: train, val/valid/validation
     (-> "valid"), test; with no split level, split is "". Class names, any case, "_" or " ":
     fractured/abnormal/positive -> 1; not fractured/non fractured/normal/negative -> 0. Other folders
-    are warned about and skipped. body_part "unknown", source "folder", no patient or study ids.
+    are warned about and skipped. body_part "unknown", source "folder", no patient or study ids (not
+    even from DICOM files: their patient tags are never read). Images: PNG, JPEG and DICOM (.dcm,
+    .dicom, or no extension and DICOM content).
     """
     top, has_splits = _find_class_root(Path(root))
     split_dirs = [(s, _split_name(s.name)) for s in _subdirs(top)] if has_splits else [(top, "")]
@@ -426,12 +448,12 @@ def read_class_folders(root: str | os.PathLike) -> pd.DataFrame:
             if lab is None:
                 skipped.append(f"{split_dir.name}/{sub.name}" if split else sub.name)
                 continue
-            rows.extend((str(sub / rel), lab, split) for rel in _walk_images(sub))
+            rows.extend((str(sub / rel), lab, split) for rel in _walk_images(sub, dicom=True))
     if skipped:
         warnings.warn(f"folders in {top} that are neither a split nor a class were skipped: {_examples(skipped)}",
                       ManifestWarning, stacklevel=2)  # fmt: skip
     if not rows:
-        raise FileNotFoundError(f"no .png/.jpg/.jpeg images in the class folders under {top}")
+        raise FileNotFoundError(f"no .png/.jpg/.jpeg or DICOM images in the class folders under {top}")
     m = pd.DataFrame(rows, columns=["path", "label", "split"])
     m["body_part"] = "unknown"
     m["patient_id"] = m["study_id"] = ""

@@ -1,0 +1,165 @@
+"""DICOM through every consumer: the app's upload, predict, explain, evaluate --data folder.
+
+The acceptance test: a MONOCHROME1 16-bit DICOM with a window (and one with a VOI LUT Sequence)
+uploaded to the app and passed to ``predict`` gives the very probability of the same pixels, windowed
+as the file says, saved as a PNG. Every test file carries patient tags; none may reach any output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+pytest.importorskip("pydicom")
+
+from dicom_files import SECRETS, window_8bit, write_dicom, write_report  # noqa: E402
+
+from xrai.__main__ import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CENTRE, WIDTH = 32768.5, 61441  # the window of the MONOCHROME1 files below
+
+
+def _no_secrets(text: str, where: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"patient data {secret!r} leaked into {where}: {text[:500]}"
+
+
+def _as_monochrome1(image: np.ndarray) -> np.ndarray:
+    """A uint8 radiograph as a detector storing 16 bits, white low (MONOCHROME1), with sensor noise."""
+    rng = np.random.default_rng(0)
+    stored = 62000 - image.astype(np.float64) * 230 + rng.normal(0, 40, image.shape)
+    return np.clip(np.rint(stored), 0, 65535).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def test_images(synthetic_manifest) -> list[Path]:
+    test = synthetic_manifest[synthetic_manifest["split"] == "test"].sort_values("label")
+    return [Path(p) for p in test["path"].iloc[[0, -1]]]  # a normal and an abnormal one
+
+
+@pytest.fixture(scope="module")
+def pairs(test_images, tmp_path_factory) -> list[tuple[Path, Path]]:
+    """(DICOM, PNG of its pixels windowed by hand) pairs: a window, and a VOI LUT Sequence."""
+    from xrai.data.images import read_image
+
+    folder = tmp_path_factory.mktemp("dicom_pairs")
+    out = []
+    for i, source in enumerate(test_images):
+        stored = _as_monochrome1(read_image(source))
+        windowed = 255 - window_8bit(stored, CENTRE, WIDTH)  # MONOCHROME1: inverted after the window
+        dcm = write_dicom(folder / f"window{i}.dcm", stored, photometric="MONOCHROME1", window=(CENTRE, WIDTH))
+        png = folder / f"window{i}.png"
+        Image.fromarray(windowed).save(png)
+        out.append((dcm, png))
+    lut = (257 * np.clip((np.arange(65536) - 5000) // 220, 0, 255)).astype(np.uint16)  # a 16-bit VOI LUT
+    stored = _as_monochrome1(read_image(test_images[-1]))
+    dcm = write_dicom(folder / "lut.dcm", stored, photometric="MONOCHROME1", voi_lut=lut)
+    png = folder / "lut.png"
+    Image.fromarray(255 - (lut[stored] // 257).astype(np.uint8)).save(png)
+    out.append((dcm, png))
+    return out
+
+
+def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pairs, capsys, caplog):
+    from xrai.app import create_app
+    from xrai.data.images import read_image
+
+    client = create_app(evaluated_run).test_client()
+    caplog.set_level(logging.DEBUG)
+    seen = set()
+    for dcm, png in pairs:
+        np.testing.assert_array_equal(read_image(dcm), read_image(png))
+        answers = {}
+        for path in (dcm, png):
+            response = client.post("/api/predict", data={"file": (io.BytesIO(path.read_bytes()), path.name)},
+                                   content_type="multipart/form-data")
+            assert response.status_code == 200, response.get_data(as_text=True)
+            answers[path.suffix] = response.get_json()["probability"]
+            _no_secrets(response.get_data(as_text=True), "the API's answer")
+        assert answers[".dcm"] == answers[".png"]
+        seen.add(answers[".dcm"])
+        page = client.post("/", data={"file": (io.BytesIO(dcm.read_bytes()), dcm.name)},
+                           content_type="multipart/form-data").get_data(as_text=True)
+        assert "PNG, JPEG or DICOM" in page and 'id="overlay"' in page
+        _no_secrets(page, "the result page")
+
+        assert main(["predict", "--run", str(evaluated_run), str(dcm), str(png)]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert [line["path"] for line in lines] == [str(dcm), str(png)]
+        assert lines[0]["probability"] == lines[1]["probability"]  # DICOM and PNG: the very same answer
+        assert abs(lines[0]["probability"] - answers[".dcm"]) <= 1e-5  # the app batches and hooks differently
+    assert len(seen) == len(pairs)  # the model's answer depends on the image: equal answers mean equal pixels
+    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+
+
+def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(evaluated_run, test_images, tmp_path,
+                                                                              capsys, caplog, recwarn):
+    from xrai.data.images import read_image
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)  # evaluate writes into the run folder: not into the shared one
+    dataset = tmp_path / "ward"
+    for label, source in zip(("normal", "abnormal"), test_images):
+        folder = dataset / label
+        folder.mkdir(parents=True)
+        stored = _as_monochrome1(read_image(source))
+        write_dicom(folder / "a.dcm", stored, photometric="MONOCHROME1", window=(CENTRE, WIDTH))
+        write_dicom(folder / "IM000002", stored, photometric="MONOCHROME1", window=(CENTRE, WIDTH), preamble=False)
+    write_report(dataset / "normal" / "report.dcm")  # a DICOM without pixels: dropped with a reason
+    whole = (dataset / "normal" / "a.dcm").read_bytes()
+    (dataset / "abnormal" / "cut.dcm").write_bytes(whole[: len(whole) // 2])
+    caplog.set_level(logging.DEBUG)
+
+    files = sorted(str(p) for p in dataset.rglob("*") if p.is_file())
+    assert main(["predict", "--run", str(run), *files]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    errors = {Path(line["path"]).name: line["error"] for line in lines if "error" in line}
+    assert set(errors) == {"report.dcm", "cut.dcm"} and len(lines) == 6
+    assert "not an image" in errors["report.dcm"] and "less than expected" in errors["cut.dcm"]
+
+    assert main(["explain", "--run", str(run), *files, "--out", str(tmp_path / "cams")]) == 0
+    assert len(list((tmp_path / "cams").rglob("*.png"))) == 4
+
+    assert main(["evaluate", "--run", str(run), "--data", "folder", "--root", str(dataset)]) == 0
+    report = json.loads((run / "report_external.json").read_text())
+    assert report["image"]["n"] == 4  # the two unreadable files dropped, named in a warning
+    predictions = pd.read_csv(run / "predictions_external.csv", keep_default_na=False)
+    assert sorted(Path(p).name for p in predictions["path"]) == ["IM000002", "IM000002", "a.dcm", "a.dcm"]
+
+    captured = capsys.readouterr()
+    _no_secrets(captured.out + captured.err, "the CLI's output")
+    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+    _no_secrets("\n".join(str(w.message) for w in recwarn), "the warnings")
+    assert any("cut.dcm" in str(w.message) for w in recwarn)  # the dropped files are named
+    for path in [*run.rglob("*"), *(tmp_path / "cams").rglob("*")]:
+        if path.is_file() and path.suffix in (".csv", ".json", ".txt", ".md", ".png"):
+            _no_secrets(path.read_bytes().decode("latin-1"), str(path))
+        _no_secrets(path.name, "a file name")
+
+
+def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run, tmp_path, caplog):
+    from xrai.app import create_app
+
+    client = create_app(evaluated_run).test_client()
+    caplog.set_level(logging.DEBUG)
+    whole = write_dicom(tmp_path / "a.dcm", np.full((64, 64), 3000, dtype=np.uint16)).read_bytes()
+    cases = {"cut.dcm": whole[:-1000], "sr.dcm": write_report(tmp_path / "sr.dcm").read_bytes(),
+             "cine.dcm": write_dicom(tmp_path / "cine.dcm", np.zeros((2, 8, 8), np.uint8)).read_bytes()}
+    for name, data in cases.items():
+        response = client.post("/api/predict", data={"file": (io.BytesIO(data), name)},
+                               content_type="multipart/form-data")
+        assert response.status_code == 400, (name, response.get_data(as_text=True))
+        message = response.get_json()["error"]
+        assert message.startswith(name) and "\n" not in message
+        _no_secrets(message, "an error message")
+    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")

@@ -1,0 +1,259 @@
+"""Export (ONNX, TorchScript) and serving the ONNX export without torch.
+
+Parity: onnxruntime with the numpy contract on the synthetic test split gives the probabilities the run
+gives in PyTorch (xrai.inference.load_run, xrai.data.augment.preprocess) within 1e-4. Torch-freeness:
+the ONNX app and its production server answer predictions in a subprocess where torch (and pandas,
+scikit-learn, grad-cam...) cannot be imported, as in the Dockerfile's onnx target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+for _package in ("onnx", "onnxscript", "onnxruntime"):
+    pytest.importorskip(_package)
+
+from xrai.__main__ import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKER = Path(__file__).resolve().parent / "import_blocker"
+# What the ONNX image does not install (Dockerfile, target onnx): none of it may be imported.
+NOT_IN_THE_ONNX_IMAGE = ("torch", "torchvision", "pandas", "sklearn", "scipy", "matplotlib", "seaborn",
+                         "pytorch_grad_cam", "cv2", "tqdm", "kagglehub", "ipywidgets", "onnx", "onnxscript")
+
+
+@pytest.fixture(scope="module")
+def run_dir(evaluated_run, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    shutil.copytree(evaluated_run, run)  # the export is written into the run folder: not the shared one
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    from xrai.export import export_run
+
+    return export_run(run_dir, fmt="onnx")
+
+
+@pytest.fixture(scope="module")
+def test_split(run_dir):
+    from xrai.data import read_manifest
+    from xrai.data.images import read_image
+
+    manifest = read_manifest(run_dir)
+    paths = manifest.loc[manifest["split"] == "test", "path"].tolist()
+    return paths, [read_image(p) for p in paths]
+
+
+def test_onnx_export_matches_pytorch_on_the_synthetic_test_split(run_dir, exported, test_split):
+    import onnx
+
+    from xrai.data.augment import preprocess
+    from xrai.data.contract import InputContract, prepare
+    from xrai.exported import load_export
+    from xrai.inference import load_run
+
+    assert exported.path == run_dir / "model.onnx" and exported.sidecar == run_dir / "model.onnx.json"
+    onnx.checker.check_model(onnx.load(exported.path), full_check=True)
+    run = load_run(run_dir)
+    sidecar = json.loads(exported.sidecar.read_text())
+    assert InputContract.from_dict(sidecar["input"]) == InputContract.from_config(run.config)
+    assert sidecar["temperature"] == run.temperature and sidecar["threshold"] == run.threshold
+    assert sidecar["study_threshold"] == run.study_threshold and sidecar["threshold_from"] == run.threshold_from
+    assert sidecar["checkpoint"]["sha256"] == run.checkpoint_sha256 and sidecar["format"] == "onnx"
+
+    paths, images = test_split
+    assert len(images) >= 6
+    torch_p, torch_raw = run.probabilities(preprocess(images, image_size=run.config.image_size,
+                                                      resize_size=run.config.resize_size))
+    model = load_export(exported.path)
+    assert isinstance(model.session.get_inputs()[0].shape[0], str)  # the dynamic batch axis
+    onnx_logit, onnx_p = model.outputs(prepare(images, model.contract))  # the whole split in one batch
+    singles = np.array([model.probabilities([image])[0] for image in images[:4]])  # then one by one
+    print(f"\nONNX vs PyTorch on {len(images)} test images: max |diff| {np.abs(onnx_p - torch_p).max():.2e} "
+          f"(calibrated, T={run.temperature:.3f}), {np.abs(1 / (1 + np.exp(-onnx_logit)) - torch_raw).max():.2e} "
+          f"(raw); raw probabilities {torch_raw.min():.4f}..{torch_raw.max():.4f}")
+    assert np.ptp(torch_raw) > 100 * 1e-4  # the answers depend on the image, so 1e-4 is a real test
+    assert np.abs(1 / (1 + np.exp(-onnx_logit)) - torch_raw).max() <= 1e-4
+    assert np.abs(onnx_p - torch_p).max() <= 1e-4 and np.abs(singles - torch_p[:4]).max() <= 1e-4
+    logit, probability = model.outputs(prepare(images[:3], model.contract))
+    assert np.allclose(probability, 1 / (1 + np.exp(-logit / sidecar["temperature"])), atol=1e-6)
+
+
+def test_torchscript_export_matches_and_is_refused_by_the_onnx_server(run_dir, test_split):
+    import torch
+
+    from xrai.data.contract import prepare
+    from xrai.export import export_run
+    from xrai.exported import ExportFileError, load_export
+
+    result = export_run(run_dir, fmt="torchscript")
+    assert result.path.name == "model.torchscript.pt" and json.loads(result.sidecar.read_text())["format"] == \
+        "torchscript"
+    onnx_model = load_export(run_dir / "model.onnx")
+    x = prepare(test_split[1][:5], onnx_model.contract)
+    with torch.inference_mode():
+        scripted = torch.jit.load(str(result.path))(torch.from_numpy(x))[1].numpy()
+    assert np.abs(scripted - onnx_model.outputs(x)[1]).max() <= 1e-4
+    with pytest.raises(ExportFileError, match="torchscript export; serving without torch needs the ONNX one"):
+        load_export(result.path)
+
+
+_SERVE_WITHOUT_TORCH = r"""
+import io, json, sys, urllib.request, uuid
+from xrai.app import create_app
+from xrai.server import serve_in_thread
+
+app = create_app(onnx=sys.argv[1], threads=1)
+out = {"healthz": app.test_client().get("/healthz").get_json(), "answers": {}}
+page = app.test_client().post("/", data={"file": (io.BytesIO(open(sys.argv[2], "rb").read()), "x.dcm")},
+                              content_type="multipart/form-data").get_data(as_text=True)
+out["page_says_why"] = "needs them" in page and 'id="no-overlay"' in page and 'id="overlay"' not in page
+with serve_in_thread(app) as url:  # the production server (waitress), over HTTP
+    for path in sys.argv[2:]:
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.rsplit('/', 1)[-1]}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + open(path, "rb").read() + \
+               f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(url + "api/predict?overlay=1", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            out["answers"][path] = json.loads(response.read())
+heavy = [m for m in ("torch", "pandas", "sklearn", "scipy", "matplotlib", "pytorch_grad_cam", "cv2") if m in sys.modules]
+out["imported"] = heavy
+print(json.dumps(out))
+"""
+
+
+def test_the_onnx_app_answers_in_a_process_where_torch_cannot_be_imported(run_dir, exported, test_split, tmp_path):
+    from dicom_files import write_dicom
+    from PIL import Image
+
+    from xrai.data.images import read_image
+    from xrai.exported import load_export
+
+    png = tmp_path / "test.png"
+    Image.fromarray(test_split[1][0]).save(png)
+    # 16 bit, with the window that maps x * 257 back onto x exactly: the same pixels as the PNG.
+    dcm = write_dicom(tmp_path / "test.dcm", test_split[1][0].astype(np.uint16) * 257, window=(32768, 65536))
+    np.testing.assert_array_equal(read_image(dcm), test_split[1][0])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
+               XRAI_BLOCK_IMPORTS=",".join(NOT_IN_THE_ONNX_IMAGE))
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "blocked by the test" in probe.stderr  # the blocker works
+    proc = subprocess.run([sys.executable, "-c", _SERVE_WITHOUT_TORCH, str(exported.path), str(png), str(dcm)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["imported"] == [] and out["page_says_why"]
+    assert out["healthz"]["backend"] == "onnxruntime" and out["healthz"]["threshold"] == load_export(
+        exported.path).threshold
+    answers = out["answers"]
+    expected = float(load_export(exported.path).probabilities([test_split[1][0]])[0])
+    for path in (png, dcm):  # the DICOM holds the same pixels, 16 bit
+        body = answers[str(path)]
+        assert body["backend"] == "onnxruntime" and body["overlay_png_base64"] is None and "overlay_note" in body
+        assert abs(body["probability"] - expected) <= 1e-6
+        assert body["label"] == int(body["probability"] >= body["threshold"])
+
+    proc = subprocess.run([sys.executable, "-m", "xrai", "serve", "--onnx", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "no exported model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _post_file(url: str, path: Path) -> dict:
+    """POST one file to the JSON API as a browser's multipart form would, with the overlay asked for."""
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "api/predict?overlay=1", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_no_gradcam(exported, test_split,
+                                                                                            tmp_path):
+    """`python -m xrai serve --onnx` itself (the Docker onnx target's command), torch unimportable."""
+    import re
+    import threading
+    import time
+
+    from PIL import Image
+
+    from xrai.app import NO_CAM_NOTE
+    from xrai.exported import load_export
+
+    png = tmp_path / "upload.png"
+    Image.fromarray(test_split[1][1]).save(png)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
+               XRAI_BLOCK_IMPORTS=",".join(NOT_IN_THE_ONNX_IMAGE))
+    proc = subprocess.Popen([sys.executable, "-m", "xrai", "serve", "--onnx", str(exported.path), "--port", "0",
+                             "--threads", "1", "--torch-threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def read_log() -> None:
+        for line in proc.stderr:  # as the server writes it
+            lines.append(line)
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            found = [re.search(r"on (http://127\.0\.0\.1:\d+)", line) for line in list(lines)]
+            url = next((m.group(1) + "/" for m in found if m), None)
+            time.sleep(0.1)
+        assert url is not None, "".join(lines)[-3000:]
+        answer = _post_file(url, png)
+    finally:
+        proc.terminate()  # SIGTERM, as docker stop sends (SIGINT may be ignored where CI runs in the background)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert "Traceback" not in log, log[-3000:]
+    assert answer["backend"] == "onnxruntime" and answer["overlay_png_base64"] is None
+    assert answer["overlay_note"] == NO_CAM_NOTE and "\n" not in NO_CAM_NOTE
+    assert abs(answer["probability"] - float(load_export(exported.path).probabilities([test_split[1][1]])[0])) <= 1e-6
+    # Grad-CAM's absence is said in the log exactly once, at start-up, as that same one line.
+    assert [line.strip() for line in lines if "grad-cam" in line.lower()] == [NO_CAM_NOTE]
+    assert any("onnxruntime threads" in line for line in lines)
+
+
+def test_bench_times_onnxruntime_beside_pytorch_on_the_export(run_dir, exported, test_split):
+    from xrai.latency import cpu_predict_latency
+    from xrai.exported import load_export
+    from xrai.inference import load_run
+
+    run, model = load_run(run_dir), load_export(exported.path)
+    result = cpu_predict_latency(run.model, image=test_split[1][0], image_size=run.config.image_size,
+                                 resize_size=run.config.resize_size, runs=3, session=model.session)
+    assert result["torch_cpu"]["median"] > 0 and result["onnxruntime_cpu"]["median"] > 0
+
+
+def test_export_failures_are_one_line(run_dir, tmp_path, capsys):
+    assert main(["export", "--run", str(tmp_path / "nothing-here")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    shutil.copy(run_dir / "model.onnx", tmp_path / "model.onnx")  # no sidecar beside it
+    assert main(["serve", "--onnx", str(tmp_path / "model.onnx")]) == 2
+    assert "no sidecar" in capsys.readouterr().err
