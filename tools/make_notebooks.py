@@ -161,8 +161,9 @@ COUNTS = ('pd.crosstab(manifest["body_part"], manifest["label"].map({0: "normal"
           'margins=True, margins_name="total")')
 GPU_STOP_MD = ("## GPU\n\nTraining real X-rays on a CPU takes hours, so without a GPU this notebook stops here and "
                "says how to get a T4, unless `ALLOW_CPU = True` or the data is the synthetic set.")
+# launch: every GPU there is (Kaggle's T4 x2: torchrun in a subprocess, streamed here); fit() in the kernel with one.
 FIT = ('RESUME = Path(RUN_DIR, "checkpoints", "last.pt").is_file()\n'
-       "result = xrai.train.fit(config, manifest, RUN_DIR, resume=RESUME)\n"
+       'result = xrai.train.launch(config, RUN_DIR, nproc="auto", manifest=manifest, resume=RESUME)\n'
        'print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}, "\n'
        '      f"stopped early: {result.stopped_early}")')
 BASELINE_MD = ("On MURA runs, beside the study-level kappa of the DenseNet-169 in the MURA paper (Rajpurkar et al., "
@@ -378,7 +379,8 @@ def nb03() -> list:
         md(
             "## Train\n\nA run found unfinished in `RUN_DIR` (a `checkpoints/last.pt`) is resumed exactly where it "
             "stopped, in this runtime or a fresh one; a finished one returns at once. To start over, use a new "
-            "`RUN_DIR`."
+            "`RUN_DIR`. With two GPUs (Kaggle's *GPU T4 x2*) it trains on both: torchrun runs in a subprocess, "
+            "its progress shows here, and `BATCH_SIZE` is shared between them."
         ),
         code(FIT),
         md("## Curves"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    # several processes (torchrun) and runs described by files
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--nproc", default=None, metavar="N|auto",
+                   help="train on N processes (auto: one per visible GPU) by starting torchrun")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="with several processes, BatchNorm statistics over the global batch (default: yes)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a JSON file (a run's config.json); flags set away from their defaults "
+                        "override it")
+    p.add_argument("--manifest", default=None, metavar="DIR",
+                   help="train on DIR/manifest.csv (another run folder's split) instead of loading --data; "
+                        "a run folder's own manifest.csv still wins")
 
     p = sub.add_parser("evaluate", help="score a run: report_<split>.json, predictions and figures")
     p.add_argument("--run", required=True, help="run folder")
@@ -110,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--markdown", default=None, metavar="FILE.json",
                    help="measure nothing: print the README's performance table from a saved bench JSON")
+    p.add_argument("--nproc", default=None, metavar="N|auto",
+                   help="also time training on 1 and N processes (auto: one per GPU) and the scaling efficiency")
 
     from xrai.wheelhouse import KAGGLE_PLATFORM, KAGGLE_PYTHON
 
@@ -191,21 +206,53 @@ def _train_config(args) -> TrainConfig:
     )
 
 
+def _run_config(args) -> TrainConfig:
+    """The train flags' config; with --config, the file's, overridden by the flags set away from their defaults."""
+    def from_flags(values) -> TrainConfig:
+        return _train_config(values).replace(device=values.device, sync_bn=values.sync_bn)
+
+    config = from_flags(args)
+    if args.config is None:
+        return config
+    defaults = from_flags(build_parser().parse_args(["train"])).to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
+    return TrainConfig.from_json(Path(args.config)).replace(**changed)
+
+
 def cmd_train(args) -> int:
+    from xrai import distributed
     from xrai.data import read_manifest
+    from xrai.launch import launch, resolve_nproc
     from xrai.train import fit
 
-    config = _train_config(args)
+    config = _run_config(args)
     part = "" if config.body_parts() is None else "_" + "-".join(config.body_parts())
     run_dir = Path(args.out or f"runs/{config.data}_{config.model}{part}")
-    if (run_dir / "manifest.csv").is_file():
-        manifest = read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
+
+    def manifest(_=None):
+        if (run_dir / "manifest.csv").is_file():
+            return read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
+        if args.manifest is not None:
+            return read_manifest(args.manifest)
+        return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                              test_fraction=config.test_fraction)
+
+    nproc = 1 if args.nproc is None else resolve_nproc(args.nproc, config.device)
+    if nproc > 1:  # torchrun in a subprocess; this process draws the curves once it is done
+        if distributed.world_size_from_env() > 1:
+            raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; drop --nproc")
+        fresh = not (run_dir / "manifest.csv").is_file()  # else the workers read the run folder's own
+        result = launch(config, run_dir, nproc=nproc, resume=args.resume, manifest=manifest() if fresh else None)
+        writer = True
     else:
-        manifest = _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
-                                  test_fraction=config.test_fraction)
-    result = fit(config, manifest, run_dir, resume=args.resume)
-    _save_curves(run_dir)
-    print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run folder: {run_dir}")
+        ctx = distributed.init(config.device)  # torchrun's rank, or this process alone
+        # Rank 0 first: it downloads or generates the data once and notes where the images are.
+        result = fit(config, ctx.main_first(manifest), run_dir, resume=args.resume)
+        writer = ctx.is_main
+        distributed.teardown()
+    if writer:
+        _save_curves(run_dir)
+        print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run folder: {run_dir}")
     return 0
 
 
@@ -343,8 +390,16 @@ def cmd_bench(args) -> int:
             raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
         print(markdown_table(json.loads(path.read_text())))
         return 0
+    nproc = None
+    if args.nproc is not None:
+        from xrai.launch import resolve_nproc
+
+        nproc = resolve_nproc(args.nproc, args.device)
+        if nproc < 2:
+            raise ValueError(f"--nproc {args.nproc} gives {nproc} process on this machine; the scaling bench compares "
+                             "1 with N >= 2 (one per GPU), or pass --nproc 2 --device cpu to try it on CPU processes")
     run_bench(data=args.data, root=args.root, model=args.model, img_size=args.img_size, device=args.device,
-              json_path=args.json)
+              json_path=args.json, nproc=nproc)
     return 0
 
 
@@ -458,6 +513,11 @@ COMMANDS = {
 }
 
 
+def _rank_tag() -> str:
+    """" [rank R]" under torchrun with several processes (their errors share one console), else ""."""
+    return f" [rank {os.environ.get('RANK', '?')}]" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -472,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose or not is_user_error(error):
             raise  # -v, or a bug: the traceback, exit code 1
         # A user's mistake (a taken run folder, a torn checkpoint, no network, a bad option) reads as one line.
-        print(f"xrai {args.command}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
+        print(f"xrai {args.command}{_rank_tag()}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,8 @@ Figures (DESIGN.md, "bench JSON"), all from one run on one machine:
   the classic path, and the ceiling: the same step on one batch already on the device.
 - cache_build_img_s: the one-time decode into a fresh cache.
 - predict_gradcam_ms: one 512 px image from file to probability and Grad-CAM, median and p90 after warm-up.
+- scaling (with nproc): training img/s on 1 and on nproc processes (torchrun) and the scaling
+  efficiency, from `xrai.scaling` on the same cache.
 - predict_ms: one decoded 512 px image to its probability on the CPU, no Grad-CAM: PyTorch (``preprocess``
   + the model) beside onnxruntime (the numpy contract + the model exported to ONNX, as ``serve --onnx``
   runs it), with the same number of threads; onnxruntime is null where it (or the exporter) is missing.
@@ -47,7 +49,7 @@ from xrai.env import autocast_dtype, backend_settings, cpu_count, get_device, li
 from xrai.memcheck import memory_check
 
 __all__ = ["BenchSetup", "format_table", "machine_info", "markdown_table", "measure_latency", "measure_ready",
-           "measure_training", "memory_check", "run_bench", "seeds_loader"]
+           "measure_training", "memory_check", "run_bench", "seeds_loader", "train_step"]
 
 LOADER_WORKERS = 2  # Colab's and Kaggle's 2 vCPUs; the classic path and the seeds' loader both get them
 
@@ -189,7 +191,8 @@ def measure_ready(bench: BenchSetup) -> dict:
     return {"ready_img_s": ready, "feed_img_s": feed}
 
 
-def _train_step(model: nn.Module, device: torch.device) -> Callable:
+def train_step(model: nn.Module, device: torch.device) -> Callable:
+    """step(x, y): one AdamW step of `model` on a batch (AMP on CUDA), as the bench times training."""
     dtype = autocast_dtype(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -209,7 +212,7 @@ def _train_step(model: nn.Module, device: torch.device) -> Callable:
 def measure_training(bench: BenchSetup) -> dict:
     """train_img_s: the training step fed by each path, and on one batch already on the device (ceiling)."""
     dev, n = bench.device, bench.n_train
-    step = _train_step(bench.model.train(), dev)
+    step = train_step(bench.model.train(), dev)
     fixed = (torch.randn(bench.batch_size, 3, bench.img_size, bench.img_size, device=dev)
              .contiguous(memory_format=torch.channels_last),
              torch.randint(0, 2, (bench.batch_size,), device=dev).float())
@@ -271,7 +274,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
               img_size: int = 224, device: str = "auto", batch_size: int = 64, n_batches: int | None = None,
               json_path: str | os.PathLike | None = None, progress: bool = True,
               cache_dir: str | os.PathLike | None = None, latency_runs: int = 20, feed_batches: int = 20,
-              onnx: bool = True) -> dict:
+              onnx: bool = True, nproc: int | None = None) -> dict:
     """Measure the three loaders, the training step, the cache build and one prediction; print a table.
 
     Args:
@@ -288,6 +291,8 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         latency_runs: timed repetitions of the predict + Grad-CAM latency.
         feed_batches: timed batches per loader measurement (at least n_batches).
         onnx: time onnxruntime beside PyTorch in predict_ms (exports the model; needs ``xrai[onnx]``).
+        nproc: also time training on 1 and on nproc processes (torchrun) and their scaling efficiency
+            (`xrai.scaling.measure_scaling`); the JSON then holds "scaling".
     Returns:
         The dict of DESIGN.md's bench JSON.
     """
@@ -329,6 +334,11 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         result.update(measure_training(bench))
         result.update(measure_latency(bench, runs=latency_runs))
         result.update(measure_cpu_predict(bench, runs=latency_runs, onnx=onnx))
+        if nproc:  # several processes, on the same cache
+            from xrai.scaling import measure_scaling
+
+            result["scaling"] = measure_scaling(cache.path, rows, nproc=nproc, model=model, img_size=img_size,
+                                                batch_size=batch_size, n_batches=n_train, device=dev.type)
         del bench, cache  # the memmap must be closed before its folder goes
     result["load_average"]["end"] = _load_average()  # other jobs on the machine: the figures' context
     print(format_table(result))
@@ -370,6 +380,10 @@ def format_table(result: dict) -> str:
              f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
     if result.get("predict_ms"):
         lines.append(f"predict, one image, CPU: {_cpu_predict(result['predict_ms'])}")
+    if "scaling" in result:
+        from xrai.scaling import scaling_lines
+
+        lines += scaling_lines(result["scaling"], ceiling=train["ceiling"], device=result["device"])
     return "\n".join(lines)
 
 
@@ -399,6 +413,12 @@ def markdown_table(result: dict) -> str:
     ]
     if result.get("predict_ms"):
         rows.append(("Predict, one image, CPU, no Grad-CAM (same threads)", _cpu_predict(result["predict_ms"])))
+    if "scaling" in result:
+        sc = result["scaling"]
+        rows.append((f"Training on 1 and {sc['nproc']} processes (batch {sc['per_process_batch']} each)",
+                     f"{sc['img_s_1']:,.1f} and {sc['img_s_n']:,.1f} img/s: scaling efficiency {sc['efficiency']:.2f}"
+                     + (" (the processes share the CPU's cores: reported, not judged)" if result["device"] == "cpu"
+                        else "")))
     lines = [f"`python -m xrai bench` in one run: {_head(result)}.", "", "| What | Figure |", "|---|---|",
              *(f"| {what} | {figure} |" for what, figure in rows)]
     return "\n".join(lines)

@@ -33,8 +33,10 @@ __all__ = [
 ]
 
 # Fields that may differ between a checkpoint's config and the config a run is resumed with: they
-# do not change the maths of the epochs already done. `epochs` may only grow.
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "loggers", "experiment", "root", "device")
+# do not change the maths of the epochs already done. `epochs` may only grow. `world_size` changes
+# the data order from the resumed epoch on (each rank's shard and augmentation stream), which fit()
+# says in a warning.
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "loggers", "experiment", "root", "device", "world_size")
 
 # What torch.load raises for a file that is not a whole checkpoint: a torn zip (RuntimeError from
 # PytorchStreamReader), an empty or cut pickle (EOFError), foreign bytes (KeyError, ValueError...), or a
@@ -148,11 +150,16 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
 
     Returns lines like "lr: 0.001 in the checkpoint, 0.01 now"; empty when the resume is fine.
     """
+    from xrai.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
     problems = []
     for name in sorted(set(saved) | set(current)):
         old, new = saved.get(name, "<missing>"), current.get(name, "<missing>")
         if old == new:
             continue
+        if name not in saved and name in defaults and new == defaults[name]:
+            continue  # a setting newer than the checkpoint's xrai, left at its default: the same run
         if name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old:
             continue
         if name in RESUME_MAY_CHANGE and name != "epochs":

@@ -33,7 +33,7 @@ _FLOAT_RANGES = (
 # (field, smallest value) for the integer settings.
 _INT_MINIMUMS = (
     ("epochs", 1), ("batch_size", 1), ("prune_iterations", 1), ("step_size", 1), ("warmup_epochs", 0),
-    ("patience", 0), ("seed", 0), ("num_workers", 0), ("max_batches", 0),
+    ("patience", 0), ("seed", 0), ("num_workers", 0), ("max_batches", 0), ("world_size", 1),
 )
 
 
@@ -91,6 +91,10 @@ class TrainConfig:
     max_batches: int = 0
     loggers: list[str] = field(default_factory=list)
     experiment: str = "xrai"
+    # several processes (torchrun): BatchNorm statistics over the global batch; world_size is recorded
+    # by fit() (the number of processes that trained), whatever was set
+    sync_bn: bool = True
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,7 +114,7 @@ class TrainConfig:
         _choice("monitor", self.monitor, MONITORS)
         _choice("input_path", self.input_path, INPUT_PATHS)
         _choice("head", self.head, HEADS)
-        for name in ("pretrained", "freeze", "amp", "channels_last"):
+        for name in ("pretrained", "freeze", "amp", "channels_last", "sync_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, low_open, high, high_open in _FLOAT_RANGES:

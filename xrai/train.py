@@ -15,6 +15,11 @@ Exact resume: every random draw is either restored from the checkpoint (python, 
 RNGs, which dropout uses) or derived from (seed, epoch) by the batch sources, so a run killed during
 epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU;
 on a GPU only with config.deterministic (cuDNN autotuning picks kernels by timing otherwise).
+
+Several processes: under torchrun (`torchrun --nproc_per_node N -m xrai train ...`, or `launch`) fit()
+trains one model with DistributedDataParallel, each rank on its shard of every global batch of
+batch_size; rank 0 alone writes. xrai.distributed holds the machinery; with one process it is inert.
+Checkpoints hold every rank's RNG state, so the same world size resumes bit for bit too.
 """
 
 from __future__ import annotations
@@ -35,24 +40,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state, to_cpu
+from xrai import distributed
+from xrai.checkpoint import atomic_save, load_checkpoint, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
 from xrai.data import filter_body_parts, require_columns, save_manifest
+from xrai.data.batches import per_rank_batch
 from xrai.data.dataset import ClassicBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError
 from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
+from xrai.launch import launch
 from xrai.models import create_model, prune_synflow, restore_pruning
 from xrai.tracking import open_trackers
 
 __all__ = [
     "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler",
-    "fit", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
+    "fit", "launch", "load_result", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
 ]
 
 logger = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s",
+                   "world_size"]
 FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
 BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
 
@@ -169,34 +178,40 @@ def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, 
 
 
 def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch.dtype | None,
-             progress: bool = True) -> dict[str, float]:
-    """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source."""
+             progress: bool = True, gather=None) -> dict[str, float]:
+    """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source.
+
+    gather: with several processes, a function (logits, labels) -> (logits, labels) of the whole split
+    (`xrai.distributed.Distributed.gather_rows`), so the figures are those of one process.
+    """
     from sklearn.metrics import roc_auc_score
 
     model.eval()
-    loss_sum, probs, labels = torch.zeros((), device=device), [], []
+    logits, labels = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]
     with torch.inference_mode():
         for x, y in tqdm(source.epoch(0), total=len(source), desc="validating", unit="batch", leave=False,
                          disable=not progress):
             with _autocast(device, amp_dtype):
-                logits = model(x).reshape(-1)
-            loss_sum += criterion(logits.float(), y) * len(y)
-            probs.append(torch.sigmoid(logits.float()).cpu())
-            labels.append(y.cpu())
-    prob, label = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+                logits.append(model(x).reshape(-1).float())
+            labels.append(y)
+    logit, label = torch.cat(logits), torch.cat(labels)
+    if gather is not None:
+        logit, label = gather(logit, label)
+    loss = criterion(logit, label).item()
+    prob, label = torch.sigmoid(logit).cpu().numpy(), label.cpu().numpy()
     auroc = float(roc_auc_score(label, prob)) if len(np.unique(label)) == 2 else float("nan")
-    return {"val_loss": loss_sum.item() / len(label), "val_auroc": auroc,
-            "val_accuracy": float(np.mean((prob >= 0.5) == (label >= 0.5)))}
+    return {"val_loss": loss, "val_auroc": auroc, "val_accuracy": float(np.mean((prob >= 0.5) == (label >= 0.5)))}
 
 
 def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
-                 device: torch.device, progress: bool = True,
-                 manifest: pd.DataFrame | None = None) -> tuple[Any, Any, str]:
+                 device: torch.device, progress: bool = True, manifest: pd.DataFrame | None = None,
+                 rank: int = 0, world_size: int = 1) -> tuple[Any, Any, str]:
     """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits).
 
     The cache is built over the whole `manifest` when given (every split and body part), so the next run
     on another body part, or the evaluation, reuses it instead of decoding again; over train and valid
     alone when only that fits the disk. A cache that already exists needs no space and is always used.
+    With world_size > 1 the sources serve rank `rank`'s shard of every global batch (xrai.data.batches).
     """
     path = config.input_path
     cache = None
@@ -215,7 +230,8 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
                 cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress)
         path = "classic" if cache is None else "cached"
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
-                  channels_last=config.channels_last, max_batches=config.max_batches)
+                  channels_last=config.channels_last, max_batches=config.max_batches, rank=rank,
+                  world_size=world_size)
     if path == "cached":
         from xrai.data.loader import CachedBatches
 
@@ -251,6 +267,9 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
             resumes on the path the run recorded, another explicit path is refused), or a split
             without both labels; ManifestError (a ValueError): a column fit() reads is missing.
         TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
+
+    Under torchrun every process calls fit() alike (see the module docstring); config.batch_size is the
+    global batch and must be a multiple of the number of processes (ValueError otherwise).
     """
     with backend_settings(get_device(config.device), deterministic=config.deterministic):
         return _fit(config, manifest, run_dir, resume=resume, progress=progress)
@@ -261,30 +280,46 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
     """fit()'s body, under the backend settings of config.deterministic."""
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    ctx = distributed.init(config.device)  # torchrun's ranks, or this process alone (world size 1)
+    config = config.replace(world_size=ctx.world_size)
+    per_rank_batch(config.batch_size, ctx.world_size)  # the global batch must split evenly
     state = resume_state(config.to_dict(), last_path, resume=resume)
     if state is not None and (state["epoch"] >= config.epochs or state["stopped_early"]):
         return _result(run_dir, state)
     if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
         config = config.replace(input_path=state["config"].get("input_path", "auto"))
-    say = tqdm.write if progress else logger.info
+    if state is not None and ctx.is_main and state["config"].get("world_size", 1) != ctx.world_size:
+        warnings.warn(f"resuming {run_dir} (trained by {state['config'].get('world_size', 1)} processes) with "
+                      f"{ctx.world_size}: the data order changes from epoch {state['epoch'] + 1} on, so the run will "
+                      "not repeat an uninterrupted one bit for bit", stacklevel=3)
+    progress = progress and ctx.is_main  # rank 0 alone shows progress
+    say = (tqdm.write if progress else logger.info) if ctx.is_main else logger.debug
     # Config, data and model are checked before anything is written to run_dir: a failed start
     # (a bad model name, a split with one label, no network for pretrained weights) leaves it as it was.
     require_columns(manifest.columns, where="the manifest passed to fit()", needed=FIT_COLUMNS)
-    device = get_device(config.device)
+    device = ctx.device
     if state is None:
         seed_everything(config.seed)
     train_rows, valid_rows = _split_rows(manifest, config)
     monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
-    model = _build_model(config, device, state, say, progress)
-    train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, manifest=manifest, device=device,
-                                                    progress=progress)
+    # Rank 0 first (pretrained weights fetched once, the image cache built once); the others reuse them
+    # and take the input path rank 0 resolved.
+    model, (train_src, valid_src, input_path) = ctx.main_first(
+        lambda shared: _model_and_sources(config if shared is None else config.replace(input_path=shared), ctx,
+                                          state, train_rows, valid_rows, manifest, say, progress),
+        share=lambda built: built[1][2])
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
-    atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
-    for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):  # left by a process killed while saving
-        torn.unlink()
-    if not (run_dir / "manifest.csv").is_file():
-        save_manifest(manifest, run_dir)
-    optimizer = build_optimizer(model, config)
+    if ctx.is_main:  # rank 0 alone writes
+        atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
+        # Left by a process killed while saving.
+        for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
+            torn.unlink()
+        if not (run_dir / "manifest.csv").is_file():
+            save_manifest(manifest, run_dir)
+    model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
+    net = ctx.unwrap(model)  # the model itself: checkpoints and validation
+    gather = ctx.gatherer(valid_src.batch_positions(0))  # each rank validates its shard; the logits are gathered
+    optimizer = build_optimizer(net, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
@@ -293,9 +328,13 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
     say(f"{config.model} on {device} (AMP {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
         f"channels_last {config.channels_last}), input path {input_path}: {len(train_rows)} train / "
         f"{len(valid_rows)} valid images at {config.image_size} px, pos_weight {pos_weight:.2f}, monitor {monitor}")
+    if ctx.world_size > 1:
+        say(f"{ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), global batch "
+            f"{config.batch_size} = {ctx.world_size} x {config.batch_size // ctx.world_size}, SyncBatchNorm "
+            f"{'on' if config.sync_bn else 'off'}")
     done, best, best_epoch, bad, history = 0, (math.inf if monitor == "loss" else -math.inf), 0, 0, []
     trackers = open_trackers(config.loggers, config.to_dict(), run_dir, experiment=config.experiment,
-                             resume=state is not None)
+                             resume=state is not None) if ctx.is_main else []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -304,7 +343,7 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
             scaler.load_state_dict(state["scaler"])
         done, best, best_epoch, bad = state["epoch"], state["best_metric"], state["best_epoch"], state["bad_epochs"]
         history = list(state["history"])
-        set_rng_state(state["rng"])  # last: nothing may draw from the RNGs before epoch done+1 starts
+        set_rng_state(ctx.own_rng_state(state))  # last: nothing may draw from the RNGs before epoch done+1 starts
         say(f"resumed {run_dir} after epoch {done}")
     stop, failed = False, True
     bar = tqdm(total=config.epochs, initial=done, desc="training", unit="epoch", disable=not progress)
@@ -315,8 +354,12 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
                 stats = train_one_epoch(model, train_src, criterion, optimizer, scaler, epoch=epoch, device=device,
                                         amp_dtype=amp_dtype, progress=progress,
                                         step_scheduler=scheduler if config.scheduler == "cosine" else None)
-                metrics = validate(model, valid_src, criterion, device=device, amp_dtype=amp_dtype, progress=progress)
-                _check_finite(model, metrics["val_loss"], epoch)
+                stats = ctx.reduce_train_stats(stats)  # over every rank's images
+                ctx.sync_buffers(net)  # rank 0's BatchNorm statistics: those the checkpoint holds
+                metrics = validate(net, valid_src, criterion, device=device, amp_dtype=amp_dtype, progress=progress,
+                                   gather=gather)
+                metrics = ctx.broadcast(metrics)  # every rank decides on rank 0's figures
+                _check_finite(net, metrics["val_loss"], epoch)
             except TrainingDivergedError as err:
                 kept = f"{last_path} still holds epoch {done}" if done else "no checkpoint was written"
                 raise TrainingDivergedError(f"{err}. {kept}. Start a new run with a lower lr (now {config.lr}) "
@@ -330,18 +373,22 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
             elif config.scheduler == "plateau":
                 scheduler.step(value)
             row = {"epoch": epoch, "train_loss": stats["train_loss"], **metrics, "lr": stats["lr"],
-                   "seconds": time.perf_counter() - start, "images_per_s": stats["images"] / stats["seconds"]}
+                   "seconds": time.perf_counter() - start, "images_per_s": stats["images"] / stats["seconds"],
+                   "world_size": ctx.world_size}
             history.append(row)
-            ckpt = {"model": to_cpu(model.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
+            ckpt = {"model": to_cpu(net.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": to_cpu(scaler.state_dict()), "epoch": epoch, "best_metric": best,
                     "best_epoch": best_epoch, "bad_epochs": bad, "stopped_early": stop, "monitor": monitor,
                     "history": history, "rng": rng_state(), "config": config.to_dict(), "model_name": config.model}
-            if improved:
-                atomic_save({k: ckpt[k] for k in BEST_KEYS}, best_path)
-            atomic_save(ckpt, last_path)
+            if ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
+                ckpt["rng_ranks"] = ctx.rng_states(ckpt["rng"])
+            if ctx.is_main:  # rank 0 alone writes
+                if improved:
+                    atomic_save({k: ckpt[k] for k in BEST_KEYS}, best_path)
+                atomic_save(ckpt, last_path)
+                _write_history(history, run_dir / "history.csv")
             done = epoch
-            _write_history(history, run_dir / "history.csv")
             for tracker in trackers:
                 tracker.log_epoch(row, epoch=epoch)
             bar.update(1)
@@ -364,6 +411,16 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def load_result(run_dir: str | os.PathLike) -> FitResult:
+    """The FitResult of a run folder, read from checkpoints/last.pt (what `fit` returned when it wrote it).
+
+    Raises:
+        FileNotFoundError: no checkpoints/last.pt there. CheckpointError: the file cannot be read.
+    """
+    run_dir = Path(run_dir)
+    return _result(run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt"))
 
 
 def _result(run_dir: Path, state: dict[str, Any]) -> FitResult:
@@ -392,6 +449,14 @@ def _monitor(config: TrainConfig, valid_rows: pd.DataFrame) -> str:
                       stacklevel=3)
         return "loss"
     return config.monitor
+
+
+def _model_and_sources(config: TrainConfig, ctx: distributed.Distributed, state: dict[str, Any] | None,
+                       train_rows: pd.DataFrame, valid_rows: pd.DataFrame, manifest: pd.DataFrame, say,
+                       progress: bool) -> tuple[nn.Module, tuple[Any, Any, str]]:
+    model = _build_model(config, ctx.device, state, say, progress)
+    return model, make_sources(config, train_rows, valid_rows, manifest=manifest, device=ctx.device,
+                               progress=progress, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def _build_model(config: TrainConfig, device: torch.device, state: dict[str, Any] | None, say,

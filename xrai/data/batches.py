@@ -15,6 +15,14 @@ and hand every batch to the same `GpuAugment` with the same random stream:
 
 Everything random derives from (seed, epoch) alone, so epoch k delivers the very same batches whether
 it runs first or after a resume, on either path; `train.fit` relies on that for exact resume.
+
+Several processes (torchrun, `xrai.distributed`): the epoch's order and its global batches of
+`batch_size` are the same on every rank, and rank r takes the r-th of `world_size` contiguous shards
+of each batch, so the ranks together cover every training image of the epoch exactly once (the last
+partial global batch is dropped, as with one process: every rank takes the same number of steps of
+batch_size / world_size images). Evaluation shards the same way and keeps every row; a shard left
+empty by the last batch is skipped. Each rank augments from its own stream, (seed, epoch, rank); rank
+0's is the single process's, so world size 1 is unchanged.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ __all__ = [
     "ORDER_STREAM",
     "BadImageWarning",
     "batch_count",
+    "check_shardable",
     "drop_bad_images",
     "epoch_batches",
     "epoch_generator",
+    "per_rank_batch",
     "ready_batch",
 ]
 
@@ -45,11 +55,15 @@ class BadImageWarning(UserWarning):
     """Images could not be decoded; they were left out of the batches."""
 
 
-def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A CPU torch.Generator seeded from (seed, epoch, stream), well mixed by numpy's SeedSequence."""
+def epoch_generator(seed: int, epoch: int, stream: int, rank: int = 0) -> torch.Generator:
+    """A CPU torch.Generator seeded from (seed, epoch, stream[, rank]), well mixed by numpy's SeedSequence.
+
+    Rank 0 (and a single process) draws from (seed, epoch, stream); rank r > 0 from (seed, epoch, stream, r).
+    """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(2, dtype=np.uint32)
+    entropy = [int(seed), int(epoch), int(stream)] + ([int(rank)] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
@@ -61,15 +75,50 @@ def batch_count(n: int, batch_size: int, *, train: bool, max_batches: int = 0) -
     return min(batches, max_batches) if max_batches > 0 else batches
 
 
-def epoch_batches(n: int, batch_size: int, *, train: bool, seed: int, epoch: int,
-                  max_batches: int = 0) -> list[np.ndarray]:
-    """The row positions (0..n-1) of every batch of one epoch, in the order they are served."""
+def epoch_batches(n: int, batch_size: int, *, train: bool, seed: int, epoch: int, max_batches: int = 0,
+                  rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """The row positions (0..n-1) of every batch of one epoch, in the order they are served.
+
+    With world_size > 1: this rank's shard of every global batch of `batch_size` (see the module
+    docstring); training then needs batch_size to be a multiple of world_size and n >= batch_size.
+
+    Raises:
+        ValueError: a training batch that cannot be shared out evenly among the ranks.
+    """
     if train:
         order = torch.randperm(n, generator=epoch_generator(seed, epoch, ORDER_STREAM)).numpy()
     else:
         order = np.arange(n)
     count = batch_count(n, batch_size, train=train, max_batches=max_batches)
-    return [order[k * batch_size : (k + 1) * batch_size] for k in range(count)]
+    batches = [order[k * batch_size : (k + 1) * batch_size] for k in range(count)]
+    if world_size == 1:
+        return batches
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if train:
+        check_shardable(n, batch_size, world_size)
+    shards = [np.array_split(batch, world_size)[rank] for batch in batches]
+    return [shard for shard in shards if len(shard)]
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """batch_size / world_size: the images each rank trains on per step (batch_size is the global batch).
+
+    Raises:
+        ValueError: batch_size is not a multiple of world_size.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} does not divide among {world_size} processes (it is the global "
+                         f"batch: each process takes batch_size / {world_size}); use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def check_shardable(n: int, batch_size: int, world_size: int) -> None:
+    """Raise ValueError unless n training images make global batches that split evenly among world_size ranks."""
+    per_rank_batch(batch_size, world_size)
+    if n < batch_size:
+        raise ValueError(f"{n} training images make no full batch of {batch_size} to share among {world_size} "
+                         "processes; lower batch_size")
 
 
 def drop_bad_images(manifest: pd.DataFrame, bad: pd.DataFrame, *, listed_in: str, stacklevel: int = 3) -> pd.DataFrame:

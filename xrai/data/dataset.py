@@ -26,6 +26,7 @@ from xrai.data.batches import (
     AUGMENT_STREAM,
     BadImageWarning,
     batch_count,
+    check_shardable,
     drop_bad_images,
     epoch_batches,
     epoch_generator,
@@ -116,16 +117,23 @@ def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: boo
 class _EpochBatchSampler(Sampler):
     """The row positions of each batch of epoch `epoch`, as `xrai.data.batches.epoch_batches` fixes them."""
 
-    def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, max_batches: int) -> None:
+    def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, max_batches: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.n, self.batch_size, self.train, self.seed, self.max_batches = n, batch_size, train, seed, max_batches
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
+        if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
+            return len(self.positions(0))
         return batch_count(self.n, self.batch_size, train=self.train, max_batches=self.max_batches)
 
+    def positions(self, epoch: int) -> list[np.ndarray]:
+        return epoch_batches(self.n, self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
+                             max_batches=self.max_batches, rank=self.rank, world_size=self.world_size)
+
     def __iter__(self) -> Iterator[list[int]]:
-        for positions in epoch_batches(self.n, self.batch_size, train=self.train, seed=self.seed, epoch=self.epoch,
-                                       max_batches=self.max_batches):
+        for positions in self.positions(self.epoch):
             yield positions.tolist()
 
 
@@ -148,6 +156,7 @@ class ClassicBatches:
         channels_last: hand batches over in channels_last memory format.
         max_batches: cap on batches per epoch (0: no cap), for smoke runs.
         progress: a progress bar while the files are checked.
+        rank, world_size: serve rank `rank`'s shard of every global batch of `batch_size` (torchrun).
     Raises:
         ValueError: an empty manifest, resize_size < image_size, or no readable image.
     """
@@ -166,6 +175,8 @@ class ClassicBatches:
         channels_last: bool = False,
         max_batches: int = 0,
         progress: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(manifest) == 0:
             raise ValueError("ClassicBatches got an empty manifest; check the split and body-part filter")
@@ -178,12 +189,15 @@ class ClassicBatches:
             raise ValueError(f"none of the {len(manifest)} images can be decoded (first: {self.bad['reason'].iloc[0]}); "
                              "check the dataset folder")
         self.manifest = drop_bad_images(manifest, self.bad, listed_in="this source's `bad` table")
+        if train and world_size > 1:
+            check_shardable(len(self.manifest), batch_size, world_size)
         self.dataset = XrayDataset(self.manifest, resize_size=resize_size)
         self.device = torch.device(device)
         self.channels_last, self.seed, self.train = channels_last, int(seed), bool(train)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.augment = GpuAugment(image_size, train=train).to(self.device)
         self.sampler = _EpochBatchSampler(len(self.manifest), batch_size=batch_size, train=train, seed=seed,
-                                          max_batches=max_batches)
+                                          max_batches=max_batches, rank=self.rank, world_size=self.world_size)
         self.loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -196,6 +210,10 @@ class ClassicBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
+        """Positions (into `manifest`) of every batch of the epoch (this rank's shards), in order."""
+        return self.sampler.positions(epoch)
+
     def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The host side alone: uint8 (B,1,R,R) and float32 (B,) batches as the workers deliver them."""
         self.sampler.epoch = int(epoch)
@@ -203,7 +221,7 @@ class ClassicBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(x float32 (B,3,H,W) normalised, y float32 (B,)) on the device, for one epoch."""
-        generator = epoch_generator(self.seed, epoch, AUGMENT_STREAM)
+        generator = epoch_generator(self.seed, epoch, AUGMENT_STREAM, self.rank)
         for x, y in self.host_batches(epoch):
             x = x.to(self.device, non_blocking=True)
             yield (ready_batch(self.augment, x, generator=generator, channels_last=self.channels_last),

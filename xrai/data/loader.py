@@ -19,6 +19,7 @@ from xrai.data.augment import GpuAugment
 from xrai.data.batches import (
     AUGMENT_STREAM,
     batch_count,
+    check_shardable,
     drop_bad_images,
     epoch_batches,
     epoch_generator,
@@ -37,7 +38,8 @@ class CachedBatches:
     The next batches are read while the current one trains (a prefetch thread; numpy's gather and the
     page-ins release the GIL). Rows, batches, their order and the augmentation's random stream are
     those `xrai.data.batches` fixes for both paths, so a resumed run replays epoch k exactly and the
-    classic path on the same manifest gives the same batches. Files in the cache's bad list (or not in
+    classic path on the same manifest gives the same batches. With world_size > 1 (torchrun) this is
+    rank `rank`'s shard of every global batch of `batch_size`. Files in the cache's bad list (or not in
     the cache) are dropped with one BadImageWarning and listed in `bad`; `manifest` holds the rows that
     are served, in order.
     """
@@ -47,7 +49,7 @@ class CachedBatches:
 
     def __init__(self, cache: ImageCache, manifest: pd.DataFrame, *, image_size: int, batch_size: int,
                  train: bool, seed: int, device: torch.device | str, channels_last: bool = False,
-                 max_batches: int = 0) -> None:
+                 max_batches: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -67,15 +69,20 @@ class CachedBatches:
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.device = get_device(device) if isinstance(device, str) else torch.device(device)
         self.channels_last, self.max_batches = channels_last, int(max_batches)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.train and self.world_size > 1:
+            check_shardable(len(self._rows), self.batch_size, self.world_size)
         self.augment = GpuAugment(image_size, train=train).to(self.device)
 
     def __len__(self) -> int:
+        if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
+            return len(self.batch_positions(0))
         return batch_count(len(self._rows), self.batch_size, train=self.train, max_batches=self.max_batches)
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
-        """Positions (into `manifest`) of every batch of the epoch, in order."""
+        """Positions (into `manifest`) of every batch of the epoch (this rank's shards), in order."""
         return epoch_batches(len(self._rows), self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
-                             max_batches=self.max_batches)
+                             max_batches=self.max_batches, rank=self.rank, world_size=self.world_size)
 
     def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The host side alone: uint8 (B,1,S,S) and float32 (B,) batches as shipped to the device (pinned on
@@ -87,7 +94,7 @@ class CachedBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(x float32 (B,3,H,W) normalised, y float32 (B,)) on the device, for one epoch."""
-        generator = epoch_generator(self.seed, epoch, AUGMENT_STREAM)
+        generator = epoch_generator(self.seed, epoch, AUGMENT_STREAM, self.rank)
         cuda = self.device.type == "cuda"
         with _Prefetcher(self, epoch) as batches:
             for slot, x, y in batches:
@@ -110,7 +117,7 @@ class _Prefetcher:
     def __init__(self, source: CachedBatches, epoch: int) -> None:
         self.source = source
         self.positions = source.batch_positions(epoch)
-        side, bs = source.cache.size, source.batch_size
+        side, bs = source.cache.size, -(-source.batch_size // source.world_size)  # this rank's share
         self.slots: list[tuple[Tensor, Tensor]] = []
         # Reused pinned buffers on CUDA (pinning fresh memory every batch costs more than the copy); on
         # the CPU fresh arrays are as cheap, unless a test asks for the ring (reuse_buffers=True).
