@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from xrai.config import PRE_RECIPE_VALUES
+
 __all__ = [
     "RESUME_MAY_CHANGE",
     "atomic_save",
@@ -131,10 +133,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
     """
     problems = []
     for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, "<missing>"), current.get(name, "<missing>")
+        old, new = saved.get(name, PRE_RECIPE_VALUES.get(name, "<missing>")), current.get(name, "<missing>")
         if old == new:
             continue
-        if name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old:
+        if (name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old
+                and saved.get("scheduler") != "onecycle"):  # a one-cycle schedule's length is fixed
             continue
         if name in RESUME_MAY_CHANGE and name != "epochs":
             continue

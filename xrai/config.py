@@ -11,10 +11,17 @@ from typing import Any
 MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("cosine", "step", "exponential", "plateau", "none")
+SCHEDULERS = ("cosine", "onecycle", "step", "exponential", "plateau", "none")
 MONITORS = ("auroc", "accuracy", "loss")
 INPUT_PATHS = ("auto", "cached", "classic")
 HEADS = ("linear", "mlp")
+RESIZES = ("letterbox", "stretch")
+KEEPS = ("best", "last")
+# What the recipe fields added with grouped CV (docs/recipe.md) meant before they existed: a config saved
+# without them (an older run folder or checkpoint) reads back with these, so its model is preprocessed
+# and evaluated as it was trained, not with today's defaults.
+PRE_RECIPE_VALUES = {"resize": "letterbox", "crop_scale": 0.7, "aug_strength": 1.0, "label_smoothing": 0.0,
+                     "ema_decay": 0.0, "pos_weighting": True, "tta": False, "keep": "best"}
 
 
 @dataclass(kw_only=True)
@@ -58,6 +65,15 @@ class TrainConfig:
     patience: int = 5
     monitor: str = "auroc"
     seed: int = 0
+    # recipe (docs/recipe.md: chosen by grouped CV; xrai.recipe.RECIPES holds the old one)
+    resize: str = "letterbox"
+    crop_scale: float = 0.7
+    aug_strength: float = 1.0
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    pos_weighting: bool = True
+    tta: bool = False
+    keep: str = "best"
     # machinery
     input_path: str = "auto"
     num_workers: int = 2
@@ -78,6 +94,15 @@ class TrainConfig:
         _choice("monitor", self.monitor, MONITORS)
         _choice("input_path", self.input_path, INPUT_PATHS)
         _choice("head", self.head, HEADS)
+        _choice("resize", self.resize, RESIZES)
+        _choice("keep", self.keep, KEEPS)
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale (the smallest crop's share of the image) must be in (0, 1], got {self.crop_scale}")
+        for name in ("label_smoothing", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
+        if self.aug_strength < 0:
+            raise ValueError(f"aug_strength must be >= 0 (0: crop and flip only), got {self.aug_strength}")
         if not 0.0 <= self.prune_sparsity < 1.0:
             raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
         if self.epochs < 1:
@@ -120,12 +145,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict; unknown keys raise, so a typo never passes silently."""
+        """Build from a dict (a saved config: absent recipe fields take PRE_RECIPE_VALUES); unknown keys
+        raise, so a typo never passes silently."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return cls(**{**PRE_RECIPE_VALUES, **values})
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
