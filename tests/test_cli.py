@@ -19,9 +19,9 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     proc = _run("--help")
     assert proc.returncode == 0
-    for name in ("demo", "download", "audit", "train", "evaluate", "explain", "predict", "bench", "serve"):
+    for name in ("demo", "download", "audit", "train", "cv", "evaluate", "explain", "predict", "bench", "serve"):
         assert name in proc.stdout
-    assert set(COMMANDS) == {"demo", "download", "audit", "train", "evaluate", "explain", "predict", "bench",
+    assert set(COMMANDS) == {"demo", "download", "audit", "train", "cv", "evaluate", "explain", "predict", "bench",
                              "serve"}
 
 

@@ -54,9 +54,14 @@ __all__ = [
     "read_predictions",
     "run_threshold",
     "study_level",
+    "threshold_source",
+    "write_json",
 ]
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
+# Where a run without a validation split of its own (a cross-validation run, a final fit on all the
+# training data) records the threshold it was given: {"threshold": t, "threshold_from": "oof", ...}.
+THRESHOLD_FILE = "threshold.json"
 REPORT_KEYS = (
     "split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
     "per_body_part", "classification_report",
@@ -81,7 +86,7 @@ def predict(
     *,
     config: Any = None,
     batch_size: int = 64,
-    tta: bool = False,
+    tta: bool | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -97,7 +102,8 @@ def predict(
             when present (label -1 and "" otherwise).
         config: the run's TrainConfig (image_size, resize_size); None uses TrainConfig's defaults for
             the manifest's source.
-        tta: also score the horizontally flipped image and average the two probabilities.
+        tta: also score the horizontally flipped image and average the two probabilities; None: as the
+            run's config says (``config.tta``, the flip test-time augmentation of its recipe).
         device: "auto" (CUDA when there is one), "cpu", "cuda", ...
 
     Returns:
@@ -115,6 +121,7 @@ def predict(
 
         source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
         config = TrainConfig(data=source)
+    tta = bool(getattr(config, "tta", False)) if tta is None else tta
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
     model = model.to(dev).eval()
     amp = autocast_dtype(dev) if dev.type == "cuda" else None
@@ -225,7 +232,7 @@ def build_report(
     }
 
 
-def _write_json(obj: Any, path: Path) -> Path:
+def write_json(obj: Any, path: Path) -> Path:
     """Strict JSON (NaN is refused: undefined metrics are null), written atomically."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -249,16 +256,30 @@ def _audit_counts(run_dir: Path) -> dict[str, int | None]:
 
 
 def run_threshold(run_dir: str | Path) -> float:
-    """The run's decision threshold, as chosen on validation (report_valid.json).
+    """The run's decision threshold, as chosen on validation (report_valid.json), or as recorded in
+    threshold.json by a run that has no validation split (``threshold_source`` says where it came from).
 
     Raises:
         FileNotFoundError: the run was never evaluated on valid; the message says how.
     """
     path = Path(run_dir) / "report_valid.json"
+    recorded = Path(run_dir) / THRESHOLD_FILE
+    if not path.is_file() and recorded.is_file():
+        return float(json.loads(recorded.read_text(encoding="utf-8"))["threshold"])
     if not path.is_file():
         raise FileNotFoundError(f"no report_valid.json in {run_dir}: the threshold is chosen on validation; "
                                 f"run `python -m xrai evaluate --run {run_dir} --split valid` first")
     return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
+
+
+def threshold_source(run_dir: str | Path) -> str:
+    """Where the run's threshold was chosen: "valid", or threshold.json's "threshold_from" ("oof": on the
+    out-of-fold predictions of a cross-validation)."""
+    path = Path(run_dir) / "report_valid.json"
+    recorded = Path(run_dir) / THRESHOLD_FILE
+    if not path.is_file() and recorded.is_file():
+        return str(json.loads(recorded.read_text(encoding="utf-8"))["threshold_from"])
+    return "valid"
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
@@ -278,7 +299,7 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     split: str = "valid",
-    tta: bool = False,
+    tta: bool | None = None,
     which: str = "best",
     progress: bool = True,
     threshold_method: str = "youden",
@@ -301,12 +322,16 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     threshold, threshold_from = None, "valid"
+    recorded = (run_dir / THRESHOLD_FILE).is_file()
+    if split == "valid" and recorded:
+        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from "
+                         f"{run_dir / THRESHOLD_FILE}); score the test split or an external set")
     if split != "valid":
-        if not (run_dir / "report_valid.json").is_file():
+        if not recorded and not (run_dir / "report_valid.json").is_file():
             evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress,
                          threshold_method=threshold_method, target_sensitivity=target_sensitivity,
                          n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device)
-        threshold = run_threshold(run_dir)
+        threshold, threshold_from = run_threshold(run_dir), threshold_source(run_dir)
     model, config = load_model(run_dir, which=which)
     rows = _split_rows(run_dir, split, config)
     pred = predict(model, rows, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
@@ -321,7 +346,7 @@ def evaluate_run(
     report = build_report(pred, split=split, threshold=threshold, threshold_from=threshold_from,
                           split_method=rows.attrs.get("split_method"), audit=_audit_counts(run_dir),
                           n_bootstrap=n_bootstrap, seed=seed)
-    _write_json(report, run_dir / f"report_{split}.json")
+    write_json(report, run_dir / f"report_{split}.json")
     return report
 
 
@@ -330,7 +355,7 @@ def evaluate_external(
     manifest: pd.DataFrame,
     *,
     name: str = "external",
-    tta: bool = False,
+    tta: bool | None = None,
     which: str = "best",
     progress: bool = True,
     n_bootstrap: int = 1000,
@@ -349,7 +374,7 @@ def evaluate_external(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in ("train", "valid", "test"):
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
-    if not (run_dir / "report_valid.json").is_file():
+    if not (run_dir / "report_valid.json").is_file() and not (run_dir / THRESHOLD_FILE).is_file():
         evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress, n_bootstrap=n_bootstrap,
                      seed=seed, batch_size=batch_size, device=device)
     threshold = run_threshold(run_dir)
@@ -357,9 +382,9 @@ def evaluate_external(
     pred = predict(model, manifest, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
-    report = build_report(pred, split=name, threshold=threshold, threshold_from="valid",
+    report = build_report(pred, split=name, threshold=threshold, threshold_from=threshold_source(run_dir),
                           split_method=f"external: every image of {source or 'the given manifest'}",
                           audit={"cross_split_groups": None, "cross_label_groups": None},
                           n_bootstrap=n_bootstrap, seed=seed)
-    _write_json(report, run_dir / f"report_{name}.json")
+    write_json(report, run_dir / f"report_{name}.json")
     return report

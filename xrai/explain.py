@@ -50,16 +50,18 @@ class CamExplainer:
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
         if target_layer is None:
-            from xrai.models import gradcam_layer
+            from xrai.models import gradcam_layers
 
-            target_layer = gradcam_layer(model)
-        self.model, self.method, self.target_layer = model, method, target_layer
+            self.target_layers = gradcam_layers(model)  # one per member of a fold ensemble
+        else:
+            self.target_layers = [target_layer]
+        self.model, self.method, self.target_layer = model, method, self.target_layers[0]
         self.probabilities: np.ndarray | None = None
         self.grid: tuple[int, int] | None = None  # the target layer's spatial size at the last call
         self._cam: Any = None
 
     def __enter__(self) -> "CamExplainer":
-        self._cam = CAM_METHODS[self.method](model=self.model, target_layers=[self.target_layer])
+        self._cam = CAM_METHODS[self.method](model=self.model, target_layers=self.target_layers)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

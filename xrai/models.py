@@ -43,6 +43,7 @@ __all__ = [
     "create_model",
     "fold_pruning",
     "gradcam_layer",
+    "gradcam_layers",
     "list_models",
     "load_model",
     "prunable_layers",
@@ -187,6 +188,13 @@ def create_model(
     return model
 
 
+def gradcam_layers(model: nn.Module) -> list[nn.Module]:
+    """The Grad-CAM target layers: ``[gradcam_layer(model)]``, or one per member of a fold ensemble
+    (grad-cam then averages the members' maps)."""
+    members = getattr(model, "members", None)
+    return [gradcam_layer(m) for m in members] if members is not None else [gradcam_layer(model)]
+
+
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM target layer: the last block of the convolutional feature extractor.
 
@@ -216,13 +224,18 @@ def load_model(
     the returned model is a plain one with the pruned weights at zero.
 
     Returns:
-        (model in eval mode on ``device``, the run's TrainConfig).
+        (model in eval mode on ``device``, the run's TrainConfig). For a cross-validation run folder
+        (cv.json) the model is its folds' ``xrai.ensemble.FoldEnsemble``.
 
     Raises:
         FileNotFoundError: no such checkpoint; says which notebook or command makes it.
         ValueError: the file is not an xrai checkpoint.
     """
     path = Path(path_or_run_dir)
+    if (path / "cv.json").is_file():  # a cross-validation run: its folds' ensemble (xrai.ensemble)
+        from xrai.ensemble import load_ensemble
+
+        return load_ensemble(path, which=which, device=device)
     if path.suffix in (".pt", ".pth"):
         checkpoint_path, run_dir = path, path.parent.parent
     else:
@@ -242,7 +255,10 @@ def load_model(
     model = create_model(
         config.model, pretrained=False, head=config.head, dropout=config.dropout, freeze=config.freeze
     )
-    model.load_state_dict(fold_pruning(_strip_wrappers(checkpoint["model"])), strict=True)
+    # last.pt of a run with an EMA keeps the raw weights for resuming and the EMA's (the ones validated) apart
+    state = checkpoint.get("ema") or checkpoint["model"]
+    state = {k: v for k, v in state.items() if k != "n_averaged"}  # AveragedModel's counter
+    model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
     if str(device) == "auto":
         from xrai.env import get_device
 
