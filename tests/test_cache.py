@@ -20,6 +20,7 @@ from PIL import Image
 from xrai.data import cache as cache_mod
 from xrai.data import images as images_mod
 from xrai.data.augment import GpuAugment
+from xrai.data.batches import BadImageWarning
 from xrai.data.cache import CacheSpaceError, ImageCache, build_cache, cache_fits, find_cache
 from xrai.data.loader import CachedBatches
 
@@ -159,10 +160,12 @@ def test_bad_files_are_listed_excluded_and_warned(image_set, tmp_path):
     assert sorted(cache.bad["path"]) == sorted(bad) and (cache.path / "bad.csv").is_file()
     assert pd.read_csv(cache.path / "bad.csv")["reason"].str.len().min() > 0
     assert (cache.rows(bad) == -1).all()
-    with pytest.warns(UserWarning, match="3 of 15 images are left out"):
+    with pytest.warns(BadImageWarning, match="3 of 15 images could not be decoded and are left out") as seen:
         source = CachedBatches(cache, manifest, image_size=28, batch_size=5, train=False, seed=0, device="cpu")
+    assert len(seen) == 1 and all(Path(p).name in str(seen[0].message) for p in bad)  # one warning names them
     labels = torch.cat([y for _, y in source.epoch(0)])
     assert labels.tolist() == list(range(12)) and len(source.manifest) == 12
+    assert sorted(source.bad["path"]) == sorted(bad) and source.bad["reason"].str.len().min() > 0
 
 
 def test_parallel_build_matches_in_process(image_set, tmp_path):

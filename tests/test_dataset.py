@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
-from xrai.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BadImageWarning, ClassicBatches, XrayDataset
+from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from xrai.data.dataset import BadImageWarning, ClassicBatches, XrayDataset, find_bad_images
+from xrai.data.images import letterbox, read_image
 
 SIZE, RESIZE = 32, 40
 
@@ -18,38 +21,44 @@ def rows(synthetic_manifest):
 
 
 def _batches(rows, **options):
-    kw = dict(image_size=SIZE, resize_size=RESIZE, batch_size=8, train=True, seed=0, num_workers=0, device="cpu")
+    kw = dict(image_size=SIZE, resize_size=RESIZE, batch_size=8, train=True, seed=0, num_workers=0, device="cpu",
+              progress=False)
     kw.update(options)
     return ClassicBatches(rows, **kw)
 
 
+def test_item_is_the_letterboxed_uint8_image(rows):
+    ds = XrayDataset(rows, resize_size=RESIZE)
+    x, y = ds[3]
+    assert x.dtype == torch.uint8 and x.shape == (1, RESIZE, RESIZE)
+    assert np.array_equal(x[0].numpy(), letterbox(read_image(rows["path"][3]), RESIZE))  # what the cache stores
+    assert y.dtype == torch.float32 and float(y) == float(rows["label"][3])
+
+
 @pytest.mark.parametrize("train", [True, False])
-def test_item_shape_dtype_and_normalisation(rows, train):
-    ds = XrayDataset(rows, image_size=SIZE, resize_size=RESIZE, train=train)
-    x, y = ds[0]
-    assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
-    assert y.dtype == torch.float32 and float(y) == float(rows["label"][0])
+def test_batch_shape_dtype_and_normalisation(rows, train):
+    x, y = next(_batches(rows, train=train).epoch(0))
+    assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32 and y.dtype == torch.float32
     # grey replicated before normalising: un-normalised channels are equal and within [0, 1]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     raw = x * std + mean
-    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[0], raw[2], atol=1e-5)
+    assert torch.allclose(raw[:, 0], raw[:, 1], atol=1e-5) and torch.allclose(raw[:, 0], raw[:, 2], atol=1e-5)
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
 
 
-def test_augmentation_depends_on_seed_epoch_index_only(rows):
-    ds = XrayDataset(rows, image_size=SIZE, resize_size=RESIZE, train=True, seed=3)
+def test_epochs_depend_on_seed_and_epoch_only_and_leave_the_global_rng_alone(rows):
+    source = _batches(rows, seed=3)
     torch.manual_seed(123)
-    a = ds[(2, 5)][0]
+    a = [x for x, _ in source.epoch(2)]
     before = torch.get_rng_state()
-    torch.manual_seed(999)  # global state must not matter ...
-    b = ds[(2, 5)][0]
-    assert torch.equal(a, b)
-    torch.set_rng_state(before)
-    ds[(2, 5)]
-    assert torch.equal(torch.get_rng_state(), before)  # ... nor be consumed
-    assert not all(torch.equal(a, ds[(e, 5)][0]) for e in (3, 4, 5))  # a new epoch, new crops
-    eval_ds = XrayDataset(rows, image_size=SIZE, resize_size=RESIZE, train=False)
-    assert torch.equal(eval_ds[(1, 5)][0], eval_ds[(7, 5)][0])
+    b = [x for x, _ in source.epoch(2)]
+    assert torch.equal(torch.get_rng_state(), before)  # nothing drawn from the global RNG (dropout's)
+    torch.manual_seed(999)  # ... and its state does not matter
+    c = [x for x, _ in source.epoch(2)]
+    assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in zip(a, b, c))
+    assert not all(torch.equal(p, q) for p, q in zip(a, (x for x, _ in source.epoch(3))))  # a new epoch, new crops
+    evaluation = _batches(rows, train=False)
+    assert all(torch.equal(p, q) for (p, _), (q, _) in zip(evaluation.epoch(1), evaluation.epoch(7)))
 
 
 def test_eval_keeps_order_and_last_partial_batch(rows):
@@ -63,6 +72,8 @@ def test_eval_keeps_order_and_last_partial_batch(rows):
 def test_train_shuffles_drops_last_and_caps(rows):
     source = _batches(rows.head(19))
     assert len(source) == 2 and all(len(y) == 8 for _, y in source.epoch(1))
+    served = [i for batch in source.sampler for i in batch]
+    assert len(set(served)) == 16 and served != sorted(served)  # 16 distinct rows of 19, shuffled
     assert len(list(_batches(rows, max_batches=1).epoch(1))) == 1
 
 
@@ -84,21 +95,35 @@ def test_same_batches_for_same_seed_and_epoch_with_workers(rows):
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other_epoch))
 
 
-def test_bad_image_becomes_black_with_a_warning(rows, tmp_path):
+def test_bad_image_is_dropped_before_batching_with_one_warning(rows, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"")
-    manifest = rows.head(2).copy()
-    manifest.loc[1, "path"] = str(bad)
-    ds = XrayDataset(manifest, image_size=SIZE, resize_size=RESIZE, train=False)
-    with pytest.warns(BadImageWarning, match="broken.png"):
-        x, y = ds[1]
-    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1).expand(3, SIZE, SIZE)
-    assert torch.allclose(x, black) and float(y) == float(manifest["label"][1])
+    manifest = rows.head(9).copy()
+    manifest.loc[4, "path"] = str(bad)
+    with pytest.warns(BadImageWarning, match=r"1 of 9 images could not be decoded.*broken\.png") as seen:
+        source = _batches(manifest, train=False)
+    assert len(seen) == 1
+    assert source.bad["path"].tolist() == [str(bad)] and "broken.png" in source.bad["reason"][0]
+    assert source.manifest["path"].tolist() == manifest["path"].drop(index=4).tolist()
+    labels = torch.cat([y for _, y in source.epoch(0)])  # no black stand-in: 8 rows, in order
+    assert labels.tolist() == manifest["label"].drop(index=4).astype(float).tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("error", BadImageWarning)
-        ds[0]  # good files stay silent
+        _batches(rows.head(9))  # good files stay silent
 
 
-def test_resize_smaller_than_crop_is_refused(rows):
+def test_find_bad_images_in_workers_matches_in_process(rows, tmp_path):
+    (tmp_path / "text.jpg").write_text("not an image")
+    paths = [*rows["path"].head(5), str(tmp_path / "text.jpg"), str(tmp_path / "missing.png")]
+    in_process = find_bad_images(paths, num_workers=0, progress=False)
+    assert in_process["path"].tolist() == paths[5:] and in_process["reason"].str.len().min() > 0
+    in_workers = find_bad_images(paths, num_workers=2, progress=False)
+    assert in_workers["path"].tolist() == paths[5:] and in_workers["reason"].str.len().min() > 0
+
+
+def test_no_readable_image_and_small_resize_are_refused(rows, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        _batches(rows.head(1).assign(path=str(tmp_path / "a.png")))
     with pytest.raises(ValueError, match="resize_size"):
-        XrayDataset(rows, image_size=64, resize_size=32, train=False)
+        _batches(rows, image_size=64, resize_size=32)

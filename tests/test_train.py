@@ -20,6 +20,7 @@ from xrai.train import (
     build_optimizer,
     build_scheduler,
     fit,
+    make_sources,
     pos_weight_from_labels,
     train_one_epoch,
 )
@@ -273,6 +274,28 @@ def test_best_by_loss_is_the_minimum(synthetic_manifest, tmp_path, monkeypatch):
 def test_cached_input_path_runs(synthetic_manifest, tmp_path):
     result = fit(_config(input_path="cached", max_batches=2), synthetic_manifest, tmp_path, progress=False)
     assert len(result.history) == 1 and math.isfinite(result.history["train_loss"][0])
+
+
+def test_auto_input_path_is_recorded_and_kept_on_resume(synthetic_manifest, tmp_path, monkeypatch):
+    from xrai.data import cache as cache_mod
+
+    monkeypatch.setenv("XRAI_HOME", str(tmp_path / "home"))  # no cache from other tests
+    free_bytes = cache_mod._free_bytes
+    monkeypatch.setattr(cache_mod, "_free_bytes", lambda path: 0)  # no room for a cache: "auto" picks classic
+    run = tmp_path / "run"
+    fit(_config(input_path="auto"), synthetic_manifest, run, progress=False)
+    assert TrainConfig.from_json(run / "config.json").input_path == "classic"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["input_path"] == "classic"
+    monkeypatch.setattr(cache_mod, "_free_bytes", free_bytes)  # room now: a new "auto" run would pick the cache
+    with pytest.raises(ValueError, match="input_path='cached'.*'classic' path") as refused:
+        fit(_config(input_path="cached", epochs=2), synthetic_manifest, run, resume=True, progress=False)
+    assert "\n" not in str(refused.value)
+    picked = []
+    monkeypatch.setattr(train, "make_sources", lambda config, *a, **k: picked.append(config.input_path)
+                        or make_sources(config, *a, **k))
+    result = fit(_config(input_path="auto", epochs=2), synthetic_manifest, run, resume=True, progress=False)
+    assert picked == ["classic"] and len(result.history) == 2
+    assert TrainConfig.from_json(run / "config.json").input_path == "classic"
 
 
 def test_mlflow_logger_against_a_local_file_store(synthetic_manifest, tmp_path, monkeypatch):

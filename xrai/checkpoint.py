@@ -141,6 +141,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
             continue
         if name in RESUME_MAY_CHANGE and name != "epochs":
             continue
+        if name == "input_path" and "auto" in (old, new):  # "auto" resumes on the recorded path (fit)
+            continue
         note = f" (may only be raised; {epochs_done} done)" if name == "epochs" else ""
         problems.append(f"{name}: {old!r} in the checkpoint, {new!r} now{note}")
     return problems
@@ -163,6 +165,10 @@ def resume_state(config: dict[str, Any], last_path: Path, *, resume: bool) -> di
         warnings.warn(f"resume=True but {last_path} does not exist; starting a new run", stacklevel=3)
         return None
     state = load_checkpoint(last_path)
+    recorded, wanted = state["config"].get("input_path", "auto"), config.get("input_path", "auto")
+    if "auto" not in (recorded, wanted) and recorded != wanted:
+        raise ValueError(f"cannot resume {run_dir} with input_path={wanted!r}: it trained on the {recorded!r} path "
+                         f"(see its config.json); resume with input_path='auto' or {recorded!r}")
     problems = config_differences(state["config"], config, epochs_done=state["epoch"])
     if problems:
         raise ValueError(f"cannot resume {run_dir} with a different config:\n  " + "\n  ".join(problems)

@@ -237,7 +237,7 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
 
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
-    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, **common)
+    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress, **common)
     return (ClassicBatches(train_rows, train=True, **classic),
             ClassicBatches(valid_rows, train=False, **classic) if len(valid_rows) else None, path)
 
@@ -269,9 +269,10 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     state = resume_state(config.to_dict(), last_path, resume=resume)
     if state is not None and (state["epoch"] >= config.epochs or state["stopped_early"]):
         return _result(run_dir, state)
+    if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
+        config = config.replace(input_path=state["config"].get("input_path", "auto"))
     say = tqdm.write if progress else logger.info
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_json(run_dir / "config.json")
     for torn in run_dir.glob("checkpoints/.*.pt.*.tmp"):  # left by a process killed while saving
         torn.unlink()
     if not (run_dir / "manifest.csv").is_file():
@@ -286,6 +287,8 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     model = _build_model(config, device, state, say, progress)
     train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, manifest=manifest, device=device,
                                                     progress=progress)
+    config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
+    config.to_json(run_dir / "config.json")
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None

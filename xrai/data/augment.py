@@ -1,9 +1,11 @@
 """Batched augmentation on the device: uint8 grey batches -> normalised 3-channel float, train and eval alike.
 
-One module does both: training samples a random crop box, flip, rotation and intensity jitter per image;
-evaluation uses the very same code with the random parts switched off (a centre crop, factors of 1), so
-train and eval preprocessing cannot drift apart. `preprocess` wraps the eval branch for single images
-(the app, CLI predict, Grad-CAM).
+The one definition of the training recipe's augmentation, on both input paths: the cached path feeds it
+rows of the memmap, the classic path the same letterboxed uint8 pixels decoded from the files, batch by
+batch, with the same random stream (`xrai.data.batches`). One module does train and eval: training
+samples a random crop box, flip, rotation and intensity jitter per image; evaluation uses the very same
+code with the random parts switched off (a centre crop, factors of 1), so train and eval preprocessing
+cannot drift apart. `preprocess` wraps the eval branch for single images (the app, CLI predict, Grad-CAM).
 
 Why our own and not kornia (kornia 0.9; measured on this 2-core CPU, batch 64, 256 -> 224 px, the
 same five ops): kornia's AugmentationSequential(RandomResizedCrop, RandomHorizontalFlip, RandomRotation,

@@ -1,12 +1,13 @@
 """The cached input path's loader: batches gathered from an ImageCache memmap on a background thread
 into (pinned, on CUDA) host buffers, copied to the device without blocking, and augmented there by
-GpuAugment. Used by `fit()` whenever the cache fits the disk (`xrai.train.make_sources`)."""
+GpuAugment. Used by `fit()` whenever the cache fits the disk (`xrai.train.make_sources`). Rows, batches,
+order and augmentation are those of the classic path (`xrai.data.batches`)."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor
 
 from xrai.data.augment import GpuAugment
+from xrai.data.batches import AUGMENT_STREAM, batch_count, drop_bad_images, epoch_batches, epoch_generator
+from xrai.data.batches import ready_batch
 from xrai.data.cache import ImageCache
 from xrai.env import get_device
 
@@ -26,11 +29,11 @@ class CachedBatches:
     host memory, copy them to the device without blocking, and augment there with GpuAugment.
 
     The next batches are read while the current one trains (a prefetch thread; numpy's gather and the
-    page-ins release the GIL). All randomness derives from (seed, epoch): the order from one
-    torch.Generator, the augmentation from another, so a resumed run replays epoch k exactly. Train
-    drops the last partial batch (a batch of one breaks BatchNorm) unless it is the only one; eval
-    keeps manifest order and every image. Files in the cache's bad list are left out with a warning;
-    `manifest` holds the rows that are served, in order.
+    page-ins release the GIL). Rows, batches, their order and the augmentation's random stream are
+    those `xrai.data.batches` fixes for both paths, so a resumed run replays epoch k exactly and the
+    classic path on the same manifest gives the same batches. Files in the cache's bad list (or not in
+    the cache) are dropped with one BadImageWarning and listed in `bad`; `manifest` holds the rows that
+    are served, in order.
     """
 
     prefetch = 2  # batches read ahead of the one training
@@ -48,12 +51,11 @@ class CachedBatches:
         if not keep.any():
             raise ValueError(f"none of the {len(manifest)} manifest images is usable in the cache at {cache.path}; "
                              "build the cache from this manifest with build_cache(manifest, size=...)")
-        if not keep.all():
-            dropped = manifest["path"][~keep].tolist()
-            warnings.warn(f"{len(dropped)} of {len(manifest)} images are left out of the batches: they could not "
-                          f"be decoded or are not in the cache (see {cache.path / 'bad.csv'}); first: {dropped[:3]}",
-                          stacklevel=2)
-        self.cache, self.manifest = cache, manifest[keep]
+        reasons = dict(zip(cache.bad["path"], cache.bad["reason"]))
+        missing = [str(p) for p in manifest["path"][~keep]]
+        self.bad = pd.DataFrame({"path": missing, "reason": [reasons.get(os.path.abspath(p), "not in the cache")
+                                                             for p in missing]}, dtype=str)
+        self.cache, self.manifest = cache, drop_bad_images(manifest, self.bad, listed_in=str(cache.path / "bad.csv"))
         self._rows = rows[keep]
         self._labels = torch.as_tensor(self.manifest["label"].to_numpy(dtype=np.float32))
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
@@ -62,19 +64,12 @@ class CachedBatches:
         self.augment = GpuAugment(image_size, train=train).to(self.device)
 
     def __len__(self) -> int:
-        n, bs = len(self._rows), self.batch_size
-        batches = n // bs if self.train and n >= bs else -(-n // bs)
-        return min(batches, self.max_batches) if self.max_batches > 0 else batches
+        return batch_count(len(self._rows), self.batch_size, train=self.train, max_batches=self.max_batches)
 
-    def _generator(self, epoch: int, stream: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, int(epoch), stream]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-    def _batch_positions(self, epoch: int) -> list[np.ndarray]:
-        n = len(self._rows)
-        order = torch.randperm(n, generator=self._generator(epoch, 0)).numpy() if self.train else np.arange(n)
-        bs = self.batch_size
-        return [order[k * bs : (k + 1) * bs] for k in range(len(self))]
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
+        """Positions (into `manifest`) of every batch of the epoch, in order."""
+        return epoch_batches(len(self._rows), self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
+                             max_batches=self.max_batches)
 
     def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The host side alone: uint8 (B,1,S,S) and float32 (B,) batches as shipped to the device (pinned on
@@ -86,7 +81,7 @@ class CachedBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(x float32 (B,3,H,W) normalised, y float32 (B,)) on the device, for one epoch."""
-        generator = self._generator(epoch, 1)
+        generator = epoch_generator(self.seed, epoch, AUGMENT_STREAM)
         cuda = self.device.type == "cuda"
         with _Prefetcher(self, epoch) as batches:
             for slot, x, y in batches:
@@ -96,14 +91,10 @@ class CachedBatches:
                     event = torch.cuda.Event()
                     event.record()  # the slot may be refilled once the copy out of it has run on the GPU
                     batches.release(slot, event)
-                    x = self.augment(x, generator=generator)
-                else:
-                    x = self.augment(x.to(self.device), generator=generator)
-                    if slot is not None:  # a reused buffer: nothing the caller keeps may point into it
-                        y = y.clone()
-                        batches.release(slot)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = ready_batch(self.augment, x, generator=generator, channels_last=self.channels_last)
+                if not cuda and slot is not None:  # a reused buffer: nothing the caller keeps may point into it
+                    y = y.clone()
+                    batches.release(slot)
                 yield x, y
 
 
@@ -112,7 +103,7 @@ class _Prefetcher:
 
     def __init__(self, source: CachedBatches, epoch: int) -> None:
         self.source = source
-        self.positions = source._batch_positions(epoch)
+        self.positions = source.batch_positions(epoch)
         side, bs = source.cache.size, source.batch_size
         self.slots: list[tuple[Tensor, Tensor]] = []
         # Reused pinned buffers on CUDA (pinning fresh memory every batch costs more than the copy); on
@@ -166,20 +157,16 @@ class _Prefetcher:
                     if event is not None:
                         event.synchronize()
                 b = len(positions)
-                srt = np.argsort(rows[positions], kind="stable")  # ascending rows: sequential disk reads
-                if self.source.train:
-                    positions = positions[srt]  # order inside a training batch does not matter
                 if slot is None:
                     x, y = torch.empty((b, 1, array.shape[1], array.shape[2]), dtype=torch.uint8), torch.empty(b)
                 else:
                     x, y = self.slots[slot][0][:b], self.slots[slot][1][:b]
                 out = x.numpy()[:, 0]
-                # mode="clip" (rows are valid by construction) lets numpy write straight into `out`;
-                # the default "raise" buffers the whole batch first, 5x slower.
-                if self.source.train:
-                    np.take(array, rows[positions], axis=0, out=out, mode="clip")
-                else:  # eval keeps manifest order: gather sorted, then put each row back in its place
-                    out[srt] = np.take(array, rows[positions][srt], axis=0, mode="clip")
+                # Gather in ascending rows (sequential disk reads), then put each row back in its place: the
+                # batch keeps the order epoch_batches gave it, which pairs every image with the same
+                # augmentation parameters as on the classic path.
+                srt = np.argsort(rows[positions], kind="stable")
+                out[srt] = np.take(array, rows[positions][srt], axis=0, mode="clip")
                 y.copy_(labels[torch.from_numpy(positions)])
                 if not self._put((slot, x, y)):
                     return
