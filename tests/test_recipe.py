@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -145,3 +146,72 @@ def test_cli_recipe_flags_override_the_named_recipe():
                                                                                             "last", 32)
     default = _train_config(build_parser().parse_args(["train"]))
     assert recipe_of(default) == recipe_of(TrainConfig())  # no flags: TrainConfig's defaults
+
+
+# ---- the input recipe: resize mode, crop scale, augmentation strength ------------------------------
+
+
+def test_stretch_fills_the_square_and_letterbox_pads():
+    from xrai.data.images import fit_square
+
+    image = np.full((40, 80), 200, dtype=np.uint8)
+    stretched, boxed = fit_square(image, 32, "stretch"), fit_square(image, 32, "letterbox")
+    assert stretched.shape == boxed.shape == (32, 32)
+    assert (stretched == 200).all() and (boxed == 0).any()
+    with pytest.raises(ValueError, match="choose one of: letterbox, stretch"):
+        fit_square(image, 32, "crop")
+
+
+def test_augment_options_scale_the_training_ranges():
+    from xrai.data.augment import GpuAugment, augment_options
+
+    none = GpuAugment(16, train=True, **augment_options(crop_scale=0.3, aug_strength=0.0))
+    params = none.sample_params(256, 20, torch.Generator().manual_seed(0))
+    assert (params["angle"] == 0).all() and (params["brightness"] == 1).all() and (params["contrast"] == 1).all()
+    area = params["box"][:, 2] * params["box"][:, 3] / 400
+    assert area.min() < 0.5 and area.max() <= 1.0 + 1e-9  # crops down to 0.3 of the area
+    strong = GpuAugment(16, train=True, **augment_options(aug_strength=2.0))
+    params = strong.sample_params(256, 20, torch.Generator().manual_seed(0))
+    assert params["angle"].abs().max() > math.radians(15) and params["brightness"].max() > 1.3
+    default = augment_options()
+    assert GpuAugment(16, train=True, **default).degrees == GpuAugment(16, train=True).degrees  # strength 1 = v1
+    with pytest.raises(ValueError, match="aug_strength"):
+        augment_options(aug_strength=6.0)
+
+
+def test_stretch_is_one_definition_on_every_path(synthetic_manifest, tmp_path):
+    """Cached and classic training give the same weights; inference preprocessing is the cache's pixels."""
+    from xrai.data.augment import preprocess
+    from xrai.data.cache import build_cache, find_cache
+    from xrai.data.images import read_image
+
+    config = _config(resize="stretch", crop_scale=0.4, aug_strength=0.5, epochs=1)
+    fit(config, synthetic_manifest, tmp_path / "cached", progress=False)
+    fit(config.replace(input_path="classic"), synthetic_manifest, tmp_path / "classic", progress=False)
+    a = torch.load(tmp_path / "cached" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "classic" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    size = config.resize_size
+    stretched = find_cache(synthetic_manifest, size=size, resize="stretch")
+    boxed = build_cache(synthetic_manifest.head(4), size=size, cache_dir=tmp_path / "c", progress=False)
+    assert stretched is not None and stretched.key != boxed.key
+    assert find_cache(synthetic_manifest.head(4), size=size, cache_dir=tmp_path / "c", resize="stretch") is None
+    path = synthetic_manifest["path"].iloc[0]
+    x = preprocess([read_image(path)], image_size=config.image_size, resize_size=size, resize="stretch")
+    row = torch.from_numpy(np.array(stretched.array[stretched.rows([path])[0]]))[None, None]
+    from xrai.data.augment import GpuAugment
+
+    torch.testing.assert_close(x, GpuAugment(config.image_size, train=False)(row))
+
+
+def test_cam_maps_back_through_the_resize_mode():
+    from xrai.explain import cam_to_image
+
+    cam = np.ones((28, 28), dtype=np.float32)
+    stretched = cam_to_image(cam, (40, 80), resize_size=32, resize="stretch")
+    boxed = cam_to_image(cam, (40, 80), resize_size=32, resize="letterbox")
+    assert stretched.shape == boxed.shape == (40, 80)
+    # stretch: the centre crop cut a ring off every side; letterbox: the 2:1 image sat in the middle of the
+    # square, so the crop cut only its left and right ends and kept its top row
+    assert stretched[20, 40] == pytest.approx(1.0) and stretched[20, 0] < 0.5 and stretched[0, 40] < 0.5
+    assert boxed[20, 40] == pytest.approx(1.0) and boxed[20, 0] < 0.5 and boxed[0, 40] == pytest.approx(1.0)

@@ -98,7 +98,8 @@ class Predictor:
             if with_overlay:
                 # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
                 rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
-                              threshold=self.threshold, resize_size=self.config.resize_size)
+                              threshold=self.threshold, resize_size=self.config.resize_size,
+                              resize=self.config.resize)
                 overlay_png = _png_bytes(rgb)
         return Prediction(probability=probability, label=label, threshold=self.threshold,
                           overlay_png=overlay_png, notes=notes)
@@ -106,7 +107,7 @@ class Predictor:
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
-                       device=self.device)
+                       device=self.device, resize=self.config.resize)
         if not with_cam:
             with torch.inference_mode():
                 return float(torch.sigmoid(self.model(x).float().reshape(-1)[0])), None

@@ -141,7 +141,7 @@ def predict(
             if not keep:
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
-                           resize_size=config.resize_size, device=dev)
+                           resize_size=config.resize_size, device=dev, resize=config.resize)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 p = torch.sigmoid(model(x).float().reshape(len(keep), -1)[:, 0])
                 if tta:

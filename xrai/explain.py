@@ -116,13 +116,13 @@ class CamExplainer:
 # ---- from the model's frame back to the X-ray ---------------------------------------------------
 
 
-def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int) -> np.ndarray:
+def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int,
+                 resize: str = "letterbox") -> np.ndarray:
     """Map a CAM from the model's input frame back onto the original image's pixels.
 
-    The model saw ``letterbox(image, resize_size)`` (aspect kept, centred, black padding) centre-cropped
-    to ``cam.shape`` (``xrai.data.augment.preprocess``). This undoes both: the crop is placed back in
-    the letterboxed square (the cropped-away ring gets 0), the padding is cut off and the content is
-    resized to ``shape``.
+    The model saw ``fit_square(image, resize_size, resize)`` centre-cropped to ``cam.shape``
+    (``xrai.data.augment.preprocess``). This undoes both: the crop is placed back in the square (the
+    cropped-away ring gets 0); for "letterbox" the padding is cut off; the content is resized to ``shape``.
 
     Returns:
         float32 (H, W) in the CAM's range.
@@ -137,6 +137,8 @@ def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int) -
     canvas = np.zeros((side, side), dtype=np.float32)
     lo, hi = max(offset, 0), min(offset + crop, side)
     canvas[lo:hi, lo:hi] = cam[lo - offset : hi - offset, lo - offset : hi - offset]
+    if resize == "stretch":  # the whole square is the image, squashed
+        return cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
     # the letterbox geometry of xrai.data.images.letterbox
     scale = side / max(h, w)
     new_w, new_h = min(side, max(1, round(w * scale))), min(side, max(1, round(h * scale)))
@@ -173,6 +175,7 @@ def overlay(
     threshold: float = 0.5,
     resize_size: int | None = None,
     alpha: float = 0.4,
+    resize: str = "letterbox",
 ) -> np.ndarray:
     """The heatmap over the ORIGINAL X-ray, with a text band above it (actual label, predicted label,
     probability) when any of those is given.
@@ -180,7 +183,8 @@ def overlay(
     Args:
         image_uint8_hw: the original grey image (H, W) uint8, as ``read_image`` returns it.
         cam: a map on the image's own pixels (H, W), or one in the model's input frame (C, C) together
-            with ``resize_size`` (the run's ``config.resize_size``); see :func:`cam_to_image`.
+            with ``resize_size`` and ``resize`` (the run's ``config.resize_size``, ``config.resize``); see
+            :func:`cam_to_image`.
         label: the actual label (0/1) or None when unknown.
         predicted: the predicted label; derived from ``probability >= threshold`` when None.
         alpha: heatmap weight.
@@ -201,7 +205,7 @@ def overlay(
                 f"cam {cam.shape} is not on the image's pixels {(h, w)}: pass resize_size= (the run's "
                 "config.resize_size) to map it from the model's input frame"
             )
-        cam = cam_to_image(cam, (h, w), resize_size=resize_size)
+        cam = cam_to_image(cam, (h, w), resize_size=resize_size, resize=resize)
     rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32) / 255.0
     out = show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=1.0 - alpha)
     if predicted is None and probability is not None:
@@ -296,7 +300,8 @@ def explain_paths(
                 batch.append(i)
             if not batch:
                 continue
-            x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device)
+            x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
+                           resize=config.resize)
             if explainer is None:
                 with torch.inference_mode():
                     probs = torch.sigmoid(model(x).float().reshape(len(batch), -1)[:, 0]).cpu().numpy()
@@ -307,7 +312,7 @@ def explain_paths(
                 r = results[i]
                 r["probability"], r["label"] = float(prob), int(prob >= threshold)
                 if cam is not None:
-                    r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size)
+                    r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size, resize=config.resize)
                 if out is not None:
                     name = names[i] if names is not None else _file_stem(paths[i])
                     while name in used:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
 from xrai.data import filter_body_parts, save_manifest
+from xrai.data.augment import augment_options
 from xrai.data.dataset import ClassicBatches
 from xrai.env import autocast_dtype, get_device, seed_everything
 from xrai.models import create_model, prune_synflow, restore_pruning
@@ -221,23 +222,26 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
 
         size = config.resize_size
         train_and_valid = pd.concat([train_rows, valid_rows])
-        cache = find_cache(train_and_valid, size=size)  # its own, or a superset's (the whole manifest's)
+        cache = find_cache(train_and_valid, size=size, resize=config.resize)  # its own, or a superset's
         if cache is None:
             choices = [train_and_valid]
             if manifest is not None and len(manifest) > len(train_and_valid):
                 choices.insert(0, manifest)
             rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
             if rows is not None or path == "cached":  # asked for explicitly: build_cache says why it does not fit
-                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress)
+                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress,
+                                    resize=config.resize)
         path = "classic" if cache is None else "cached"
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
-                  channels_last=config.channels_last, max_batches=config.max_batches)
+                  channels_last=config.channels_last, max_batches=config.max_batches,
+                  augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
     if path == "cached":
         from xrai.data.loader import CachedBatches
 
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
-    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress, **common)
+    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress,
+                   resize=config.resize, **common)
     return (ClassicBatches(train_rows, train=True, **classic),
             ClassicBatches(valid_rows, train=False, **classic) if len(valid_rows) else None, path)
 

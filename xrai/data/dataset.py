@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from xrai.data.augment import GpuAugment
 from xrai.data.batches import AUGMENT_STREAM, BadImageWarning, drop_bad_images, epoch_batches, epoch_generator
 from xrai.data.batches import batch_count, ready_batch
-from xrai.data.images import ImageError, letterbox, read_image
+from xrai.data.images import ImageError, fit_square, read_image
 
 __all__ = ["BadImageWarning", "ClassicBatches", "XrayDataset", "find_bad_images"]
 
@@ -42,18 +42,19 @@ class XrayDataset(Dataset):
             this only fires for a file that broke during the run).
     """
 
-    def __init__(self, manifest: pd.DataFrame, *, resize_size: int) -> None:
+    def __init__(self, manifest: pd.DataFrame, *, resize_size: int, resize: str = "letterbox") -> None:
         if resize_size < 1:
             raise ValueError(f"resize_size must be >= 1, got {resize_size}")
         self.paths = [str(p) for p in manifest["path"]]
         self.labels = np.asarray(manifest["label"], dtype=np.float32)
         self.resize_size = int(resize_size)
+        self.resize = resize  # "letterbox" or "stretch" (xrai.data.images.fit_square)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = letterbox(read_image(self.paths[index]), self.resize_size)
+        image = fit_square(read_image(self.paths[index]), self.resize_size, self.resize)
         return torch.from_numpy(image)[None], torch.tensor(self.labels[index])
 
 
@@ -141,6 +142,8 @@ class ClassicBatches:
         channels_last: hand batches over in channels_last memory format.
         max_batches: cap on batches per epoch (0: no cap), for smoke runs.
         progress: a progress bar while the files are checked.
+        resize: how files become squares, "letterbox" or "stretch" (as the cache; TrainConfig.resize).
+        augment: GpuAugment's training ranges (``xrai.data.augment.augment_options``); None: its defaults.
     Raises:
         ValueError: an empty manifest, resize_size < image_size, or no readable image.
     """
@@ -159,6 +162,8 @@ class ClassicBatches:
         channels_last: bool = False,
         max_batches: int = 0,
         progress: bool = True,
+        resize: str = "letterbox",
+        augment: dict | None = None,
     ) -> None:
         if len(manifest) == 0:
             raise ValueError("ClassicBatches got an empty manifest; check the split and body-part filter")
@@ -171,10 +176,10 @@ class ClassicBatches:
             raise ValueError(f"none of the {len(manifest)} images can be decoded (first: {self.bad['reason'].iloc[0]}); "
                              "check the dataset folder")
         self.manifest = drop_bad_images(manifest, self.bad, listed_in="this source's `bad` table")
-        self.dataset = XrayDataset(self.manifest, resize_size=resize_size)
+        self.dataset = XrayDataset(self.manifest, resize_size=resize_size, resize=resize)
         self.device = torch.device(device)
         self.channels_last, self.seed, self.train = channels_last, int(seed), bool(train)
-        self.augment = GpuAugment(image_size, train=train).to(self.device)
+        self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)  # augment_options()
         self.sampler = _EpochBatchSampler(len(self.manifest), batch_size=batch_size, train=train, seed=seed,
                                           max_batches=max_batches)
         self.loader = DataLoader(

@@ -41,7 +41,7 @@ class CachedBatches:
 
     def __init__(self, cache: ImageCache, manifest: pd.DataFrame, *, image_size: int, batch_size: int,
                  train: bool, seed: int, device: torch.device | str, channels_last: bool = False,
-                 max_batches: int = 0) -> None:
+                 max_batches: int = 0, augment: dict | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -61,7 +61,7 @@ class CachedBatches:
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.device = get_device(device) if isinstance(device, str) else torch.device(device)
         self.channels_last, self.max_batches = channels_last, int(max_batches)
-        self.augment = GpuAugment(image_size, train=train).to(self.device)
+        self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)  # augment_options()
 
     def __len__(self) -> int:
         return batch_count(len(self._rows), self.batch_size, train=self.train, max_batches=self.max_batches)
