@@ -157,3 +157,19 @@ def test_cli_cv_runs_and_reports(synthetic_root, tmp_path, capsys):
     assert "2-fold CV AUROC" in printed and "out-of-fold AUROC" in printed
     assert main(args) == 2  # the folder is taken: one line, exit 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_flip_tta_is_the_same_probability_in_predict_and_explain(cv_run):
+    from xrai.evaluate import predict
+    from xrai.explain import explain_paths
+    from xrai.models import load_model
+
+    run_dir, _ = cv_run
+    ensemble, config = load_model(run_dir)
+    config = config.replace(tta=True)
+    rows = read_manifest(run_dir).head(3)
+    expected = predict(ensemble, rows, config=config, progress=False)["probability"].to_numpy()  # tta from config
+    for with_cam in (True, False):
+        got = [r["probability"] for r in explain_paths(ensemble, config, rows["path"], threshold=0.5,
+                                                       with_cam=with_cam)]
+        np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -215,3 +215,28 @@ def test_cam_maps_back_through_the_resize_mode():
     # square, so the crop cut only its left and right ends and kept its top row
     assert stretched[20, 40] == pytest.approx(1.0) and stretched[20, 0] < 0.5 and stretched[0, 40] < 0.5
     assert boxed[20, 40] == pytest.approx(1.0) and boxed[20, 0] < 0.5 and boxed[0, 40] == pytest.approx(1.0)
+
+
+def test_default_config_is_the_default_recipe():
+    from xrai.recipe import DEFAULT_RECIPE
+
+    assert recipe_of(TrainConfig()) == RECIPES[DEFAULT_RECIPE]
+
+
+def test_bench_recipe_prints_the_cv_auroc_and_reprints_it(synthetic_root, tmp_path, monkeypatch, capsys):
+    import json
+
+    import xrai.recipe
+    from xrai.__main__ import main
+
+    monkeypatch.setattr(xrai.recipe, "QUICK_BUDGET", {"folds": 2, "img_size": 32, "epochs": 1})
+    args = ["bench", "--recipe", "v1", "--quick", "--data", "synthetic", "--root", str(synthetic_root),
+            "--out", str(tmp_path / "cv"), "--json", str(tmp_path / "bench.json")]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # after the folds' progress lines
+    assert "recipe v1 on synthetic" in line and "2-fold grouped CV" in line and "CV AUROC" in line
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert len(figures["cv_auroc"]["values"]) == 2 and figures["recipe"] == RECIPES["v1"] | {"batch_size": 32}
+    stamp = (tmp_path / "cv" / "cv.json").stat().st_mtime_ns
+    assert main(args) == 0 and (tmp_path / "cv" / "cv.json").stat().st_mtime_ns == stamp  # read back, not rerun
+    assert capsys.readouterr().out.strip() == line

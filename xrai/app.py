@@ -31,7 +31,7 @@ from werkzeug.exceptions import HTTPException
 from xrai.data.augment import preprocess
 from xrai.data.images import ImageError, read_image
 from xrai.env import get_device
-from xrai.evaluate import run_threshold
+from xrai.evaluate import flipped_probability, run_threshold
 from xrai.explain import CamExplainer, overlay
 from xrai.models import load_model
 
@@ -108,15 +108,18 @@ class Predictor:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
                        device=self.device, resize=self.config.resize)
+        # The run's flip TTA, as its threshold was chosen with (the map stays the unflipped image's).
+        flipped = float(flipped_probability(self.model, x)[0]) if self.config.tta else None
         if not with_cam:
             with torch.inference_mode():
-                return float(torch.sigmoid(self.model(x).float().reshape(-1)[0])), None
+                probability = float(torch.sigmoid(self.model(x).float().reshape(-1)[0]))
+            return (probability if flipped is None else (probability + flipped) / 2), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and
         # the probability comes from the same forward pass as the map.
         with CamExplainer(self.model) as explainer:
             cam = explainer(x, target_class=1)[0]
             probability = float(explainer.probabilities[0])
-        return probability, cam
+        return (probability if flipped is None else (probability + flipped) / 2), cam
 
 
 def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> Flask:

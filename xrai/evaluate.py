@@ -49,6 +49,7 @@ __all__ = [
     "compute_metrics",
     "evaluate_external",
     "evaluate_run",
+    "flipped_probability",
     "per_body_part",
     "predict",
     "read_predictions",
@@ -69,6 +70,13 @@ REPORT_KEYS = (
 
 
 # ---- prediction ---------------------------------------------------------------------------------
+
+
+def flipped_probability(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(logit) of each image of a batch flipped left-right, float (B,): the second half of flip
+    test-time augmentation (TrainConfig.tta), which averages it with the unflipped image's probability."""
+    with torch.inference_mode():
+        return torch.sigmoid(model(torch.flip(x, dims=[3])).float().reshape(x.shape[0], -1)[:, 0])
 
 
 def _read(path: str) -> tuple[np.ndarray | None, str | None]:
@@ -145,7 +153,7 @@ def predict(
             with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 p = torch.sigmoid(model(x).float().reshape(len(keep), -1)[:, 0])
                 if tta:
-                    p = (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float().reshape(len(keep), -1)[:, 0])) / 2
+                    p = (p + flipped_probability(model, x)) / 2
             probs[[i for i, _ in keep]] = p.cpu().numpy()
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])

@@ -308,6 +308,10 @@ def explain_paths(
                 cams: Any = [None] * len(batch)
             else:
                 cams, probs = explainer(x, target_class=target_class), explainer.probabilities
+            if config.tta:  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
+                from xrai.evaluate import flipped_probability
+
+                probs = (np.asarray(probs) + flipped_probability(model, x).cpu().numpy()) / 2
             for i, image, cam, prob in zip(batch, images, cams, probs):
                 r = results[i]
                 r["probability"], r["label"] = float(prob), int(prob >= threshold)

@@ -14,13 +14,16 @@ from typing import Any
 
 from xrai.config import TrainConfig
 
-__all__ = ["CPU_BUDGET", "RECIPE_FIELDS", "RECIPES", "cv_recipe", "recipe_config", "recipe_of"]
+__all__ = ["CPU_BUDGET", "DEFAULT_RECIPE", "QUICK_BUDGET", "RECIPE_FIELDS", "RECIPES", "bench_recipe", "cv_recipe", "recipe_config",
+           "recipe_of"]
 
 # The fields a recipe sets: augmentation, optimisation, regularisation, evaluation and checkpoint choice.
 RECIPE_FIELDS = (
     "resize", "crop_scale", "aug_strength", "optimizer", "scheduler", "warmup_epochs", "lr", "batch_size",
     "weight_decay", "label_smoothing", "ema_decay", "pos_weighting", "tta", "keep", "patience",
 )
+
+DEFAULT_RECIPE = "v1"  # the one TrainConfig's defaults spell out (a test holds them equal)
 
 RECIPES: dict[str, dict[str, Any]] = {
     # X-RAI's first recipe: letterbox, 0.7-1 crops with rotation and jitter, AdamW 1e-3 with a 1-epoch
@@ -99,4 +102,37 @@ def cv_recipe(recipe: str, *, out: str | Path, data: str = "fracatlas", root: st
             "other_tta": score_folds(out, tta=not config.tta, progress=progress),
             "other_checkpoint": score_folds(out, which="last" if config.keep == "best" else "best", progress=progress),
         }
+    return figures
+
+
+# The reduced budget candidates are ranked at before the winner is confirmed at CPU_BUDGET.
+QUICK_BUDGET = {"folds": 3, "img_size": 96, "epochs": 8}
+
+
+def bench_recipe(recipe: str, *, data: str = "fracatlas", root: str | Path | None = None, quick: bool = False,
+                 out: str | Path | None = None, seed: int = 0, json_path: str | Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """``python -m xrai bench --recipe``: the recipe's grouped CV AUROC from scratch on the CPU, at
+    CPU_BUDGET (or QUICK_BUDGET), with a fixed seed; prints one line, optionally writes the JSON.
+
+    The run folder (default runs/bench_recipe/<recipe>_<folds>f<img>px<epochs>e_seed<seed>) is resumed
+    when it exists, and read back when finished, so the figure is measured once and reprinted after.
+    """
+    import json
+    import os
+
+    budget = QUICK_BUDGET if quick else CPU_BUDGET
+    tag = f"{recipe}_{budget['folds']}f{budget['img_size']}px{budget['epochs']}e_seed{seed}"
+    out = Path(out) if out is not None else Path("runs") / "bench_recipe" / tag
+    # threads that sleep rather than spin while they wait (see tools/recipe_search.py); before any torch op
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    figures = cv_recipe(recipe, out=out, data=data, root=root, seed=seed, progress=progress, **budget)
+    figures.update({"recipe_name": recipe, "data": data, "run_dir": str(out)})
+    cv, machine = figures["cv_auroc"], figures["machine"]
+    print(f"recipe {recipe} on {data}, from scratch, {budget['folds']}-fold grouped CV, {budget['img_size']} px, "
+          f"{budget['epochs']} epochs, seed {seed}: CV AUROC {cv['mean']:.4f} +- {cv['std']:.4f} (fold std; per "
+          f"fold {', '.join(f'{v:.3f}' for v in cv['values'])}), out-of-fold AUROC {figures['oof_auroc']:.4f}; "
+          f"{figures['cv_wall_seconds'] / 60:.1f} min wall on {machine['cpu']} ({machine['torch_threads']} threads)")
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
     return figures
