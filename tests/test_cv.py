@@ -49,6 +49,20 @@ def test_folds_are_grouped_stratified_and_leave_test_alone(synthetic_manifest):
     assert set(one.loc[(fold >= 0) & (fold != 1), "split"]) == {"train"}
 
 
+def test_without_patient_ids_folds_keep_duplicates_together(synthetic_manifest):
+    from xrai.data import duplicate_groups
+
+    anonymous = synthetic_manifest.assign(patient_id="", study_id="")
+    copy = anonymous[anonymous["split"] == "train"].head(2).assign(split="valid")  # the same files again
+    anonymous = pd.concat([anonymous, copy], ignore_index=True)
+    fold, grouping = assign_folds(anonymous, folds=FOLDS, seed=0, progress=False)
+    assert grouping == "duplicate-group"
+    pool = anonymous["split"] != "test"
+    groups = duplicate_groups(anonymous[pool], progress=False)
+    assert (pd.DataFrame({"g": groups, "fold": fold[pool]}).groupby("g")["fold"].nunique() == 1).all()
+    assert groups.duplicated().any()
+
+
 def test_fold_errors_are_one_line(synthetic_manifest):
     with pytest.raises(ValueError, match="folds must be >= 2"):
         assign_folds(synthetic_manifest, folds=1, progress=False)

@@ -65,7 +65,7 @@ class CVResult:
 
 
 def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: pd.Series | None = None,
-                 progress: bool = True) -> tuple[pd.Series, str]:
+                 hashes: pd.DataFrame | None = None, progress: bool = True) -> tuple[pd.Series, str]:
     """The fold (0..folds-1) of every train/valid row, -1 for test rows, and what the folds are grouped by.
 
     Rows sharing a patient, a study, a path or a ``groups`` value stay in one fold. Without patient ids
@@ -76,6 +76,8 @@ def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: p
         folds: k >= 2.
         seed: StratifiedGroupKFold's shuffle seed.
         groups: an id per manifest row (aligned by index) that must not span two folds.
+        hashes: ``xrai.data.audit.image_hashes`` of the manifest's paths (in row order), to find the
+            duplicate groups without hashing the images again.
     Returns:
         (fold per row as an int Series on the manifest's index, "patient" | "duplicate-group" | "group").
     Raises:
@@ -97,7 +99,9 @@ def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: p
     else:
         from xrai.data import duplicate_groups
 
-        groups, grouping = duplicate_groups(rows, progress=progress), "duplicate-group"
+        pool_hashes = None if hashes is None else hashes[pool].reset_index(drop=True)
+        groups = duplicate_groups(rows, hashes=pool_hashes, progress=progress)
+        grouping = "duplicate-group"
     ids = group_ids(rows, groups)
     labels = rows["label"].to_numpy(dtype=np.int64)
     for label, name in ((0, "normal"), (1, "abnormal")):
@@ -126,7 +130,7 @@ def fold_manifest(table: pd.DataFrame, fold: int) -> pd.DataFrame:
 def _prepare(config: TrainConfig, manifest: pd.DataFrame, *, folds: int, groups: pd.Series | None,
              progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(manifest with folds: pool rows "train", test "test"; its audit table), both for config's body parts."""
-    from xrai.data import audit, duplicate_groups, filter_body_parts
+    from xrai.data import audit, filter_body_parts
     from xrai.data.audit import image_hashes
 
     if groups is not None:  # aligned to the manifest's index, which the body-part filter renumbers
@@ -134,11 +138,9 @@ def _prepare(config: TrainConfig, manifest: pd.DataFrame, *, folds: int, groups:
     table = filter_body_parts(manifest, config.body_parts())
     if groups is not None:
         groups, table = table["_cv_group"], table.drop(columns="_cv_group")
-    hashes = image_hashes(table["path"].astype(str).tolist(), progress=progress)
-    has_patients = bool((table["patient_id"].astype(str) != "").any())
-    if groups is None and not has_patients:
-        groups = duplicate_groups(table, hashes=hashes, progress=progress)
-    fold, grouping = assign_folds(table, folds=folds, seed=config.seed, groups=groups, progress=progress)
+    hashes = image_hashes(table["path"].astype(str).tolist(), progress=progress)  # once, for folds and audit
+    fold, grouping = assign_folds(table, folds=folds, seed=config.seed, groups=groups, hashes=hashes,
+                                  progress=progress)
     pool = fold >= 0
     original = table.attrs.get("split_method", "")
     table = table.assign(split=np.where(pool, "train", "test"), fold=fold)
