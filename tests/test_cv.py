@@ -117,8 +117,8 @@ def test_ensemble_report_uses_the_oof_threshold(cv_run):
     run_dir, result = cv_run
     report = evaluate_run(run_dir, split="test", progress=False, n_bootstrap=50)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
-    with pytest.raises(ValueError, match="no validation split of its own"):
-        evaluate_run(run_dir, split="valid", progress=False)
+    oof = evaluate_run(run_dir, split="valid", progress=False)  # a CV run's validation: its OOF report
+    assert oof["split"] == "oof" and oof == json.loads((run_dir / "report_oof.json").read_text())
 
 
 def test_gradcam_through_the_ensemble(cv_run):
@@ -147,6 +147,8 @@ def test_final_fit_on_the_whole_pool(cv_run):
     assert (manifest["split"] == "train").sum() == result.summary["pool"]["n"]
     report = evaluate_run(final, split="test", progress=False, n_bootstrap=50)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
+    with pytest.raises(ValueError, match="no validation split of its own"):
+        evaluate_run(final, split="valid", progress=False)
 
 
 def test_a_finished_cv_is_not_overwritten(cv_run, synthetic_manifest):
@@ -169,6 +171,10 @@ def test_cli_cv_runs_and_reports(synthetic_root, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "2-fold CV AUROC" in printed and "out-of-fold AUROC" in printed
+    assert main(["evaluate", "--run", str(out)]) == 0  # the ensemble: its OOF report, then test at that threshold
+    printed = capsys.readouterr().out
+    assert "oof: n=" in printed and "test: n=" in printed and "(chosen on oof)" in printed
+    assert (out / "roc_oof.png").is_file() and (out / "roc_test.png").is_file()
     assert main(args) == 2  # the folder is taken: one line, exit 2
     assert "--resume" in capsys.readouterr().err
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 # One change each against the base recipe (TrainConfig fields); "a+b" combines them.
 CHANGES: dict[str, dict] = {
     "v1": {},
@@ -52,6 +54,40 @@ def candidate_changes(name: str) -> dict:
     return changes
 
 
+def read_results(log: Path) -> list[dict]:
+    """The logged results, in the order they finished."""
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def markdown_table(results: list[dict], base: str) -> str:
+    """The ablation table of docs/recipe.md: CV AUROC (mean +- std over folds), the paired change against
+    ``base`` on the same folds, and the evaluation-only variants (the other TTA setting, the other checkpoint)."""
+    by_name = {r["name"]: r for r in results}
+    ref = np.array(by_name[base]["cv_auroc"]["values"]) if base in by_name else None
+    lines = ["| candidate | change | CV AUROC (mean +- std over folds) | per fold | paired change vs "
+             f"{base} (mean +- std) | same weights, other TTA | same weights, other checkpoint | wall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        values = np.array(r["cv_auroc"]["values"])
+        if ref is not None and len(ref) == len(values):
+            delta = values - ref
+            paired = f"{delta.mean():+.4f} +- {delta.std(ddof=1):.4f}"
+        else:
+            paired = "n/a"
+        v = r.get("variants", {})
+
+        def other(key: str) -> str:
+            return f"{v[key]['mean']:.4f} +- {v[key]['std']:.4f}" if key in v else "n/a"
+
+        change = ", ".join(f"{k}={val}" for k, val in r["changes"].items()) or "(base)"
+        lines.append(f"| {r['name']} | {change} | {values.mean():.4f} +- {values.std(ddof=1):.4f} | "
+                     f"{', '.join(f'{x:.3f}' for x in values)} | {paired} | {other('other_tta')} | "
+                     f"{other('other_checkpoint')} | {r['wall_seconds'] / 60:.0f} min |")
+    return "\n".join(lines)
+
+
 def done_names(log: Path) -> set[str]:
     if not log.is_file():
         return set()
@@ -61,9 +97,10 @@ def done_names(log: Path) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="fracatlas")
-    parser.add_argument("--root", required=True, help="the dataset folder (e.g. ../shared/data/fracatlas-dev)")
+    parser.add_argument("--root", default=None, help="the dataset folder (e.g. ../shared/data/fracatlas-dev)")
     parser.add_argument("--out", required=True, help="folder for the candidates' CV runs and results.jsonl")
-    parser.add_argument("--candidates", required=True, help="comma-separated names (see CHANGES); a+b combines")
+    parser.add_argument("--candidates", default="", help="comma-separated names (see CHANGES); a+b combines")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of OUT/results.jsonl and stop")
     parser.add_argument("--base", default="v1", help="the recipe every change is made to (xrai.recipe.RECIPES)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--img-size", type=int, default=96)
@@ -83,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "results.jsonl"
+    if args.table:
+        print(markdown_table(read_results(log), args.base + args.tag))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
     for name in names:
         candidate_changes(name)  # fail on a typo before hours of training, not after

@@ -242,7 +242,7 @@ def _evaluate(run_dir: Path, splits: list[str], *, tta: bool | None = None) -> d
     reports = {}
     for split in splits:
         reports[split] = evaluate_run(run_dir, split=split, tta=tta)
-        plots.save_run_figures(run_dir, split)
+        plots.save_run_figures(run_dir, reports[split]["split"])  # a CV run's "valid" is its "oof"
     return reports
 
 
@@ -275,8 +275,10 @@ def cmd_evaluate(args) -> int:
         return 0
     from xrai.evaluate import THRESHOLD_FILE
 
-    # A CV run or a final fit has no valid split of its own (its threshold is the CV's out-of-fold one).
-    splits = [args.split] if args.split else ["test"] if (run_dir / THRESHOLD_FILE).is_file() else ["valid", "test"]
+    # A final fit has no valid split (its threshold is its CV's out-of-fold one); a CV run's "valid" is its
+    # out-of-fold report.
+    final_fit = (run_dir / THRESHOLD_FILE).is_file() and not (run_dir / "report_oof.json").is_file()
+    splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
     print(f"reports and figures in {run_dir}")

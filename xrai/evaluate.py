@@ -323,6 +323,10 @@ def evaluate_run(
     ``target_sensitivity``); on any other split it is read from report_valid.json, which is made
     first when missing. A split never chooses its own threshold.
 
+    A cross-validation run (cv.json) has no valid split of its own: its "valid" is the out-of-fold
+    report written by the CV (report_oof.json: every pool image scored by the fold model that never
+    trained on it, the threshold chosen there), returned as it is. A final fit has none at all.
+
     Returns:
         the report dict (as written).
     """
@@ -331,6 +335,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     threshold, threshold_from = None, "valid"
     recorded = (run_dir / THRESHOLD_FILE).is_file()
+    if split == "valid" and (run_dir / "report_oof.json").is_file():  # a CV run's validation
+        return json.loads((run_dir / "report_oof.json").read_text(encoding="utf-8"))
     if split == "valid" and recorded:
         raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from "
                          f"{run_dir / THRESHOLD_FILE}); score the test split or an external set")
