@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
+from xrai.cv import cross_validate  # noqa: F401  (re-exported: grouped k-fold CV of a recipe lives in xrai.cv)
 from xrai.data import filter_body_parts, save_manifest
 from xrai.data.augment import augment_options
 from xrai.data.dataset import ClassicBatches
@@ -48,7 +49,7 @@ from xrai.regularise import build_criterion, make_ema
 from xrai.tracking import open_trackers
 
 __all__ = [
-    "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler",
+    "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler", "cross_validate",
     "fit", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
 ]
 
