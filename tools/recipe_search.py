@@ -30,6 +30,7 @@ CHANGES: dict[str, dict] = {
     "last": {"keep": "last", "patience": 0},
     "onecycle": {"scheduler": "onecycle"},
     "lr2e-3": {"lr": 2e-3},
+    "lr4e-3": {"lr": 4e-3},
     "bs64": {"batch_size": 64},
     "wd0.05": {"weight_decay": 0.05},
     "ls0.1": {"label_smoothing": 0.1},
