@@ -26,5 +26,7 @@ EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4).status != 200)"]
 
+# `serve` runs the app under waitress (the production server: a bounded thread pool, connection
+# timeouts, no Server header); Flask's development server only ever runs with `serve --debug`.
 ENTRYPOINT ["python", "-m", "xrai"]
 CMD ["serve", "--run", "/run", "--host", "0.0.0.0", "--port", "5000"]

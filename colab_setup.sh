@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install xrai into a Colab or Kaggle runtime (or any Python) WITHOUT replacing the runtime's torch.
+# Install xrai into a Colab or Kaggle runtime (or any Python) WITHOUT replacing the runtime's torch, from a
+# shell (a terminal, or a `!` line). The notebooks do not use it: their install cell runs pip itself (from
+# an attached wheelhouse, or from GitHub), so it also works with Kaggle's Internet off.
 #
-#   curl -fsSL https://raw.githubusercontent.com/x-rai/x-rai/main/colab_setup.sh | bash   # bare Colab/Kaggle
-#   bash colab_setup.sh                                                                  # from a checkout
+#   bash colab_setup.sh                                                     # from a checkout
+#   curl -fsSLO https://raw.githubusercontent.com/x-rai/x-rai/main/colab_setup.sh && bash colab_setup.sh
 #
 # From a bare session it clones the repository (or pulls it when the clone is already there); run
 # from inside a checkout, it installs that checkout and leaves git alone. The installed torch,

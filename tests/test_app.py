@@ -56,15 +56,18 @@ def xray_bytes(fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def bomb_png(width: int = 10_000, height: int = 10_000) -> bytes:
-    """A valid all-black greyscale PNG of width*height pixels (100 M by default): ~100 kB on disk."""
+def bomb_png(width: int = 10_000, height: int = 10_000, *, rgba: bool = False) -> bytes:
+    """A valid all-black PNG of width*height pixels (100 M by default), greyscale or RGBA.
+
+    Tiny on disk: ~100 kB for the default, ~249 kB for 8000 x 8000 RGBA (which decodes to 244 MiB).
+    """
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     compressor = zlib.compressobj(9)
-    row = b"\x00" * (width + 1)  # filter byte 0, then black pixels
+    row = b"\x00" * (width * (4 if rgba else 1) + 1)  # filter byte 0, then black (transparent) pixels
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 6 if rgba else 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
@@ -196,9 +199,12 @@ def test_form_upload_shows_result(client):
 
 def test_threshold_comes_from_the_evaluated_run(tmp_path):
     from xrai.app import create_app
+    from xrai.inference import checkpoint_sha256
 
     run = build_fake_run(tmp_path)
-    (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.73}))
+    sha = checkpoint_sha256(run / "checkpoints" / "best.pt")  # a threshold holds for the checkpoint it was chosen on
+    (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.73,
+                                                       "checkpoint": {"sha256": sha}}))
     client = create_app(run).test_client()
     assert client.get("/healthz").get_json()["threshold"] == 0.73
     body = upload(client, xray_bytes()).get_json()
@@ -208,12 +214,12 @@ def test_threshold_comes_from_the_evaluated_run(tmp_path):
 
 
 def test_model_is_loaded_once(fake_run, monkeypatch):
-    import xrai.app
+    import xrai.models
     from xrai.app import create_app
 
     calls = []
-    real = xrai.app.load_model
-    monkeypatch.setattr(xrai.app, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = xrai.models.load_model
+    monkeypatch.setattr(xrai.models, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     client = create_app(fake_run).test_client()
     for _ in range(3):
         assert upload(client, xray_bytes()).status_code == 200
@@ -241,20 +247,42 @@ def test_concurrent_requests_agree(client):
 
 @pytest.mark.parametrize("kind", ["text", "empty", "truncated_png", "png_header_only",
                                   "truncated_jpeg_header_only", "bomb"])
-def test_bad_upload_is_a_400_with_a_message(client, bad, kind):
+def test_bad_upload_is_a_4xx_with_a_message(client, bad, kind):
     response = upload(client, bad[kind], filename=f"{kind}.png")
-    assert response.status_code == 400
+    status = 413 if kind == "bomb" else 400  # over a size limit: 413; not a usable image: 400
+    assert response.status_code == status
     body = response.get_json()
-    assert body["status"] == 400 and f"{kind}.png" in body["error"]
+    assert body["status"] == status and f"{kind}.png" in body["error"]
     assert "xrai-upload-" not in body["error"]
+    assert " at 0x" not in body["error"] and "<_io" not in body["error"]  # no repr of an internal object
     if kind == "bomb":
-        assert "pixels" in body["error"]
+        assert "pixels" in body["error"] and "67,108,864" in body["error"]
+
+
+def test_upload_over_the_decode_budget_is_a_413_naming_the_limit(client):
+    # 8000 x 8000 RGBA: 64 Mpx passes the pixel limit, but decodes to 244 MiB (> the 64 MiB upload budget).
+    response = upload(client, bomb_png(8000, 8000, rgba=True), filename="screenshot.png")
+    assert response.status_code == 413
+    message = response.get_json()["error"]
+    assert "screenshot.png" in message and "8000x8000" in message and "limit of 64 MiB" in message
+    assert "smaller or greyscale" in message
+
+
+def test_decode_runs_outside_the_inference_lock(app):
+    """A slow decode must not hold the model: inference for another upload goes on meanwhile."""
+    predictor = app.extensions["xrai_predictor"]
+    assert predictor._lock.acquire(timeout=5)  # the model busy: decoding must still work
+    try:
+        image, notes = predictor.decode(xray_bytes(), filename="x.png")
+    finally:
+        predictor._lock.release()
+    assert image.shape == (120, 96) and notes == []
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated_png", "bomb"])
 def test_bad_upload_through_the_form_is_a_friendly_page(client, bad, kind):
     response = upload(client, bad[kind], url="/", filename="broken.png")
-    assert response.status_code == 400
+    assert response.status_code == (413 if kind == "bomb" else 400)
     html = response.get_data(as_text=True)
     assert 'id="error"' in html and "broken.png" in html and 'name="file"' in html
 
@@ -294,7 +322,7 @@ def test_no_files_left_behind(client, bad, tmp_path, monkeypatch):
     assert upload(client, xray_bytes(), url="/api/predict?overlay=1").status_code == 200
     assert upload(client, xray_bytes(), url="/").status_code == 200
     for data in bad.values():
-        assert upload(client, data).status_code == 400
+        assert upload(client, data).status_code in (400, 413)
     assert upload(client, b"\x00" * (10 * MB + 1)).status_code == 413
     assert list(scratch.iterdir()) == []
 

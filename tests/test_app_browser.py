@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,20 +30,13 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    from werkzeug.serving import make_server
-
+    """The app under the production server (waitress, as `python -m xrai serve` runs it), in a thread."""
     from xrai.app import create_app
+    from xrai.server import serve_in_thread
 
     run = build_fake_run(tmp_path_factory.mktemp("browser_run"), image_size=96, name="browser-demo")
-    server = make_server("127.0.0.1", 0, create_app(run), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="xrai-test-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with serve_in_thread(create_app(run)) as url:
+        yield url
 
 
 @pytest.fixture()

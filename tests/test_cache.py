@@ -199,7 +199,7 @@ def test_fit_caches_the_whole_manifest_and_reuses_a_cache_when_the_disk_is_full(
     monkeypatch.setenv("XRAI_HOME", str(tmp_path / "home"))
     manifest = image_set.assign(label=np.arange(12) % 2, split=["train"] * 6 + ["valid"] * 3 + ["test"] * 3)
     train, valid = manifest[manifest.split == "train"], manifest[manifest.split == "valid"]
-    config = TrainConfig(data="synthetic", img_size=24, batch_size=4, pretrained=False)
+    config = TrainConfig(data="synthetic", img_size=32, batch_size=4, pretrained=False)
 
     def sources():
         return make_sources(config, train, valid, manifest=manifest, device=torch.device("cpu"), progress=False)

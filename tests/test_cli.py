@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+from _checks import assert_picture
+from PIL import Image
 
 from xrai.__main__ import COMMANDS, build_parser, main
 
@@ -19,10 +22,11 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     proc = _run("--help")
     assert proc.returncode == 0
-    for name in ("demo", "download", "audit", "train", "cv", "evaluate", "explain", "predict", "bench", "serve"):
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == set(COMMANDS)  # every subcommand has a handler and every handler a subcommand
+    for name in COMMANDS:
         assert name in proc.stdout
-    assert set(COMMANDS) == {"demo", "download", "audit", "train", "cv", "evaluate", "explain", "predict", "bench",
-                             "serve"}
+    assert "cv" in COMMANDS
 
 
 def test_train_flags_map_onto_the_config():
@@ -37,6 +41,8 @@ def test_train_flags_map_onto_the_config():
         "fracatlas", "/x", "wrist", "resnet18", 2, 160, 8)
     assert (cfg.pretrained, cfg.freeze, cfg.head, cfg.prune_sparsity, cfg.scheduler, cfg.loggers) == (
         False, True, "mlp", 0.95, "step", ["mlflow"])
+    assert cfg.deterministic is False
+    assert _train_config(build_parser().parse_args(["train", "--deterministic"])).deterministic is True
 
 
 def test_audit_writes_manifest_and_audit(synthetic_root, tmp_path, capsys):
@@ -50,19 +56,94 @@ def test_audit_writes_manifest_and_audit(synthetic_root, tmp_path, capsys):
     assert "duplicate groups crossing splits" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """60 tiny distinct images in two class folders and no split folders: every split is made by load()."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("not fractured", "fractured")):
+        (root / name).mkdir()
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, monkeypatch, capsys):
+    counts = {}
+    for name, flags in {"default": [], "wider": ["--val-fraction", "0.3", "--test-fraction", "0.25"]}.items():
+        out = tmp_path / name
+        assert main(["audit", "--data", "folder", "--root", str(class_folders), "--out", str(out), *flags]) == 0
+        counts[name] = pd.read_csv(out / "manifest.csv")["split"].value_counts().to_dict()
+    assert counts["default"] == {"train": 42, "valid": 9, "test": 9}  # 70/15/15 of 60
+    assert counts["wider"] == {"train": 27, "valid": 18, "test": 15}  # 45/30/25
+
+    import xrai.train
+
+    seen = {}
+
+    def fake_fit(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
+        seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(xrai.train, "fit", fake_fit)
+    assert main(["train", "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / "run"),
+                 "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
+    assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
+    assert seen["counts"] == counts["wider"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(demo_run):
     out = (demo_run / "demo_stdout.txt").read_text()
     for name in ("manifest.csv", "audit.csv", "config.json", "checkpoints/best.pt", "checkpoints/last.pt",
-                 "history.csv", "curves.png", "predictions_valid.csv", "predictions_test.csv",
-                 "report_valid.json", "report_test.json", "confusion_matrix_test.png", "roc_test.png",
-                 "pr_test.png", "per_body_part_test.png"):
-        assert (demo_run / name).is_file(), name
-    assert list((demo_run / "gradcam").glob("*.png"))
+                 "history.csv", "predictions_valid.csv", "predictions_test.csv", "report_valid.json",
+                 "report_test.json", "model_card.md"):
+        assert (demo_run / name).is_file() and (demo_run / name).stat().st_size > 0, name
+    for name in ("curves.png", "confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png",
+                 "reliability_test.png"):
+        assert_picture(demo_run / name, min_side=200)
+    assert len(pd.read_csv(demo_run / "history.csv")) == 3  # the demo's three epochs
+    assert len(pd.read_csv(demo_run / "predictions_test.csv")) == len(pd.read_csv(demo_run / "manifest.csv")
+                                                                       .query("split == 'test'"))
+    overlays = sorted((demo_run / "gradcam").glob("*.png"))
+    assert len(overlays) >= 3 and all(assert_picture(p, min_side=64) is not None for p in overlays)
     valid = json.loads((demo_run / "report_valid.json").read_text())
     test = json.loads((demo_run / "report_test.json").read_text())
     assert test["threshold"] == valid["threshold"] and test["threshold_from"] == "valid"
     assert "AUROC" in out and "report_test.json" in out and "gradcam" in out
+
+
+@pytest.mark.slow
+def test_demo_reports_thresholds_calibration_explanations_and_a_model_card(demo_run):
+    from xrai.explain import CAM_METHODS
+
+    out = (demo_run / "demo_stdout.txt").read_text()
+    valid = json.loads((demo_run / "report_valid.json").read_text())
+    test = json.loads((demo_run / "report_test.json").read_text())
+    # study and image thresholds, each chosen on valid and named beside the figures it made
+    assert valid["study_threshold"] is not None and test["study_threshold"] == valid["study_threshold"]
+    assert "at image threshold" in out and "at study threshold" in out
+    # ECE before and after the temperature fitted on valid; the screening operating point
+    for report in (valid, test):
+        ece = report["calibration"]["ece"]
+        assert 0 <= ece["uncalibrated"] <= 1 and 0 <= ece["calibrated"] <= 1
+    assert "ECE" in out and "screening point" in out
+    # ROAD per CAM method and the randomisation check on test; the pointing game beats chance
+    methods = test["explain"]["methods"]
+    assert set(methods) == set(CAM_METHODS)
+    for scores in methods.values():
+        assert scores["road_combined"]["n"] > 0 and scores["randomisation"]["n"] > 0
+    assert methods["gradcam"]["pointing_game"]["pointing_game"] > methods["gradcam"]["pointing_game"]["chance"]
+    assert "ROAD" in out and "randomisation check" in out
+    # no MURA baseline on a synthetic run
+    assert test["baseline"] is None and "DenseNet-169" not in out
+    card = (demo_run / "model_card.md").read_text()
+    assert "research and teaching, not diagnosis" in card and "Known limits" in card
+    assert f"Image threshold {valid['threshold']:.3f}" in card and f"study threshold {valid['study_threshold']:.3f}" in card
+    assert "ECE" in card and "ROAD" in card and "Spearman" in card and "model_card.md" in out
 
 
 @pytest.mark.slow
@@ -87,7 +168,8 @@ def test_predict_and_explain_go_on_past_a_bad_image(demo_run, tmp_path):
     out = tmp_path / "cams"
     proc = _run("explain", "--run", str(demo_run), good[0], str(bad), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert len(list(out.glob("*.png"))) == 1
+    [written] = out.glob("*.png")
+    assert assert_picture(written, min_side=64).shape[1] == Image.open(good[0]).size[0]  # the X-ray, overlaid
 
 
 @pytest.mark.slow

@@ -72,8 +72,7 @@ def test_fold_errors_are_one_line(synthetic_manifest):
 
 def test_run_folder_oof_and_summary(cv_run):
     run_dir, result = cv_run
-    for name in ("manifest.csv", "audit.csv", "config.json", "cv.json", "predictions_oof.csv", "report_oof.json",
-                 "threshold.json"):
+    for name in ("manifest.csv", "audit.csv", "config.json", "cv.json", "predictions_oof.csv", "report_oof.json"):
         assert (run_dir / name).is_file(), name
     table = read_manifest(run_dir)
     pool = table[table["fold"] >= 0]
@@ -91,6 +90,12 @@ def test_run_folder_oof_and_summary(cv_run):
     assert summary["epochs"]["chosen"] == 2 and summary["oof"]["threshold_from"] == "oof"
     oof_report = json.loads((run_dir / "report_oof.json").read_text())
     assert oof_report["split"] == "oof" and oof_report["threshold"] == summary["oof"]["threshold"]
+    # the OOF operating point is bound to the folds' checkpoints, and chosen on their logits
+    from xrai.calibration import apply_temperature
+    from xrai.inference import folds_sha256
+
+    assert oof_report["checkpoint"]["sha256"] == folds_sha256(run_dir, FOLDS)
+    np.testing.assert_allclose(oof["probability"], apply_temperature(oof["logit"], oof_report["calibration"]["temperature"]))
     assert result.summary == summary
 
 
@@ -113,10 +118,53 @@ def test_ensemble_is_the_mean_probability_of_the_folds(cv_run):
     torch.testing.assert_close(torch.sigmoid(out.reshape(-1)), mean, atol=1e-5, rtol=1e-4)
 
 
+def test_load_run_gives_the_ensemble_at_the_oof_operating_point(cv_run):
+    from xrai.evaluate import predict
+    from xrai.inference import load_run
+
+    run_dir, result = cv_run
+    run = load_run(run_dir)
+    oof_report = json.loads((run_dir / "report_oof.json").read_text())
+    assert isinstance(run.model, FoldEnsemble) and len(run.model.members) == FOLDS
+    assert run.point.source == "oof" and run.threshold == result.summary["oof"]["threshold"]
+    assert run.temperature == oof_report["calibration"]["temperature"]
+    assert run.checkpoint_sha256 == oof_report["checkpoint"]["sha256"] and "report_oof.json" in run.threshold_from
+    rows = read_manifest(run_dir).head(4)
+    pred = predict(run, rows, progress=False)
+    x = torch.randn(2, 3, run.config.image_size, run.config.image_size)
+    calibrated, raw = run.probabilities(x)
+    with torch.inference_mode():
+        expected = torch.sigmoid(run.model(x).reshape(-1)).numpy()
+    np.testing.assert_allclose(raw, expected, atol=1e-5)  # tta off in this recipe: the ensemble as it is
+    assert len(pred) == 4 and np.isfinite(pred["logit"]).all()
+
+
+def test_predict_and_serve_a_cv_run(cv_run, capsys):
+    import io
+
+    from PIL import Image
+
+    from xrai.__main__ import main
+    from xrai.app import create_app
+
+    run_dir, result = cv_run
+    image = read_manifest(run_dir)["path"].iloc[0]
+    assert main(["predict", "--run", str(run_dir), image]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert line["threshold"] == pytest.approx(result.summary["oof"]["threshold"])
+    buffer = io.BytesIO()
+    Image.open(image).save(buffer, format="PNG")
+    client = create_app(run_dir).test_client()
+    answer = client.post("/api/predict", data={"file": (io.BytesIO(buffer.getvalue()), "x.png")},
+                         content_type="multipart/form-data").get_json()
+    assert answer["probability"] == pytest.approx(line["probability"], abs=1e-5)
+
+
 def test_ensemble_report_uses_the_oof_threshold(cv_run):
     run_dir, result = cv_run
-    report = evaluate_run(run_dir, split="test", progress=False, n_bootstrap=50)
+    report = evaluate_run(run_dir, split="test", progress=False, n_bootstrap=50, explain_images=0)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
+    assert report["checkpoint"]["file"] == "folds/*/checkpoints/best.pt"
     oof = evaluate_run(run_dir, split="valid", progress=False)  # a CV run's validation: its OOF report
     assert oof["split"] == "oof" and oof == json.loads((run_dir / "report_oof.json").read_text())
 
@@ -145,8 +193,12 @@ def test_final_fit_on_the_whole_pool(cv_run):
     manifest = read_manifest(final)
     assert set(manifest["split"]) == {"train", "test"}
     assert (manifest["split"] == "train").sum() == result.summary["pool"]["n"]
-    report = evaluate_run(final, split="test", progress=False, n_bootstrap=50)
+    report = evaluate_run(final, split="test", progress=False, n_bootstrap=50, explain_images=0)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
+    from xrai.inference import load_run
+
+    run = load_run(final)
+    assert run.point.source == "oof" and run.threshold == result.summary["oof"]["threshold"]
     with pytest.raises(ValueError, match="no validation split of its own"):
         evaluate_run(final, split="valid", progress=False)
 

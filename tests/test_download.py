@@ -43,13 +43,15 @@ def fake_hub(tmp_path, monkeypatch):
     return hub
 
 
-def test_slugs():
-    assert DATASETS == {
-        "mura": "cjinny/mura-v11",
-        "fracatlas": "mahmudulhasantasin/fracatlas-original-dataset",
-        "multiregion": "bmadushanirodrigo/fracture-multi-region-x-ray-data",
-        "bonefracture": "vuppalaadithyasairam/bone-fracture-detection-using-xrays",
-    }
+def test_every_dataset_is_a_source_and_downloads_by_its_slug(monkeypatch, fake_hub, no_kaggle_input):
+    from xrai.data import SOURCES
+
+    monkeypatch.setattr(dl, "_network_ok", lambda *a, **k: True)
+    for name in DATASETS:
+        assert name in SOURCES  # what download() fetches, load() can read
+        assert download(name) == fake_hub.result
+    assert [handle for handle, _ in fake_hub.calls] == list(DATASETS.values())
+    assert all(len(handle.split("/")) == 2 and all(handle.split("/")) for handle in DATASETS.values())
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -156,3 +158,49 @@ def test_kagglehub_missing(monkeypatch, no_kaggle_input):
     monkeypatch.setattr(dl, "_network_ok", lambda *a, **k: True)
     with pytest.raises(DownloadError, match="pip install kagglehub"):
         download("mura")
+
+
+# ---- inside Kaggle, and kagglehub's cache --------------------------------------------------------
+
+
+@pytest.fixture
+def in_kaggle(monkeypatch, no_kaggle_input):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    monkeypatch.setenv("KAGGLE_DATA_PROXY_URL", "https://dp.kaggle.net")
+    monkeypatch.setattr(dl, "_network_ok", lambda *a, **k: pytest.fail("no probe may stand before Kaggle's resolver"))
+
+
+def test_kaggle_resolver_is_asked_without_a_network_probe(in_kaggle, fake_hub):
+    assert download("mura") == fake_hub.result
+    assert fake_hub.calls == [("cjinny/mura-v11", False)]
+
+
+def test_kaggle_resolver_failing_names_the_dataset_to_attach(in_kaggle, monkeypatch):
+    hub = FakeKagglehub(error=ConnectionError("data proxy refused"))
+    monkeypatch.setitem(sys.modules, "kagglehub", hub)
+    with pytest.raises(DownloadError) as info:
+        download("fracatlas")
+    msg = str(info.value)
+    assert "attach Kaggle dataset 'mahmudulhasantasin/fracatlas-original-dataset'" in msg and "Add Input" in msg
+    assert "data proxy refused" in msg and "\n" not in msg
+
+
+def test_kaggle_without_its_resolver_and_offline_says_attach(monkeypatch, fake_hub, no_kaggle_input):
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.delenv("KAGGLE_DATA_PROXY_URL", raising=False)
+    monkeypatch.setattr(dl, "_network_ok", lambda *a, **k: False)
+    with pytest.raises(DownloadError, match=r"not attached.*no Internet: attach Kaggle dataset 'cjinny/mura-v11'"):
+        download("mura")
+    assert fake_hub.calls == []
+
+
+def test_find_cached_takes_the_newest_complete_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))
+    top = tmp_path / "datasets" / "cjinny" / "mura-v11"
+    assert dl.find_cached("mura") is None
+    for v in (1, 2, 3):
+        (top / "versions" / str(v)).mkdir(parents=True)
+    (top / "1.complete").touch()
+    (top / "2.complete").touch()  # 3 is a download that never finished
+    assert dl.find_cached("mura") == top / "versions" / "2"
+    assert dl.find_cached("cjinny/mura-v11") == top / "versions" / "2"

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _checks import assert_picture
+
 from test_evaluate import make_fake_run
 
 from xrai.explain import CAM_METHODS, CamExplainer, cam_to_image, explain_paths, gallery, overlay
@@ -198,15 +200,29 @@ def fake_run(tmp_path_factory, synthetic_manifest):
     return make_fake_run(tmp_path_factory.mktemp("explain_run"), synthetic_manifest)
 
 
-def test_gallery_writes_pngs(fake_run):
+def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
+    import xrai.explain as explain
+
+    tiles, real_tile = [], explain._tile
+    monkeypatch.setattr(explain, "_tile", lambda *a, **k: tiles.append(real_tile(*a, **k)) or tiles[-1])
     with pytest.warns(UserWarning):  # no audit.csv in the fake run
         written = gallery(fake_run, split="test", n=2, progress=False)
+    singles = [k for k in written if "_" in k]
+    assert 1 <= len(singles) <= 6
     for kind in ("tp", "fp", "fn"):
         assert written[kind] == fake_run / "gradcam" / f"{kind}_test.png"
-        assert written[kind].is_file() and Image.open(written[kind]).size[0] > 0
-    singles = [k for k in written if "_" in k]
-    assert all(written[k].is_file() and written[k].parent == fake_run / "gradcam" for k in singles)
-    assert len(singles) <= 6
+        picture = assert_picture(written[kind], min_side=100)
+        named = sorted(k for k in singles if k.startswith(f"{kind}_"))
+        mine, tiles[: len(named)] = tiles[: len(named)], []
+        for key in named:  # each image the gallery names is written on its own, over its X-ray
+            assert written[key].parent == fake_run / "gradcam" and assert_picture(written[key], min_side=32) is not None
+        if named:  # the row below the title holds exactly those tiles, side by side, 8 px apart
+            row, x = picture[-max(t.shape[0] for t in mine):], 0
+            for tile in mine:
+                assert np.array_equal(row[: tile.shape[0], x : x + tile.shape[1]], tile[..., :3])
+                x += tile.shape[1] + 8
+            assert x - 8 == picture.shape[1]
+    assert tiles == []  # no tile drawn that no gallery shows
 
 
 # ---- on a model that really learned -------------------------------------------------------------

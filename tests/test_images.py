@@ -12,7 +12,6 @@ import pytest
 from PIL import Image, ImageFile
 
 from xrai.data.images import (
-    DECODER_VERSION,
     ImageError,
     TruncatedImageWarning,
     letterbox,
@@ -38,10 +37,6 @@ def _truncated_jpeg(path: Path, size: int = 256, keep: float = 0.6) -> Path:
     data = buf.getvalue()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
-
-
-def test_decoder_version_is_a_string():
-    assert isinstance(DECODER_VERSION, str) and DECODER_VERSION
 
 
 @pytest.mark.parametrize(
@@ -231,3 +226,98 @@ def test_scan_images_lists_bad_files_and_goes_on(tmp_path):
     assert ok == [str(good), str(cut)]
     assert [p for p, _ in bad] == [str(empty), str(text), str(tmp_path / "missing.png")]
     assert all(reason for _, reason in bad)
+
+
+# ---- decode budget: decoded bytes checked from the header ---------------------------------------
+
+
+def _rgba_png_bytes(width: int, height: int) -> bytes:
+    """An all-transparent RGBA PNG written row by row: tiny on disk, width*height*4 bytes decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width * 4 + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("mode, info, expected", [
+    ("L", {}, (1, 1)), ("LA", {}, (2, 1)), ("RGB", {}, (3, 1)), ("RGBA", {}, (4, 1)), ("CMYK", {}, (4, 1)),
+    ("P", {}, (3, 1)), ("P", {"transparency": 0}, (4, 1)), ("I;16", {}, (1, 2)), ("I;16B", {}, (1, 2)),
+    ("I", {}, (1, 4)), ("F", {}, (1, 4)), ("1", {}, (1, 1)),
+])
+def test_decoded_layout(mode, info, expected):
+    from xrai.data.images import decoded_layout
+
+    assert decoded_layout(mode, info) == expected
+
+
+def test_budget_counts_pixels_channels_and_sample_bytes():
+    from xrai.data.images import ImageTooLargeError, check_decode_budget
+
+    assert check_decode_budget("a.png", width=100, height=50, channels=4, bytes_per_sample=2) == 40_000
+    with pytest.raises(ImageTooLargeError, match=r"a.dcm: 100x50 pixels x 1 channel\(s\) x 2 byte\(s\) = "
+                                                 r"10,000 bytes decoded, over the limit of 9,999 bytes; try less"):
+        check_decode_budget("a.dcm", width=100, height=50, bytes_per_sample=2, max_bytes=9_999, remedy="try less")
+    with pytest.raises(ImageTooLargeError, match="exceeds max_pixels=10"):
+        check_decode_budget("b.png", width=4, height=4, max_pixels=10)
+    with pytest.raises(ImageError, match="no pixels"):
+        check_decode_budget("c.png", width=0, height=4)
+
+
+def test_over_budget_image_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    """8000 x 8000 RGBA: 64 Mpx passes the pixel limit, 244 MiB decoded does not pass the upload budget."""
+    from PIL import PngImagePlugin
+
+    from xrai.data.images import UPLOAD_MAX_DECODED_BYTES, ImageTooLargeError, decode_image
+
+    data = _rgba_png_bytes(8000, 8000)
+    assert len(data) < 300_000
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    with pytest.raises(ImageTooLargeError, match=r"screenshot.png: 8000x8000 pixels x 4 channel\(s\) x 1 byte\(s\) "
+                                                 r"= 244 MiB decoded, over the limit of 64 MiB"):
+        decode_image(data, name="screenshot.png", max_bytes=UPLOAD_MAX_DECODED_BYTES)
+    assert loads == []  # not a pixel was decoded
+    path = tmp_path / "big.png"
+    path.write_bytes(_rgba_png_bytes(3000, 2000))
+    assert read_image(path).shape == (2000, 3000)  # the dataset budget (256 MiB) lets 24 MB through
+    with pytest.raises(ImageTooLargeError, match="big.png.*over the limit of 16 MiB"):
+        read_image(path, max_bytes=16 * 2**20)
+
+
+def test_decode_image_takes_bytes_and_returns_notes_instead_of_warning():
+    from xrai.data.images import decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "JPEG")
+    whole = buf.getvalue()
+    image, notes = decode_image(whole, name="a.jpg")
+    assert image.shape == (256, 256) and notes == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decode_image warns nothing: thread-safe for a server
+        image, notes = decode_image(whole[: int(len(whole) * 0.6)], name="cut.jpg")
+    assert image.shape == (256, 256) and len(notes) == 1 and notes[0].startswith("cut.jpg: truncated JPEG")
+    with pytest.raises(ImageError, match=r"upload.bin: empty file \(0 bytes\)"):
+        decode_image(b"", name="upload.bin")
+
+
+def test_large_alpha_and_sixteen_bit_images_are_converted_in_strips(tmp_path):
+    """Strip-wise conversion (no full-size float copies) gives exactly the whole-image formula's pixels."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (700, 90, 4), dtype=np.uint8)  # more rows than one strip
+    path = _save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")
+    grey = np.asarray(Image.fromarray(rgba, "RGBA").convert("L"), dtype=np.float32)
+    expected = np.rint(grey * (rgba[..., 3].astype(np.float32) / 255.0)).astype(np.uint8)
+    assert np.array_equal(read_image(path), expected)
+    deep = rng.integers(300, 3000, (650, 70)).astype(np.uint16)
+    path = _save(Image.fromarray(deep), tmp_path / "d.png")
+    a = deep.astype(np.float64)
+    expected = np.clip(np.rint((a - a.min()) * (255.0 / (a.max() - a.min()))), 0, 255).astype(np.uint8)
+    assert np.array_equal(read_image(path), expected)

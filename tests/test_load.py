@@ -83,7 +83,7 @@ def test_load_synthetic_default_root_is_generated_once(monkeypatch, tmp_path):
                                                                        patients_per_part=2, size=48))  # fmt: skip
     m = load("synthetic", progress=False)
     root = Path(m.attrs["root"])
-    assert root == data.default_synthetic_root() and root.is_relative_to(tmp_path / "home")
+    assert root == data.default_synthetic_root() / "MURA-v1.1" and root.is_relative_to(tmp_path / "home")
     assert m["path"].map(lambda p: Path(p).is_file()).all()
     assert len(load("synthetic", progress=False)) == len(m)
 
@@ -115,6 +115,8 @@ def test_load_fracatlas_keeps_duplicates_together(mini_fracatlas):
     assert len(m) == 40 and set(m["split"]) == {"train", "valid", "test"}
     dup = m[m["image_id"].isin(["IMG0000000.jpg", "IMG0000039.jpg"])]
     assert dup["split"].nunique() == 1 and set(dup["label"]) == {0, 1}
+    # the groups the split kept together stay in the manifest, for the bootstrap to resample
+    assert dup["group"].nunique() == 1 and m["group"].nunique() == 39
     assert "duplicate" in m.attrs["split_method"]
     assert m.attrs["source"] == "fracatlas"
 
@@ -141,7 +143,8 @@ def test_load_downloads_when_no_root(monkeypatch, synthetic_root):
     asked = []
     monkeypatch.setattr(data, "download", lambda name, **kw: asked.append(name) or synthetic_root)
     m = load("mura", split=False, progress=False)
-    assert asked == ["mura"] and len(m) > 0 and m.attrs["root"] == str(synthetic_root)
+    assert asked == ["mura"] and len(m) > 0 and m.attrs["root"] == str(synthetic_root / "MURA-v1.1")
+    assert m.attrs["dataset"] == "mura" and m.attrs["slug"] == "cjinny/mura-v11"
     assert set(m["source"]) == {"mura"}
 
 
@@ -160,16 +163,24 @@ def test_manifest_round_trip(tmp_path, mini_fracatlas, synthetic_root):
         back = read_manifest(run)
         pd.testing.assert_frame_equal(back, m, check_dtype=False)
         _check_manifest(back)
-        assert back.attrs == m.attrs
+        assert {k: v for k, v in back.attrs.items() if k != "found"} == m.attrs
+        assert back.attrs["found"].startswith(f"images: {len(m):,} found at {m.attrs['root']} (recorded root")
+        on_disk = pd.read_csv(run / "manifest.csv")["path"]
+        assert not on_disk.str.startswith("/").any(), "paths on disk are relative to the dataset root"
         if source == "fracatlas":
             assert (back["patient_id"] == "").all() and back["label_conflict"].dtype == bool
 
 
 def test_manifest_ids_stay_strings(tmp_path):
-    m = pd.DataFrame({"path": ["/a/1.png", "/a/2.png"], "label": [1, 0], "body_part": ["hand", "hand"],
+    root = tmp_path / "data"
+    paths = [root / "fractured" / "1.png", root / "normal" / "2.png"]
+    for p in paths:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    m = pd.DataFrame({"path": [str(p) for p in paths], "label": [1, 0], "body_part": ["hand", "hand"],
                       "patient_id": ["00123", ""], "study_id": ["007", "008"], "split": ["train", "test"],
                       "source": ["folder", "folder"]})  # fmt: skip
-    m.attrs = {"source": "folder", "root": "/a", "split_method": "patient-grouped stratified, seed 0"}
+    m.attrs = {"source": "folder", "root": str(root), "split_method": "patient-grouped stratified, seed 0"}
     save_manifest(m, tmp_path)
     back = read_manifest(tmp_path)
     assert back["patient_id"].tolist() == ["00123", ""] and back["study_id"].tolist() == ["007", "008"]
@@ -182,8 +193,9 @@ def test_read_manifest_missing_says_what_makes_it(tmp_path):
 
 
 def test_save_manifest_rejects_non_manifest(tmp_path):
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="has no 'label', 'body_part'.* columns"):
         save_manifest(pd.DataFrame({"path": ["x"]}), tmp_path)
+    assert not (tmp_path / "manifest.csv").exists()
 
 
 # ------------------------------------------------------------------------------ the real FracAtlas subset

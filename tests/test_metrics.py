@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
+from _checks import strict_warnings
 from xrai.metrics import (
     MURA_BASELINE,
     METRIC_KEYS,
@@ -21,6 +21,7 @@ from xrai.metrics import (
     classification_report,
     compute_metrics,
     kappa_score,
+    mura_baseline,
     pointing_chance,
     pointing_game,
     resampling_groups,
@@ -131,6 +132,45 @@ def test_resampling_unit_falls_back():
     assert resampling_groups(df)[1] == "patients"
     assert resampling_groups(df.assign(patient_id=""))[1] == "studies"
     assert resampling_groups(df.assign(patient_id="", study_id=""))[1] == "images"
+    # FracAtlas: no patients, no studies, but the duplicate groups the split kept together
+    groups, unit = resampling_groups(df.assign(patient_id="", study_id="", group=list("aabbcde")))
+    assert unit == "duplicate groups" and list(groups) == list("aabbcde")
+
+
+def _with_duplicates(n_pictures: int, copies: int, seed: int) -> pd.DataFrame:
+    """n_pictures distinct pictures, each filed ``copies`` times with the same score (as a duplicate is)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n_pictures)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    return pd.DataFrame({"label": np.repeat(y, copies), "probability": np.repeat(p, copies),
+                         "patient_id": "", "study_id": "", "group": np.repeat([f"dup{i}" for i in range(n_pictures)],
+                                                                              copies)})
+
+
+def test_duplicate_groups_widen_the_intervals():
+    """Resampling images as if duplicates were independent understates the uncertainty; resampling the
+    groups gives the width of the distinct pictures, and the report names the unit."""
+    from xrai.report import build_report
+
+    df = _with_duplicates(120, 4, seed=5)
+    groups, unit = resampling_groups(df)
+    grouped = bootstrap_ci(df["label"], df["probability"], 0.5, groups=groups, n=400, seed=0)
+    naive = bootstrap_ci(df["label"], df["probability"], 0.5, groups=None, n=400, seed=0)
+    distinct = bootstrap_ci(df["label"][::4], df["probability"][::4], 0.5, n=400, seed=0)
+
+    def width(ci):
+        return ci[1] - ci[0]
+
+    for key in ("auroc", "kappa"):
+        assert width(grouped[key]) > 1.5 * width(naive[key])  # ~2x for 4 copies (sqrt 4)
+        assert width(grouped[key]) == pytest.approx(width(distinct[key]), rel=0.25)
+    report = build_report(df.assign(path=[f"{i}.jpg" for i in range(len(df))], body_part="hand"), split="test",
+                          threshold=0.5, threshold_from="valid", split_method=None, audit={}, n_bootstrap=200)
+    assert report["resampling_unit"] == {"image": "duplicate groups", "study": None, "replicates": 200}
+    assert width(report["image"]["auroc_ci"]) > width(
+        build_report(df.drop(columns="group").assign(path=[f"{i}.jpg" for i in range(len(df))], body_part="hand"),
+                     split="test", threshold=0.5, threshold_from="valid", split_method=None, audit={},
+                     n_bootstrap=200)["image"]["auroc_ci"])
 
 
 def test_patient_resampling_keeps_groups_whole():
@@ -201,15 +241,25 @@ def test_choose_threshold_youden_and_sensitivity():
 
 
 def test_threshold_is_finite_when_all_negative_is_best():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         t = choose_threshold([1, 0, 0], [0.1, 0.8, 0.9])  # an inverted scorer: predict nothing
     assert 0.0 <= t <= 1.0
 
 
-def test_mura_baseline_table():
-    assert MURA_BASELINE == {"overall": 0.705, "elbow": 0.710, "finger": 0.389, "forearm": 0.737, "hand": 0.851,
-                             "humerus": 0.600, "shoulder": 0.729, "wrist": 0.931}
+def test_mura_baseline_covers_every_body_part():
+    from xrai.config import MURA_BODY_PARTS
+
+    assert set(MURA_BASELINE) == {"overall", *MURA_BODY_PARTS}
+    assert all(0.0 < kappa < 1.0 for kappa in MURA_BASELINE.values())
+
+
+def test_mura_baseline_only_for_mura_and_says_where_it_was_measured():
+    for source in ("fracatlas", "synthetic", "folder", "", None):
+        assert mura_baseline(source, "valid") is None
+    block = mura_baseline("mura", "a test split carved from MURA's train split")
+    assert block["study_kappa"]["overall"] == 0.705
+    assert "hidden test set" in block["evaluated_on"] and "hidden test set" in block["caveat"]
+    assert "carved from MURA's train split" in block["caveat"]
 
 
 def test_pointing_game_and_mass_toy():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -24,9 +25,6 @@ from xrai.models import (
     restore_pruning,
 )
 
-EXPECTED = ["mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50", "densenet169"] + [
-    f"efficientnet_b{i}" for i in range(8)
-]
 # The big ones get a smaller input so the whole file stays well under a minute on 2 CPU cores.
 REAL_CAN_REACH = models._can_reach
 HEAVY = {"densenet169", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "resnet50"}
@@ -47,13 +45,13 @@ def _no_network(monkeypatch):
 
 
 def test_registry_lists_every_model_default_first():
-    assert list_models() == EXPECTED
+    assert list_models()[0] == models.DEFAULT_MODEL and sorted(list_models()) == sorted(MODELS)
     assert list_models("efficientnet_*") == [f"efficientnet_b{i}" for i in range(8)]
     for spec in MODELS.values():  # every pinned weights name resolves in this torchvision
         assert torchvision.models.get_weight(spec.weights).url.startswith("https://")
 
 
-@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_runs_backward_and_has_a_gradcam_layer(name):
     torch.manual_seed(0)
     model = create_model(name, pretrained=False)
@@ -85,6 +83,51 @@ def test_gradcam_layer_works_with_pytorch_grad_cam(name):
     with grad_cam.GradCAM(model=model, target_layers=[gradcam_layer(model)]) as cam:
         maps = cam(input_tensor=torch.randn(1, 3, 64, 64), targets=[ClassifierOutputTarget(0)])
     assert maps.shape == (1, 64, 64) and torch.isfinite(torch.as_tensor(maps)).all()
+
+
+def _densenet_cams(model, x, device):
+    from xrai.explain import CamExplainer
+
+    with CamExplainer(model.to(device)) as explainer:
+        return explainer(x.to(device), target_class=1)
+
+
+@pytest.mark.parametrize("stored", ["shared", "copied"])
+def test_densenet_gradcam_matches_an_explicit_clone_based_reference(stored, monkeypatch):
+    """Grad-CAM on DenseNet = ReLU(sum_k mean(dlogit/dA_k) * A_k), A the ReLU'd norm5 map, computed here on a
+    clone nothing can modify. grad-cam stores the target layer's output with `.cpu().detach()`: the very
+    tensor on a CPU ("shared"), a copy on CUDA ("copied", emulated here). torchvision's forward ReLUs
+    norm5's output in place after that, so the old norm5 target gave a different map in the copied case."""
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    if stored == "copied":
+        monkeypatch.setattr(ActivationsAndGradients, "save_activation",
+                            lambda self, module, inputs, output: self.activations.append(output.detach().clone()))
+    torch.manual_seed(0)
+    model = create_model("densenet169", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cams = _densenet_cams(model, x, "cpu")
+    with torch.no_grad():
+        features = model.backbone.features(x)
+    a = torch.relu(features).clone().requires_grad_(True)
+    logit = model.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(a, 1), 1))[:, 0]
+    assert torch.allclose(logit, model(x)[:, 0], atol=1e-5)  # the reference is the model's own function
+    (grads,) = torch.autograd.grad(logit.sum(), a)
+    low = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * a).sum(1)).detach().numpy()
+    expected = scale_cam_image(low, (64, 64))
+    assert low.max() > 0 and cams.shape == expected.shape == (2, 64, 64)
+    np.testing.assert_allclose(cams, expected, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_densenet_gradcam_is_the_same_on_cpu_and_cuda():
+    torch.manual_seed(0)
+    model = create_model("densenet169", pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cpu = _densenet_cams(model, x, "cpu")
+    np.testing.assert_allclose(_densenet_cams(model, x, "cuda"), cpu, atol=2e-3)
 
 
 def test_heads():
@@ -137,7 +180,7 @@ def test_unknown_name_lists_the_known_ones():
         create_model("resnet19", pretrained=False)
     message = str(error.value)
     assert "'resnet19'" in message and "did you mean 'resnet18'" in message
-    for name in EXPECTED:
+    for name in list_models():
         assert name in message
 
 

@@ -9,15 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
-from PIL import Image
 
+from _checks import assert_picture
 from xrai import plots
 
 
 def _png(path: Path) -> None:
-    assert path.is_file() and path.stat().st_size > 1000
-    with Image.open(path) as im:
-        assert im.format == "PNG" and min(im.size) > 100
+    assert_picture(path, min_side=200)  # a matplotlib figure: hundreds of px a side, with marks on it
 
 
 def test_plot_history(tmp_path):
@@ -50,16 +48,34 @@ def test_plot_roc_and_pr(tmp_path):
     plots.plot_roc(np.ones(5), np.linspace(0, 1, 5))  # one class: no crash
 
 
-def test_plot_per_body_part_shows_baseline(tmp_path):
+def test_plot_per_body_part_shows_baseline_on_mura_runs_only(tmp_path):
+    from xrai.metrics import mura_baseline
+
     report = {"split": "valid", "study": {"kappa": 0.6}, "image": {"kappa": 0.5},
               "per_body_part": {"wrist": {"n": 10, "auroc": 0.9, "kappa": 0.7, "study_kappa": 0.8},
-                                "finger": {"n": 6, "auroc": None, "kappa": None, "study_kappa": None}}}
+                                "finger": {"n": 6, "auroc": None, "kappa": None, "study_kappa": None}},
+              "baseline": mura_baseline("mura", "MURA's public valid split")}
     fig = plots.plot_per_body_part(report, tmp_path / "parts.png")
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert any("DenseNet-169" in t for t in legend) and any("0.705" in t for t in legend)
+    assert any("DenseNet-169" in t and "hidden test set" in t for t in legend) and any("0.705" in t for t in legend)
     heights = sorted(round(b.get_height(), 3) for b in fig.axes[0].patches if np.isfinite(b.get_height()))
     assert 0.931 in heights and 0.389 in heights and 0.8 in heights  # baseline wrist/finger beside ours
     _png(tmp_path / "parts.png")
+    # a FracAtlas or synthetic run is not compared with a MURA figure
+    other = plots.plot_per_body_part({**report, "baseline": None})
+    legend = [t.get_text() for t in other.axes[0].get_legend().get_texts()]
+    assert not any("DenseNet" in t or "0.705" in t for t in legend)
+
+
+def test_plot_reliability(tmp_path):
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, 500)
+    y = (rng.random(500) < 1 / (1 + np.exp(-z / 2))).astype(int)
+    fig = plots.plot_reliability(y, 1 / (1 + np.exp(-z / 2)), tmp_path / "rel.png", raw_prob=1 / (1 + np.exp(-z)))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("uncalibrated: ECE") for t in legend) and any(t.startswith("calibrated: ECE") for t in legend)
+    assert "15 equal-width bins" in fig.axes[0].get_title()
+    _png(tmp_path / "rel.png")
 
 
 def test_save_run_figures(tmp_path, synthetic_manifest):
@@ -78,8 +94,9 @@ def test_save_run_figures(tmp_path, synthetic_manifest):
     pd.DataFrame({"epoch": [1, 2], "train_loss": [0.6, 0.4], "val_loss": [0.6, 0.5], "val_auroc": [0.7, 0.8],
                   "val_accuracy": [0.6, 0.7]}).to_csv(run / "history.csv", index=False)
     written = plots.save_run_figures(run, "test")
-    assert set(written) == {"confusion_matrix", "roc", "pr", "per_body_part", "curves"}
-    for name in ("confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png", "curves.png"):
+    assert set(written) == {"confusion_matrix", "roc", "pr", "per_body_part", "reliability", "curves"}
+    for name in ("confusion_matrix_test.png", "roc_test.png", "pr_test.png", "per_body_part_test.png",
+                 "reliability_test.png", "curves.png"):
         _png(run / name)
     with pytest.raises(FileNotFoundError, match="evaluate"):
         plots.save_run_figures(run, "valid")

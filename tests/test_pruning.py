@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from _checks import strict_warnings
 from xrai.models import create_model
 from xrai.pruning import SynFlowReport, count_nonzero, prunable_layers, prune_synflow
 
@@ -23,8 +23,7 @@ def pruned_mobilenet():
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", pretrained=False).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no layer may be emptied
+    with strict_warnings():  # no layer may be emptied
         report = prune_synflow(model, sparsity=0.95, iterations=100, input_shape=(1, 3, 64, 64), progress=False)
     return model, report, before
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from _checks import strict_warnings
 from xrai.data.sources import (
     MANIFEST_COLUMNS,
     LabelConflictWarning,
@@ -79,8 +79,7 @@ def test_mura_root_depths(tmp_path, depth):
             "two_wrappers": tmp_path / "mura-v11" / "download"}[depth]  # fmt: skip
     make_mura(base)
     root = base / "MURA-v1.1" if depth == "itself" else tmp_path
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a clean tree reads without a single warning
+    with strict_warnings():  # a clean tree reads without a single warning of ours
         m = read_mura(root)
     assert list(m.columns[:7]) == MANIFEST_COLUMNS
     assert len(m) == sum(s[-1] for s in MURA_STUDIES)
@@ -112,8 +111,7 @@ def test_mura_skips_stray_files(mura_base):
     _touch(study / ".DS_Store", b"junk")
     _touch(mura_base / "MURA-v1.1/train/.DS_Store", b"junk")
     _touch(mura_base / "MURA-v1.1/__MACOSX/train/XR_WRIST/._x.png", b"junk")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         m = read_mura(mura_base)
     assert not m["path"].str.contains("/[.]").any()
     assert len(m) == sum(s[-1] for s in MURA_STUDIES)

@@ -57,6 +57,7 @@ def test_run_folder_and_config_round_trip(one_epoch_run):
     for name in ("config.json", "manifest.csv", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run_dir / name).is_file(), name
     assert TrainConfig.from_json(run_dir / "config.json") == config
+    assert len(pd.read_csv(run_dir / "manifest.csv")) > 0 and (run_dir / "manifest.json").is_file()
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert TrainConfig.from_dict(last["config"]) == config
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "bad_epochs", "history", "rng",
@@ -296,6 +297,24 @@ def test_auto_input_path_is_recorded_and_kept_on_resume(synthetic_manifest, tmp_
     result = fit(_config(input_path="auto", epochs=2), synthetic_manifest, run, resume=True, progress=False)
     assert picked == ["classic"] and len(result.history) == 2
     assert TrainConfig.from_json(run / "config.json").input_path == "classic"
+
+
+def test_deterministic_run_sets_the_backends_while_training_and_restores_them(synthetic_manifest, tmp_path,
+                                                                            monkeypatch):
+    def flags():
+        return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen, original = [], train.train_one_epoch
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: seen.append(flags()) or original(*a, **k))
+    before = flags()
+    fit(_config(deterministic=True), synthetic_manifest, tmp_path / "exact", progress=False)
+    assert seen == [(True, True, False)] and flags() == before
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert TrainConfig.from_json(tmp_path / "exact" / "config.json").deterministic is True
+    fit(_config(), synthetic_manifest, tmp_path / "fast", progress=False)
+    assert seen[1][0] is before[0] and flags() == before  # the default leaves deterministic mode alone
 
 
 def test_mlflow_logger_against_a_local_file_store(synthetic_manifest, tmp_path, monkeypatch):

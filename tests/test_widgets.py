@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import xrai.widgets
 from xrai.config import MURA_BODY_PARTS, TrainConfig
 from xrai.widgets import (
     ALL,
@@ -187,3 +188,53 @@ def test_browser_on_a_trained_run_draws_real_overlays(demo_run):
     browser.outcome.value = "TN"
     assert browser.rows().empty or bytes(browser.image.value).startswith(b"\x89PNG")
     assert (demo_run / "gradcam" / "browser").is_dir()
+
+
+# ---- a saved notebook: the static form beside (or instead of) the widget -----------------------------
+
+
+def _displayed(monkeypatch, *items) -> list[dict]:
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append(obj))
+    xrai.widgets.show(*items)
+    return shown
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_widgets_carry_their_static_form(fake_run, monkeypatch, batch):
+    import base64
+    import io
+
+    from PIL import Image
+
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    if batch:
+        monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    picker = body_part_picker(_manifest(), default="wrist")
+    browser = gradcam_browser(fake_run, explain=lambda path, label: _png(3))
+    (shown_picker, shown_browser) = _displayed(monkeypatch, picker, browser)
+    assert shown_picker["text/plain"].startswith("Body part: wrist (")
+    assert shown_browser["text/plain"] == "Grad-CAM browser (test): TP 3, FP 2, FN 1, TN 2"
+    grid = Image.open(io.BytesIO(base64.b64decode(shown_browser["image/png"])))
+    assert grid.width > 3 * grid.height // 2, "one panel per outcome, side by side"
+    for shown, widget in ((shown_picker, picker), (shown_browser, browser)):
+        view = shown.get(xrai.widgets.WIDGET_MIME)
+        assert (view is None) if batch else (view["model_id"] == widget.model_id)
+
+
+def test_predictions_from_another_machine_are_found_again(fake_run, tmp_path, monkeypatch):
+    """The browser reads paths another machine wrote; with a manifest it maps them onto this machine's images."""
+    import xrai.data
+
+    calls = []
+    manifest = pd.DataFrame({"path": [f"/here/data/{p}.png" for p in ("w1", "w2")]})
+    manifest.attrs = {"root": "/here/data"}
+    monkeypatch.setattr(xrai.data, "read_manifest", lambda run_dir: manifest)
+    predictions = _predictions()
+    predictions["path"] = "/old/machine/data/" + predictions["path"] + ".png"
+    predictions.to_csv(fake_run / "predictions_test.csv", index=False)
+    (fake_run / "manifest.csv").write_text("x")
+    gradcam_browser(fake_run, explain=lambda path, label: calls.append(path) or _png(1))
+    assert calls == ["/here/data/w1.png"]

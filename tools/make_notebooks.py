@@ -1,10 +1,10 @@
-"""Write notebooks/01_download.ipynb ... 05_gradcam.ipynb from the cell sources below.
+"""Write notebooks/00_quickstart.ipynb ... 05_gradcam.ipynb from the cell sources below.
 
-    python tools/make_notebooks.py           # (re)write the five notebooks
+    python tools/make_notebooks.py           # (re)write the notebooks
     python tools/make_notebooks.py --check   # exit 1 when a committed notebook differs from this script
 
-The notebooks are generated so that the five share one set-up cell, one badge line and one way of
-finding the run folder, and so that they stay outputs-free with deterministic cell ids (clean diffs).
+The notebooks are generated so that they share one GPU check (the first code cell), one install cell,
+one badge line and one way of preparing the run folder and finding the images, and so that they stay outputs-free with deterministic cell ids (clean diffs).
 tests/test_notebooks.py checks that the committed files equal this script's output.
 """
 
@@ -17,7 +17,9 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-REPO = "x-rai/x-rai"  # GitHub owner/name: the badges and the set-up cell use it (colab_setup.sh too)
+from xrai.env import GPU_MENUS
+
+REPO = "x-rai/x-rai"  # GitHub owner/name: the badges and the install cell use it (colab_setup.sh keeps its own default)
 BRANCH = "main"
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -39,32 +41,62 @@ def badges(name: str) -> str:
 
 # ---- cells every notebook shares ----------------------------------------------------------------
 
-SETUP = f'''\
-# Set-up: installs xrai where it is missing (a bare Colab or Kaggle session); does nothing where it imports.
-import importlib, importlib.util, os, subprocess, sys
+# The first code cell: torch alone (Colab and Kaggle ship it), so it runs before anything is installed.
+GPU_CHECK = f"""\
+# GPU check with torch alone (Colab and Kaggle ship it): it runs before xrai is installed.
+import os
+
+import torch
+
+GPU = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+GPU_MENU = ("Kaggle: {GPU_MENUS['kaggle']}" if "KAGGLE_KERNEL_RUN_TYPE" in os.environ else
+            "Colab: {GPU_MENUS['colab']}" if "COLAB_RELEASE_TAG" in os.environ else
+            "open this notebook in Colab ({GPU_MENUS['colab']}) or Kaggle ({GPU_MENUS['kaggle']})")
+print(f"GPU: {{GPU or 'none'}}; T4: {{'yes' if GPU and 'T4' in GPU else 'no'}}"
+      + ("" if GPU and "T4" in GPU else f". To get a T4: {{GPU_MENU}}, then run all again."))"""
+
+# The second: xrai only where it does not import. An attached wheelhouse (python -m xrai wheelhouse,
+# uploaded as a Kaggle dataset) needs no Internet; else pip takes it from GitHub. Both keep the runtime's torch.
+SETUP = f"""\
+# Install xrai where it does not import (a fresh Colab or Kaggle runtime), keeping the runtime's torch:
+# from an xrai wheelhouse attached under Kaggle's input folder (no Internet needed), else from GitHub.
+import glob, importlib, importlib.metadata, importlib.util, os, subprocess, sys, tempfile
+from pathlib import Path
 
 if importlib.util.find_spec("xrai") is None:
-    SETUP_COMMAND = ("bash ../colab_setup.sh" if os.path.isfile("../colab_setup.sh") else
-                     "set -o pipefail; curl -fsSL https://raw.githubusercontent.com/{REPO}/{BRANCH}/colab_setup.sh | bash")
-    SETUP_RUN = subprocess.run(["bash", "-c", SETUP_COMMAND], capture_output=True, text=True,
-                               env={{**os.environ, "XRAI_PYTHON": sys.executable}})
-    print(SETUP_RUN.stdout, SETUP_RUN.stderr)
-    SETUP_RUN.check_returncode()
-    importlib.invalidate_caches()'''
+    KAGGLE_INPUT = os.environ.get("XRAI_KAGGLE_INPUT", "/kaggle/input")
+    WHEELS = sorted(w for depth in range(1, 6) for w in glob.glob(os.path.join(KAGGLE_INPUT, *["*"] * depth, "xrai-*.whl")))
+    KEEP = Path(tempfile.gettempdir(), "xrai-keep-torch.txt")
+    KEEP.write_text("".join(f"{{name}}=={{importlib.metadata.version(name)}}\\n" for name in ("torch", "torchvision", "torchaudio")
+                            if importlib.util.find_spec(name)))
+    SOURCE = (["--no-index", "--find-links", os.path.dirname(WHEELS[-1]), "xrai"] if WHEELS else
+              ["xrai @ git+https://github.com/{REPO}@{BRANCH}"])
+    print(f"installing xrai from {{os.path.dirname(WHEELS[-1]) if WHEELS else 'github.com/{REPO}'}}, keeping torch")
+    SETUP_RUN = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                "-c", str(KEEP), *SOURCE], capture_output=True, text=True)
+    if SETUP_RUN.returncode != 0:
+        raise RuntimeError(f"xrai could not be installed ({{(SETUP_RUN.stderr.strip() or 'pip failed').splitlines()[-1]}}): "
+                           "turn the Internet on (Kaggle: Settings > Internet on) and run again, or attach the "
+                           "xrai wheelhouse dataset (README: Kaggle with the Internet off)")
+    importlib.invalidate_caches()"""
 
 RUN_FOLDER_MD = """\
 `RUN_DIR` is where this series keeps its files (manifest, audit, checkpoints, reports, figures): every
-notebook reads what the one before wrote there, so it can start in a fresh kernel. In Colab each notebook
-gets its own runtime, so with `USE_DRIVE = True` the run folder lives on Google Drive (under
-`MyDrive/xrai/`; Colab asks once for access) and a disconnect loses nothing."""
+notebook reads what the one before wrote there, so each one can start in a fresh runtime.
+**Colab** gives every notebook its own runtime: with `USE_DRIVE = True` the run folder lives on Google Drive
+(under `MyDrive/xrai/`; Colab asks once for access) and a disconnect loses nothing. **Kaggle** gives every
+notebook its own working folder: attach the previous notebook's output (Add Input > Notebook Output Files)
+and its run folder is copied into `/kaggle/working`, because the input folder is read-only; this
+notebook's output then holds the run folder so far, for the next one."""
 
-RUN_FOLDER = '''\
-if USE_DRIVE and xrai.env.detect_platform()[0] == "colab":
-    from google.colab import drive
+RUN_FOLDER = "RUN_DIR = xrai.env.prepare_run_dir(RUN_DIR, use_drive=USE_DRIVE)"
 
-    drive.mount("/content/drive")
-    RUN_DIR = str(Path("/content/drive/MyDrive/xrai") / RUN_DIR)
-print(f"run folder: {Path(RUN_DIR).resolve()}")'''
+IMAGES_MD = """\
+The manifest's image paths are relative to the dataset's folder, so the images are found again on this
+machine: where they were, attached in Kaggle, in kagglehub's cache, downloaded again, or (the synthetic
+set) made again, file for file. The line below says where."""
+
+READ_MANIFEST = 'manifest = xrai.data.read_manifest(RUN_DIR)\nprint(manifest.attrs["found"])'
 
 
 def title(name: str, heading: str, text: str, needs: str) -> str:
@@ -79,8 +111,10 @@ def imports(*extra: str) -> str:
 
 
 def header(name: str, heading: str, text: str, needs: str, extra_imports: tuple[str, ...]) -> list:
+    """Title, GPU check (the first code cell), install, imports with the runtime, and the parameters' heading."""
     return [
         new_markdown_cell(title(name, heading, text, needs)),
+        new_code_cell(GPU_CHECK),
         new_code_cell(SETUP),
         new_markdown_cell("## Imports and runtime\n\nSays whether a T4 GPU is attached and, if not, how to get one."),
         new_code_cell(imports(*extra_imports)),
@@ -100,13 +134,101 @@ def code(text: str) -> nbformat.NotebookNode:
     return new_code_cell(text)
 
 
-# ---- the five notebooks -------------------------------------------------------------------------
+def run_folder(*, read: bool = True) -> list:
+    """The run-folder cells: prepare it (Drive, Kaggle's read-only input) and, with ``read``, find the images."""
+    cells = [md("## Run folder\n\n" + RUN_FOLDER_MD), code(RUN_FOLDER)]
+    if read:
+        cells += [md("## Images\n\n" + IMAGES_MD), code(READ_MANIFEST)]
+    return cells
+
+
+# ---- the notebooks ------------------------------------------------------------------------------
 
 DATA_PARAMETERS = '''\
 DATASET = "mura"  # mura, fracatlas, multiregion, bonefracture, or synthetic (built in: no download, fine on a CPU)
 ROOT = None  # a folder that already holds the data; None: found attached in Kaggle, else downloaded with kagglehub
 RUN_DIR = "runs/mura"  # the run folder every notebook of the series reads and writes
 USE_DRIVE = True  # Colab only: keep RUN_DIR on Google Drive (ignored elsewhere)'''
+SPLIT_PARAMETERS = '''\
+SEED = 0  # seeds the patient-grouped split
+VAL_FRACTION = 0.15  # share of patients in validation, where the source has no official split
+TEST_FRACTION = 0.15  # share of patients in test (MURA: carved from its train split)'''
+LOAD = ("manifest = xrai.data.load(DATASET, root=ROOT, seed=SEED, val_fraction=VAL_FRACTION, "
+        "test_fraction=TEST_FRACTION)\n"
+        'print(f"{len(manifest):,} images from {manifest.attrs[\'root\']} ({manifest.attrs[\'split_method\']})")\n'
+        "manifest.head()")
+COUNTS = ('pd.crosstab(manifest["body_part"], manifest["label"].map({0: "normal", 1: "abnormal"}), '
+          'margins=True, margins_name="total")')
+GPU_STOP_MD = ("## GPU\n\nTraining real X-rays on a CPU takes hours, so without a GPU this notebook stops here and "
+               "says how to get a T4, unless `ALLOW_CPU = True` or the data is the synthetic set.")
+FIT = ('RESUME = Path(RUN_DIR, "checkpoints", "last.pt").is_file()\n'
+       "result = xrai.train.fit(config, manifest, RUN_DIR, resume=RESUME)\n"
+       'print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}, "\n'
+       '      f"stopped early: {result.stopped_early}")')
+BASELINE_MD = ("On MURA runs, beside the study-level kappa of the DenseNet-169 in the MURA paper (Rajpurkar et al., "
+               "2017). That baseline is on MURA's hidden test set; ours is on a test split carved from MURA's train "
+               "set, so read it as a guide, not a ranking. Other sources get no baseline.")
+BASELINE = "xrai.evaluate.per_part_table(report_test)"
+
+
+def nb00() -> list:
+    name = "00_quickstart"
+    return [
+        *header(
+            name,
+            "00 · Quickstart: the whole series in one run",
+            "One *Run all*: MURA v1.1 (or the `DATASET` you choose), one body part (wrist by default), MobileNetV2 "
+            "from ImageNet weights for 5 epochs, then the classification report, study-level Cohen's kappa beside "
+            "the MURA baseline, and a Grad-CAM gallery with actual and predicted labels and probabilities. It calls "
+            "the same functions as notebooks 01-05, which take each step further.",
+            "GPU T4 · about 15 minutes on a T4 for MURA's wrist images, download included (an estimate) · nothing "
+            "before it. In Kaggle, attach the dataset first (Add Input > search `mura-v11`).",
+            ("import xrai.evaluate", "import xrai.explain", "import xrai.plots", "import xrai.train",
+             "from xrai.config import TrainConfig"),
+        ),
+        parameters(
+            DATA_PARAMETERS.replace('"runs/mura"', '"runs/quickstart"') + "\n" + SPLIT_PARAMETERS + "\n"
+            'BODY_PART = "wrist"  # one MURA part (elbow, finger, forearm, hand, humerus, shoulder, wrist), or all\n'
+            'MODEL = "mobilenet_v2"\n'
+            "PRETRAINED = True  # start from ImageNet weights (downloaded once)\n"
+            "EPOCHS = 5\n"
+            "IMG_SIZE = None  # None: 224 (128 on the synthetic set)\n"
+            "BATCH_SIZE = 64\n"
+            "ALLOW_CPU = False  # train without a GPU anyway (hours on real data)\n"
+            "GALLERY_N = 4  # images per Grad-CAM gallery"
+        ),
+        *run_folder(read=False),
+        md(GPU_STOP_MD),
+        code("RUNTIME = xrai.env.require_gpu(allow_cpu=ALLOW_CPU, dataset=DATASET)"),
+        md("## Data\n\nFound attached in Kaggle, or downloaded with kagglehub (cached after the first time); split by "
+           "patient, so no patient lands in two splits."),
+        code(LOAD),
+        code("xrai.data.save_manifest(manifest, RUN_DIR)\n" + COUNTS),
+        md("## Train"),
+        code(
+            "config = TrainConfig(data=DATASET, root=manifest.attrs[\"root\"], body_part=BODY_PART, model=MODEL,\n"
+            "                     pretrained=PRETRAINED, epochs=EPOCHS, img_size=IMG_SIZE, batch_size=BATCH_SIZE, "
+            "seed=SEED)\n" + FIT
+        ),
+        code('xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'),
+        md("## Evaluate\n\nThe threshold is chosen on validation and applied unchanged to test."),
+        code('report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split="valid")\n'
+             'report_test = xrai.evaluate.evaluate_run(RUN_DIR, split="test")\n'
+             'pd.DataFrame({"valid": report_valid["image"], "test": report_test["image"]}).drop(index="confusion_matrix")'),
+        code('pd.DataFrame(report_test["classification_report"]).T'),
+        md("## Study level and per body part\n\nA study's probability is the mean of its images' (MURA's protocol); "
+           "its threshold is chosen on validation's study means. " + BASELINE_MD),
+        code('pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'),
+        code(BASELINE),
+        md("## Grad-CAM\n\nThe most confident true positives, false positives and false negatives; each image "
+           "carries its actual and predicted label and the probability (red: a wrong call)."),
+        code('GALLERY = xrai.explain.gallery(RUN_DIR, split="test", n=GALLERY_N)\n'
+             'display(Image(filename=str(GALLERY["tp"])))'),
+        code('display(Image(filename=str(GALLERY["fp"])))'),
+        code('display(Image(filename=str(GALLERY["fn"])))'),
+        md("Next: the numbered notebooks take each step further (01 data, 02 EDA and the leakage audit, 03 training "
+           "options, 04 every report and figure, 05 the interactive Grad-CAM browser)."),
+    ]
 
 
 def nb01() -> list:
@@ -119,26 +241,23 @@ def nb01() -> list:
             "Kaggle, reads it into the **manifest** (one row per image: path, label, body part, patient, study, "
             "split), splits it by patient, and saves it as `RUN_DIR/manifest.csv` for the notebooks after it.",
             "no GPU (CPU is fine) · about 5 minutes on Colab for MURA (3.3 GB download; an estimate) · "
-            "nothing before it. In Kaggle, attach the dataset first (Add input > search `mura-v11`) and "
+            "nothing before it. In Kaggle, attach the dataset first (Add Input > search `mura-v11`) and "
             "nothing is downloaded.",
             (),
         ),
-        parameters(DATA_PARAMETERS + "\nSEED = 0  # seeds the patient-grouped split"),
-        md("## Run folder\n\n" + RUN_FOLDER_MD),
-        code(RUN_FOLDER),
+        parameters(DATA_PARAMETERS + "\n" + SPLIT_PARAMETERS),
+        *run_folder(read=False),
         md(
             "## Load\n\n`xrai.data.load` finds the dataset (`ROOT`, a Kaggle attachment, or a kagglehub download, "
             "cached after the first time), reads every image's label and body part, and fills the splits the "
             "source lacks: MURA has train and valid, so a patient-grouped, label-stratified test split is carved "
-            "out of train. No patient lands in two splits."
+            "out of train. No patient lands in two splits. The manifest keeps each path relative to the dataset's "
+            "folder, so the next notebooks find the images again on their own machines."
         ),
-        code("manifest = xrai.data.load(DATASET, root=ROOT, seed=SEED)\nprint(manifest.attrs)\nmanifest.head()"),
+        code(LOAD),
         code("xrai.data.save_manifest(manifest, RUN_DIR)"),
         md("## Counts per body part and label"),
-        code(
-            'pd.crosstab(manifest["body_part"], manifest["label"].map({0: "normal", 1: "abnormal"}), '
-            'margins=True, margins_name="total")'
-        ),
+        code(COUNTS),
         code('pd.crosstab(manifest["body_part"], manifest["split"], margins=True, margins_name="total")'),
         md("Next: **02_eda.ipynb** (class balance, samples, image sizes, and the leakage audit)."),
     ]
@@ -163,9 +282,8 @@ def nb02() -> list:
             "SAMPLES_PER_CLASS = 6  # images per class in the sample grid\n"
             "WORST_GROUPS = 6  # duplicate groups shown as thumbnails"
         ),
-        md("## Run folder\n\n" + RUN_FOLDER_MD),
-        code(RUN_FOLDER + '\nFIGURES = Path(RUN_DIR, "eda")'),
-        code("manifest = xrai.data.read_manifest(RUN_DIR)\nprint(f\"{len(manifest):,} images, {manifest.attrs}\")"),
+        *run_folder(),
+        code('FIGURES = Path(RUN_DIR, "eda")'),
         md("## Class balance per body part"),
         code('xrai.plots.plot_class_balance(manifest, path=FIGURES / "class_balance.png")'),
         md("## Sample images per class"),
@@ -203,9 +321,10 @@ def nb03() -> list:
             "03 · Train a classifier",
             "Pick a body part (or all seven) and a model, and train it on the run folder's manifest with mixed "
             "precision on the GPU, live progress, a checkpoint every epoch and early stopping. Run it again after "
-            "a disconnect and it **resumes** from the last checkpoint.",
-            "GPU T4 · about 15 minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; "
-            "one body part takes a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
+            "a disconnect, in a fresh runtime, and it **resumes** from the last checkpoint.",
+            "GPU T4 (without one it stops, unless `ALLOW_CPU = True` or the data is the synthetic set) · about 15 "
+            "minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; one body part takes "
+            "a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
             ("import xrai.plots", "import xrai.train", "import xrai.widgets", "from xrai.config import TrainConfig"),
         ),
         parameters(
@@ -217,21 +336,24 @@ def nb03() -> list:
             "EPOCHS = 10\n"
             "IMG_SIZE = None  # crop side fed to the model; None: 224 (128 on the synthetic set)\n"
             "BATCH_SIZE = 64\n"
-            "SEED = 0"
+            "SEED = 0\n"
+            "ALLOW_CPU = False  # train without a GPU anyway (hours on real data)"
         ),
-        md("## Run folder\n\n" + RUN_FOLDER_MD),
-        code(RUN_FOLDER),
-        code("manifest = xrai.data.read_manifest(RUN_DIR)\nprint(f\"{len(manifest):,} images, {manifest.attrs}\")"),
+        *run_folder(read=False),
+        md(GPU_STOP_MD),
+        code('RUNTIME = xrai.env.require_gpu(allow_cpu=ALLOW_CPU, dataset=xrai.data.manifest_info(RUN_DIR)["source"])'),
+        md("## Images\n\n" + IMAGES_MD),
+        code(READ_MANIFEST),
         md(
             "## Body part and model\n\nPick a body part and a model below, then run the cells after this one "
             "(**Run > Run selected cell and all below**). *Run all* does not wait for a click: the pickers start at "
             "`BODY_PART` and `MODEL`, so a non-interactive run (papermill, Kaggle's *Save & Run All*) uses the "
-            "parameters."
+            "parameters, and a saved version shows them as text."
         ),
         code(
             "part_picker = xrai.widgets.body_part_picker(manifest, default=BODY_PART)\n"
             "model_choice = xrai.widgets.model_picker(default=MODEL)\n"
-            "display(part_picker, model_choice)"
+            "xrai.widgets.show(part_picker, model_choice)"
         ),
         code(
             "config = TrainConfig(\n"
@@ -255,14 +377,10 @@ def nb03() -> list:
         ),
         md(
             "## Train\n\nA run found unfinished in `RUN_DIR` (a `checkpoints/last.pt`) is resumed exactly where it "
-            "stopped; a finished one returns at once. To start over, use a new `RUN_DIR`."
+            "stopped, in this runtime or a fresh one; a finished one returns at once. To start over, use a new "
+            "`RUN_DIR`."
         ),
-        code(
-            'RESUME = Path(RUN_DIR, "checkpoints", "last.pt").is_file()\n'
-            "result = xrai.train.fit(config, manifest, RUN_DIR, resume=RESUME)\n"
-            'print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}, "\n'
-            '      f"stopped early: {result.stopped_early}")'
-        ),
+        code(FIT),
         md("## Curves"),
         code("result.history"),
         code('xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'),
@@ -289,9 +407,12 @@ def nb04() -> list:
             "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
             "TTA = False  # also average each image with its mirror image"
         ),
-        md("## Run folder\n\n" + RUN_FOLDER_MD),
-        code(RUN_FOLDER),
-        md("## Validation, then test\n\nThe threshold comes from validation (Youden's J) and is applied unchanged to test."),
+        *run_folder(),
+        md(
+            "## Validation, then test\n\nOn validation only: a temperature that calibrates the probabilities, then "
+            "an image threshold (on images) and a study threshold (on study means), each at Youden's J and at a "
+            "screening sensitivity of 0.95. Test uses them unchanged."
+        ),
         code("report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split=\"valid\", tta=TTA)"),
         code("report_test = xrai.evaluate.evaluate_run(RUN_DIR, split=\"test\", tta=TTA)"),
         md("## Image level"),
@@ -303,20 +424,17 @@ def nb04() -> list:
         code('pd.DataFrame(report_test["classification_report"]).T'),
         md("## Study level (MURA's protocol: a study's probability is the mean of its images')"),
         code('pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'),
+        md("## Thresholds and calibration\n\nWhich threshold made which figure, and ECE before and after the temperature."),
+        code("xrai.evaluate.thresholds_table(report_test)"),
+        code("xrai.evaluate.calibration_table(report_valid, report_test)"),
         md("## Figures (test)"),
         code('FIGURES = xrai.plots.save_run_figures(RUN_DIR, "test")\nFIGURES'),
         code('display(Image(filename=str(Path(RUN_DIR, "confusion_matrix_test.png"))))'),
         code('display(Image(filename=str(Path(RUN_DIR, "roc_test.png"))))'),
         code('display(Image(filename=str(Path(RUN_DIR, "pr_test.png"))))'),
-        md(
-            "## Per body part, beside the MURA baseline\n\nThe baseline is the study-level kappa of the "
-            "DenseNet-169 in the MURA paper (Rajpurkar et al., 2017), on MURA's own test set; ours is on a test "
-            "split carved from MURA's train set, so read it as a guide, not a ranking."
-        ),
-        code(
-            'pd.DataFrame(report_test["per_body_part"]).T.join(\n'
-            '    pd.Series(xrai.evaluate.MURA_BASELINE, name="mura_baseline_study_kappa"), how="left")'
-        ),
+        code('display(Image(filename=str(Path(RUN_DIR, "reliability_test.png"))))'),
+        md("## Per body part\n\n" + BASELINE_MD),
+        code(BASELINE),
         code('display(Image(filename=str(Path(RUN_DIR, "per_body_part_test.png"))))'),
         md("Next: **05_gradcam.ipynb** (where the model looks)."),
     ]
@@ -333,7 +451,7 @@ def nb05() -> list:
             "browser: pick a body part, an outcome (TP, FP, FN, TN) and an image.",
             "GPU T4 (a CPU works) · about 2 minutes on a T4 (an estimate) · run **04_evaluate.ipynb** first "
             "(same `RUN_DIR`).",
-            ("import xrai.explain", "import xrai.widgets"),
+            ("import xrai.explain", "import xrai.explain_metrics", "import xrai.widgets"),
         ),
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 04_evaluate.ipynb scored\n'
@@ -342,8 +460,7 @@ def nb05() -> list:
             "GALLERY_N = 4  # images per gallery\n"
             'CAM_METHOD = "gradcam"  # gradcam, gradcam++ or eigencam'
         ),
-        md("## Run folder\n\n" + RUN_FOLDER_MD),
-        code(RUN_FOLDER),
+        *run_folder(),
         md(
             "## Galleries\n\nWritten to `RUN_DIR/gradcam/`. Red text marks a wrong call. A heatmap on the bone "
             "where the fracture is is reassuring; one on a marker, the text or the image edge is a shortcut."
@@ -353,15 +470,24 @@ def nb05() -> list:
         code('display(Image(filename=str(GALLERY["fp"])))'),
         code('display(Image(filename=str(GALLERY["fn"])))'),
         md(
-            "## Browser\n\nPick a body part, an outcome and an image; images are ordered from the most confident. "
-            "Each overlay is computed when first shown."
+            "## Measured, not only shown\n\nFaithfulness (grad-cam's ROAD and confidence change; higher ROAD is more "
+            "faithful; a noise map for reference), the randomisation check (maps from random weights must differ) "
+            "and, on the synthetic set, the pointing game: from `report_<SPLIT>.json` (04_evaluate)."
         ),
-        code("browser = xrai.widgets.gradcam_browser(RUN_DIR, split=SPLIT, method=CAM_METHOD)\nbrowser"),
+        code("xrai.explain_metrics.explanation_table(RUN_DIR, SPLIT)"),
+        md(
+            "## Browser\n\nPick a body part, an outcome and an image; images are ordered from the most confident. "
+            "Each overlay is computed when first shown. A saved version (no widgets there) shows the most "
+            "confident image of each outcome instead."
+        ),
+        code("browser = xrai.widgets.gradcam_browser(RUN_DIR, split=SPLIT, method=CAM_METHOD)\n"
+             "xrai.widgets.show(browser)"),
     ]
 
 
-NOTEBOOKS = {"01_download": nb01, "02_eda": nb02, "03_train": nb03, "04_evaluate": nb04, "05_gradcam": nb05}
-GPU_NOTEBOOKS = {"03_train", "04_evaluate", "05_gradcam"}
+NOTEBOOKS = {"00_quickstart": nb00, "01_download": nb01, "02_eda": nb02, "03_train": nb03, "04_evaluate": nb04,
+             "05_gradcam": nb05}
+GPU_NOTEBOOKS = {"00_quickstart", "03_train", "04_evaluate", "05_gradcam"}
 
 
 def build(name: str) -> nbformat.NotebookNode:

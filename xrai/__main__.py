@@ -1,4 +1,8 @@
-"""Command line: python -m xrai {demo,download,audit,train,cv,evaluate,explain,predict,bench,serve}."""
+"""Command line: python -m xrai {demo,download,audit,train,cv,evaluate,explain,predict,bench,serve,cache,wheelhouse}.
+
+A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
+traceback. Anything else is a bug: a traceback and exit 1.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import time
 from pathlib import Path
 
 from xrai.config import TrainConfig
+from xrai.errors import is_user_error, one_line
+from xrai.fileio import atomic_write_with
 from xrai.recipe import DEFAULT_RECIPE
 
 SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
@@ -18,6 +24,13 @@ SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefract
 def _add_data_args(p: argparse.ArgumentParser, *, default: str | None = "synthetic") -> None:
     p.add_argument("--data", default=default, choices=SOURCES, help="dataset source (default: %(default)s)")
     p.add_argument("--root", default=None, help="dataset folder; omitted: download it (or the synthetic default)")
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="share of images for valid where the source has no valid split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=TrainConfig.test_fraction,
+                   help="share of images for test where the source has no test split (default: %(default)s)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +52,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
     p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
     p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels, no cuDNN autotuning (slower; for bit-exact reruns)")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     g = p.add_argument_group("recipe (docs/recipe.md; unset flags take the --recipe's value, else the default)")
     g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help="a named recipe, e.g. v1 (the old one)")
@@ -85,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
 
     p = sub.add_parser("train", help="train a classifier (resumable)")
     _add_train_args(p)
@@ -130,11 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "5 folds, 128 px, 12 epochs, seed 0 (docs/recipe.md); use --data fracatlas --root DIR")
     p.add_argument("--quick", action="store_true", help="with --recipe: the ranking budget, 3 folds, 96 px, 8 epochs")
     p.add_argument("--out", default=None, help="with --recipe: the CV run folder (default runs/bench_recipe/...)")
+    p.add_argument("--markdown", default=None, metavar="FILE.json",
+                   help="measure nothing: print the README's performance table from a saved bench JSON")
 
-    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run")
+    from xrai.wheelhouse import KAGGLE_PLATFORM, KAGGLE_PYTHON
+
+    p = sub.add_parser("wheelhouse", help="xrai's wheel + the wheels Kaggle lacks, for Internet-off notebooks")
+    p.add_argument("--out", default="wheelhouse", help="folder to fill (default: %(default)s)")
+    p.add_argument("--python-version", default=KAGGLE_PYTHON, help="the target's Python (default: %(default)s)")
+    p.add_argument("--platform", default=KAGGLE_PLATFORM, help="the target's pip platform tag (default: %(default)s)")
+    p.add_argument("--xrai-only", action="store_true", help="only xrai's own wheel (works offline)")
+
+    p = sub.add_parser("serve", help="the upload page and JSON API for a trained run (waitress)")
     p.add_argument("--run", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=None, help="request threads (default: 4, xrai.server.SERVER_THREADS)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch's intra-op threads (default: the CPUs this process may use)")
+    p.add_argument("--debug", action="store_true", help="Flask's development server instead (local debugging)")
+
+    p = sub.add_parser("cache", help="list the decoded-image caches; --prune removes unused ones")
+    p.add_argument("--dir", default=None, help="cache folder (default: $XRAI_HOME/cache)")
+    p.add_argument("--prune", action="store_true", help="remove caches unused for --older-than days or over --max-gb")
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                   help="with --prune: remove caches not used for DAYS days (default: 30)")
+    p.add_argument("--max-gb", type=float, default=None, help="with --prune: then keep at most this many GB")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: only list what would be removed")
     return parser
 
 
@@ -148,21 +187,22 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _load_manifest(data: str, root: str | None, seed: int = 0):
+def _load_manifest(data: str, root: str | None, seed: int = 0, *, val_fraction: float = TrainConfig.val_fraction,
+                   test_fraction: float = TrainConfig.test_fraction):
     from xrai.data import load
 
-    return load(data, root=root, seed=seed)
+    return load(data, root=root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
 def cmd_audit(args) -> int:
     from xrai.data import audit, audit_summary, save_manifest
 
     out = Path(args.out)
-    manifest = _load_manifest(args.data, args.root, args.seed)
+    manifest = _load_manifest(args.data, args.root, args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction)
     save_manifest(manifest, out)
     table = audit(manifest)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "audit.csv", index=False)
+    atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
           f"crossing labels: {summary['cross_label_groups']}")
@@ -179,7 +219,8 @@ def _train_config(args) -> TrainConfig:
         data=args.data, root=args.root, body_part=args.body_part, model=args.model, epochs=args.epochs,
         img_size=args.img_size, pretrained=args.pretrained, freeze=args.freeze, head=args.head,
         dropout=args.dropout, monitor=args.monitor, prune_sparsity=args.prune_sparsity,
-        input_path=args.input_path, num_workers=args.num_workers, seed=args.seed, loggers=args.loggers, **recipe,
+        input_path=args.input_path, num_workers=args.num_workers, seed=args.seed, loggers=args.loggers,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, deterministic=args.deterministic, **recipe,
     )
 
 
@@ -193,7 +234,8 @@ def cmd_train(args) -> int:
     if (run_dir / "manifest.csv").is_file():
         manifest = read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
     else:
-        manifest = _load_manifest(config.data, config.root, config.seed)
+        manifest = _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                                  test_fraction=config.test_fraction)
     result = fit(config, manifest, run_dir, resume=args.resume)
     _save_curves(run_dir)
     print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}; run folder: {run_dir}")
@@ -236,24 +278,60 @@ def _save_curves(run_dir: Path) -> None:
 
 
 def _evaluate(run_dir: Path, splits: list[str], *, tta: bool | None = None) -> dict[str, dict]:
+    """Evaluate each split in turn; the explanation scores (tens of seconds on a CPU) on the last one."""
     from xrai import plots
     from xrai.evaluate import evaluate_run
 
     reports = {}
     for split in splits:
-        reports[split] = evaluate_run(run_dir, split=split, tta=tta)
+        explain = None if split == splits[-1] else 0  # None: the default sample
+        reports[split] = evaluate_run(run_dir, split=split, tta=tta, explain_images=explain)
         plots.save_run_figures(run_dir, reports[split]["split"])  # a CV run's "valid" is its "oof"
     return reports
 
 
 def _headline(report: dict) -> str:
+    """One line per report: image figures at the image threshold, study figures at the study threshold;
+    the MURA baseline only on MURA runs, with what it was measured on."""
     image = report["image"]
     parts = [f"{report['split']}: n={image['n']}", f"AUROC {_fmt(image.get('auroc'))} {_ci(image.get('auroc_ci'))}",
              f"kappa {_fmt(image.get('kappa'))} {_ci(image.get('kappa_ci'))}",
-             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}"]
+             f"sensitivity {_fmt(image.get('sensitivity'))}", f"specificity {_fmt(image.get('specificity'))}",
+             f"at image threshold {report['threshold']:.3f}"]
     if report.get("study"):
-        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} (MURA DenseNet-169 baseline 0.705)")
-    return ", ".join(parts) + f" at threshold {report['threshold']:.3f} (chosen on {report['threshold_from']})"
+        parts.append(f"study kappa {_fmt(report['study'].get('kappa'))} {_ci(report['study'].get('kappa_ci'))} "
+                     f"at study threshold {report['study_threshold']:.3f}")
+    line = ", ".join(parts) + f" (chosen on {report['threshold_from']})"
+    if report.get("baseline"):
+        line += (f"\n  MURA DenseNet-169 baseline study kappa {report['baseline']['study_kappa']['overall']:.3f}: "
+                 f"{report['baseline']['caveat']}")
+    return line
+
+
+def _extras(report: dict) -> list[str]:
+    """Calibration, the screening operating point and the explanation scores of a report, as lines."""
+    lines = []
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"  calibration: T={cal['temperature']:.3f} (fitted on valid); ECE ({cal['bins']} equal-width "
+                     f"bins) {cal['ece']['uncalibrated']:.3f} uncalibrated -> {cal['ece']['calibrated']:.3f}")
+    point = (report.get("operating_points") or {}).get("sensitivity")
+    if point:
+        lines.append(f"  screening point (sensitivity >= {point['target']:.2f} on valid): threshold "
+                     f"{point['threshold']:.3f} -> sensitivity {_fmt(point['image']['sensitivity'])}, specificity "
+                     f"{_fmt(point['image']['specificity'])}")
+    block = report.get("explain")
+    if block:
+        for method, v in block["methods"].items():
+            check = "passes" if v["randomisation"]["passes"] else "FAILS"
+            point = v.get("pointing_game")
+            lines.append(f"  {method}: ROAD {_fmt(v['road_combined']['mean'])}, randomisation check {check} "
+                         f"(Spearman {_fmt(v['randomisation']['spearman_mean'])})"
+                         + (f", pointing game {point['pointing_game']:.2f} (chance {point['chance']:.2f})"
+                            if point else ""))
+        lines.append(f"  (noise map ROAD {_fmt(block['noise_map']['road_combined']['mean'])}; "
+                     f"{block['sample']['n_images']} images, seed {block['sample']['seed']})")
+    return lines
 
 
 def _fmt(value) -> str:
@@ -271,9 +349,10 @@ def cmd_evaluate(args) -> int:
 
         report = evaluate_external(run_dir, _load_manifest(args.data, args.root))
         print(_headline(report))
+        print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
-    from xrai.evaluate import THRESHOLD_FILE
+    from xrai.inference import THRESHOLD_FILE
 
     # A final fit has no valid split (its threshold is its CV's out-of-fold one); a CV run's "valid" is its
     # out-of-fold report.
@@ -281,19 +360,22 @@ def cmd_evaluate(args) -> int:
     splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
-    print(f"reports and figures in {run_dir}")
+        print("\n".join(_extras(report)))
+    print(f"reports and figures in {run_dir}; model card: {run_dir / 'model_card.md'}")
     return 0
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
-    from xrai.evaluate import run_threshold
     from xrai.explain import explain_paths
-    from xrai.models import load_model
+    from xrai.inference import load_run
 
-    model, config = load_model(run)
-    threshold = run_threshold(run)
-    results = explain_paths(model, config, images, threshold=threshold, out_dir=out, method=method,
-                            with_cam=out is not None)
+    loaded = load_run(run)  # a threshold chosen with another checkpoint is chosen again first
+    if loaded.point.source == "default":
+        raise FileNotFoundError(f"no threshold for this checkpoint: {loaded.point.note}; run "
+                                f"`python -m xrai evaluate --run {run} --split valid` first")
+    threshold = loaded.threshold
+    results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
+                            with_cam=out is not None, temperature=loaded.temperature)
     failures = 0
     for r in results:
         if r.get("error"):
@@ -301,7 +383,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
             print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
-                "threshold": threshold}
+                "threshold": threshold, "temperature": round(loaded.temperature, 6)}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
         print(json.dumps(line), flush=True)
@@ -323,18 +405,59 @@ def cmd_bench(args) -> int:
         bench_recipe(args.recipe, data=args.data, root=args.root, quick=args.quick, out=args.out,
                      json_path=args.json)
         return 0
-    from xrai.bench import run_bench
+    from xrai.bench import markdown_table, run_bench
 
+    if args.markdown:
+        path = Path(args.markdown)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
+        print(markdown_table(json.loads(path.read_text())))
+        return 0
     run_bench(data=args.data, root=args.root, model=args.model, img_size=args.img_size, device=args.device,
               json_path=args.json)
     return 0
 
 
 def cmd_serve(args) -> int:
-    from xrai.app import serve
+    from xrai.server import serve
 
-    serve(args.run, host=args.host, port=args.port)
+    for flag, value in (("--threads", args.threads), ("--torch-threads", args.torch_threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    threads = {} if args.threads is None else {"threads": args.threads}
+    serve(args.run, host=args.host, port=args.port, torch_threads=args.torch_threads, debug=args.debug, **threads)
     return 0
+
+
+def cmd_cache(args) -> int:
+    from xrai.data.cache import default_cache_dir
+    from xrai.data.cachedir import DEFAULT_PRUNE_DAYS, list_caches, prune_caches
+
+    root = Path(args.dir) if args.dir else default_cache_dir()
+    if not args.prune:
+        if args.older_than is not None or args.max_gb is not None or args.dry_run:
+            raise ValueError("--older-than, --max-gb and --dry-run go with --prune")
+        caches = list_caches(root)
+        total = sum(c.bytes for c in caches) / 1e9
+        print(f"{root}: {len(caches)} cache(s), {total:.2f} GB")
+        for c in caches:
+            print("  " + _cache_line(c))
+        return 0
+    days = DEFAULT_PRUNE_DAYS if args.older_than is None else args.older_than
+    removed = prune_caches(root, older_than_days=days, max_gb=args.max_gb, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for c in removed:
+        print(f"{verb} " + _cache_line(c))
+    cap = f" or beyond {args.max_gb:g} GB" if args.max_gb is not None else ""
+    print(f"{verb} {len(removed)} cache(s), {sum(c.bytes for c in removed) / 1e9:.2f} GB "
+          f"(unused for more than {days:g} days{cap}, or from an older xrai)")
+    return 0
+
+
+def _cache_line(c) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.last_used))
+    what = f"{c.images:,} images at {c.size_px} px" if c.current else "stale (an older xrai's format)"
+    return f"{c.path.name}  {c.bytes / 1e9:.2f} GB  {what}  last used {when} ({c.days_unused:.0f} days ago)"
 
 
 def cmd_demo(args) -> int:
@@ -348,7 +471,7 @@ def cmd_demo(args) -> int:
     manifest = load("synthetic")
     save_manifest(manifest, run_dir)
     table = audit(manifest)
-    table.to_csv(run_dir / "audit.csv", index=False)
+    atomic_write_with(run_dir / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
     summary = audit_summary(table)
     print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
           f"duplicate groups crossing splits: {summary['cross_split_groups']}")
@@ -360,20 +483,36 @@ def cmd_demo(args) -> int:
     print()
     for report in reports.values():
         print(_headline(report))
+        print("\n".join(_extras(report)))
     print(f"done in {time.perf_counter() - start:.0f} s")
     print(f"reports : {run_dir / 'report_valid.json'}, {run_dir / 'report_test.json'}")
     print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
-          f"per_body_part_test.png")
+          f"per_body_part_test.png, reliability_test.png")
+    print(f"card    : {run_dir / 'model_card.md'}")
     galleries = sum(1 for key in pictures if key in ("tp", "fp", "fn"))
     print(f"Grad-CAM: {run_dir / 'gradcam'} ({galleries} galleries, {len(pictures) - galleries} single overlays)")
     print(f"next    : python -m xrai serve --run {run_dir}")
     return 0
 
 
+def cmd_wheelhouse(args) -> int:
+    from xrai.wheelhouse import build_wheelhouse
+
+    try:
+        wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
+                                  xrai_only=args.xrai_only)
+    except RuntimeError as error:  # pip's own failure (no network, no wheel for the platform): one line
+        print(f"xrai wheelhouse: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(wheels)} wheels to {args.out}: {', '.join(w.name for w in wheels)}")
+    print("next: upload the folder as a Kaggle dataset and attach it to each notebook (README: Kaggle, Internet off)")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train, "cv": cmd_cv,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
-    "serve": cmd_serve,
+    "serve": cmd_serve, "cache": cmd_cache, "wheelhouse": cmd_wheelhouse,
 }
 
 
@@ -382,11 +521,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        # A user's mistake (a taken run folder, a missing dataset, a bad option) reads as one line, not a trace.
-        print(f"xrai {args.command}: {error} (-v shows the traceback)", file=sys.stderr)
+        print(f"xrai {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.verbose or not is_user_error(error):
+            raise  # -v, or a bug: the traceback, exit code 1
+        # A user's mistake (a taken run folder, a torn checkpoint, no network, a bad option) reads as one line.
+        print(f"xrai {args.command}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
         return 2
 
 

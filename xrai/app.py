@@ -1,10 +1,13 @@
 """Flask upload page and JSON API: one X-ray in; probability, label and Grad-CAM overlay out.
 
 The model and the run's threshold are loaded once, when the app is made. Uploads are decoded by
-xrai's one safe decoder (``read_image``), so a non-image, an image truncated beyond repair or a
-decompression bomb is a 400 with the decoder's message, and an upload over 10 MB is a 413; bad
-input never reaches a 500. Grad-CAM hooks are stateful, so one lock lets one request at a time
-through decoding, the model and the CAM.
+xrai's one safe decoder (``decode_image``) under the upload budget (``UPLOAD_MAX_DECODED_BYTES``,
+checked from the header before decoding), so a non-image or an image truncated beyond repair is a
+400, and an upload over 10 MB, or one whose pixels would decode to more than the budget (a
+decompression bomb), is a 413 naming the limit; bad input never reaches a 500. Decoding runs
+outside the model's lock (at most ``PARALLEL_DECODES`` at a time, which bounds its memory); Grad-CAM
+hooks are stateful, so one lock lets one inference at a time through the model and the CAM. The
+production server around the app is ``xrai.server``.
 """
 
 from __future__ import annotations
@@ -12,30 +15,26 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from xrai.data.augment import preprocess
-from xrai.data.images import ImageError, read_image
+from xrai.data.images import UPLOAD_MAX_DECODED_BYTES, UPLOAD_REMEDY, ImageError, ImageTooLargeError, decode_image
 from xrai.env import get_device
-from xrai.evaluate import flipped_probability, run_threshold
 from xrai.explain import CamExplainer, overlay
-from xrai.models import load_model
+from xrai.inference import load_run
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+PARALLEL_DECODES = 2  # uploads decoded at once: peak decode memory is about this x 1.5 x the budget
 RESEARCH_NOTICE = "For research and teaching only: not a medical device, not for diagnosis."
 DISPLAY_SIDE = 1024  # longest side of the overlay sent back: a 3000 px one would be megabytes
 LABEL_NAMES = {0: "normal", 1: "abnormal"}
@@ -49,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 class UploadError(ValueError):
     """An upload the app refuses (missing, empty, not a usable image): the message is for the user."""
+
+
+class UploadTooLargeError(UploadError):
+    """An upload whose decoded pixels would exceed the upload budget: answered with 413."""
 
 
 @dataclass(kw_only=True)
@@ -80,50 +83,71 @@ class Predictor:
         self.run = self.run_dir.name
         self.which = which
         self.device = get_device(device)
-        self.model, self.config = load_model(self.run_dir, which=which, device=self.device)
+        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
+        self.loaded = load_run(self.run_dir, which=which, device=self.device)
+        self.model, self.config = self.loaded.model, self.loaded.config
         self.model.eval()
         self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
-        self.threshold, self.threshold_note = _load_threshold(self.run_dir)
+        self.threshold = self.loaded.threshold
+        self.threshold_note = "" if self.loaded.point.source != "default" else f"default: {self.loaded.point.note}"
+        if self.threshold_note:
+            logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
+                           self.run, self.loaded.point.note, self.run_dir)
         self._lock = threading.Lock()
+        self._decodes = threading.BoundedSemaphore(PARALLEL_DECODES)
 
     def predict(self, data: bytes, *, filename: str = "upload", with_overlay: bool = True) -> Prediction:
         """Decode ``data``, run the model and (if asked) Grad-CAM; raise UploadError for bad input."""
         if not data:
             raise UploadError(f"the uploaded file {filename!r} is empty")
-        with self._lock:
-            image, notes = _decode(data, filename=filename)
+        image, notes = self.decode(data, filename=filename)
+        with self._lock:  # the model and its Grad-CAM hooks: one inference at a time
             probability, cam = self._infer(image, with_cam=with_overlay)
-            label = int(probability >= self.threshold)
-            overlay_png = None
-            if with_overlay:
-                # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
-                rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
-                              threshold=self.threshold, resize_size=self.config.resize_size,
-                              resize=self.config.resize)
-                overlay_png = _png_bytes(rgb)
+        label = int(probability >= self.threshold)
+        overlay_png = None
+        if with_overlay:
+            # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
+            rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
+                          threshold=self.threshold, resize_size=self.config.resize_size,
+                          resize=self.config.resize)
+            overlay_png = _png_bytes(rgb)
         return Prediction(probability=probability, label=label, threshold=self.threshold,
                           overlay_png=overlay_png, notes=notes)
+
+    def decode(self, data: bytes, *, filename: str) -> tuple[np.ndarray, list[str]]:
+        """The upload as a grey uint8 image and notes for the user, within the upload budget.
+
+        Runs outside the inference lock, ``PARALLEL_DECODES`` at a time. Raises UploadTooLargeError
+        (over the budget, from the header) or UploadError (not a usable image).
+        """
+        with self._decodes:
+            try:
+                image, notes = decode_image(data, name=filename, max_bytes=UPLOAD_MAX_DECODED_BYTES,
+                                            remedy=UPLOAD_REMEDY)
+            except ImageTooLargeError as exc:
+                raise UploadTooLargeError(str(exc)) from exc
+            except ImageError as exc:
+                raise UploadError(str(exc)) from exc
+        for note in notes:
+            logger.warning("%s", note)
+        return image, notes
 
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
                        device=self.device, resize=self.config.resize)
-        # The run's flip TTA, as its threshold was chosen with (the map stays the unflipped image's).
-        flipped = float(flipped_probability(self.model, x)[0]) if self.config.tta else None
         if not with_cam:
-            with torch.inference_mode():
-                probability = float(torch.sigmoid(self.model(x).float().reshape(-1)[0]))
-            return (probability if flipped is None else (probability + flipped) / 2), None
+            return float(self.loaded.probabilities(x)[0][0]), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and
-        # the probability comes from the same forward pass as the map.
+        # the probability (calibrated) comes from the same forward pass as the map.
         with CamExplainer(self.model) as explainer:
             cam = explainer(x, target_class=1)[0]
-            probability = float(explainer.probabilities[0])
-        return (probability if flipped is None else (probability + flipped) / 2), cam
+            probability = float(self.loaded.calibrate(self.loaded.tta_logits(x, explainer.logits).cpu())[0])
+        return probability, cam
 
 
 def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> Flask:
-    """Build the Flask app serving one run: GET/POST /, POST /api/predict, GET /healthz.
+    """Build the Flask app serving one run: GET/POST /, POST /api/predict, GET /healthz, GET /model_card.
 
     Args:
         run_dir: the run folder made by ``python -m xrai demo`` or ``train``.
@@ -134,7 +158,7 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
         A ``flask.Flask`` app; the model is already loaded.
 
     Raises:
-        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_model``).
+        FileNotFoundError: the run folder or its checkpoint is missing (from ``load_run``).
     """
     predictor = Predictor(run_dir, which=which, device=device)
     app = Flask(__name__)
@@ -176,12 +200,20 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
     def index():
         return page()
 
+    @app.get("/model_card")
+    def model_card():
+        path = predictor.run_dir / "model_card.md"
+        if not path.is_file():
+            return error(404, f"run {predictor.run} has no model_card.md: `python -m xrai evaluate --run "
+                              f"{predictor.run_dir}` writes it")
+        return Response(path.read_text(encoding="utf-8"), mimetype="text/markdown")
+
     @app.post("/")
     def upload_page():
         try:
             filename, result, ms = run_upload(with_overlay=True)
         except UploadError as exc:
-            return error(400, str(exc))
+            return error(_status(exc), str(exc))
         return page(filename=filename, result=result, ms=ms,
                     overlay_b64=_b64(result.overlay_png))
 
@@ -191,7 +223,7 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
         try:
             filename, result, ms = run_upload(with_overlay=with_overlay)
         except UploadError as exc:
-            return error(400, str(exc))
+            return error(_status(exc), str(exc))
         body: dict[str, Any] = {
             "probability": result.probability, "label": result.label, "label_name": result.label_name,
             "threshold": result.threshold, "threshold_note": predictor.threshold_note,
@@ -230,95 +262,13 @@ def create_app(run_dir: str | Path, *, which: str = "best", device: str = "cpu")
     return app
 
 
-def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 5000, which: str = "best",
-          device: str = "cpu") -> None:
-    """Serve the run on http://host:port until interrupted (threaded; inference is serialised).
-
-    Args:
-        run_dir: the run folder.
-        host: the interface; 127.0.0.1 keeps it on this machine, 0.0.0.0 inside a container.
-        port: the TCP port.
-        which: the checkpoint, "best" or "last".
-        device: where the model runs.
-    """
-    from werkzeug.serving import make_server
-
-    _limit_malloc_arenas()
-    app = create_app(run_dir, which=which, device=device)
-    server = make_server(host, port, app, threaded=True)
-    predictor: Predictor = app.extensions["xrai_predictor"]
-    logger.info("serving %s (%s, threshold %.3f) on http://%s:%d  (Ctrl+C stops)", predictor.run,
-                predictor.model_name, predictor.threshold, host, server.server_port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        logger.info("stopped")
-    finally:
-        server.server_close()
-
-
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas for this server process (what MALLOC_ARENA_MAX=2 does).
-
-    The threaded server runs each request on a new thread and glibc gives threads their own arenas
-    (up to 8 per core), which hold freed memory: measured here, RSS grew ~380 MB over the first
-    1,000 mixed requests from 8 clients, against ~80 MB and then flat with 2 arenas. Only serve(),
-    which owns the process, calls this; elsewhere (musl, macOS, Windows) it does nothing.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_arena_max = -8  # from glibc's malloc.h
-    if mallopt(m_arena_max, arenas) != 1:
-        logger.debug("mallopt(M_ARENA_MAX, %d) was refused; RSS may grow with the number of threads", arenas)
+def _status(exc: UploadError) -> int:
+    return 413 if isinstance(exc, UploadTooLargeError) else 400
 
 
-def _load_threshold(run_dir: Path) -> tuple[float, str]:
-    """The run's threshold (chosen on validation), or 0.5 with a note when the run was never evaluated."""
-    try:
-        return float(run_threshold(run_dir)), ""
-    except FileNotFoundError:
-        logger.warning("run %s has no report_valid.json, so the threshold is 0.5; `python -m xrai evaluate "
-                       "--run %s` sets the run's own", run_dir.name, run_dir)
-        return 0.5, "default: the run has not been evaluated"
-
-
-def _decode(data: bytes, *, filename: str) -> tuple[np.ndarray, list[str]]:
-    """Decode uploaded bytes with xrai's decoder through a temporary file removed at once.
-
-    Returns the grey uint8 image and the decoder's warnings (a truncated JPEG decoded as far as it
-    goes) as notes for the user. Called under the predictor's lock, so recording warnings here does
-    not race another request's.
-    """
-    # No suffix from the user's name: read_image goes by the content, and the name stays out of paths.
-    handle = tempfile.NamedTemporaryFile(prefix="xrai-upload-", delete=False)
-    tmp_path = handle.name
-    try:
-        with handle:
-            handle.write(data)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                image = read_image(tmp_path)
-            except ImageError as exc:
-                raise UploadError(str(exc).replace(tmp_path, filename)) from exc
-    finally:
-        os.unlink(tmp_path)
-    notes = [str(w.message).replace(tmp_path, filename) for w in caught]
-    for note in notes:
-        logger.warning("%s", note)
-    return image, notes
 
 
 _FILENAME_PARAM = re.compile(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', re.IGNORECASE)

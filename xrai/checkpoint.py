@@ -6,10 +6,11 @@ tensors and Python numbers (no numpy arrays, no arbitrary objects in the pickle)
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
-import tempfile
+import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ import numpy as np
 import torch
 
 from xrai.config import PRE_RECIPE_VALUES
+from xrai.errors import UserError
+from xrai.fileio import atomic_torch_save
 
 __all__ = [
     "RESUME_MAY_CHANGE",
+    "CheckpointError",
     "atomic_save",
     "config_differences",
     "load_checkpoint",
@@ -33,42 +37,24 @@ __all__ = [
 # do not change the maths of the epochs already done. `epochs` may only grow.
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "loggers", "experiment", "root", "device")
 
+# What torch.load raises for a file that is not a whole checkpoint: a torn zip (RuntimeError from
+# PytorchStreamReader), an empty or cut pickle (EOFError), foreign bytes (KeyError, ValueError...), or a
+# pickle that asks for code (UnpicklingError from the weights_only unpickler, which refuses it).
+_UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError,
+               AttributeError, zipfile.BadZipFile)
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be loaded (torn, foreign or refused); the message names the file."""
+
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save `obj` so that `path` holds either the old file or the complete new one, never a torn one.
 
-    Writes a temporary file in the same folder (same file system, so the rename is atomic, also on a
-    mounted Google Drive), flushes and fsyncs it, then os.replace()s it over `path`.
+    Written through ``xrai.fileio.atomic_write`` (temporary file in the same folder, fsync, rename): the
+    file is readable by others as any file this process creates (0644 under umask 022).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself. Some file systems (FUSE mounts like Google Drive, Windows) cannot open
-    or fsync a directory; there the rename is as durable as that file system makes it, so we carry on."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # see the docstring: directory fsync is unsupported there, the file itself is already synced
-    finally:
-        os.close(fd)
+    return atomic_torch_save(obj, path)
 
 
 def to_cpu(tree: Any) -> Any:
@@ -83,12 +69,44 @@ def to_cpu(tree: Any) -> Any:
     return tree
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True; a missing file raises FileNotFoundError naming it."""
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True), with every way a file can fail turned into one clear error.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is torn, not a PyTorch checkpoint, or holds objects that a checkpoint
+            never holds (code; refused without running it). The message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    # torch warns about unusual pickle protocols on its way to failing: the error below says it all.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except _UNREADABLE as err:
+            raise CheckpointError(_unreadable_message(path, err)) from err
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return state
+
+
+def _unreadable_message(path: Path, err: BaseException) -> str:
+    text = str(err)
+    refused = re.search(r"unsupported (GLOBAL [\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return (f"refused to load {path}: it holds objects an xrai checkpoint never holds ({refused.group(1)}), "
+                "and loading them could run code; it was not written by xrai, so delete it or retrain")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if isinstance(err, EOFError):
+        reason = "it ends before its data does"
+    elif isinstance(err, (pickle.UnpicklingError, KeyError)) or not first:
+        reason = f"its data is not a checkpoint's: {type(err).__name__}"
+    else:
+        reason = first.split(". ")[0][:160]
+    return (f"cannot read the checkpoint {path}: the file is torn (cut short while copying or saving) or "
+            f"not a PyTorch checkpoint ({reason}); copy it again, or train the run again")
 
 
 def rng_state() -> dict[str, Any]:

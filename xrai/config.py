@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,25 @@ KEEPS = ("best", "last")
 # and evaluated as it was trained, not with today's defaults.
 PRE_RECIPE_VALUES = {"resize": "letterbox", "crop_scale": 0.7, "aug_strength": 1.0, "label_smoothing": 0.0,
                      "ema_decay": 0.0, "pos_weighting": True, "tta": False, "keep": "best"}
+MIN_IMG_SIZE = 32  # the total stride of every registered backbone (see TrainConfig.validate)
+
+# (field, low, low excluded, high, high excluded); high None: unbounded.
+_FLOAT_RANGES = (
+    ("lr", 0.0, True, None, False),
+    ("weight_decay", 0.0, False, None, False),
+    ("momentum", 0.0, False, 1.0, True),
+    ("dropout", 0.0, False, 1.0, True),
+    ("prune_sparsity", 0.0, False, 1.0, True),
+    ("val_fraction", 0.0, True, 1.0, True),
+    ("test_fraction", 0.0, True, 1.0, True),
+    ("step_gamma", 0.0, True, 1.0, False),
+    ("exp_gamma", 0.0, True, 1.0, False),
+)
+# (field, smallest value) for the integer settings.
+_INT_MINIMUMS = (
+    ("epochs", 1), ("batch_size", 1), ("prune_iterations", 1), ("step_size", 1), ("warmup_epochs", 0),
+    ("patience", 0), ("seed", 0), ("num_workers", 0), ("max_batches", 0),
+)
 
 
 @dataclass(kw_only=True)
@@ -30,6 +50,9 @@ class TrainConfig:
     checkpoint all use these names.
 
     ``body_part`` is ``"all"``, one part (``"wrist"``) or several joined by commas (``"wrist,hand"``).
+    ``val_fraction`` / ``test_fraction`` are the shares of images ``xrai.data.load`` puts in valid / test
+    where the source has no such split (MURA has an official valid split, FracAtlas none); a run folder
+    that already holds manifest.csv keeps its split.
     ``img_size`` of ``None`` means 224, or 128 on the synthetic set (its phantoms carry a line that is
     plainly visible at 128 px, which keeps the CPU demo within minutes).
     """
@@ -80,6 +103,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     device: str = "auto"
+    deterministic: bool = False  # GPU: no cuDNN autotuning, deterministic kernels (slower); see README
     max_batches: int = 0
     loggers: list[str] = field(default_factory=list)
     experiment: str = "xrai"
@@ -88,7 +112,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field and the allowed values when a setting is off."""
+        """Raise ValueError naming the field, the allowed range and the value when a setting is off.
+
+        The same check runs for the CLI (its flags build a TrainConfig), the notebooks and Python
+        callers, when the config is made, replaced or read back from JSON. ``img_size``: an integer
+        >= 32. Every registered backbone halves the resolution five times (total stride 32) and ends in
+        adaptive average pooling, so any side from 32 up is accepted; below 32 the last stage has less
+        than one cell. Multiples of 32 are not required: the EfficientNets' own sizes (240, 260, 300,
+        380...) are not multiples of 32.
+        """
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("monitor", self.monitor, MONITORS)
@@ -103,16 +135,22 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
         if self.aug_strength < 0:
             raise ValueError(f"aug_strength must be >= 0 (0: crop and flip only), got {self.aug_strength}")
-        if not 0.0 <= self.prune_sparsity < 1.0:
-            raise ValueError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for fraction in ("val_fraction", "test_fraction"):
-            value = getattr(self, fraction)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{fraction} must be in [0, 1), got {value}")
+        for name in ("pretrained", "freeze", "amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, low, low_open, high, high_open in _FLOAT_RANGES:
+            _in_range(name, getattr(self, name), low, low_open, high, high_open)
+        for name, low in _INT_MINIMUMS:
+            _integer(name, getattr(self, name), low)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be < 1 (some images must be left to train on), "
+                             f"got {self.val_fraction} + {self.test_fraction}")
+        if self.img_size is not None:
+            _integer("img_size", self.img_size, MIN_IMG_SIZE,
+                     why=" (every model downsamples by 32; 224 is the usual size, 128 on the synthetic set)")
+        if self.cache_size is not None:
+            _integer("cache_size", self.cache_size, self.image_size,
+                     why=f" (images are cached at this side and cropped to img_size {self.image_size})")
         for logger in self.loggers:
             _choice("loggers", logger, ("mlflow", "wandb"))
 
@@ -168,6 +206,27 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _in_range(name: str, value: Any, low: float, low_open: bool, high: float | None, high_open: bool) -> None:
+    """Raise ValueError unless value is a finite real number in the interval."""
+    if high is None:
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{name} must be a number {interval}, got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int, *, why: str = "") -> None:
+    """Raise ValueError unless value is an int >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -14,15 +14,19 @@ on it.
       manifest.csv          every image: split "train" (the pool) or "test", and its `fold` (-1: test)
       audit.csv             duplicate groups; a fold's audit.csv counts those crossing its splits
       folds/<k>/            an ordinary run folder: fold k is its valid split (report_valid.json)
-      predictions_oof.csv   one OOF probability per pool image, with its fold
-      report_oof.json       the OOF report; its threshold (Youden's J on the OOF) is the ensemble's
-      threshold.json        that threshold with threshold_from "oof" (xrai.evaluate reads it)
+      predictions_oof.csv   one OOF logit and probability per pool image, with its fold
+      report_oof.json       the OOF report: the run's operating point (temperature fitted and thresholds
+                            chosen on the OOF predictions), bound to the sha256 of the folds' checkpoints
       config.json, cv.json  the recipe; per-fold metrics, mean/std/min/max, epochs, wall times
-      final/                (final=True) one model on the whole pool for the CV's number of epochs
+      final/                (final=True) one model on the whole pool for the CV's number of epochs, with
+                            the OOF operating point in final/threshold.json (threshold_from "oof")
 
-cv.json is written last: a folder holding it is a finished CV run, and ``xrai.models.load_model``
-returns its folds' ``FoldEnsemble`` (probabilities averaged), which predict, evaluate, the app and
-the notebooks take like any model; ``evaluate --split test`` gives the ensemble its own report.
+cv.json is written last: a folder holding it is a finished CV run. ``xrai.inference.load_run`` (and
+``xrai.models.load_model``) then return its folds' ``FoldEnsemble`` (probabilities averaged) with the
+OOF operating point, so predict, evaluate, explain, the app and the notebooks take a CV run folder
+like any run; ``evaluate --split test`` gives the ensemble its own report. The OOF figures are each
+fold model's on images it never saw, so they estimate one model's performance; the ensemble's
+threshold and temperature are taken from them (the ensemble has no held-out images of its own).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ __all__ = ["CVResult", "POOL_SPLITS", "assign_folds", "cross_validate", "fit_fin
 logger = logging.getLogger(__name__)
 
 POOL_SPLITS = ("train", "valid")  # the rows CV trains and validates on; "test" never takes part
+# What a final fit takes over from the CV's report_oof.json (xrai.inference.OperatingPoint reads them).
+OPERATING_POINT_KEYS = ("threshold", "study_threshold", "threshold_method", "operating_points", "calibration", "tta")
 
 
 @dataclass(kw_only=True)
@@ -203,10 +209,10 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
         began = time.perf_counter()
         report = _fold_report(fold_dir) if resume else None
         if report is None:
-            report = evaluate_run(fold_dir, split="valid", progress=progress, seed=config.seed)
+            report = evaluate_run(fold_dir, split="valid", progress=progress, seed=config.seed, explain_images=0)
         per_fold.append(_fold_summary(k, rows, result, report, eval_seconds=time.perf_counter() - began))
         say(f"fold {k + 1}/{folds}: valid AUROC {_fmt(report['image']['auroc'])} (epoch {result.best_epoch} handed on)")
-    oof, threshold = _write_oof(run_dir, table, audit_table, folds, seed=config.seed)
+    oof, threshold = _write_oof(run_dir, config, table, audit_table, folds)
     summary = _cv_summary(config, table, per_fold, oof, threshold, folds=folds, wall=time.perf_counter() - start)
     config.to_json(run_dir / "config.json")
     from xrai.evaluate import write_json
@@ -224,7 +230,8 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
               progress: bool = True):
     """One model on every pool image of a finished CV, into run_dir/final: the CV's recipe for the CV's
     number of epochs (cv.json "epochs"), no early stopping, no validation, the last epoch's weights, and
-    the CV's OOF threshold (threshold.json, threshold_from "oof"; reports say so).
+    the CV's OOF operating point (final/threshold.json, threshold_from "oof", bound to the final
+    checkpoint's sha256; reports say so).
 
     Args:
         run_dir: a finished CV run folder.
@@ -236,7 +243,8 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
         ValueError: the recipe uses the plateau scheduler (it needs validation).
     """
     from xrai.data import read_manifest
-    from xrai.evaluate import THRESHOLD_FILE, write_json
+    from xrai.evaluate import write_json
+    from xrai.inference import THRESHOLD_FILE, checkpoint_path, checkpoint_sha256
     from xrai.train import fit
 
     run_dir = Path(run_dir)
@@ -256,11 +264,16 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
     final_dir = run_dir / "final"
     _write_fold_audit(_read_audit(run_dir), rows, final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"threshold": summary["oof"]["threshold"], "threshold_from": "oof",
-                "method": summary["oof"]["threshold_method"],
-                "chosen_on": f"the out-of-fold predictions of the {summary['folds']}-fold CV in "
-                             f"{run_dir.name}/ (predictions_oof.csv)"}, final_dir / THRESHOLD_FILE)
-    return fit(final_config, rows, final_dir, resume=resume, progress=progress)
+    fitted = fit(final_config, rows, final_dir, resume=resume, progress=progress)
+    oof = json.loads((run_dir / "report_oof.json").read_text(encoding="utf-8"))
+    given = {key: oof.get(key) for key in OPERATING_POINT_KEYS}
+    given.update({"threshold_from": "oof",
+                  "checkpoint": {"file": "checkpoints/best.pt",
+                                 "sha256": checkpoint_sha256(checkpoint_path(final_dir, "best"))},
+                  "chosen_on": f"the out-of-fold predictions of the {summary['folds']}-fold CV in "
+                               f"{run_dir.name}/ (predictions_oof.csv, report_oof.json)"})
+    write_json(given, final_dir / THRESHOLD_FILE)
+    return fitted
 
 
 def score_folds(run_dir: str | os.PathLike, *, tta: bool | None = None, which: str = "best",
@@ -325,12 +338,14 @@ def _write_fold_audit(audit_table: pd.DataFrame | None, rows: pd.DataFrame, run_
 
 
 def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
-    """A resumed fold's report_valid.json when it is newer than the checkpoint it scored, else None."""
-    report, best = fold_dir / "report_valid.json", fold_dir / "checkpoints" / "best.pt"
-    predictions = fold_dir / "predictions_valid.csv"
-    if report.is_file() and predictions.is_file() and best.is_file() and report.stat().st_mtime_ns >= best.stat().st_mtime_ns:
-        return json.loads(report.read_text(encoding="utf-8"))
-    return None
+    """A resumed fold's report_valid.json when it was made with the fold's current checkpoint, else None."""
+    from xrai.inference import checkpoint_path, checkpoint_sha256, operating_point
+
+    best = checkpoint_path(fold_dir, "best")
+    if not best.is_file() or not (fold_dir / "predictions_valid.csv").is_file():
+        return None
+    point, _ = operating_point(fold_dir, checkpoint_sha256(best))
+    return None if point is None else json.loads((fold_dir / "report_valid.json").read_text(encoding="utf-8"))
 
 
 def _fmt(value: float | None) -> str:
@@ -350,32 +365,37 @@ def _fold_summary(k: int, rows: pd.DataFrame, result, report: dict[str, Any], *,
             "image": pick(report["image"]), "study": pick(report.get("study"))}
 
 
-def _write_oof(run_dir: Path, table: pd.DataFrame, audit_table: pd.DataFrame | None, folds: int,
-               *, seed: int) -> tuple[pd.DataFrame, float]:
-    """predictions_oof.csv, report_oof.json and threshold.json from the folds' valid predictions;
-    returns (the OOF predictions, the OOF threshold)."""
+def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_table: pd.DataFrame | None,
+               folds: int) -> tuple[pd.DataFrame, float]:
+    """predictions_oof.csv and report_oof.json from the folds' valid predictions: the temperature is
+    fitted and the thresholds chosen on the OOF logits, as evaluate does on a valid split; returns
+    (the OOF predictions, the OOF threshold)."""
+    from xrai.calibration import apply_temperature
     from xrai.data import audit_summary
     from xrai.data.audit import with_splits
-    from xrai.evaluate import THRESHOLD_FILE, build_report, choose_threshold, read_predictions, write_json
+    from xrai.evaluate import read_predictions, score_predictions, write_json
+    from xrai.inference import folds_sha256
+    from xrai.report import choose_selection
 
     parts = []
     for k in range(folds):
         pred = read_predictions(run_dir / "folds" / str(k) / "predictions_valid.csv")
         parts.append(pred.assign(fold=k))
     oof = pd.concat(parts, ignore_index=True)
+    selection = choose_selection(oof, method="youden")  # on the logits, never a fold's own temperature
+    oof["probability"] = apply_temperature(oof["logit"], selection.temperature)
     oof.to_csv(run_dir / "predictions_oof.csv", index=False)
-    threshold = choose_threshold(oof["label"], oof["probability"], method="youden")
     folds_of = pd.Series(table["fold"].map(lambda f: f"fold{f}" if f >= 0 else "test").to_numpy(),
                          index=table["path"].to_numpy())
     counts = audit_summary(with_splits(audit_table, folds_of)) if audit_table is not None else \
         {"cross_split_groups": None, "cross_label_groups": None}
-    report = build_report(oof, split="oof", threshold=threshold, threshold_from="oof",
-                          split_method=table.attrs.get("split_method"), audit=counts, seed=seed)
+    checkpoint = {"file": "folds/*/checkpoints/best.pt", "sha256": folds_sha256(run_dir, folds, "best")}
+    attrs = {"split_method": table.attrs.get("split_method"), "source": table.attrs.get("source", config.data)}
+    report = score_predictions(oof.drop(columns="fold"), selection, split="oof", threshold_from="oof",
+                               checkpoint=checkpoint, rows_attrs=attrs, audit=counts, tta=config.tta,
+                               n_bootstrap=1000, seed=config.seed)
     write_json(report, run_dir / "report_oof.json")
-    write_json({"threshold": threshold, "threshold_from": "oof", "method": "youden",
-                "chosen_on": "predictions_oof.csv (each pool image scored by the fold model that never trained on it)"},
-               run_dir / THRESHOLD_FILE)
-    return oof, threshold
+    return oof, selection.threshold
 
 
 def _cv_summary(config: TrainConfig, table: pd.DataFrame, per_fold: list[dict], oof: pd.DataFrame,

@@ -1,11 +1,16 @@
-"""Where are we running (Colab, Kaggle, local), which GPUs are there, and is one of them a T4."""
+"""Where are we running (Colab, Kaggle, local), which GPUs are there, is one of them a T4, and where the
+run folder can live (Google Drive in Colab; a writable copy in Kaggle's working folder)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform as _platform
 import random
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,9 +18,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
+
+# The menu paths to a T4. tools/make_notebooks.py writes them into each notebook's first cell too,
+# which runs before xrai is installed and so cannot import them.
+GPU_MENUS = {
+    "colab": "Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save",
+    "kaggle": "Settings (right panel) > Accelerator > GPU T4 x2",
+}
 T4_HINTS = {
-    "colab": "In Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then run all again.",
-    "kaggle": "In Kaggle: Settings (right panel) > Accelerator > GPU T4 x2, then run all again "
+    "colab": f"In Colab: {GPU_MENUS['colab']}, then run all again.",
+    "kaggle": f"In Kaggle: {GPU_MENUS['kaggle']}, then run all again "
     "(a phone-verified account is needed for GPUs).",
     "local": "No T4 here. Open the notebook in Colab or Kaggle with the badges at its top to get a free T4, "
     "or run on this machine's CPU/GPU (slower, but everything works).",
@@ -134,6 +147,26 @@ class NoT4Error(RuntimeError):
     """Raised by check_runtime(strict=True) when no T4 is attached."""
 
 
+class NoGPUError(RuntimeError):
+    """Raised by require_gpu() when no GPU is attached and the CPU was not allowed."""
+
+
+def require_gpu(*, allow_cpu: bool = False, dataset: str = "") -> RuntimeInfo:
+    """Stop a training notebook that has no GPU, unless the CPU is allowed or the data is the synthetic set.
+
+    Args:
+        allow_cpu: the notebook's ALLOW_CPU parameter (train on the CPU anyway: hours on real data).
+        dataset: the run's source; "synthetic" is small enough for a CPU.
+    Raises:
+        NoGPUError: no CUDA GPU; the message gives the menu path to a T4 and the way to go on without one.
+    """
+    info = runtime_info()
+    if info.has_gpu or allow_cpu or dataset == "synthetic":
+        return info
+    raise NoGPUError(f"no GPU is attached: training {dataset or 'real X-rays'} on the CPU takes hours. "
+                     f"{T4_HINTS[info.platform]} (Or set ALLOW_CPU = True to train on the CPU anyway.)")
+
+
 def check_runtime(strict: bool = False, *, show: bool = True) -> RuntimeInfo:
     """Print a short block on this runtime and, with no T4, how to get one.
 
@@ -195,6 +228,151 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+CUBLAS_WORKSPACE = ":4096:8"  # what CUDA's docs ask for deterministic cuBLAS (":16:8" works too, slower)
+
+
+@contextlib.contextmanager
+def backend_settings(device, *, deterministic: bool = False) -> Iterator[None]:
+    """Run a block with the backend settings training wants; the previous global settings come back after.
+
+    deterministic=False: cuDNN autotuning on CUDA (``cudnn.benchmark``, the fastest kernels, which may
+    differ from run to run). deterministic=True: no autotuning, ``cudnn.deterministic``,
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op with no deterministic kernel
+    warns, naming itself, instead of stopping a long run) and ``CUBLAS_WORKSPACE_CONFIG`` set when unset.
+    cuBLAS reads that variable when CUDA starts, so it is set before any CUDA work where possible; a
+    warning says so when CUDA was already in use.
+    """
+    import torch
+
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        if deterministic:
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    import warnings
+
+                    warnings.warn("deterministic=True: CUDA was already in use when CUBLAS_WORKSPACE_CONFIG was set, "
+                                  f"so cuBLAS may not honour it; set CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} "
+                                  "before the first CUDA call (first cell / shell) for bit-exact runs", stacklevel=3)
+            cudnn.benchmark, cudnn.deterministic = False, True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        elif getattr(device, "type", str(device)) == "cuda":
+            cudnn.benchmark = True
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
 def xrai_home() -> Path:
     """Where xrai keeps caches (synthetic data, decoded-image caches): $XRAI_HOME or ~/.cache/xrai."""
     return Path(os.environ.get("XRAI_HOME", Path.home() / ".cache" / "xrai")).expanduser()
+
+
+# ---- the run folder -------------------------------------------------------------------------------
+
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "xrai"
+_RUN_MARKER = "manifest.csv"  # every run folder of the series holds one (notebook 01 writes it)
+_SEARCH_DEPTH = 5  # <input>/notebooks/<owner>/<slug>/versions/N above an attached run folder
+
+
+def kaggle_input_dir() -> Path:
+    """Kaggle's read-only folder of attached data ($XRAI_KAGGLE_INPUT overrides it, for tests)."""
+    return Path(os.environ.get("XRAI_KAGGLE_INPUT", "/kaggle/input"))
+
+
+def is_under(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both made absolute, symlinks not followed)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, use_drive: bool = True, show: bool = True) -> str:
+    """The run folder this notebook should use: on Google Drive in Colab, and always writable.
+
+    - Colab with ``use_drive``: a relative ``run_dir`` goes under MyDrive/xrai/ (Drive is mounted here,
+      Colab asks once for access), so every notebook's fresh runtime finds what the last one wrote.
+    - A ``run_dir`` under Kaggle's input folder, or one that is not writable (a previous notebook's
+      output attached as an input), is copied into the working folder first; the copy is used and
+      nothing is ever written under the input folder.
+    - A relative ``run_dir`` that is not in the working folder, while a notebook output holding it is
+      attached (Kaggle, one notebook per step), is copied from there.
+
+    Args:
+        run_dir: the notebook's RUN_DIR parameter.
+        use_drive: the USE_DRIVE parameter (Colab only).
+        show: print one line saying which folder is used (and where it was copied from).
+    Returns:
+        The folder to use, as a string.
+    """
+    platform, _ = detect_platform()
+    path = Path(run_dir).expanduser()
+    if platform == "colab" and use_drive and (not path.is_absolute() or is_under(path, DRIVE_MOUNT)):
+        _mount_drive()  # also for a path the user wrote under /content/drive: unmounted, it is a local folder
+        path = DRIVE_FOLDER / path if not path.is_absolute() else path
+    path = Path(os.path.abspath(path))
+    inputs, source, why = kaggle_input_dir(), None, ""
+    if is_under(path, inputs) or (path.exists() and not _writable(path)):
+        source = path
+        why = "the input folder is read-only" if is_under(path, inputs) else "it is not writable"
+        path = Path(os.path.abspath(os.path.join("runs", path.name)))
+    elif not path.exists() and not Path(run_dir).is_absolute() and inputs.is_dir():
+        source = _attached_run_dir(inputs, Path(run_dir))
+        why = "a notebook output attached as an input"
+    if source is not None:
+        if path.exists() and any(path.iterdir()):
+            why = f"kept: it already holds {sum(1 for _ in path.rglob('*'))} entries, not copied again from {source}"
+        else:
+            n = copy_tree(source, path)
+            why = f"{n} files copied from {source} ({why})"
+    line = f"run folder: {path}" + (f"; {why}" if source is not None else "")
+    logger.info(line)
+    if show:
+        print(line)
+    return str(path)
+
+
+def _mount_drive() -> None:
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount(str(DRIVE_MOUNT))
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _attached_run_dir(inputs: Path, relative: Path) -> Path | None:
+    """The attached copy of ``relative`` (e.g. runs/mura) holding a manifest: the fullest when there are several."""
+    found = []
+    for depth in range(1, _SEARCH_DEPTH + 1):
+        found += [Path(p).parent for p in sorted(inputs.glob("/".join(["*"] * depth + [str(relative), _RUN_MARKER])))]
+    if not found:
+        return None
+    # A later notebook's output holds everything an earlier one wrote, and more.
+    ranked = sorted(found, key=lambda d: (sum(1 for _ in d.rglob("*")), str(d)), reverse=True)
+    if len(ranked) > 1:
+        logger.warning("several attached copies of %s: using %s (the fullest); also found: %s", relative,
+                       ranked[0], ", ".join(map(str, ranked[1:])))
+    return ranked[0]
+
+
+def copy_tree(source: str | os.PathLike, target: str | os.PathLike) -> int:
+    """Copy the files under ``source`` into ``target`` (created), writable whatever the source's modes.
+
+    shutil.copytree would carry over the read-only modes of an attached input, leaving folders that
+    the notebook could not write its results into. Returns the number of files copied.
+    """
+    source, target = Path(source), Path(target)
+    count = 0
+    for folder, _, files in os.walk(source):
+        out = target / Path(folder).relative_to(source)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copyfile(os.path.join(folder, name), out / name)
+            count += 1
+    return count

@@ -1,11 +1,14 @@
-"""Score a run: predictions per image, report_<split>.json (DESIGN.md), the validation threshold.
+"""Score a run: predictions per image, report_<split>.json (DESIGN.md, extended), the model card.
 
-The threshold discipline: the decision threshold is chosen on the validation split only (Youden's J
-by default) and written in report_valid.json; every other split (test, an external set) reads it
-from there and never chooses its own.
+The threshold discipline: the temperature and the decision thresholds (image and study level, at
+Youden's J and at a target sensitivity) are chosen on the validation split only and written in
+report_valid.json with the sha256 of the checkpoint they were chosen with; every other split (test,
+an external set) reads them from there and never chooses its own. When the checkpoint changed
+since, valid is evaluated again first.
 
-The metric maths lives in ``xrai.metrics`` (re-exported here: compute_metrics, study_level,
-bootstrap_ci, choose_threshold, MURA_BASELINE).
+The metric maths lives in ``xrai.metrics``, the calibration maths in ``xrai.calibration``, the
+report's blocks in ``xrai.report`` (re-exported here: compute_metrics, study_level, bootstrap_ci,
+choose_threshold, MURA_BASELINE, build_report, per_body_part).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,20 +24,42 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn import metrics as skm
 from torch import nn
 
+from xrai.fileio import atomic_write_json
+from xrai.calibration import apply_temperature
+from xrai.inference import (
+    THRESHOLD_FILE,
+    RunModel,
+    flip_tta_logits,
+    load_run,
+    operating_point,
+    operating_point_file,
+    run_checkpoint_sha256,
+    run_tta,
+)
 from xrai.metrics import (
     MURA_BASELINE,
     MURA_BASELINE_SOURCE,
     bootstrap_ci,
     choose_threshold,
-    classification_report,
     compute_metrics,
-    has_study_ids,
-    kappa_score,
-    resampling_groups,
+    mura_baseline,
     study_level,
+)
+from xrai.report import (
+    DEFAULT_TARGET_SENSITIVITY,
+    REPORT_KEYS,
+    Selection,
+    build_report,
+    calibration_block,
+    calibration_table,
+    choose_selection,
+    operating_points,
+    per_body_part,
+    per_part_table,
+    selection_from_report,
+    thresholds_table,
 )
 
 __all__ = [
@@ -45,38 +69,30 @@ __all__ = [
     "REPORT_KEYS",
     "bootstrap_ci",
     "build_report",
+    "calibration_table",
     "choose_threshold",
     "compute_metrics",
     "evaluate_external",
     "evaluate_run",
-    "flipped_probability",
     "per_body_part",
+    "per_part_table",
     "predict",
     "read_predictions",
     "run_threshold",
+    "score_predictions",
     "study_level",
     "threshold_source",
+    "thresholds_table",
     "write_json",
 ]
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
-# Where a run without a validation split of its own (a cross-validation run, a final fit on all the
-# training data) records the threshold it was given: {"threshold": t, "threshold_from": "oof", ...}.
-THRESHOLD_FILE = "threshold.json"
-REPORT_KEYS = (
-    "split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
-    "per_body_part", "classification_report",
-)
+# After DESIGN.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
+# the manifest has it, the duplicate group the split kept together (the bootstrap resamples it).
+PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
 
 
 # ---- prediction ---------------------------------------------------------------------------------
-
-
-def flipped_probability(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """sigmoid(logit) of each image of a batch flipped left-right, float (B,): the second half of flip
-    test-time augmentation (TrainConfig.tta), which averages it with the unflipped image's probability."""
-    with torch.inference_mode():
-        return torch.sigmoid(model(torch.flip(x, dims=[3])).float().reshape(x.shape[0], -1)[:, 0])
 
 
 def _read(path: str) -> tuple[np.ndarray | None, str | None]:
@@ -89,10 +105,11 @@ def _read(path: str) -> tuple[np.ndarray | None, str | None]:
 
 
 def predict(
-    model: nn.Module,
+    model: nn.Module | RunModel,
     manifest: pd.DataFrame,
     *,
     config: Any = None,
+    temperature: float | None = None,
     batch_size: int = 64,
     tta: bool | None = None,
     device: str | torch.device = "auto",
@@ -105,17 +122,21 @@ def predict(
     in a thread pool one batch ahead of the model. Unreadable images are dropped with a warning.
 
     Args:
-        model: a one-logit classifier.
-        manifest: rows with at least ``path``; label, body_part, patient_id, study_id are carried over
-            when present (label -1 and "" otherwise).
-        config: the run's TrainConfig (image_size, resize_size); None uses TrainConfig's defaults for
-            the manifest's source.
-        tta: also score the horizontally flipped image and average the two probabilities; None: as the
-            run's config says (``config.tta``, the flip test-time augmentation of its recipe).
+        model: a one-logit classifier, or a RunModel (its logits, device, config and temperature are then
+            used; ``device`` is ignored).
+        manifest: rows with at least ``path``; label, body_part, patient_id, study_id (and ``group``)
+            are carried over when present (label -1 and "" otherwise).
+        config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
+            TrainConfig's defaults for the manifest's source.
+        temperature: probability = sigmoid(logit / temperature); None: the RunModel's, else 1.
+        tta: also score the horizontally flipped image and average the two probabilities (the logit
+            of their mean, ``xrai.inference.flip_tta_logits``); None: as the run's config says
+            (``config.tta``, the flip test-time augmentation of its recipe).
         device: "auto" (CUDA when there is one), "cpu", "cuda", ...
 
     Returns:
-        DataFrame with PREDICTION_COLUMNS, in manifest order, bad images left out.
+        DataFrame with PREDICTION_COLUMNS, then ``logit`` (and ``group``), in manifest order, bad
+        images left out.
     """
     from tqdm.auto import tqdm
 
@@ -124,19 +145,31 @@ def predict(
 
     if "path" not in manifest.columns:
         raise ValueError(f"predict needs a manifest with a 'path' column, got {list(manifest.columns)}")
+    if isinstance(model, RunModel):
+        # through RunModel.logits, so whatever stands behind a run (one model, a fold ensemble) predicts
+        config = model.config if config is None else config
+        temperature = model.temperature if temperature is None else temperature
+        dev, forward = model.device, model.logits
+    else:
+        dev = get_device(device) if isinstance(device, str) else torch.device(device)
+        module = model.to(dev).eval()
+        amp = autocast_dtype(dev) if dev.type == "cuda" else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                return module(x).float().reshape(x.shape[0], -1)[:, 0]
+
+    temperature = 1.0 if temperature is None else float(temperature)
     if config is None:
         from xrai.config import TrainConfig
 
         source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
         config = TrainConfig(data=source)
-    tta = bool(getattr(config, "tta", False)) if tta is None else tta
-    dev = get_device(device) if isinstance(device, str) else torch.device(device)
-    model = model.to(dev).eval()
-    amp = autocast_dtype(dev) if dev.type == "cuda" else None
+    tta = bool(getattr(config, "tta", False)) if tta is None else bool(tta)
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    probs = np.full(len(paths), np.nan)
+    logits = np.full(len(paths), np.nan)
     bad: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         pending = [pool.submit(_read, paths[i]) for i in batches[0]] if batches else []
@@ -150,104 +183,35 @@ def predict(
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
                            resize_size=config.resize_size, device=dev, resize=config.resize)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                p = torch.sigmoid(model(x).float().reshape(len(keep), -1)[:, 0])
-                if tta:
-                    p = (p + flipped_probability(model, x)) / 2
-            probs[[i for i, _ in keep]] = p.cpu().numpy()
+            z = flip_tta_logits(forward, x) if tta else forward(x)
+            logits[[i for i, _ in keep]] = z.cpu().numpy()
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
         warnings.warn(f"dropped {len(bad)} unreadable image(s) from the predictions: {listed}"
                       + (" ..." if len(bad) > 5 else ""), UserWarning, stacklevel=2)
-    out = pd.DataFrame({"path": paths, "probability": probs})
+    out = pd.DataFrame({"path": paths, "probability": apply_temperature(np.nan_to_num(logits), temperature)})
     out["label"] = table["label"].astype(int) if "label" in table.columns else -1
     for col in ("body_part", "patient_id", "study_id"):
         out[col] = table[col].fillna("").astype(str) if col in table.columns else ""
-    return out[np.isfinite(out["probability"])].reset_index(drop=True)[PREDICTION_COLUMNS]
+    out["logit"] = logits
+    if "group" in table.columns:
+        out["group"] = table["group"].fillna("").astype(str)
+    columns = PREDICTION_COLUMNS + [c for c in PREDICTION_EXTRA_COLUMNS if c in out.columns]
+    return out[np.isfinite(out["logit"])].reset_index(drop=True)[columns]
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
     """A predictions_<split>.csv back, ids as strings ("" for none)."""
-    return pd.read_csv(path, dtype={c: str for c in ("path", "body_part", "patient_id", "study_id")},
+    return pd.read_csv(path, dtype={c: str for c in ("path", "body_part", "patient_id", "study_id", "group")},
                        keep_default_na=False)
 
 
-# ---- the report ---------------------------------------------------------------------------------
-
-
-def per_body_part(predictions: pd.DataFrame, threshold: float) -> dict[str, dict[str, Any]]:
-    """n, image AUROC, image kappa and study kappa for each body part (sorted by name).
-
-    Metrics a part cannot define (one class only) are None; study_kappa is None without study ids.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    studies = has_study_ids(predictions)
-    parts = predictions["body_part"].replace("", "unknown")
-    for part, frame in sorted(predictions.groupby(parts), key=lambda kv: str(kv[0])):
-        y = frame["label"].to_numpy(int)
-        p = frame["probability"].to_numpy(float)
-        row: dict[str, Any] = {
-            "n": int(len(frame)),
-            "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
-            "kappa": kappa_score(y, (p >= threshold).astype(int)),
-            "study_kappa": None,
-        }
-        if studies:
-            s = study_level(frame)
-            study_pred = (s["probability"].to_numpy() >= threshold).astype(int)
-            row["study_kappa"] = kappa_score(s["label"].to_numpy(int), study_pred)
-        out[str(part)] = row
-    return out
-
-
-def build_report(
-    predictions: pd.DataFrame,
-    *,
-    split: str,
-    threshold: float,
-    threshold_from: str,
-    split_method: str | None,
-    audit: dict[str, int | None],
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """report_<split>.json as DESIGN.md specifies it (keys REPORT_KEYS, in that order).
-
-    Confidence intervals resample patients where every image has one, else studies, else images; the
-    study block resamples patients (else studies). ``study`` is None when the source has no study ids.
-    """
-    if len(predictions) == 0:
-        raise ValueError(f"no predictions to report for split {split!r}")
-    groups, _ = resampling_groups(predictions)
-    image = compute_metrics(predictions["label"], predictions["probability"], threshold,
-                            groups=groups, n_bootstrap=n_bootstrap, seed=seed)
-    study = None
-    if has_study_ids(predictions):
-        s = study_level(predictions)
-        sgroups, _ = resampling_groups(s)
-        study = compute_metrics(s["label"], s["probability"], threshold, groups=sgroups,
-                                n_bootstrap=n_bootstrap, seed=seed, what="studies")
-    return {
-        "split": split,
-        "threshold": float(threshold),
-        "threshold_from": threshold_from,
-        "split_method": split_method or None,
-        "audit": audit,
-        "image": image,
-        "study": study,
-        "per_body_part": per_body_part(predictions, threshold),
-        "classification_report": classification_report(predictions["label"], predictions["probability"], threshold),
-    }
+# ---- writing a run's reports --------------------------------------------------------------------
 
 
 def write_json(obj: Any, path: Path) -> Path:
     """Strict JSON (NaN is refused: undefined metrics are null), written atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, obj, allow_nan=False)
 
 
 def _audit_counts(run_dir: Path) -> dict[str, int | None]:
@@ -264,16 +228,17 @@ def _audit_counts(run_dir: Path) -> dict[str, int | None]:
 
 
 def run_threshold(run_dir: str | Path) -> float:
-    """The run's decision threshold, as chosen on validation (report_valid.json), or as recorded in
-    threshold.json by a run that has no validation split (``threshold_source`` says where it came from).
+    """The run's image-level decision threshold, as chosen on validation (report_valid.json), or, for a
+    run without a validation split of its own, on the CV's out-of-fold predictions (a CV run's
+    report_oof.json, a final fit's threshold.json; ``threshold_source`` says which).
+
+    This reads the number as it stands; ``xrai.inference.load_run`` also checks that it was chosen
+    with the current checkpoint (and re-chooses it when not).
 
     Raises:
         FileNotFoundError: the run was never evaluated on valid; the message says how.
     """
-    path = Path(run_dir) / "report_valid.json"
-    recorded = Path(run_dir) / THRESHOLD_FILE
-    if not path.is_file() and recorded.is_file():
-        return float(json.loads(recorded.read_text(encoding="utf-8"))["threshold"])
+    path = operating_point_file(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no report_valid.json in {run_dir}: the threshold is chosen on validation; "
                                 f"run `python -m xrai evaluate --run {run_dir} --split valid` first")
@@ -281,13 +246,11 @@ def run_threshold(run_dir: str | Path) -> float:
 
 
 def threshold_source(run_dir: str | Path) -> str:
-    """Where the run's threshold was chosen: "valid", or threshold.json's "threshold_from" ("oof": on the
-    out-of-fold predictions of a cross-validation)."""
-    path = Path(run_dir) / "report_valid.json"
-    recorded = Path(run_dir) / THRESHOLD_FILE
-    if not path.is_file() and recorded.is_file():
-        return str(json.loads(recorded.read_text(encoding="utf-8"))["threshold_from"])
-    return "valid"
+    """Where the run's threshold was chosen: "valid", or "oof" (the out-of-fold predictions of a CV)."""
+    path = operating_point_file(run_dir)
+    if path.name == "report_valid.json" or not path.is_file():
+        return "valid"
+    return str(json.loads(path.read_text(encoding="utf-8")).get("threshold_from", "oof"))
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
@@ -303,6 +266,78 @@ def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
     return rows
 
 
+def _valid_selection(run_dir: Path, *, which: str, tta: bool, **valid_options: Any) -> Selection:
+    """The Selection in report_valid.json, after evaluating valid when it is missing or was made with
+    another checkpoint (or without TTA when TTA is asked for now, or the other way round).
+
+    A run whose operating point was chosen on a CV's out-of-fold predictions (a CV run, a final fit)
+    cannot choose it again here: when it no longer fits, the error says to rerun the CV.
+    """
+    path = operating_point_file(run_dir)
+    point, reason = operating_point(run_dir, run_checkpoint_sha256(run_dir, which))
+    report = json.loads(path.read_text(encoding="utf-8")) if point else {}
+    if path.name != "report_valid.json":
+        if point is not None and bool(report.get("tta", False)) != tta:
+            reason = f"its threshold was chosen with tta={report.get('tta', False)}; evaluate with that setting"
+            point = None
+        if point is None:
+            raise ValueError(f"{path}: {reason}; the out-of-fold threshold cannot be chosen again here "
+                             f"(rerun `python -m xrai cv` into a new folder)")
+        return selection_from_report(report)
+    if point is not None and bool(report.get("tta", False)) != tta:
+        point, reason = None, f"report_valid.json was made with tta={report.get('tta', False)}, now tta={tta}"
+    if point is None:
+        if (run_dir / "report_valid.json").is_file():
+            from xrai.inference import StaleThresholdWarning
+
+            warnings.warn(f"{run_dir}: {reason}; evaluating valid again first", StaleThresholdWarning, stacklevel=3)
+        report = evaluate_run(run_dir, split="valid", which=which, tta=tta, **valid_options)
+    return selection_from_report(report)
+
+
+def _describe_split(split: str, split_method: str | None) -> str:
+    """What the figures are on, in words, for the baseline caveat."""
+    method = split_method or ""
+    if method.startswith("external"):
+        return f"an external set ({split})"
+    if split == "test" and "carved" in method:
+        return "a test split carved from MURA's train split"
+    if split == "valid":
+        return "MURA's public valid split" if method.startswith("official") else "this run's valid split"
+    return f"this run's {split} split"
+
+
+def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, **options: Any) -> dict[str, Any]:
+    """score_predictions for a loaded run's predictions."""
+    checkpoint = {"file": run.checkpoint_file, "sha256": run.checkpoint_sha256}
+    return score_predictions(pred, selection, checkpoint=checkpoint, **options)
+
+
+def score_predictions(pred: pd.DataFrame, selection: Selection, *, split: str, threshold_from: str,
+                      checkpoint: dict[str, Any], rows_attrs: dict[str, Any], audit: dict[str, int | None],
+                      tta: bool, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """The whole report for calibrated predictions: DESIGN.md's blocks, then the extensions.
+
+    Args:
+        checkpoint: {"file", "sha256"} of what made the predictions (the report's thresholds are bound to it).
+    """
+    report = build_report(pred, split=split, threshold=selection.threshold, threshold_from=threshold_from,
+                          split_method=rows_attrs.get("split_method"), audit=audit,
+                          study_threshold=selection.study_threshold, n_bootstrap=n_bootstrap, seed=seed)
+    source = str(rows_attrs.get("source") or "")
+    report.update({
+        "threshold_method": selection.method,
+        "operating_points": operating_points(pred, selection),
+        "calibration": calibration_block(pred, selection),
+        "checkpoint": checkpoint,
+        "tta": bool(tta),
+        "source": source or None,
+        "baseline": mura_baseline(source, _describe_split(split, rows_attrs.get("split_method"))),
+        "explain": None,
+    })
+    return report
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -311,56 +346,70 @@ def evaluate_run(
     which: str = "best",
     progress: bool = True,
     threshold_method: str = "youden",
-    target_sensitivity: float = 0.9,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     n_bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
+    explain_images: int | None = None,
 ) -> dict[str, Any]:
-    """Score one split of a run; write predictions_<split>.csv and report_<split>.json.
+    """Score one split of a run; write predictions_<split>.csv, report_<split>.json and model_card.md.
 
-    On "valid" the threshold is chosen here (``threshold_method``: "youden" or "sensitivity" with
-    ``target_sensitivity``); on any other split it is read from report_valid.json, which is made
-    first when missing. A split never chooses its own threshold.
+    On "valid" the temperature is fitted and the thresholds are chosen here (``threshold_method``,
+    "youden" or "sensitivity", is the primary one; both are reported, the sensitivity point at
+    ``target_sensitivity``). On any other split they are read from report_valid.json, which is made
+    first when missing or when it was made with another checkpoint. A split never chooses its own.
+
+    Args:
+        explain_images: images sampled (seeded) from the split for the explanation scores (ROAD,
+            confidence change, the randomisation check, and the pointing game on the synthetic set);
+            None takes ``xrai.explain_metrics.EXPLAIN_IMAGES``, 0 skips them (``explain`` is then null).
+        tta: flip test-time augmentation; None: as the run's recipe says (config.json "tta").
 
     A cross-validation run (cv.json) has no valid split of its own: its "valid" is the out-of-fold
     report written by the CV (report_oof.json: every pool image scored by the fold model that never
-    trained on it, the threshold chosen there), returned as it is. A final fit has none at all.
+    trained on it, the temperature and thresholds chosen there), returned as it is. A final fit has
+    none at all; its other splits use the CV's out-of-fold operating point (threshold.json).
 
     Returns:
         the report dict (as written).
-    """
-    from xrai.models import load_model
 
+    Raises:
+        ValueError: split "valid" of a final fit (it has none).
+    """
     run_dir = Path(run_dir)
-    threshold, threshold_from = None, "valid"
-    recorded = (run_dir / THRESHOLD_FILE).is_file()
-    if split == "valid" and (run_dir / "report_oof.json").is_file():  # a CV run's validation
-        return json.loads((run_dir / "report_oof.json").read_text(encoding="utf-8"))
-    if split == "valid" and recorded:
-        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from "
-                         f"{run_dir / THRESHOLD_FILE}); score the test split or an external set")
-    if split != "valid":
-        if not recorded and not (run_dir / "report_valid.json").is_file():
-            evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress,
-                         threshold_method=threshold_method, target_sensitivity=target_sensitivity,
-                         n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device)
-        threshold, threshold_from = run_threshold(run_dir), threshold_source(run_dir)
-    model, config = load_model(run_dir, which=which)
-    rows = _split_rows(run_dir, split, config)
-    pred = predict(model, rows, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
+    tta = run_tta(run_dir) if tta is None else bool(tta)
+    given = operating_point_file(run_dir)
+    if split == "valid" and given.name == "report_oof.json":  # a CV run's validation
+        return json.loads(given.read_text(encoding="utf-8"))
+    if split == "valid" and given.name == THRESHOLD_FILE:
+        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from {given}); "
+                         f"score the test split or an external set")
+    # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
+    options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
+                   n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
+    selection = None if split == "valid" else _valid_selection(run_dir, which=which, tta=tta, **options)
+    run = load_run(run_dir, which=which, device=device, refresh=False)
+    rows = _split_rows(run_dir, split, run.config)
+    pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
+    threshold_from = "oof" if selection is not None and selection.source == "oof" else "valid"
+    if selection is None:
+        selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
+        threshold_from = selection.source
+    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
     pred.to_csv(run_dir / f"predictions_{split}.csv", index=False)
-    if threshold is None:
-        try:
-            threshold = choose_threshold(pred["label"], pred["probability"], method=threshold_method,
-                                         target=target_sensitivity)
-        except ValueError as e:
-            warnings.warn(f"{e}; using threshold 0.5", UserWarning, stacklevel=2)
-            threshold, threshold_from = 0.5, "default"
-    report = build_report(pred, split=split, threshold=threshold, threshold_from=threshold_from,
-                          split_method=rows.attrs.get("split_method"), audit=_audit_counts(run_dir),
-                          n_bootstrap=n_bootstrap, seed=seed)
+    report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
+                    audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)
+    if explain_images != 0:
+        from xrai.explain_metrics import EXPLAIN_IMAGES, measure_explanations
+
+        report["explain"] = measure_explanations(
+            run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress,
+            n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
     write_json(report, run_dir / f"report_{split}.json")
+    from xrai.model_card import write_model_card
+
+    write_model_card(run_dir)
     return report
 
 
@@ -377,28 +426,26 @@ def evaluate_external(
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Score every image of another dataset at the run's validation threshold.
+    """Score every image of another dataset at the run's validation temperature and thresholds.
 
     All rows of ``manifest`` are used whatever their split, and no body-part filter is applied (filter
     the manifest first to compare like with like). Writes predictions_<name>.csv and
     report_<name>.json; ``audit`` counts are null (the external set is not part of the run's audit).
     """
-    from xrai.models import load_model
-
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in ("train", "valid", "test"):
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
-    if not (run_dir / "report_valid.json").is_file() and not (run_dir / THRESHOLD_FILE).is_file():
-        evaluate_run(run_dir, split="valid", tta=tta, which=which, progress=progress, n_bootstrap=n_bootstrap,
-                     seed=seed, batch_size=batch_size, device=device)
-    threshold = run_threshold(run_dir)
-    model, config = load_model(run_dir, which=which)
-    pred = predict(model, manifest, config=config, batch_size=batch_size, tta=tta, device=device, progress=progress)
+    tta = run_tta(run_dir) if tta is None else bool(tta)
+    selection = _valid_selection(run_dir, which=which, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
+                                 seed=seed, batch_size=batch_size, device=device, explain_images=0)
+    run = load_run(run_dir, which=which, device=device, refresh=False)
+    pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
+                   progress=progress)
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
-    report = build_report(pred, split=name, threshold=threshold, threshold_from=threshold_source(run_dir),
-                          split_method=f"external: every image of {source or 'the given manifest'}",
-                          audit={"cross_split_groups": None, "cross_label_groups": None},
-                          n_bootstrap=n_bootstrap, seed=seed)
+    attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
+    report = _score(run, pred, selection, split=name, threshold_from="oof" if selection.source == "oof" else "valid", rows_attrs=attrs,
+                    audit={"cross_split_groups": None, "cross_label_groups": None}, tta=tta,
+                    n_bootstrap=n_bootstrap, seed=seed)
     write_json(report, run_dir / f"report_{name}.json")
     return report

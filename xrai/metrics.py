@@ -14,9 +14,12 @@ import pandas as pd
 from scipy import ndimage
 from sklearn import metrics as skm
 
-# Study-level Cohen's kappa of the DenseNet-169 baseline on MURA's validation set
-# (Rajpurkar et al., "MURA: Large Dataset for Abnormality Detection in Musculoskeletal
-# Radiographs", 2017, arXiv:1712.06957, Table 2).
+# Study-level Cohen's kappa of the DenseNet-169 baseline on MURA's TEST set: 207 studies whose labels
+# the authors keep (a hidden test set; models are scored on it by submission), with the majority vote
+# of three radiologists as the gold standard (Rajpurkar et al., "MURA: Large Dataset for Abnormality
+# Detection in Musculoskeletal Radiographs", 2017, arXiv:1712.06957, Table 2, model row). X-RAI
+# cannot score that set: its figures are on MURA's public valid split or a test split carved from
+# train, so every comparison says so (MURA_BASELINE_CAVEAT).
 MURA_BASELINE: dict[str, float] = {
     "overall": 0.705,
     "elbow": 0.710,
@@ -28,6 +31,26 @@ MURA_BASELINE: dict[str, float] = {
     "wrist": 0.931,
 }
 MURA_BASELINE_SOURCE = "Rajpurkar et al. 2017, MURA (arXiv:1712.06957), DenseNet-169, study-level kappa"
+MURA_BASELINE_SPLIT = "MURA's hidden test set (207 studies, majority vote of three radiologists)"
+MURA_BASELINE_CAVEAT = (
+    "the MURA DenseNet-169 baseline is on MURA's hidden test set; this run's figures are on {split}, "
+    "a different set of studies, so read the comparison as a guide, not a ranking"
+)
+
+
+def mura_baseline(source: str | None, split: str) -> dict[str, Any] | None:
+    """The baseline block of a report: only for MURA runs (None for any other source).
+
+    Args:
+        source: the manifest's source ("mura", "fracatlas", "synthetic", ...).
+        split: what this run's figures are on, in words ("valid", "test (carved from MURA's train)").
+    """
+    if (source or "").lower() != "mura":
+        return None
+    return {"model": "DenseNet-169", "reference": MURA_BASELINE_SOURCE, "evaluated_on": MURA_BASELINE_SPLIT,
+            "this_run_on": split, "caveat": MURA_BASELINE_CAVEAT.format(split=split),
+            "study_kappa": dict(MURA_BASELINE)}
+
 
 # The image/study block of report_<split>.json, in DESIGN.md's order.
 METRIC_KEYS = (
@@ -118,6 +141,18 @@ def compute_metrics(
     return out
 
 
+def decision_metrics(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]:
+    """What a threshold does, without intervals: sensitivity, specificity, PPV, NPV, accuracy, kappa,
+    confusion matrix [[tn, fp], [fn, tp]] (a ratio with a zero denominator is None)."""
+    y, p = _arrays(y_true, prob)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    return {"threshold": float(threshold), "n": int(y.size), "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn),
+            "accuracy": float((tp + tn) / y.size), "kappa": kappa_score(y, pred),
+            "confusion_matrix": [[tn, fp], [fn, tp]]}
+
+
 def classification_report(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]:
     """scikit-learn's classification_report(output_dict=True) at the threshold, both classes named."""
     y, p = _arrays(y_true, prob)
@@ -176,10 +211,17 @@ def has_study_ids(predictions: pd.DataFrame) -> bool:
     return "study_id" in predictions.columns and bool((predictions["study_id"].fillna("").astype(str) != "").any())
 
 
+RESAMPLING_COLUMNS = (("patient_id", "patients"), ("group", "duplicate groups"), ("study_id", "studies"))
+
+
 def resampling_groups(frame: pd.DataFrame) -> tuple[np.ndarray | None, str]:
-    """The bootstrap's resampling unit for a predictions (or studies) table: patients where every
-    row has one, else studies, else rows. Returns (group per row or None, unit name)."""
-    for col, unit in (("patient_id", "patients"), ("study_id", "studies")):
+    """The bootstrap's resampling unit for a predictions (or studies) table.
+
+    Patients where every row has one; else the duplicate groups the split kept together (the
+    manifest's ``group`` column: FracAtlas has no patient ids, and a picture that appears twice is
+    one observation, not two); else studies; else rows. Returns (group per row or None, unit name).
+    """
+    for col, unit in RESAMPLING_COLUMNS:
         if col in frame.columns:
             ids = frame[col].fillna("").astype(str)
             if (ids != "").all():

@@ -22,7 +22,9 @@ import torch
 import torchvision
 from torch import nn
 
+from xrai.checkpoint import CheckpointError, load_checkpoint
 from xrai.config import HEADS, TrainConfig
+from xrai.errors import UserError
 from xrai.pruning import (
     SynFlowReport,
     count_nonzero,
@@ -35,6 +37,7 @@ from xrai.pruning import (
 __all__ = [
     "DEFAULT_MODEL",
     "MODELS",
+    "DenseNetBackbone",
     "ModelSpec",
     "PretrainedWeightsError",
     "SynFlowReport",
@@ -56,7 +59,7 @@ DEFAULT_MODEL = "mobilenet_v2"
 CONNECT_TIMEOUT_S = 3.0
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights were asked for but can be neither found on disk nor downloaded."""
 
 
@@ -140,6 +143,27 @@ class XraiClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class DenseNetBackbone(nn.Module):
+    """torchvision's DenseNet trunk (``features``, ending in ``norm5``), its final ReLU as an out-of-place
+    module, global average pooling: DenseNet.forward without the classifier.
+
+    Why not torchvision's forward: it applies that ReLU functionally *in place* on norm5's output, after
+    a forward hook on norm5 has stored it; grad-cam's stored activation is then the post-ReLU tensor on
+    a CPU (the same storage) but a pre-ReLU copy on CUDA, so the map depended on the device. Here the
+    ReLU is a module whose output nothing modifies, and it is the Grad-CAM layer. The state dict keys
+    (``features.*``) are torchvision's, so earlier checkpoints load unchanged.
+    """
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.relu = nn.ReLU(inplace=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.relu(self.features(x))), 1)
+
+
 def create_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -178,6 +202,8 @@ def create_model(
     except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # the host answered, the download failed
         raise PretrainedWeightsError(_weights_help(spec, f"downloading them failed ({err})")) from err
     features = _remove_classifier(backbone, spec.family)
+    if spec.family == "densenet":
+        backbone = DenseNetBackbone(backbone.features)
     if head == "linear":
         layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
         head_module = nn.Sequential(*layers, nn.Linear(features, 1))
@@ -199,14 +225,13 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM target layer: the last block of the convolutional feature extractor.
 
     mobilenet and efficientnet: ``features[-1]`` (the last conv-BN-activation block); resnet:
-    ``layer4[-1]``; densenet: ``features[-1]``, i.e. ``norm5``. DenseNet's last module with a spatial
-    output is norm5 (the ReLU after it is functional, inside ``DenseNet.forward``, so there is no module
-    to hook); its output is the 1664-channel map that the classifier pools, it normalises
-    ``denseblock4``'s concatenation of every earlier layer's features so channels are comparable, and it
-    is pytorch-grad-cam's documented choice for DenseNet. The gradients Grad-CAM reads there already
-    pass through that functional ReLU.
+    ``layer4[-1]``; densenet: ``DenseNetBackbone.relu``, the ReLU after ``norm5``: its output is the
+    1664-channel map the head pools (the standard Grad-CAM feature map A), and since nothing modifies it
+    in place the map is the same on every device (see DenseNetBackbone).
     """
     backbone = getattr(model, "backbone", model)
+    if isinstance(backbone, DenseNetBackbone):
+        return backbone.relu
     if hasattr(backbone, "layer4"):
         return backbone.layer4[-1]
     if isinstance(getattr(backbone, "features", None), nn.Sequential):
@@ -229,7 +254,7 @@ def load_model(
 
     Raises:
         FileNotFoundError: no such checkpoint; says which notebook or command makes it.
-        ValueError: the file is not an xrai checkpoint.
+        ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
     path = Path(path_or_run_dir)
     if (path / "cv.json").is_file():  # a cross-validation run: its folds' ensemble (xrai.ensemble)
@@ -247,7 +272,7 @@ def load_model(
             f"A run folder's checkpoints are made by notebooks/03_train.ipynb or "
             f"`python -m xrai train --out {run_dir}`"
         )
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path)  # a torn or foreign file: CheckpointError naming it
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{checkpoint_path} is not an xrai checkpoint: expected keys 'model' and 'config', got {keys}")
@@ -258,7 +283,12 @@ def load_model(
     # last.pt of a run with an EMA keeps the raw weights for resuming and the EMA's (the ones validated) apart
     state = checkpoint.get("ema") or checkpoint["model"]
     state = {k: v for k, v in state.items() if k != "n_averaged"}  # AveragedModel's counter
-    model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
+    try:
+        model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights: a file edited or mixed up
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{checkpoint_path}: its weights do not fit the {config.model} its config names "
+                              f"({first}); the file was altered or mixed up with another run's") from err
     if str(device) == "auto":
         from xrai.env import get_device
 

@@ -16,13 +16,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from scipy.special import expit
 from sklearn import metrics as skm
 
+from xrai.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from xrai.evaluate import MURA_BASELINE, read_predictions
 
 __all__ = [
     "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",
-    "plot_patients_per_part", "plot_per_body_part", "plot_pr", "plot_roc", "plot_sample_grid",
+    "plot_patients_per_part", "plot_per_body_part", "plot_pr", "plot_reliability", "plot_roc", "plot_sample_grid",
     "save_run_figures",
 ]
 
@@ -122,14 +124,41 @@ def plot_pr(
     return _finish(fig, path)
 
 
+def plot_reliability(
+    y_true: Any, prob: Any, path: str | Path | None = None, *, raw_prob: Any = None, n_bins: int = ECE_BINS,
+    title: str = "reliability",
+) -> Figure:
+    """Reliability diagram: fraction abnormal against mean p(abnormal) per equal-width bin, calibrated
+    (and uncalibrated, when ``raw_prob`` is given) with the ECE in the legend; images per bin below."""
+    y = np.asarray(y_true, int)
+    fig = Figure(figsize=(4.8, 5.6), layout="constrained")
+    ax, hist_ax = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    curves = [("calibrated", prob, CLASS_COLOURS[0])]
+    if raw_prob is not None:
+        curves.insert(0, ("uncalibrated", raw_prob, "grey"))
+    for name, p, colour in curves:
+        bins = reliability_bins(y, p, n_bins=n_bins)
+        full = bins[bins["n"] > 0]
+        ece = expected_calibration_error(y, p, n_bins=n_bins)
+        ax.plot(full["mean_probability"], full["fraction_abnormal"], "o-", color=colour,
+                label=f"{name}: ECE {ece:.3f}")
+        centres = (bins["lower"] + bins["upper"]) / 2
+        hist_ax.bar(centres, bins["n"], width=1 / n_bins, alpha=0.5, color=colour, label=name)
+    ax.set(ylabel="fraction abnormal", title=f"{title} ({n_bins} equal-width bins)", xlim=(0, 1), ylim=(-0.02, 1.02))
+    ax.legend(loc="upper left", fontsize=8)
+    hist_ax.set(xlabel="mean p(abnormal) in the bin", ylabel="images")
+    return _finish(fig, path)
+
+
 def plot_per_body_part(report: dict[str, Any], path: str | Path | None = None) -> Figure:
-    """Study kappa per body part (image kappa where the source has no studies) beside the MURA
-    DenseNet-169 baseline, with the overall values as lines."""
+    """Study kappa per body part (image kappa where the source has no studies), with the overall value
+    as a line; on MURA runs beside the DenseNet-169 baseline, which is on MURA's hidden test set."""
     parts = report["per_body_part"]
     names = sorted(parts)
     key = "study_kappa" if any(parts[n].get("study_kappa") is not None for n in names) else "kappa"
     ours = [parts[n].get(key) for n in names]
-    base = [MURA_BASELINE.get(n) for n in names]
+    base = [MURA_BASELINE.get(n) if report.get("baseline") else None for n in names]
     x = np.arange(len(names))
     fig = Figure(figsize=(max(6, 1.1 * len(names) + 2), 4.4), layout="constrained")
     ax = fig.subplots()
@@ -137,9 +166,9 @@ def plot_per_body_part(report: dict[str, Any], path: str | Path | None = None) -
            label=f"this run ({key.replace('_', ' ')})")
     if any(b is not None for b in base):
         ax.bar(x + 0.2, [np.nan if b is None else b for b in base], 0.4, color="lightgrey", hatch="//",
-               edgecolor="grey", label="MURA DenseNet-169 (study kappa)")
+               edgecolor="grey", label="MURA DenseNet-169 study kappa, on MURA's hidden test set")
         ax.axhline(MURA_BASELINE["overall"], ls="--", color="grey",
-                   label=f"MURA overall {MURA_BASELINE['overall']:.3f}")
+                   label=f"MURA overall {MURA_BASELINE['overall']:.3f} (hidden test set)")
     block = report.get("study") if key == "study_kappa" else report.get("image")
     if block and block.get("kappa") is not None:
         ax.axhline(block["kappa"], color=CLASS_COLOURS[0], label=f"this run overall {block['kappa']:.3f}")
@@ -153,8 +182,9 @@ def plot_per_body_part(report: dict[str, Any], path: str | Path | None = None) -
 
 
 def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
-    """confusion_matrix_<split>.png, roc_<split>.png, pr_<split>.png, per_body_part_<split>.png (and
-    curves.png from history.csv when present) from the split's report and predictions."""
+    """confusion_matrix_<split>.png, roc_<split>.png, pr_<split>.png, per_body_part_<split>.png,
+    reliability_<split>.png (and curves.png from history.csv when present) from the split's report and
+    predictions."""
     run_dir = Path(run_dir)
     report_path = run_dir / f"report_{split}.json"
     if not report_path.is_file():
@@ -168,7 +198,10 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
         "roc": run_dir / f"roc_{split}.png",
         "pr": run_dir / f"pr_{split}.png",
         "per_body_part": run_dir / f"per_body_part_{split}.png",
+        "reliability": run_dir / f"reliability_{split}.png",
     }
+    raw = expit(pred["logit"].to_numpy(float)) if "logit" in pred else None
+    plot_reliability(y, p, out["reliability"], raw_prob=raw, title=f"reliability ({split})")
     where = f"{split}, threshold {thr:.3f} from {report['threshold_from']}"
     plot_confusion_matrix(report["image"]["confusion_matrix"], out["confusion_matrix"],
                           title=f"confusion matrix ({where})")

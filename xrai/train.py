@@ -16,7 +16,8 @@ patience 0) nothing is validated and the val_* columns are NaN.
 
 Exact resume: every random draw is either restored from the checkpoint (python, numpy, torch, CUDA
 RNGs, which dropout uses) or derived from (seed, epoch) by the batch sources, so a run killed during
-epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU.
+epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU;
+on a GPU only with config.deterministic (cuDNN autotuning picks kernels by timing otherwise).
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ from tqdm.auto import tqdm
 from xrai.checkpoint import atomic_save, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
 from xrai.cv import cross_validate  # noqa: F401  (re-exported: grouped k-fold CV of a recipe lives in xrai.cv)
-from xrai.data import filter_body_parts, save_manifest
+from xrai.data import filter_body_parts, require_columns, save_manifest
 from xrai.data.augment import augment_options
 from xrai.data.dataset import ClassicBatches
-from xrai.env import autocast_dtype, get_device, seed_everything
+from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
+from xrai.errors import UserError
+from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
+from xrai.inference import flip_tta_logits
 from xrai.models import create_model, prune_synflow, restore_pruning
 from xrai.regularise import build_criterion, make_ema
 from xrai.tracking import open_trackers
@@ -56,12 +60,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s"]
+FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
 BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
 STEPWISE_SCHEDULERS = ("cosine", "onecycle")  # stepped after every optimizer step, the others once per epoch
 NO_VALIDATION = {"val_loss": math.nan, "val_auroc": math.nan, "val_accuracy": math.nan}
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The loss (or a weight) became NaN or infinite; the last good checkpoint was left as it was."""
 
 
@@ -182,7 +187,7 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
     """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source.
 
     With ``tta`` each image is also scored flipped left-right and the two probabilities are averaged
-    (as ``xrai.evaluate.predict(tta=True)``); the loss is taken on the logit of that mean.
+    (``xrai.inference.flip_tta_logits``, as predict does); the loss is taken on the logit of that mean.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -192,10 +197,7 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
         for x, y in tqdm(source.epoch(0), total=len(source), desc="validating", unit="batch", leave=False,
                          disable=not progress):
             with _autocast(device, amp_dtype):
-                logits = model(x).reshape(-1)
-                if tta:
-                    flipped = model(torch.flip(x, dims=[3])).reshape(-1)
-                    logits = torch.logit((torch.sigmoid(logits.float()) + torch.sigmoid(flipped.float())) / 2, eps=1e-6)
+                logits = flip_tta_logits(lambda v: model(v).reshape(-1), x) if tta else model(x).reshape(-1)
             loss_sum += criterion(logits.float(), y) * len(y)
             probs.append(torch.sigmoid(logits.float()).cpu())
             labels.append(y.cpu())
@@ -254,8 +256,11 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: bool = True) -> FitResult:
     """Train `config.model` on the manifest's train split, validating on "valid" each epoch.
 
-    Writes RUN_DIR/config.json, manifest.csv (when absent), history.csv, checkpoints/last.pt (every
-    epoch) and checkpoints/best.pt (when the monitor improves), all atomically.
+    Writes RUN_DIR/config.json (with input_path resolved to the path used), manifest.csv (when absent),
+    history.csv, checkpoints/last.pt (every epoch) and checkpoints/best.pt (when the monitor improves),
+    all atomically, and nothing at all until the config, the data (columns, both labels in train, a valid
+    split) and the model have been checked.
+    Runs under `env.backend_settings` (config.deterministic), which puts the global settings back after.
 
     Args:
         config: the run's settings.
@@ -265,10 +270,18 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         progress: show tqdm bars and a line per epoch (logging at INFO otherwise).
     Raises:
         FileExistsError: run_dir already holds a run and resume is False.
-        ValueError: resuming with a different config (the differing fields are named), or a split
-            without both labels.
+        ValueError: resuming with a different config (the differing fields are named; input_path "auto"
+            resumes on the path the run recorded, another explicit path is refused), or a split
+            without both labels; ManifestError (a ValueError): a column fit() reads is missing.
         TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
     """
+    with backend_settings(get_device(config.device), deterministic=config.deterministic):
+        return _fit(config, manifest, run_dir, resume=resume, progress=progress)
+
+
+def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike, *, resume: bool,
+         progress: bool) -> FitResult:
+    """fit()'s body, under the backend settings of config.deterministic."""
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     state = resume_state(config.to_dict(), last_path, resume=resume)
@@ -277,23 +290,23 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
     if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
         config = config.replace(input_path=state["config"].get("input_path", "auto"))
     say = tqdm.write if progress else logger.info
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for torn in run_dir.glob("checkpoints/.*.pt.*.tmp"):  # left by a process killed while saving
-        torn.unlink()
-    if not (run_dir / "manifest.csv").is_file():
-        save_manifest(manifest, run_dir)
+    # Config, data and model are checked before anything is written to run_dir: a failed start
+    # (a bad model name, a split with one label, no network for pretrained weights) leaves it as it was.
+    require_columns(manifest.columns, where="the manifest passed to fit()", needed=FIT_COLUMNS)
     device = get_device(config.device)
     if state is None:
         seed_everything(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     train_rows, valid_rows = _split_rows(manifest, config)
     monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
     model = _build_model(config, device, state, say, progress)
     train_src, valid_src, input_path = make_sources(config, train_rows, valid_rows, manifest=manifest, device=device,
                                                     progress=progress)
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
-    config.to_json(run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
+    for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):  # left by a process killed while saving
+        torn.unlink()
+    if not (run_dir / "manifest.csv").is_file():
+        save_manifest(manifest, run_dir)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None
@@ -447,9 +460,8 @@ def _check_finite(model: nn.Module, val_loss: float | None, epoch: int) -> None:
 
 
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    table = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    atomic_write_with(path, lambda f: table.to_csv(f, index=False, lineterminator="\n"))
 
 
 def _summary(row: dict[str, Any], epochs: int, improved: bool) -> str:

@@ -7,10 +7,17 @@ would need. Every API used here exists in ipywidgets 7.6 and 8, so Colab's own c
 The picker's value starts at the notebook's BODY_PART parameter, so "Run all" (and papermill, and Kaggle's
 "Save & Run All") never waits for a click: the cell after it reads the value it started with. A person
 running cell by cell picks a part, then runs the cells below, which read the new value.
+
+A saved notebook has no widgets to show: Kaggle's batch run and papermill have no front end, and a
+saved version renders widget outputs blank. So every widget is displayed with the static form it
+stands for beside it (``show``; the browser is drawn as a grid of its first overlays): a live front end
+picks the widget, a static renderer the picture or text. In a Kaggle batch run, which no one watches,
+only the static form is shown.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -18,6 +25,10 @@ from pathlib import Path
 
 import ipywidgets as widgets
 import pandas as pd
+
+from xrai.env import detect_platform
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 ALL = "all"
 OUTCOMES = ("TP", "FP", "FN", "TN")
@@ -43,6 +54,42 @@ def enable_colab_widgets() -> None:
     from google.colab import output  # type: ignore[import-not-found]
 
     output.enable_custom_widget_manager()
+
+
+def no_frontend() -> bool:
+    """True where no one can see a widget: a Kaggle batch run ("Save & Run All", a saved version)."""
+    return detect_platform()[1]
+
+
+def mimebundle(widget: widgets.Widget, *, text: str, png: bytes | None = None) -> dict:
+    """The display data of a widget with its static form beside it (PNG and/or text).
+
+    A live front end renders the widget view; a static renderer (a saved version) the PNG or the text.
+    Without a front end the widget view is left out.
+    """
+    import base64
+
+    bundle: dict = {"text/plain": text}
+    if png:
+        bundle["image/png"] = base64.b64encode(png).decode("ascii")
+    if not no_frontend():
+        bundle[WIDGET_MIME] = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return bundle
+
+
+def show(*items: widgets.Widget) -> None:
+    """Display widgets each with its static form: a picker as the line of its current choice."""
+    from IPython.display import display
+
+    for item in items:
+        bundle = item._repr_mimebundle_() if isinstance(item, GradCamBrowser) else mimebundle(item, text=describe(item))
+        display(bundle, raw=True)
+
+
+def describe(widget: widgets.Widget) -> str:
+    """One line for a value widget: "Body part: wrist (1,234 images, 567 abnormal)"."""
+    label = getattr(widget, "label", None) or getattr(widget, "value", "")
+    return f"{getattr(widget, 'description', '') or type(widget).__name__}: {label}"
 
 
 # ---- body-part picker ---------------------------------------------------------------------------
@@ -175,6 +222,10 @@ def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
             f"(or: python -m xrai evaluate --run {run_dir} --split {split}) first"
         )
     predictions = pd.read_csv(path, dtype={"patient_id": str, "study_id": str}, keep_default_na=False)
+    if (run_dir / "manifest.csv").is_file():  # written on another machine: its paths, found again on this one
+        from xrai.data import read_manifest, relocate_paths
+
+        predictions["path"] = relocate_paths(predictions["path"].astype(str), read_manifest(run_dir))
     threshold = float(json.loads(report.read_text())["threshold"])
     return predictions, threshold
 
@@ -190,13 +241,14 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
 
     def explain(path: str, label: int) -> bytes:
         from xrai.explain import explain_paths
-        from xrai.models import load_model
+        from xrai.inference import load_run
 
-        if "model" not in loaded:
-            loaded["model"], loaded["config"] = load_model(run_dir)
+        if "run" not in loaded:
+            loaded["run"] = load_run(run_dir)  # the calibration the report's probabilities were made with
+        run = loaded["run"]
         (result,) = explain_paths(
-            loaded["model"], loaded["config"], [path], threshold=threshold, out_dir=out_dir, labels=[label],
-            method=method,
+            run.model, run.config, [path], threshold=threshold, out_dir=out_dir, labels=[label],
+            method=method, temperature=run.temperature,
         )
         if result.get("error"):
             raise ValueError(f"cannot explain {path}: {result['error']}")
@@ -241,6 +293,44 @@ class GradCamBrowser(widgets.VBox):
         self.index.observe(self._on_index, names="value")
         self._on_filter()
 
+    def _overlay(self, row: pd.Series) -> bytes:
+        path = str(row["path"])
+        if path not in self._cache:
+            self._cache[path] = self._explain(path, int(row["label"]))
+        return self._cache[path]
+
+    def static_grid(self) -> bytes:
+        """A PNG of the browser's first overlay for each outcome present: what a saved notebook shows."""
+        from matplotlib.figure import Figure
+        from PIL import Image
+
+        firsts = [(o, rows.iloc[0]) for o in OUTCOMES if len(rows := browse_rows(self.table, outcome=o))]
+        fig = Figure(figsize=(3.2 * max(1, len(firsts)), 3.6), dpi=100)
+        for i, (outcome, row) in enumerate(firsts, start=1):
+            ax = fig.add_subplot(1, len(firsts), i)
+            ax.imshow(Image.open(io.BytesIO(self._overlay(row))))
+            ax.set_axis_off()
+            ax.set_title(f"{outcome} · {row['body_part']}\np = {float(row['probability']):.3f}", fontsize=9,
+                         color="black" if outcome in ("TP", "TN") else "red")
+        if not firsts:
+            fig.text(0.5, 0.5, f"no {self.split} predictions", ha="center")
+        fig.suptitle(f"Grad-CAM, {self.split}: the most confident image of each outcome "
+                     f"(threshold {self.threshold:.3f})", fontsize=10)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        return buffer.getvalue()
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        counts = self.table["outcome"].value_counts()
+        text = f"Grad-CAM browser ({self.split}): " + ", ".join(f"{o} {int(counts.get(o, 0))}" for o in OUTCOMES)
+        return mimebundle(self, text=text, png=self.static_grid())
+
+    def _ipython_display_(self) -> None:
+        # IPython asks this before _repr_mimebundle_; ipywidgets 7 defines it, so it must be overridden too.
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+
     def rows(self) -> pd.DataFrame:
         """The images the current body part and outcome select, in the slider's order."""
         return browse_rows(self.table, body_part=self.part.value, outcome=self.outcome.value)
@@ -280,10 +370,7 @@ class GradCamBrowser(widgets.VBox):
             f"label {label}, called {called} (p = {float(row['probability']):.3f}, threshold "
             f"{self.threshold:.3f})<br><code>{row['path']}</code>"
         )
-        path = str(row["path"])
-        if path not in self._cache:
-            self._cache[path] = self._explain(path, int(row["label"]))
-        self.image.value = self._cache[path]
+        self.image.value = self._overlay(row)
 
 
 def gradcam_browser(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -11,18 +10,28 @@ import numpy as np
 import pandas as pd
 
 from xrai.data.audit import audit, audit_summary, duplicate_groups
-from xrai.data.download import DATASETS, DownloadError, download
+from xrai.data.download import DATASETS, DownloadError, dataset_key, download
 from xrai.data.images import DECODER_VERSION, ImageError, TruncatedImageWarning, letterbox, read_image, scan_images
+from xrai.data.manifest import manifest_info, read_manifest, relocate_paths, save_manifest
 from xrai.data.sources import (
     MANIFEST_COLUMNS,
     LabelConflictWarning,
+    ManifestError,
     ManifestWarning,
+    dataset_dir,
     read_class_folders,
     read_fracatlas,
     read_mura,
+    require_columns,
 )
 from xrai.data.split import filter_body_parts, split_manifest
-from xrai.data.synthetic import default_synthetic_root, ensure_synthetic, make_synthetic, read_fracture_lines
+from xrai.data.synthetic import (
+    default_synthetic_root,
+    ensure_synthetic,
+    make_synthetic,
+    read_fracture_lines,
+    synthetic_options,
+)
 
 __all__ = [
     "DATASETS",
@@ -32,10 +41,12 @@ __all__ = [
     "DownloadError",
     "ImageError",
     "LabelConflictWarning",
+    "ManifestError",
     "ManifestWarning",
     "TruncatedImageWarning",
     "audit",
     "audit_summary",
+    "dataset_dir",
     "default_synthetic_root",
     "download",
     "duplicate_groups",
@@ -43,22 +54,20 @@ __all__ = [
     "letterbox",
     "load",
     "make_synthetic",
+    "manifest_info",
     "read_class_folders",
     "read_fracatlas",
     "read_image",
     "read_manifest",
     "read_mura",
+    "require_columns",
+    "relocate_paths",
     "save_manifest",
     "scan_images",
     "split_manifest",
 ]
 
 SOURCES = ("mura", "fracatlas", "folder", "multiregion", "bonefracture", "synthetic")
-_STR_COLUMNS = ("path", "body_part", "patient_id", "study_id", "split", "source", "image_id")
-_MAKES_MANIFEST = (
-    "notebooks/01_download.ipynb, or `python -m xrai audit --data SOURCE --root DIR --out RUN_DIR` "
-    "(training with `python -m xrai train` writes it too)"
-)
 
 
 def _synthetic_lines(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -97,13 +106,16 @@ def load(
         root: where the data is. None: the synthetic set is generated under xrai_home() once; the
             others are found attached in Kaggle or downloaded with kagglehub.
         split: fill the splits the source lacks (seeded, patient-grouped, label-stratified; FracAtlas
-            keeps duplicate groups together since it has no patient ids). False leaves "" in place.
+            keeps duplicate groups together since it has no patient ids, and the manifest keeps them as
+            an extra ``group`` column). False leaves "" in place.
         seed, val_fraction, test_fraction: passed to split_manifest.
         body_part: one part, a list, or None/"all". Applied after splitting, so an image's split does
             not depend on which parts a run picks.
         progress: show progress bars (FracAtlas hashes its images to find duplicates).
     Returns:
-        The manifest; ``attrs`` holds source, root and split_method.
+        The manifest; ``attrs`` holds source, dataset (the DATASETS key, "" for a local folder or the
+        synthetic set) and slug, root (the dataset folder the paths hang from, see dataset_dir),
+        split_method, split (seed and fractions) and, for the synthetic set, its options.
     Raises:
         ValueError: unknown source or body part. FileNotFoundError: no such dataset under root.
         DownloadError: root=None and the dataset can neither be found nor downloaded.
@@ -134,6 +146,8 @@ def load(
         manifest = split_manifest(
             manifest, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, groups=groups
         )
+        if groups is not None:  # kept, so the bootstrap resamples the units the split kept together
+            manifest["group"] = groups.reindex(manifest.index).to_numpy()
         method = manifest.attrs.get("split_method", "")
     else:
         method = "official" if (manifest["split"] != "").all() else "none"
@@ -142,54 +156,11 @@ def load(
     if body_part:
         manifest = filter_body_parts(manifest, list(body_part))
     manifest = manifest.reset_index(drop=True)
-    manifest.attrs = {"source": key, "root": str(root), "split_method": method}
-    return manifest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
-    """Write run_dir/manifest.csv and run_dir/manifest.json (its attrs: source, root, split_method).
-
-    Both are written atomically (temporary file, then rename): a run folder on Google Drive never
-    holds half a manifest. Returns the path of manifest.csv.
-    """
-    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise ValueError(f"not a manifest: columns {missing} are missing (has {list(manifest.columns)})")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = run_dir / "manifest.csv"
-    _atomic_write_text(csv_path, manifest.to_csv(index=False, lineterminator="\n"))
-    meta = {k: manifest.attrs.get(k, "") for k in ("source", "root", "split_method")}
-    meta.update({"rows": int(len(manifest)), "columns": [str(c) for c in manifest.columns]})
-    _atomic_write_text(run_dir / "manifest.json", json.dumps(meta, indent=2) + "\n")
-    return csv_path
-
-
-def read_manifest(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Read run_dir/manifest.csv back with its dtypes (ids and paths str with "" for none, label int) and attrs.
-
-    Raises:
-        FileNotFoundError: no manifest.csv there; the message says what makes one.
-    """
-    run_dir = Path(run_dir)
-    csv_path = run_dir / "manifest.csv"
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"no manifest.csv in {run_dir}; make it with {_MAKES_MANIFEST}")
-    header = pd.read_csv(csv_path, nrows=0).columns
-    manifest = pd.read_csv(csv_path, dtype={c: str for c in _STR_COLUMNS if c in header})
-    for c in _STR_COLUMNS:
-        if c in manifest.columns:
-            manifest[c] = manifest[c].fillna("")
-    manifest["label"] = manifest["label"].astype(np.int64)
-    if "label_conflict" in manifest.columns:
-        manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
-    meta_path = run_dir / "manifest.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    manifest.attrs = {k: meta.get(k, "") for k in ("source", "root", "split_method")}
+    dataset = dataset_key(key) if key in DATASETS else ""
+    manifest.attrs = {
+        "source": key, "dataset": dataset, "slug": DATASETS.get(dataset, ""),
+        "root": str(dataset_dir(key, root)), "split_method": method,
+        "split": {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction} if split else {},
+        "synthetic": (synthetic_options(root) or {}) if key == "synthetic" else {},
+    }  # fmt: skip
     return manifest

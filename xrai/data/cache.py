@@ -18,12 +18,18 @@ meta.json. The key hashes the sorted set of (absolute path, file size, mtime_ns)
 images, the size, DECODER_VERSION and the folder format: it is independent of row order and split, so
 re-splitting or reshuffling a manifest reuses the cache, and replacing or touching any file rebuilds it.
 A complete cache of a superset of the images (all body parts, when one is asked for) is reused too.
+
+One process builds a given cache: the builder holds `<cache_dir>/.lock-<folder>` (an OS file lock,
+released when the process ends, however it ends), and a second process asking for the same cache
+waits for it and then reuses the result. Opening a cache touches its `last_used` file, which
+`python -m xrai cache --prune` (`xrai.data.cachedir`) reads to remove caches nobody has used lately.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import secrets
@@ -40,15 +46,23 @@ import numpy as np
 import pandas as pd
 
 from xrai.data import images as _images
+from xrai.data.sources import require_columns
 from xrai.env import cpu_count, xrai_home
+from xrai.errors import UserError
+from xrai.fileio import exclusive_lock
 
-__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "cache_fits", "default_cache_dir", "find_cache"]
+__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "build_lock_path", "cache_fits", "complete_cache_folder",
+           "default_cache_dir", "find_cache", "read_meta", "remove_dead_builds"]
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the folder layout changes; part of the key
+LAST_USED = "last_used"  # its mtime is when a run last opened the cache (`python -m xrai cache --prune` reads it)
+LOCK_PREFIX = ".lock-"  # <cache_dir>/.lock-<folder name>: held by the one process building that cache
 _MARGIN_BYTES = 1 << 30  # keep 1 GiB (plus 10% of the cache) free for checkpoints and the rest of the run
 
 
-class CacheSpaceError(OSError):
+class CacheSpaceError(UserError, OSError):
     """Not enough free disk for the cache; the message says how much is needed and where."""
 
 
@@ -87,14 +101,15 @@ class ImageCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ImageCache:
-        """Open a cache folder; FileNotFoundError when it is missing or incomplete (no meta.json)."""
+        """Open a cache folder (and record the use); FileNotFoundError when it is missing or incomplete."""
         path = Path(path)
-        meta = _read_meta(path)
+        meta = read_meta(path)
         if meta is None:
             raise FileNotFoundError(f"{path} is not a complete xrai image cache (no valid meta.json); "
                                     "build one with xrai.data.cache.build_cache(manifest, size=...)")
         index = pd.read_csv(path / "index.csv", keep_default_na=False)
         bad = pd.read_csv(path / "bad.csv", keep_default_na=False, dtype=str)
+        _mark_used(path)
         return cls(path=path, key=meta["key"], size=int(meta["size"]), paths=index["path"].tolist(), bad=bad)
 
     def __len__(self) -> int:
@@ -150,7 +165,30 @@ def build_cache(
     found = _lookup(root, entries, size, key, resize)
     if found is not None:
         return found
-    _remove_dead_builds(root)
+
+    def waiting(pid: str) -> None:
+        logger.warning("waiting for process %s, which is building the image cache %s; it is reused when done",
+                       pid, final)
+
+    # One builder per cache: a second process (another notebook, a second training run) waits here
+    # and then finds the finished cache instead of decoding every image again.
+    with exclusive_lock(build_lock_path(root, final.name), on_wait=waiting):
+        found = _lookup(root, entries, size, key, resize)
+        if found is not None:
+            return found
+        _build(root, final, entries, key, size, workers=workers, progress=progress, resize=resize)
+    cache = ImageCache.open(final)
+    cache.built = True
+    if len(cache.bad):
+        warnings.warn(f"{len(cache.bad)} of {len(cache)} images could not be decoded; they are listed in "
+                      f"{final / 'bad.csv'} and left out of training and evaluation batches", stacklevel=2)
+    return cache
+
+
+def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: int | None, progress: bool,
+           resize: str = "letterbox") -> None:
+    """Decode into a private folder and rename it to ``final`` (the caller holds the build lock)."""
+    remove_dead_builds(root)
     if not cache_fits(len(entries), size, root):
         need, free = _needed_bytes(len(entries), size), _free_bytes(root)
         raise CacheSpaceError(
@@ -178,12 +216,6 @@ def build_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    cache = ImageCache.open(final)
-    cache.built = True
-    if len(cache.bad):
-        warnings.warn(f"{len(cache.bad)} of {len(cache)} images could not be decoded; they are listed in "
-                      f"{final / 'bad.csv'} and left out of training and evaluation batches", stacklevel=2)
-    return cache
 
 
 # ---- keying and finding caches ----------------------------------------------------------------
@@ -207,7 +239,24 @@ def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int, key: str
 
 
 def _manifest_entries(manifest: pd.DataFrame | Sequence[str]) -> list[tuple[str, int, int]]:
-    return _stat_entries(manifest["path"] if isinstance(manifest, pd.DataFrame) else manifest)
+    if isinstance(manifest, pd.DataFrame):
+        require_columns(manifest.columns, where="the manifest to cache", needed=("path",))
+        return _stat_entries(manifest["path"])
+    return _stat_entries(manifest)
+
+
+def build_lock_path(root: Path, folder_name: str) -> Path:
+    """The lock file held while the cache folder ``folder_name`` under ``root`` is being built."""
+    return Path(root) / f"{LOCK_PREFIX}{folder_name}"
+
+
+def _mark_used(path: Path) -> None:
+    """Record that the cache was used now (the mtime of path/last_used); read-only copies are left alone."""
+    marker = path / LAST_USED
+    try:
+        marker.touch()  # sets the mtime to now, also when the file is already there
+    except OSError:  # a cache on a read-only mount (Kaggle input): its age is not ours to track
+        pass
 
 
 def _stat_entries(paths) -> list[tuple[str, int, int]]:
@@ -232,7 +281,7 @@ def _cache_key(entries: list[tuple[str, int, int]], size: int, resize: str = "le
     return h.hexdigest()
 
 
-def _read_meta(path: Path) -> dict | None:
+def read_meta(path: Path) -> dict | None:
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError):
@@ -243,7 +292,7 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def _complete(path: Path, key: str) -> ImageCache | None:
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if meta is None or meta.get("key") != key:
         return None
     cache = ImageCache.open(path)
@@ -256,7 +305,7 @@ def _find_superset(root: Path, entries: list[tuple[str, int, int]], size: int,
                    resize: str = "letterbox") -> ImageCache | None:
     """A complete cache at this size and resize mode holding every wanted file unchanged (e.g. all body parts)."""
     for folder in sorted(root.glob(f"{size}px-*")):
-        meta = _read_meta(folder)
+        meta = read_meta(folder)
         if meta is None or meta.get("size") != size or meta.get("n", 0) < len(entries):
             continue
         if meta.get("resize", "letterbox") != resize:  # caches from before resize modes are letterboxed
@@ -268,7 +317,7 @@ def _find_superset(root: Path, entries: list[tuple[str, int, int]], size: int,
     return None
 
 
-def _remove_dead_builds(root: Path) -> None:
+def remove_dead_builds(root: Path) -> None:
     """Delete .build-* folders whose builder process is gone (killed mid-build)."""
     for folder in root.glob(".build-*"):
         try:
@@ -361,3 +410,17 @@ def _write_meta(tmp: Path, meta: dict) -> None:
         json.dump(meta, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+
+
+def complete_cache_folder(folder: str | os.PathLike, paths: Sequence[str], *, size: int, key: str) -> ImageCache:
+    """Make a folder whose images.npy ((len(paths), size, size) uint8) the caller wrote into a complete
+    cache (index.csv with every row good, an empty bad.csv, meta.json last) and open it.
+
+    For tools that write pixels themselves, such as the bench's memory check; the files' sizes and
+    times are recorded as 0, so build_cache never mistakes such a folder for a cache of real files.
+    """
+    folder = Path(folder)
+    _write_tables(folder, [(str(p), 0, 0) for p in paths], [])
+    _write_meta(folder, {"format": CACHE_FORMAT, "key": key, "size": int(size), "n": len(paths), "n_bad": 0,
+                         "decoder_version": _images.DECODER_VERSION})
+    return ImageCache.open(folder)

@@ -22,8 +22,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xrai.data.augment import GpuAugment
-from xrai.data.batches import AUGMENT_STREAM, BadImageWarning, drop_bad_images, epoch_batches, epoch_generator
-from xrai.data.batches import batch_count, ready_batch
+from xrai.data.batches import (
+    AUGMENT_STREAM,
+    BadImageWarning,
+    batch_count,
+    drop_bad_images,
+    epoch_batches,
+    epoch_generator,
+    ready_batch,
+)
 from xrai.data.images import ImageError, fit_square, read_image
 
 __all__ = ["BadImageWarning", "ClassicBatches", "XrayDataset", "find_bad_images"]

@@ -1,4 +1,10 @@
-"""Get a dataset onto disk: a copy attached in Kaggle first, else kagglehub; offline fails fast and clearly."""
+"""Get a dataset onto disk: a copy attached in Kaggle first, else kagglehub; offline fails fast and clearly.
+
+Inside a Kaggle notebook kagglehub attaches a public dataset through Kaggle's own data proxy, which
+works with the notebook's Internet off (kagglehub's KaggleCacheResolver, chosen when
+KAGGLE_KERNEL_RUN_TYPE and KAGGLE_DATA_PROXY_URL are set), so no network probe stands in its way
+there. Everywhere else a TCP probe answers "offline" in seconds, where kagglehub would retry for minutes.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import urllib.parse
 from collections import deque
 from pathlib import Path
 
-from xrai.env import detect_platform
+from xrai.env import detect_platform, kaggle_input_dir
+from xrai.errors import UserError
 
-__all__ = ["DATASETS", "DownloadError", "download", "find_attached", "kaggle_input_dir"]
+__all__ = ["DATASETS", "DownloadError", "attach_hint", "dataset_key", "download", "find_attached", "find_cached",
+           "kaggle_input_dir"]
 
 DATASETS = {
     "mura": "cjinny/mura-v11",
@@ -32,13 +40,24 @@ NETWORK_TIMEOUT_S = 3.0
 _ATTACHED_DEPTH = 4  # /kaggle/input/<slug>/... or /kaggle/input/datasets/<owner>/<slug>/...
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A dataset could not be fetched; the message names the slug and the two ways out."""
 
 
-def kaggle_input_dir() -> Path:
-    """Kaggle's read-only folder of attached data ($XRAI_KAGGLE_INPUT overrides it, for tests)."""
-    return Path(os.environ.get("XRAI_KAGGLE_INPUT", "/kaggle/input"))
+# kagglehub's own cache: $KAGGLEHUB_CACHE or ~/.cache/kagglehub, then datasets/<owner>/<name>/versions/<N>/,
+# with an empty <N>.complete file beside versions/ once a download has finished.
+KAGGLEHUB_CACHE_ENV = "KAGGLEHUB_CACHE"
+# kagglehub's KaggleCacheResolver needs both (kagglesdk.kaggle_env.is_in_kaggle_notebook).
+KAGGLE_RESOLVER_ENV = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_DATA_PROXY_URL")
+
+
+def dataset_key(name: str) -> str:
+    """The DATASETS key of a name or a full slug ("mura", "cjinny/mura-v11" -> "mura").
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    return _resolve(name)[0]
 
 
 def _resolve(name: str) -> tuple[str, str]:
@@ -76,6 +95,30 @@ def find_attached(name: str, input_dir: str | os.PathLike | None = None) -> Path
                 return sub
         queue.extend((Path(s), depth + 1) for s in subs)
     return None
+
+
+def find_cached(name: str) -> Path | None:
+    """The newest complete copy of dataset ``name`` in kagglehub's cache on this machine, or None."""
+    _, slug = _resolve(name)
+    owner, dataset = slug.split("/")
+    top = Path(os.environ.get(KAGGLEHUB_CACHE_ENV, Path.home() / ".cache" / "kagglehub")) / "datasets" / owner / dataset
+    try:
+        versions = [int(e.name) for e in os.scandir(top / "versions") if e.is_dir() and e.name.isdigit()]
+    except OSError:  # nothing cached
+        return None
+    complete = [v for v in sorted(versions, reverse=True) if (top / f"{v}.complete").exists()]
+    return top / "versions" / str(complete[0]) if complete else None
+
+
+def attach_hint(name: str) -> str:
+    """How to attach dataset ``name`` to a Kaggle notebook, in one sentence."""
+    _, slug = _resolve(name)
+    return (f"attach Kaggle dataset '{slug}' to this notebook (right panel: Add Input > Datasets > search "
+            f"'{slug.split('/')[1]}' > +), then run again")
+
+
+def _kaggle_resolver_ready() -> bool:
+    return all(os.environ.get(k) for k in KAGGLE_RESOLVER_ENV)
 
 
 def _probe_address() -> tuple[str, int]:
@@ -122,8 +165,9 @@ def _help(name: str, slug: str, reason: str) -> str:
 def download(name: str, *, force: bool = False) -> Path:
     """Return a local folder holding dataset `name` (a key of DATASETS, or its slug).
 
-    In Kaggle, a copy attached under /kaggle/input (any depth) is returned without downloading.
-    Otherwise kagglehub.dataset_download fetches it into kagglehub's cache (reused next time).
+    In Kaggle, a copy attached under /kaggle/input (any depth) is returned without downloading; else
+    kagglehub's Kaggle resolver attaches it (no Internet needed). Elsewhere kagglehub.dataset_download
+    fetches it into kagglehub's cache (reused next time), with its own progress bar.
 
     Args:
         name: "mura", "fracatlas", "multiregion" or "bonefracture".
@@ -137,10 +181,13 @@ def download(name: str, *, force: bool = False) -> Path:
         attached = find_attached(key)
         if attached is not None:
             return attached
-    if not _network_ok():
-        platform, _ = detect_platform()
-        where = " (Kaggle notebooks need Settings > Internet on)" if platform == "kaggle" else ""
-        raise DownloadError(_help(key, slug, f"no network connection to {KAGGLE_HOST[0]}{where}"))
+    in_kaggle = detect_platform()[0] == "kaggle"
+    # Kaggle's resolver attaches through the data proxy, Internet on or off: no probe before it.
+    if not (in_kaggle and _kaggle_resolver_ready()) and not _network_ok():
+        if in_kaggle:
+            raise DownloadError(f"dataset '{slug}' is not attached and this Kaggle notebook has no Internet: "
+                                f"{attach_hint(key)} (or turn Settings > Internet on)")
+        raise DownloadError(_help(key, slug, f"no network connection to {KAGGLE_HOST[0]}"))
     try:
         import kagglehub
     except ImportError as e:
@@ -148,5 +195,8 @@ def download(name: str, *, force: bool = False) -> Path:
     try:
         path = kagglehub.dataset_download(slug, force_download=force)
     except Exception as e:  # noqa: BLE001 - kagglehub raises requests, HTTP and its own errors; all mean "failed"
+        if in_kaggle:
+            raise DownloadError(f"dataset '{slug}' is not attached and kagglehub could not attach it "
+                                f"({type(e).__name__}: {e}): {attach_hint(key)}") from e
         raise DownloadError(_help(key, slug, f"kagglehub failed with {type(e).__name__}: {e}")) from e
     return Path(path)

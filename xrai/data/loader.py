@@ -16,8 +16,14 @@ import torch
 from torch import Tensor
 
 from xrai.data.augment import GpuAugment
-from xrai.data.batches import AUGMENT_STREAM, batch_count, drop_bad_images, epoch_batches, epoch_generator
-from xrai.data.batches import ready_batch
+from xrai.data.batches import (
+    AUGMENT_STREAM,
+    batch_count,
+    drop_bad_images,
+    epoch_batches,
+    epoch_generator,
+    ready_batch,
+)
 from xrai.data.cache import ImageCache
 from xrai.env import get_device
 

@@ -15,15 +15,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xrai.errors import UserError
+
 __all__ = [
     "MANIFEST_COLUMNS",
     "IMAGE_EXTENSIONS",
     "LabelConflictWarning",
+    "ManifestError",
     "ManifestWarning",
     "class_label",
+    "dataset_dir",
     "read_class_folders",
     "read_fracatlas",
     "read_mura",
+    "require_columns",
 ]
 
 MANIFEST_COLUMNS = ["path", "label", "body_part", "patient_id", "study_id", "split", "source"]
@@ -50,6 +55,26 @@ class LabelConflictWarning(UserWarning):
 
 class ManifestWarning(UserWarning):
     """Images listed but missing, on disk but unlisted, or otherwise left out of a manifest."""
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest that lacks a column the next step needs; the message names the column and the file."""
+
+
+def require_columns(columns, *, where: str, needed=MANIFEST_COLUMNS, hint: str = "") -> None:
+    """Raise ManifestError naming every column of ``needed`` missing from ``columns``.
+
+    Args:
+        columns: the manifest's columns (``frame.columns``).
+        where: what to name in the message: the CSV's path, or "the manifest passed to fit()".
+        needed: the columns the caller reads.
+        hint: what makes a complete manifest, appended to the message.
+    """
+    missing = [c for c in needed if c not in set(columns)]
+    if missing:
+        names = ", ".join(repr(c) for c in missing)
+        raise ManifestError(f"{where} has no {names} column{'s' if len(missing) > 1 else ''} (a manifest has "
+                            f"{', '.join(MANIFEST_COLUMNS)})" + (f"; {hint}" if hint else ""))
 
 
 def class_label(name: str) -> int | None:
@@ -115,7 +140,7 @@ def _find_dir(root: Path, accept, what: str, hint: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{what}: {root} is not a folder. {hint}")
-    queue = deque([(root.resolve(), 0)])
+    queue = deque([(Path(os.path.abspath(root)), 0)])  # not resolve(): keep the path as mounted, symlinks and all
     while queue:
         d, depth = queue.popleft()
         if accept(d):
@@ -151,7 +176,34 @@ def _order(manifest: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def dataset_dir(source: str, root: str | os.PathLike) -> Path:
+    """The folder a source's image paths hang from, found at or up to 3 folders below ``root``.
+
+    MURA-v1.1 itself for "mura" and "synthetic", the folder holding dataset.csv for "fracatlas", the
+    level holding the split or class folders for the class-folder sets. The manifest stores paths
+    relative to it, so a dataset found under another wrapper (kagglehub's versions/N/, Kaggle's
+    datasets/<owner>/<slug>/) gives the same relative paths.
+
+    Raises:
+        FileNotFoundError: no such dataset under root. ValueError: unknown source.
+    """
+    if source in ("mura", "synthetic"):
+        return _mura_dir(root)
+    if source == "fracatlas":
+        return _fracatlas_dir(root)
+    if source in ("folder", "multiregion", "bonefracture"):
+        return _find_class_root(Path(root))[0]
+    raise ValueError(f"unknown source '{source}'; choose one of: mura, synthetic, fracatlas, folder")
+
+
 # --------------------------------------------------------------------------------------------- MURA
+def _mura_dir(root: str | os.PathLike) -> Path:
+    return _find_dir(
+        Path(root), _is_mura_dir, "MURA-v1.1 (train_image_paths.csv or train/XR_<PART>/...)",
+        "Download it with xrai.data.download('mura') or pass root= the folder that holds MURA-v1.1.",
+    )  # fmt: skip
+
+
 def _is_mura_dir(d: Path) -> bool:
     if any((d / f"{s}_image_paths.csv").is_file() for s in MURA_SPLITS):
         return True
@@ -183,10 +235,7 @@ def read_mura(root: str | os.PathLike, *, source: str = "mura") -> pd.DataFrame:
     Raises:
         FileNotFoundError: no MURA tree under root.
     """
-    mura = _find_dir(
-        Path(root), _is_mura_dir, "MURA-v1.1 (train_image_paths.csv or train/XR_<PART>/...)",
-        "Download it with xrai.data.download('mura') or pass root= the folder that holds MURA-v1.1.",
-    )  # fmt: skip
+    mura = _mura_dir(root)
     frames, conflicts = [], []
     for split in MURA_SPLITS:
         if not (mura / split).is_dir() and not (mura / f"{split}_image_paths.csv").is_file():
@@ -264,6 +313,13 @@ def _is_fracatlas_dir(d: Path) -> bool:
     return (d / "dataset.csv").is_file() and any(s.name.lower() == "images" for s in _subdirs(d))
 
 
+def _fracatlas_dir(root: str | os.PathLike) -> Path:
+    return _find_dir(
+        Path(root), _is_fracatlas_dir, "FracAtlas (dataset.csv beside images/)",
+        "Download it with xrai.data.download('fracatlas') or pass root= the folder that holds dataset.csv.",
+    )  # fmt: skip
+
+
 def read_fracatlas(root: str | os.PathLike) -> pd.DataFrame:
     """Manifest of FracAtlas: images/{Fractured,Non_fractured}/*.jpg with dataset.csv.
 
@@ -278,10 +334,7 @@ def read_fracatlas(root: str | os.PathLike) -> pd.DataFrame:
     Raises:
         FileNotFoundError: no FracAtlas tree under root.
     """
-    top = _find_dir(
-        Path(root), _is_fracatlas_dir, "FracAtlas (dataset.csv beside images/)",
-        "Download it with xrai.data.download('fracatlas') or pass root= the folder that holds dataset.csv.",
-    )  # fmt: skip
+    top = _fracatlas_dir(root)
     images = next(s for s in _subdirs(top) if s.name.lower() == "images")
     rows = []
     for cls_dir, lab in _class_dirs(images):
@@ -335,7 +388,7 @@ def _find_class_root(root: Path) -> tuple[Path, bool]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"class-folder dataset: {root} is not a folder")
-    d = root.resolve()
+    d = Path(os.path.abspath(root))
     for _ in range(16):  # any realistic chain of wrappers; bounded so a symlink loop cannot spin
         subs = _subdirs(d)
         if any(_split_name(s.name) for s in subs):

@@ -37,6 +37,7 @@ POSITIVE_RATE = 0.45  # MURA's studies are about 40% abnormal
 # gap's edge (where the broken cortex is) still counts as a hit.
 MASK_DILATION = 1.0
 DEFAULT_PATIENTS = 80  # about 1,600 images: 3 epochs of about 36 steps each
+DEFAULT_SIZE = 256
 
 @dataclass(frozen=True, kw_only=True)
 class _Study:
@@ -54,13 +55,40 @@ class _Study:
         return f"{MURA_DIR}/{self.split}/XR_{self.part}/patient{self.patient:05d}/study{self.number}_{kind}/"
 
 
-def default_synthetic_root() -> Path:
-    """Where the default synthetic set lives: ``xrai_home()/"synthetic-v<N>"``."""
-    return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}"
+def default_synthetic_root(**options: Any) -> Path:
+    """Where a synthetic set lives: ``xrai_home()/"synthetic-v<N>"`` for the default set, and a folder
+    named after its options (``synthetic-v<N>-p8-s128-seed0``) for any other."""
+    chosen = {"patients_per_part": DEFAULT_PATIENTS, "size": DEFAULT_SIZE, "seed": 0, **options}
+    if chosen == {"patients_per_part": DEFAULT_PATIENTS, "size": DEFAULT_SIZE, "seed": 0}:
+        return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}"
+    name = f"p{chosen['patients_per_part']}-s{chosen['size']}-seed{chosen['seed']}"
+    return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}-{name}"
+
+
+def synthetic_options(root: str | Path) -> dict[str, int] | None:
+    """The make_synthetic() options a finished synthetic tree was made with (read from its marker), or None.
+
+    Returns:
+        ``{"version", "patients_per_part", "seed", "size"}``; the same options make byte-identical files
+        (with the same version), so a run folder can have its set made again on another machine.
+    """
+    base = Path(root)
+    if base.name != MURA_DIR:
+        base = base / MURA_DIR
+    try:
+        words = (base / COMPLETE_MARKER).read_text().split()
+    except OSError:
+        return None
+    pairs = dict(w.split("=", 1) for w in words if "=" in w)
+    version = next((w[1:] for w in words if w.startswith("v") and w[1:].isdigit()), "")
+    try:
+        return {"version": int(version), **{k: int(pairs[k]) for k in ("patients_per_part", "seed", "size")}}
+    except (KeyError, ValueError):  # a marker from before the options were written into it
+        return None
 
 
 def ensure_synthetic(root: str | Path | None = None, **options: Any) -> Path:
-    """Generate the default synthetic set at ``root`` (default: default_synthetic_root()) unless it is there.
+    """Generate a synthetic set at ``root`` (default: default_synthetic_root(**options)) unless it is there.
 
     ``options`` go to :func:`make_synthetic` (tests use a tiny set). The tree is written into a temporary folder beside ``root`` and renamed into place, so a run that
     is interrupted, or one racing another process, never leaves a half tree that reads as complete.
@@ -68,7 +96,7 @@ def ensure_synthetic(root: str | Path | None = None, **options: Any) -> Path:
     Raises:
         FileExistsError: ``root`` exists, is not empty and is not a finished synthetic set.
     """
-    root = Path(root) if root is not None else default_synthetic_root()
+    root = Path(root) if root is not None else default_synthetic_root(**options)
     if (root / MURA_DIR / COMPLETE_MARKER).is_file():
         return root
     if root.exists():
@@ -95,7 +123,8 @@ def ensure_synthetic(root: str | Path | None = None, **options: Any) -> Path:
     return root
 
 
-def make_synthetic(root: str | Path, *, patients_per_part: int = DEFAULT_PATIENTS, seed: int = 0, size: int = 256) -> Path:
+def make_synthetic(root: str | Path, *, patients_per_part: int = DEFAULT_PATIENTS, seed: int = 0,
+                   size: int = DEFAULT_SIZE) -> Path:
     """Write a phantom X-ray set in MURA v1.1's layout under ``root/MURA-v1.1`` and return ``root``.
 
     Layout: ``{train,valid}/XR_<PART>/patientNNNNN/studyN_{positive,negative}/imageN.png`` for the

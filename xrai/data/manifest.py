@@ -1,0 +1,183 @@
+"""The manifest on disk: ``RUN_DIR/manifest.csv`` with paths relative to the dataset root, and manifest.json.
+
+On disk a path is relative to the dataset folder (``MURA-v1.1``, the folder holding FracAtlas's
+dataset.csv, ...); in memory, after ``read_manifest``, it is absolute on this machine: the images are
+found again wherever this machine has them (see xrai.data.locate), and one line in
+``manifest.attrs["found"]`` says where. A manifest written before paths were relative (absolute paths,
+no dataset key) still reads: its paths are used where they exist and mapped onto a copy found again
+where they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xrai.data.locate import Found, find_images
+from xrai.data.sources import ManifestError, require_columns
+from xrai.env import is_under, kaggle_input_dir
+from xrai.fileio import atomic_write_json, atomic_write_text
+
+__all__ = ["ATTRS", "manifest_info", "read_manifest", "relocate_paths", "save_manifest"]
+
+logger = logging.getLogger(__name__)
+
+# What manifest.json records besides rows and columns; a manifest's attrs carry the same keys.
+ATTRS = ("source", "dataset", "slug", "root", "split_method", "split", "synthetic")
+_STR_COLUMNS = ("path", "body_part", "patient_id", "study_id", "split", "source", "image_id")
+_MAKES_MANIFEST = (
+    "notebooks/01_download.ipynb, or `python -m xrai audit --data SOURCE --root DIR --out RUN_DIR` "
+    "(training with `python -m xrai train` writes it too)"
+)
+
+
+def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
+    """Write run_dir/manifest.csv and run_dir/manifest.json (its attrs: source, dataset, root, split, ...).
+
+    Paths under ``attrs["root"]`` are written relative to it, so the run folder does not depend on where
+    this machine keeps the images. Both files are written atomically (temporary file, then rename): a
+    run folder on Google Drive never holds half a manifest. Returns the path of manifest.csv.
+    """
+    require_columns(manifest.columns, where="the manifest to save")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = str(manifest.attrs.get("root") or "")
+    prefix = root.rstrip("/\\") + os.sep
+    relative = bool(root) and len(manifest) > 0 and bool(manifest["path"].str.startswith(prefix).all())
+    table = manifest.assign(path=manifest["path"].str.slice(len(prefix)).str.replace(os.sep, "/", regex=False)) \
+        if relative else manifest
+    csv_path = run_dir / "manifest.csv"
+    atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
+    meta = {k: manifest.attrs.get(k, "") for k in ATTRS}
+    meta.update({"paths": "relative" if relative else "absolute", "rows": int(len(manifest)),
+                 "columns": [str(c) for c in manifest.columns]})
+    atomic_write_json(run_dir / "manifest.json", meta)
+    return csv_path
+
+
+def manifest_info(run_dir: str | os.PathLike) -> dict:
+    """manifest.json of a run folder (source, dataset, root, ...) without looking for the images.
+
+    Raises:
+        FileNotFoundError: no manifest.csv there; the message says what makes one.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.csv").is_file():
+        raise FileNotFoundError(f"no manifest.csv in {run_dir}; make it with {_MAKES_MANIFEST}")
+    path = run_dir / "manifest.json"
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {k: meta.get(k, "") for k in ATTRS} | {"paths": meta.get("paths", "absolute")}
+
+
+def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read run_dir/manifest.csv with its dtypes and attrs, its paths made absolute on this machine.
+
+    The images are looked for where xrai.data.locate says (the recorded root, an attached Kaggle copy,
+    kagglehub's cache, a download, the synthetic set regenerated); ``attrs["found"]`` is one line saying
+    where they were found. When that is not the recorded root, manifest.json is updated (where the
+    run folder is writable and outside Kaggle's input folder).
+
+    Args:
+        run_dir: the run folder.
+        root: a folder holding the dataset, tried before anything else.
+    Raises:
+        FileNotFoundError: no manifest.csv there (the message says what makes one), or its images are on
+            this machine nowhere and cannot be fetched (the message says what to do).
+        ManifestError: manifest.csv is not a readable CSV or lacks a column (the message names it and the file).
+    """
+    run_dir = Path(run_dir)
+    meta = manifest_info(run_dir)
+    csv_path = run_dir / "manifest.csv"
+    try:
+        header = pd.read_csv(csv_path, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{csv_path} is not a readable CSV ({e}); make it again with {_MAKES_MANIFEST}") from e
+    require_columns(header, where=str(csv_path), hint=f"make it again with {_MAKES_MANIFEST}")
+    manifest = pd.read_csv(csv_path, dtype={c: str for c in _STR_COLUMNS if c in header})
+    for c in _STR_COLUMNS:
+        if c in manifest.columns:
+            manifest[c] = manifest[c].fillna("")
+    manifest["label"] = manifest["label"].astype(np.int64)
+    if "label_conflict" in manifest.columns:
+        manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
+    found = None
+    if len(manifest):
+        if meta["paths"] == "relative":
+            found = _find_relative(manifest, meta, root, csv_path)
+        else:
+            found = _find_absolute(manifest, meta, root, csv_path)
+    manifest.attrs = {k: meta[k] for k in ATTRS}
+    if found is not None:
+        manifest.attrs["root"] = str(found.root)
+        manifest.attrs["found"] = found.line(len(manifest))
+        logger.info("%s: %s", run_dir, manifest.attrs["found"])
+        if meta["paths"] == "relative" and str(found.root) != meta["root"]:
+            _record_root(run_dir, str(found.root))
+    return manifest
+
+
+def _find_relative(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> Found:
+    probes = list(dict.fromkeys([manifest["path"].iloc[0], manifest["path"].iloc[-1]]))
+    found = find_images(meta, lambda folder: all((folder / p).exists() for p in probes), root=root,
+                        where=str(csv_path))
+    manifest["path"] = str(found.root) + os.sep + manifest["path"].str.replace("/", os.sep, regex=False)
+    return found
+
+
+def _find_absolute(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> Found:
+    """An old manifest: its paths where they exist, else mapped onto a copy found again by their tails."""
+    first = manifest["path"].iloc[0]
+    if root is None and os.path.exists(first):
+        return Found(root=Path(meta["root"] or os.path.dirname(first)), how="recorded paths", seconds=0.0)
+    parts = first.replace("\\", "/").split("/")
+    tails = ["/".join(parts[k:]) for k in range(1, len(parts))]  # longest first
+    old_prefix: list[str] = []
+
+    def holds(folder: Path) -> bool:
+        tail = next((t for t in tails if (folder / t).exists()), None)
+        if tail is not None:
+            old_prefix[:] = [first[: len(first) - len(tail)]]
+        return tail is not None
+
+    found = find_images(meta, holds, root=root, where=str(csv_path))
+    prefix = old_prefix[0]
+    paths = manifest["path"]
+    moved = paths.str.startswith(prefix)
+    manifest.loc[moved, "path"] = str(found.root) + os.sep + paths[moved].str.slice(len(prefix))
+    return found
+
+
+def _record_root(run_dir: Path, root: str) -> None:
+    """Write where the images were found into manifest.json, so the next reader looks there first."""
+    path = run_dir / "manifest.json"
+    if is_under(run_dir, kaggle_input_dir()) or not os.access(run_dir, os.W_OK) or not path.is_file():
+        return
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["root"] = root
+    atomic_write_json(path, meta)
+
+
+def relocate_paths(paths: pd.Series, manifest: pd.DataFrame) -> pd.Series:
+    """Paths another machine wrote (a run's predictions_<split>.csv) mapped onto this machine's manifest.
+
+    A path the manifest holds stays; another one is matched by its tail (the path relative to the
+    dataset root, which is the same on every machine); one with no match stays as it was.
+    """
+    known = set(manifest["path"])
+    root = str(manifest.attrs.get("root") or "")
+    if not root or paths.isin(known).all():
+        return paths
+    by_tail = {p[len(root) + 1:].replace(os.sep, "/"): p for p in known if p.startswith(root)}
+
+    def move(path: str) -> str:
+        if path in known:
+            return path
+        parts = path.replace("\\", "/").split("/")
+        return next((by_tail[t] for t in ("/".join(parts[k:]) for k in range(1, len(parts))) if t in by_tail), path)
+
+    return paths.map(move)

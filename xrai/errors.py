@@ -1,0 +1,70 @@
+"""Which failures are the user's to fix, and how they read: one line, no Python objects, exit code 2.
+
+A new error a user can fix (a bad file, a missing download, a setting out of range) subclasses
+``UserError`` (with the built-in class it also is, e.g. ``class XError(UserError, ValueError)``), and
+every command of the CLI and ``serve`` turns it into one line, with no new code there. Bugs stay
+tracebacks with exit code 1. This module imports nothing of xrai, so every module may use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+__all__ = ["USER_ERRORS", "UserError", "is_user_error", "one_line"]
+
+
+class UserError(Exception):
+    """A failure the user can fix; the message names the file or setting and what to do."""
+
+
+# Built-in errors that reach a user from their own input: ValueError is how every xrai check (and
+# argparse-free API misuse) reports a bad setting; the OSErrors name the path they failed on.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+# Other OSErrors that are the machine's state, not a bug: a full disk or quota, a read-only mount.
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is a failure the user can fix (one line, exit 2) rather than a bug."""
+    if isinstance(error, USER_ERRORS):
+        return True
+    return isinstance(error, OSError) and error.errno in _USER_ERRNOS
+
+
+def one_line(error: BaseException | str) -> str:
+    """The error's message on one line, with any ``<... object at 0x...>`` repr replaced by "the data".
+
+    Multi-line messages (a resume's list of differing settings) are joined with "; ".
+    """
+    text = str(error)
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
+        text = _os_error_text(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = "; ".join(lines) or type(error).__name__
+    return _OBJECT_REPR.sub("the data", text)
+
+
+def _os_error_text(error: OSError) -> str:
+    """'permission denied: /x/y (check who owns it ...)' instead of "[Errno 13] Permission denied: '/x/y'"."""
+    where = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    reason = (error.strerror or type(error).__name__).lower()
+    hint = {
+        errno.EACCES: "check the file's owner and permissions, or choose another path",
+        errno.EPERM: "check the file's owner and permissions, or choose another path",
+        errno.ENOSPC: "free some disk space or choose a folder on a larger disk",
+        errno.EDQUOT: "free some space in your quota or choose another folder",
+        errno.EROFS: "choose a folder on a writable disk",
+    }.get(error.errno)
+    return f"{reason}: {where}" + (f" ({hint})" if hint else "")

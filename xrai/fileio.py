@@ -1,0 +1,188 @@
+"""Atomic file writes (the one helper every run-folder file goes through) and an inter-process file lock.
+
+``atomic_write(path)`` yields a file in the target's folder; on a clean exit it is flushed, fsynced
+and renamed over ``path``, so a reader (or a process killed mid-write, or a Colab disconnect with
+the run folder on Google Drive) sees either the old file or the complete new one, never a torn one.
+The temporary file is created with mode 0o666 and the process umask applies, as for any ``open()``:
+0644 under the usual umask 022, so the container's non-root user can read a run made by another user
+(``tempfile.mkstemp`` would give 0600). ``exclusive_lock`` serialises processes on a lock file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_write_with",
+    "exclusive_lock",
+    "try_lock",
+]
+
+TMP_PREFIX = "."  # temporary files are hidden: .<name>.<random>.tmp, next to the target
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        mode: "w" (text) or "wb" (bytes).
+        encoding: for text mode.
+    Yields:
+        The open file. On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    # O_EXCL: never write through a file (or link) that is already there. Mode 0o666: the kernel
+    # applies the umask, so the file gets exactly the permissions a plain open() would give it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with open(fd, mode, encoding=None if "b" in mode else encoding,
+                  newline=None if "b" in mode else "") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """``json.dumps(obj, indent=2, **dumps_kwargs)`` plus a newline, written atomically; returns the path."""
+    dumps_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically; returns the path."""
+    import torch
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[IO], Any], mode: str = "w") -> Path:
+    """Call ``writer(file)`` on the temporary file (``DataFrame.to_csv``, ``Figure.savefig``...); atomic."""
+    with atomic_write(path, mode) as f:
+        writer(f)
+    return Path(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself. Some file systems (FUSE mounts like Google Drive, Windows) cannot open
+    or fsync a directory; there the rename is as durable as that file system makes it, so we carry on."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # see the docstring: directory fsync is unsupported there, the file itself is already synced
+    finally:
+        os.close(fd)
+
+
+# ---- inter-process lock -------------------------------------------------------------------------
+
+
+def try_lock(handle: IO) -> bool:
+    """Take an exclusive lock on the open file without waiting; False when another process holds it.
+
+    The operating system drops the lock when the holder closes the file or dies, so a killed
+    process never leaves a stale lock behind (fcntl.flock on POSIX, msvcrt.locking on Windows).
+
+    Raises:
+        OSError: the file system cannot lock at all (some network mounts).
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:  # EACCES / EDEADLOCK: locked by another process
+            return False
+    import errno
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
+                   on_wait: Callable[[str], Any] | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the ``with`` block.
+
+    Waits, polling every ``poll_s`` seconds, while another process holds it; ``on_wait`` is called
+    once with the holder's pid (as recorded in the file) when it has to wait.
+
+    Yields:
+        True when the lock is held; False when the file system cannot lock (the block then runs
+        unlocked, which is what callers did before locks existed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+b")  # noqa: SIM115 - closed in finally; "a" never truncates the holder's pid
+    try:
+        try:
+            locked = try_lock(handle)
+        except OSError:
+            yield False
+            return
+        if not locked and on_wait is not None:
+            handle.seek(0)
+            on_wait(handle.read(32).decode("ascii", "replace").strip() or "?")
+        while not locked:
+            time.sleep(poll_s)
+            locked = try_lock(handle)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
+        yield True
+    finally:
+        handle.close()  # releases the lock
