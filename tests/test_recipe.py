@@ -30,8 +30,11 @@ def test_named_recipes_set_every_recipe_field():
     config = recipe_config("v1", data="fracatlas", lr=5e-4)
     assert config.lr == 5e-4 and config.resize == "letterbox" and config.keep == "best" and config.batch_size == 32
     assert recipe_of(config)["lr"] == 5e-4
-    with pytest.raises(ValueError, match="unknown recipe 'v0'; choose one of: v1"):
+    with pytest.raises(ValueError, match="unknown recipe 'v0'; choose one of: v1, v2"):
         recipe_config("v0")
+    # the default: the old recipe with the three changes the grouped CV chose, nothing else
+    changed = {k: v for k, v in RECIPES["v2"].items() if RECIPES["v1"][k] != v}
+    assert changed == {"lr": 2e-3, "resize": "stretch", "tta": True}
 
 
 def test_a_config_saved_before_the_recipe_fields_reads_back_as_trained():

@@ -81,7 +81,7 @@ def test_finished_run_resumed_just_returns(one_epoch_run, synthetic_manifest):
 
 def test_resume_with_a_different_config_names_the_fields(one_epoch_run, synthetic_manifest):
     config, run_dir, _ = one_epoch_run
-    with pytest.raises(ValueError, match=r"(?s)lr: 0.001 in the checkpoint, 0.01 now.*optimizer"):
+    with pytest.raises(ValueError, match=rf"(?s)lr: {config.lr} in the checkpoint, 0.01 now.*optimizer"):
         fit(config.replace(lr=0.01, optimizer="sgd", epochs=2), synthetic_manifest, run_dir, resume=True,
             progress=False)
     with pytest.raises(FileExistsError, match="resume=True"):

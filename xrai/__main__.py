@@ -58,7 +58,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_split_args(p)
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     g = p.add_argument_group("recipe (docs/recipe.md; unset flags take the --recipe's value, else the default)")
-    g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help="a named recipe, e.g. v1 (the old one)")
+    g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help=f"a named recipe (default {DEFAULT_RECIPE}, TrainConfig's; v1: the old one)")
     g.add_argument("--resize", default=None, choices=RESIZES, help="fit images to a square: keep aspect "
                    "(letterbox) or stretch")
     g.add_argument("--crop-scale", type=float, default=None, help="smallest random crop, as a share of the area")
