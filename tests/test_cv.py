@@ -165,6 +165,8 @@ def test_ensemble_report_uses_the_oof_threshold(cv_run):
     report = evaluate_run(run_dir, split="test", progress=False, n_bootstrap=50, explain_images=0)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
     assert report["checkpoint"]["file"] == "folds/*/checkpoints/best.pt"
+    card = (run_dir / "model_card.md").read_text()
+    assert "chosen on the out-of-fold predictions of a grouped CV" in card and "| oof |" in card
     oof = evaluate_run(run_dir, split="valid", progress=False)  # a CV run's validation: its OOF report
     assert oof["split"] == "oof" and oof == json.loads((run_dir / "report_oof.json").read_text())
 
