@@ -26,6 +26,7 @@ def test_help_lists_every_subcommand():
     assert set(subcommands) == set(COMMANDS)  # every subcommand has a handler and every handler a subcommand
     for name in COMMANDS:
         assert name in proc.stdout
+    assert "cv" in COMMANDS
 
 
 def test_train_flags_map_onto_the_config():

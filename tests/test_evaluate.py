@@ -290,10 +290,12 @@ def test_tta_averages_the_flip(synthetic_manifest):
 
     config = TrainConfig(data="synthetic", img_size=64)
     rows = synthetic_manifest.head(4)
-    plain = predict(_LeftMinusRight(), rows, config=config, device="cpu", progress=False)
+    plain = predict(_LeftMinusRight(), rows, config=config, device="cpu", tta=False, progress=False)
     tta = predict(_LeftMinusRight(), rows, config=config, device="cpu", tta=True, progress=False)
+    default = predict(_LeftMinusRight(), rows, config=config, device="cpu", progress=False)  # the recipe's: on
     assert not np.allclose(plain["probability"], 0.5)
     np.testing.assert_allclose(tta["probability"], 0.5, atol=1e-6)
+    np.testing.assert_allclose(default["probability"], tta["probability"])
 
 
 def test_report_without_studies_or_second_class():

@@ -81,7 +81,7 @@ def test_finished_run_resumed_just_returns(one_epoch_run, synthetic_manifest):
 
 def test_resume_with_a_different_config_names_the_fields(one_epoch_run, synthetic_manifest):
     config, run_dir, _ = one_epoch_run
-    with pytest.raises(ValueError, match=r"(?s)lr: 0.001 in the checkpoint, 0.01 now.*optimizer"):
+    with pytest.raises(ValueError, match=rf"(?s)lr: {config.lr} in the checkpoint, 0.01 now.*optimizer"):
         fit(config.replace(lr=0.01, optimizer="sgd", epochs=2), synthetic_manifest, run_dir, resume=True,
             progress=False)
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -149,7 +149,7 @@ def _lrs(scheduler_name: str, epochs: int, *, steps_per_epoch: int = 1, metric=N
         for _ in range(steps_per_epoch):
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            if scheduler_name == "cosine":
+            if scheduler_name in ("cosine", "onecycle"):
                 scheduler.step()
         if scheduler_name in ("step", "exponential"):
             scheduler.step()
@@ -164,7 +164,8 @@ def test_each_scheduler_builds_and_steps(name):
         assert build_scheduler(build_optimizer(nn.Linear(2, 1), _config()), _config(scheduler="none"),
                                steps_per_epoch=3) is None
         return
-    lrs = _lrs(name, 7, steps_per_epoch=2 if name == "cosine" else 1, metric=0.5, warmup_epochs=1, patience=2)
+    lrs = _lrs(name, 7, steps_per_epoch=2 if name in ("cosine", "onecycle") else 1, metric=0.5, warmup_epochs=1,
+               patience=2)
     if name == "step":  # x0.1 after 5 epochs
         assert lrs[:5] == [1.0] * 5 and lrs[5] == pytest.approx(0.1)
     elif name == "exponential":  # x0.99 per epoch
@@ -172,6 +173,8 @@ def test_each_scheduler_builds_and_steps(name):
     elif name == "cosine":  # linear warm-up over the first epoch's 2 steps, then down towards 0
         assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
         assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+    elif name == "onecycle":  # up from lr/25 to the peak lr, then down far below the start
+        assert lrs[0] == pytest.approx(1.0 / 25) and max(lrs) == pytest.approx(1.0, rel=0.05) and lrs[-1] < 1e-3
     else:  # plateau: a flat metric cuts the lr by 10 once patience (max(1, 2 // 2) = 1) runs out
         assert lrs[0] == 1.0 and lrs[-1] < 0.1
 

@@ -326,7 +326,7 @@ def nb03() -> list:
             "GPU T4 (without one it stops, unless `ALLOW_CPU = True` or the data is the synthetic set) · about 15 "
             "minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; one body part takes "
             "a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
-            ("import xrai.plots", "import xrai.train", "import xrai.widgets", "from xrai.config import TrainConfig"),
+            ("import xrai.plots", "import xrai.recipe", "import xrai.train", "import xrai.widgets"),
         ),
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 01_download.ipynb wrote; checkpoints go in it too\n'
@@ -337,6 +337,7 @@ def nb03() -> list:
             "EPOCHS = 10\n"
             "IMG_SIZE = None  # crop side fed to the model; None: 224 (128 on the synthetic set)\n"
             "BATCH_SIZE = 64\n"
+            'RECIPE = "v2"  # docs/recipe.md: v2 (lr 2e-3, stretch, flip TTA), chosen by grouped CV from scratch; v1: the old one\n'
             "SEED = 0\n"
             "ALLOW_CPU = False  # train without a GPU anyway (hours on real data)"
         ),
@@ -357,7 +358,8 @@ def nb03() -> list:
             "xrai.widgets.show(part_picker, model_choice)"
         ),
         code(
-            "config = TrainConfig(\n"
+            "config = xrai.recipe.recipe_config(\n"
+            "    RECIPE,\n"
             '    data=manifest.attrs["source"] or "mura",\n'
             '    root=manifest.attrs["root"] or None,\n'
             "    body_part=xrai.widgets.selected_body_part(part_picker, fallback=BODY_PART),\n"
@@ -407,7 +409,7 @@ def nb04() -> list:
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 03_train.ipynb trained in\n'
             "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
-            "TTA = False  # also average each image with its mirror image"
+            "TTA = None  # average each image with its mirror image: None as the run's recipe says (v2: yes), or True/False"
         ),
         *run_folder(),
         md(

@@ -1,4 +1,4 @@
-"""Command line: python -m xrai {demo,download,audit,train,evaluate,explain,predict,bench,export,serve,cache,wheelhouse}.
+"""Command line: python -m xrai {demo,download,audit,train,cv,evaluate,explain,predict,bench,export,serve,cache,wheelhouse}.
 
 A failure the user can fix (``xrai.errors.is_user_error``) prints one line and exits 2; -v shows the
 traceback. Anything else is a bug: a traceback and exit 1.
@@ -17,6 +17,7 @@ from pathlib import Path
 from xrai.config import TrainConfig
 from xrai.errors import is_user_error, one_line
 from xrai.fileio import atomic_write_with
+from xrai.recipe import DEFAULT_RECIPE
 
 SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
 
@@ -31,6 +32,53 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
                    help="share of images for valid where the source has no valid split (default: %(default)s)")
     p.add_argument("--test-fraction", type=float, default=TrainConfig.test_fraction,
                    help="share of images for test where the source has no test split (default: %(default)s)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags train and cv share: data, model, optimisation and the recipe (None: the recipe's value)."""
+    from xrai.config import KEEPS, OPTIMIZERS, RESIZES, SCHEDULERS
+    from xrai.recipe import RECIPES
+
+    _add_data_args(p)
+    p.add_argument("--body-part", default="all", help="all, one MURA part (wrist) or several (wrist,hand)")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--img-size", type=int, default=None, help="crop side (default 224; 128 on synthetic)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights (default: yes)")
+    p.add_argument("--freeze", action="store_true", help="train the head alone (frozen backbone)")
+    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--monitor", default=TrainConfig.monitor, choices=("auroc", "accuracy", "loss"))
+    p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
+    p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
+    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels, no cuDNN autotuning (slower; for bit-exact reruns)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_split_args(p)
+    p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
+    g = p.add_argument_group("recipe (docs/recipe.md; unset flags take the --recipe's value, else the default)")
+    g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help=f"a named recipe (default {DEFAULT_RECIPE}, TrainConfig's; v1: the old one)")
+    g.add_argument("--resize", default=None, choices=RESIZES, help="fit images to a square: keep aspect "
+                   "(letterbox) or stretch")
+    g.add_argument("--crop-scale", type=float, default=None, help="smallest random crop, as a share of the area")
+    g.add_argument("--aug-strength", type=float, default=None, help="rotation and intensity jitter, x1 = "
+                   "+-10 degrees and +-20%% (0: crop and flip only)")
+    g.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
+    g.add_argument("--scheduler", default=None, choices=SCHEDULERS)
+    g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up of the cosine schedule")
+    g.add_argument("--lr", type=float, default=None, help="(peak) learning rate")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--label-smoothing", type=float, default=None)
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights, e.g. 0.99 (0: off)")
+    g.add_argument("--pos-weighting", action=argparse.BooleanOptionalAction, default=None,
+                   help="weigh abnormal images by n_normal / n_abnormal in the loss")
+    g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image's probability with its left-right flip's when evaluating")
+    g.add_argument("--keep", default=None, choices=KEEPS, help="hand on the best validated or the last epoch")
+    g.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without gain (0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,31 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(p)
 
     p = sub.add_parser("train", help="train a classifier (resumable)")
-    _add_data_args(p)
-    p.add_argument("--body-part", default="all", help="all, one MURA part (wrist) or several (wrist,hand)")
-    p.add_argument("--model", default="mobilenet_v2")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--img-size", type=int, default=None, help="crop side (default 224; 128 on synthetic)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from ImageNet weights (default: yes)")
-    p.add_argument("--freeze", action="store_true", help="train the head alone (frozen backbone)")
-    p.add_argument("--head", choices=("linear", "mlp"), default="linear")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--optimizer", default=TrainConfig.optimizer, choices=("adamw", "adam", "sgd"))
-    p.add_argument("--scheduler", default=TrainConfig.scheduler,
-                   choices=("cosine", "step", "exponential", "plateau", "none"))
-    p.add_argument("--patience", type=int, default=TrainConfig.patience)
-    p.add_argument("--monitor", default=TrainConfig.monitor, choices=("auroc", "accuracy", "loss"))
-    p.add_argument("--prune-sparsity", type=float, default=0.0, help="SynFlow pruning at init, e.g. 0.95")
-    p.add_argument("--input-path", default="auto", choices=("auto", "cached", "classic"))
-    p.add_argument("--num-workers", type=int, default=TrainConfig.num_workers)
-    p.add_argument("--deterministic", action="store_true",
-                   help="GPU: deterministic kernels, no cuDNN autotuning (slower; for bit-exact reruns)")
-    p.add_argument("--seed", type=int, default=0)
-    _add_split_args(p)
-    p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
+    _add_train_args(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>])")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     # several processes (torchrun) and runs described by files
@@ -97,13 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on DIR/manifest.csv (another run folder's split) instead of loading --data; "
                         "a run folder's own manifest.csv still wins")
 
+    p = sub.add_parser("cv", help="grouped k-fold cross-validation: a run per fold, out-of-fold report, the "
+                                  "folds' ensemble (resumable)")
+    _add_train_args(p)
+    p.add_argument("--folds", type=int, default=5, help="k (default: %(default)s)")
+    p.add_argument("--final", action="store_true",
+                   help="then train one model on all train+valid images for the CV's number of epochs")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>_<model>[_<part>]_cv)")
+    p.add_argument("--resume", action="store_true", help="continue the CV in --out")
+
     p = sub.add_parser("evaluate", help="score a run: report_<split>.json, predictions and figures")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--split", default=None, choices=("valid", "test"),
                    help="one split (default: valid, then test)")
     p.add_argument("--data", default=None, choices=SOURCES, help="score an external dataset instead")
     p.add_argument("--root", default=None)
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the horizontally flipped image (default: as the run's recipe says)")
 
     p = sub.add_parser("explain", help="write a Grad-CAM overlay PNG per image")
     p.add_argument("--run", required=True)
@@ -121,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--recipe", nargs="?", const=DEFAULT_RECIPE, default=None, metavar="NAME",
+                   help="instead: grouped CV AUROC of a training recipe (default: the default one) from scratch on the CPU, "
+                        "5 folds, 128 px, 12 epochs, seed 0 (docs/recipe.md); use --data fracatlas --root DIR")
+    p.add_argument("--quick", action="store_true", help="with --recipe: the ranking budget, 3 folds, 96 px, 8 epochs")
+    p.add_argument("--out", default=None, help="with --recipe: the CV run folder (default runs/bench_recipe/...)")
     p.add_argument("--markdown", default=None, metavar="FILE.json",
                    help="measure nothing: print the README's performance table from a saved bench JSON")
     p.add_argument("--nproc", default=None, metavar="N|auto",
@@ -195,14 +234,16 @@ def cmd_audit(args) -> int:
 
 
 def _train_config(args) -> TrainConfig:
+    from xrai.recipe import RECIPE_FIELDS, RECIPES
+
+    recipe = dict(RECIPES[args.recipe]) if args.recipe else {}
+    recipe.update({name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None})
     return TrainConfig(
         data=args.data, root=args.root, body_part=args.body_part, model=args.model, epochs=args.epochs,
-        img_size=args.img_size, batch_size=args.batch_size, lr=args.lr, pretrained=args.pretrained,
-        freeze=args.freeze, head=args.head, dropout=args.dropout, optimizer=args.optimizer,
-        scheduler=args.scheduler, patience=args.patience, monitor=args.monitor,
-        prune_sparsity=args.prune_sparsity, input_path=args.input_path, num_workers=args.num_workers,
-        seed=args.seed, loggers=args.loggers, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        deterministic=args.deterministic,
+        img_size=args.img_size, pretrained=args.pretrained, freeze=args.freeze, head=args.head,
+        dropout=args.dropout, monitor=args.monitor, prune_sparsity=args.prune_sparsity,
+        input_path=args.input_path, num_workers=args.num_workers, seed=args.seed, loggers=args.loggers,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, deterministic=args.deterministic, **recipe,
     )
 
 
@@ -256,6 +297,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from xrai.cv import cross_validate
+    from xrai.data import read_manifest
+
+    config = _train_config(args)
+    part = "" if config.body_parts() is None else "_" + "-".join(config.body_parts())
+    run_dir = Path(args.out or f"runs/{config.data}_{config.model}{part}_cv")
+    if args.resume and (run_dir / "manifest.csv").is_file():
+        manifest = read_manifest(run_dir)  # the CV's own folds
+    else:
+        manifest = _load_manifest(config.data, config.root, config.seed)
+    result = cross_validate(config, manifest, run_dir, folds=args.folds, resume=args.resume, final=args.final)
+    summary = result.summary
+    auroc = summary["summary"]["image"]["auroc"]
+    print(f"{args.folds}-fold CV AUROC {_fmt(auroc['mean'])} +- {_fmt(auroc['std'])} (std over folds; per fold "
+          f"{', '.join(_fmt(v) for v in auroc['values'])}); out-of-fold AUROC {_fmt(summary['oof']['auroc'])} at "
+          f"threshold {summary['oof']['threshold']:.3f}; {summary['epochs']['chosen']} epochs "
+          f"({summary['epochs']['rule']})")
+    print(f"run folder: {run_dir} (cv.json, report_oof.json, folds/); the folds' ensemble: "
+          f"python -m xrai evaluate --run {run_dir} --split test")
+    if result.final is not None:
+        print(f"final model on every train+valid image: {run_dir / 'final'} "
+              f"(python -m xrai evaluate --run {run_dir / 'final'} --split test)")
+    return 0
+
+
 def _save_curves(run_dir: Path) -> None:
     import pandas as pd
 
@@ -265,7 +332,7 @@ def _save_curves(run_dir: Path) -> None:
     plots.plot_history(history, run_dir / "curves.png")
 
 
-def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[str, dict]:
+def _evaluate(run_dir: Path, splits: list[str], *, tta: bool | None = None) -> dict[str, dict]:
     """Evaluate each split in turn; the explanation scores (tens of seconds on a CPU) on the last one."""
     from xrai import plots
     from xrai.evaluate import evaluate_run
@@ -274,7 +341,7 @@ def _evaluate(run_dir: Path, splits: list[str], *, tta: bool = False) -> dict[st
     for split in splits:
         explain = None if split == splits[-1] else 0  # None: the default sample
         reports[split] = evaluate_run(run_dir, split=split, tta=tta, explain_images=explain)
-        plots.save_run_figures(run_dir, split)
+        plots.save_run_figures(run_dir, reports[split]["split"])  # a CV run's "valid" is its "oof"
     return reports
 
 
@@ -340,7 +407,12 @@ def cmd_evaluate(args) -> int:
         print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
-    splits = [args.split] if args.split else ["valid", "test"]
+    from xrai.inference import THRESHOLD_FILE
+
+    # A final fit has no valid split (its threshold is its CV's out-of-fold one); a CV run's "valid" is its
+    # out-of-fold report.
+    final_fit = (run_dir / THRESHOLD_FILE).is_file() and not (run_dir / "report_oof.json").is_file()
+    splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
         print("\n".join(_extras(report)))
@@ -353,7 +425,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
     from xrai.inference import load_run
 
     loaded = load_run(run)  # a threshold chosen with another checkpoint is chosen again first
-    if loaded.point.source != "valid":
+    if loaded.point.source == "default":
         raise FileNotFoundError(f"no threshold for this checkpoint: {loaded.point.note}; run "
                                 f"`python -m xrai evaluate --run {run} --split valid` first")
     threshold = loaded.threshold
@@ -382,6 +454,12 @@ def cmd_explain(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.recipe is not None:
+        from xrai.recipe import bench_recipe
+
+        bench_recipe(args.recipe, data=args.data, root=args.root, quick=args.quick, out=args.out,
+                     json_path=args.json)
+        return 0
     from xrai.bench import markdown_table, run_bench
 
     if args.markdown:
@@ -507,7 +585,7 @@ def cmd_wheelhouse(args) -> int:
 
 
 COMMANDS = {
-    "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train,
+    "demo": cmd_demo, "download": cmd_download, "audit": cmd_audit, "train": cmd_train, "cv": cmd_cv,
     "evaluate": cmd_evaluate, "explain": cmd_explain, "predict": cmd_predict, "bench": cmd_bench,
     "export": cmd_export, "serve": cmd_serve, "cache": cmd_cache, "wheelhouse": cmd_wheelhouse,
 }

@@ -165,7 +165,7 @@ class Predictor(BasePredictor):
         self.model.eval()
         self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
         self.threshold = self.loaded.threshold
-        self.threshold_note = "" if self.loaded.point.source == "valid" else f"default: {self.loaded.point.note}"
+        self.threshold_note = "" if self.loaded.point.source != "default" else f"default: {self.loaded.point.note}"
         if self.threshold_note:
             logger.warning("run %s: threshold 0.5 (%s); `python -m xrai evaluate --run %s` sets the run's own",
                            self.run, self.loaded.point.note, self.run_dir)
@@ -176,14 +176,14 @@ class Predictor(BasePredictor):
         from xrai.explain import CamExplainer
 
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
-                       device=self.device)
+                       device=self.device, resize=self.config.resize)
         if not with_cam:
             return float(self.loaded.probabilities(x)[0][0]), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and
         # the probability (calibrated) comes from the same forward pass as the map.
         with CamExplainer(self.model) as explainer:
             cam = explainer(x, target_class=1)[0]
-            probability = float(self.loaded.calibrate(explainer.logits)[0])
+            probability = float(self.loaded.calibrate(self.loaded.tta_logits(x, explainer.logits).cpu())[0])
         return probability, cam
 
     def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
@@ -191,7 +191,7 @@ class Predictor(BasePredictor):
 
         # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
         rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
-                      threshold=self.threshold, resize_size=self.config.resize_size)
+                      threshold=self.threshold, resize_size=self.config.resize_size, resize=self.config.resize)
         return _png_bytes(rgb)
 
 

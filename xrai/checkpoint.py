@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xrai.config import PRE_RECIPE_VALUES
 from xrai.errors import UserError
 from xrai.fileio import atomic_torch_save
 
@@ -155,12 +156,13 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
     defaults = TrainConfig().to_dict()
     problems = []
     for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, "<missing>"), current.get(name, "<missing>")
+        old, new = saved.get(name, PRE_RECIPE_VALUES.get(name, "<missing>")), current.get(name, "<missing>")
         if old == new:
             continue
         if name not in saved and name in defaults and new == defaults[name]:
             continue  # a setting newer than the checkpoint's xrai, left at its default: the same run
-        if name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old:
+        if (name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old
+                and saved.get("scheduler") != "onecycle"):  # a one-cycle schedule's length is fixed
             continue
         if name in RESUME_MAY_CHANGE and name != "epochs":
             continue

@@ -28,7 +28,16 @@ from torch import nn
 
 from xrai.fileio import atomic_write_json
 from xrai.calibration import apply_temperature
-from xrai.inference import RunModel, checkpoint_path, checkpoint_sha256, load_run, operating_point
+from xrai.inference import (
+    THRESHOLD_FILE,
+    RunModel,
+    flip_tta_logits,
+    load_run,
+    operating_point,
+    operating_point_file,
+    run_checkpoint_sha256,
+    run_tta,
+)
 from xrai.metrics import (
     MURA_BASELINE,
     MURA_BASELINE_SOURCE,
@@ -70,8 +79,11 @@ __all__ = [
     "predict",
     "read_predictions",
     "run_threshold",
+    "score_predictions",
     "study_level",
+    "threshold_source",
     "thresholds_table",
+    "write_json",
 ]
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
@@ -99,7 +111,7 @@ def predict(
     config: Any = None,
     temperature: float | None = None,
     batch_size: int = 64,
-    tta: bool = False,
+    tta: bool | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -117,7 +129,9 @@ def predict(
         config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
             TrainConfig's defaults for the manifest's source.
         temperature: probability = sigmoid(logit / temperature); None: the RunModel's, else 1.
-        tta: also score the horizontally flipped image and average the two logits.
+        tta: also score the horizontally flipped image and average the two probabilities (the logit
+            of their mean, ``xrai.inference.flip_tta_logits``); None: as the run's config says
+            (``config.tta``, the flip test-time augmentation of its recipe).
         device: "auto" (CUDA when there is one), "cpu", "cuda", ...
 
     Returns:
@@ -151,6 +165,7 @@ def predict(
 
         source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
         config = TrainConfig(data=source)
+    tta = bool(getattr(config, "tta", False)) if tta is None else bool(tta)
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
@@ -167,10 +182,8 @@ def predict(
             if not keep:
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
-                           resize_size=config.resize_size, device=dev)
-            z = forward(x)
-            if tta:
-                z = (z + forward(torch.flip(x, dims=[3]))) / 2
+                           resize_size=config.resize_size, device=dev, resize=config.resize)
+            z = flip_tta_logits(forward, x) if tta else forward(x)
             logits[[i for i, _ in keep]] = z.cpu().numpy()
     if bad:
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
@@ -196,7 +209,7 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 # ---- writing a run's reports --------------------------------------------------------------------
 
 
-def _write_json(obj: Any, path: Path) -> Path:
+def write_json(obj: Any, path: Path) -> Path:
     """Strict JSON (NaN is refused: undefined metrics are null), written atomically."""
     return atomic_write_json(path, obj, allow_nan=False)
 
@@ -215,7 +228,9 @@ def _audit_counts(run_dir: Path) -> dict[str, int | None]:
 
 
 def run_threshold(run_dir: str | Path) -> float:
-    """The run's image-level decision threshold, as chosen on validation (report_valid.json).
+    """The run's image-level decision threshold, as chosen on validation (report_valid.json), or, for a
+    run without a validation split of its own, on the CV's out-of-fold predictions (a CV run's
+    report_oof.json, a final fit's threshold.json; ``threshold_source`` says which).
 
     This reads the number as it stands; ``xrai.inference.load_run`` also checks that it was chosen
     with the current checkpoint (and re-chooses it when not).
@@ -223,11 +238,19 @@ def run_threshold(run_dir: str | Path) -> float:
     Raises:
         FileNotFoundError: the run was never evaluated on valid; the message says how.
     """
-    path = Path(run_dir) / "report_valid.json"
+    path = operating_point_file(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no report_valid.json in {run_dir}: the threshold is chosen on validation; "
                                 f"run `python -m xrai evaluate --run {run_dir} --split valid` first")
     return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
+
+
+def threshold_source(run_dir: str | Path) -> str:
+    """Where the run's threshold was chosen: "valid", or "oof" (the out-of-fold predictions of a CV)."""
+    path = operating_point_file(run_dir)
+    if path.name == "report_valid.json" or not path.is_file():
+        return "valid"
+    return str(json.loads(path.read_text(encoding="utf-8")).get("threshold_from", "oof"))
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
@@ -245,9 +268,22 @@ def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
 
 def _valid_selection(run_dir: Path, *, which: str, tta: bool, **valid_options: Any) -> Selection:
     """The Selection in report_valid.json, after evaluating valid when it is missing or was made with
-    another checkpoint (or without TTA when TTA is asked for now, or the other way round)."""
-    point, reason = operating_point(run_dir, checkpoint_sha256(checkpoint_path(run_dir, which)))
-    report = json.loads((run_dir / "report_valid.json").read_text(encoding="utf-8")) if point else {}
+    another checkpoint (or without TTA when TTA is asked for now, or the other way round).
+
+    A run whose operating point was chosen on a CV's out-of-fold predictions (a CV run, a final fit)
+    cannot choose it again here: when it no longer fits, the error says to rerun the CV.
+    """
+    path = operating_point_file(run_dir)
+    point, reason = operating_point(run_dir, run_checkpoint_sha256(run_dir, which))
+    report = json.loads(path.read_text(encoding="utf-8")) if point else {}
+    if path.name != "report_valid.json":
+        if point is not None and bool(report.get("tta", False)) != tta:
+            reason = f"its threshold was chosen with tta={report.get('tta', False)}; evaluate with that setting"
+            point = None
+        if point is None:
+            raise ValueError(f"{path}: {reason}; the out-of-fold threshold cannot be chosen again here "
+                             f"(rerun `python -m xrai cv` into a new folder)")
+        return selection_from_report(report)
     if point is not None and bool(report.get("tta", False)) != tta:
         point, reason = None, f"report_valid.json was made with tta={report.get('tta', False)}, now tta={tta}"
     if point is None:
@@ -271,10 +307,20 @@ def _describe_split(split: str, split_method: str | None) -> str:
     return f"this run's {split} split"
 
 
-def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, *, split: str, threshold_from: str,
-           rows_attrs: dict[str, Any], audit: dict[str, int | None], tta: bool, n_bootstrap: int,
-           seed: int) -> dict[str, Any]:
-    """The whole report for calibrated predictions: DESIGN.md's blocks, then the extensions."""
+def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, **options: Any) -> dict[str, Any]:
+    """score_predictions for a loaded run's predictions."""
+    checkpoint = {"file": run.checkpoint_file, "sha256": run.checkpoint_sha256}
+    return score_predictions(pred, selection, checkpoint=checkpoint, **options)
+
+
+def score_predictions(pred: pd.DataFrame, selection: Selection, *, split: str, threshold_from: str,
+                      checkpoint: dict[str, Any], rows_attrs: dict[str, Any], audit: dict[str, int | None],
+                      tta: bool, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """The whole report for calibrated predictions: DESIGN.md's blocks, then the extensions.
+
+    Args:
+        checkpoint: {"file", "sha256"} of what made the predictions (the report's thresholds are bound to it).
+    """
     report = build_report(pred, split=split, threshold=selection.threshold, threshold_from=threshold_from,
                           split_method=rows_attrs.get("split_method"), audit=audit,
                           study_threshold=selection.study_threshold, n_bootstrap=n_bootstrap, seed=seed)
@@ -283,7 +329,7 @@ def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, *, split: st
         "threshold_method": selection.method,
         "operating_points": operating_points(pred, selection),
         "calibration": calibration_block(pred, selection),
-        "checkpoint": {"file": f"checkpoints/{run.which}.pt", "sha256": run.checkpoint_sha256},
+        "checkpoint": checkpoint,
         "tta": bool(tta),
         "source": source or None,
         "baseline": mura_baseline(source, _describe_split(split, rows_attrs.get("split_method"))),
@@ -296,7 +342,7 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     split: str = "valid",
-    tta: bool = False,
+    tta: bool | None = None,
     which: str = "best",
     progress: bool = True,
     threshold_method: str = "youden",
@@ -318,11 +364,27 @@ def evaluate_run(
         explain_images: images sampled (seeded) from the split for the explanation scores (ROAD,
             confidence change, the randomisation check, and the pointing game on the synthetic set);
             None takes ``xrai.explain_metrics.EXPLAIN_IMAGES``, 0 skips them (``explain`` is then null).
+        tta: flip test-time augmentation; None: as the run's recipe says (config.json "tta").
+
+    A cross-validation run (cv.json) has no valid split of its own: its "valid" is the out-of-fold
+    report written by the CV (report_oof.json: every pool image scored by the fold model that never
+    trained on it, the temperature and thresholds chosen there), returned as it is. A final fit has
+    none at all; its other splits use the CV's out-of-fold operating point (threshold.json).
 
     Returns:
         the report dict (as written).
+
+    Raises:
+        ValueError: split "valid" of a final fit (it has none).
     """
     run_dir = Path(run_dir)
+    tta = run_tta(run_dir) if tta is None else bool(tta)
+    given = operating_point_file(run_dir)
+    if split == "valid" and given.name == "report_oof.json":  # a CV run's validation
+        return json.loads(given.read_text(encoding="utf-8"))
+    if split == "valid" and given.name == THRESHOLD_FILE:
+        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from {given}); "
+                         f"score the test split or an external set")
     # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
     options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
                    n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
@@ -330,7 +392,7 @@ def evaluate_run(
     run = load_run(run_dir, which=which, device=device, refresh=False)
     rows = _split_rows(run_dir, split, run.config)
     pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
-    threshold_from = "valid"
+    threshold_from = "oof" if selection is not None and selection.source == "oof" else "valid"
     if selection is None:
         selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
         threshold_from = selection.source
@@ -344,7 +406,7 @@ def evaluate_run(
         report["explain"] = measure_explanations(
             run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress,
             n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
-    _write_json(report, run_dir / f"report_{split}.json")
+    write_json(report, run_dir / f"report_{split}.json")
     from xrai.model_card import write_model_card
 
     write_model_card(run_dir)
@@ -356,7 +418,7 @@ def evaluate_external(
     manifest: pd.DataFrame,
     *,
     name: str = "external",
-    tta: bool = False,
+    tta: bool | None = None,
     which: str = "best",
     progress: bool = True,
     n_bootstrap: int = 1000,
@@ -373,6 +435,7 @@ def evaluate_external(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in ("train", "valid", "test"):
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
+    tta = run_tta(run_dir) if tta is None else bool(tta)
     selection = _valid_selection(run_dir, which=which, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
                                  seed=seed, batch_size=batch_size, device=device, explain_images=0)
     run = load_run(run_dir, which=which, device=device, refresh=False)
@@ -381,8 +444,8 @@ def evaluate_external(
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
     attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
-    report = _score(run, pred, selection, split=name, threshold_from="valid", rows_attrs=attrs,
+    report = _score(run, pred, selection, split=name, threshold_from="oof" if selection.source == "oof" else "valid", rows_attrs=attrs,
                     audit={"cross_split_groups": None, "cross_label_groups": None}, tta=tta,
                     n_bootstrap=n_bootstrap, seed=seed)
-    _write_json(report, run_dir / f"report_{name}.json")
+    write_json(report, run_dir / f"report_{name}.json")
     return report

@@ -79,17 +79,19 @@ class CamExplainer:
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
         if target_layer is None:
-            from xrai.models import gradcam_layer
+            from xrai.models import gradcam_layers
 
-            target_layer = gradcam_layer(model)
-        self.model, self.method, self.target_layer = model, method, target_layer
+            self.target_layers = gradcam_layers(model)  # one per member of a fold ensemble
+        else:
+            self.target_layers = [target_layer]
+        self.model, self.method, self.target_layer = model, method, self.target_layers[0]
         self.probabilities: np.ndarray | None = None
         self.logits: np.ndarray | None = None
         self.grid: tuple[int, int] | None = None  # the target layer's spatial size at the last call
         self._cam: Any = None
 
     def __enter__(self) -> "CamExplainer":
-        self._cam = CAM_METHODS[self.method](model=self.model, target_layers=[self.target_layer])
+        self._cam = CAM_METHODS[self.method](model=self.model, target_layers=self.target_layers)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -146,13 +148,13 @@ class CamExplainer:
 # ---- from the model's frame back to the X-ray ---------------------------------------------------
 
 
-def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int) -> np.ndarray:
+def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int,
+                 resize: str = "letterbox") -> np.ndarray:
     """Map a CAM from the model's input frame back onto the original image's pixels.
 
-    The model saw ``letterbox(image, resize_size)`` (aspect kept, centred, black padding) centre-cropped
-    to ``cam.shape`` (``xrai.data.augment.preprocess``). This undoes both: the crop is placed back in
-    the letterboxed square (the cropped-away ring gets 0), the padding is cut off and the content is
-    resized to ``shape``.
+    The model saw ``fit_square(image, resize_size, resize)`` centre-cropped to ``cam.shape``
+    (``xrai.data.augment.preprocess``). This undoes both: the crop is placed back in the square (the
+    cropped-away ring gets 0); for "letterbox" the padding is cut off; the content is resized to ``shape``.
 
     Returns:
         float32 (H, W) in the CAM's range.
@@ -167,6 +169,8 @@ def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int) -
     canvas = np.zeros((side, side), dtype=np.float32)
     lo, hi = max(offset, 0), min(offset + crop, side)
     canvas[lo:hi, lo:hi] = cam[lo - offset : hi - offset, lo - offset : hi - offset]
+    if resize == "stretch":  # the whole square is the image, squashed
+        return cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
     # the letterbox geometry of xrai.data.images.letterbox
     scale = side / max(h, w)
     new_w, new_h = min(side, max(1, round(w * scale))), min(side, max(1, round(h * scale)))
@@ -203,6 +207,7 @@ def overlay(
     threshold: float = 0.5,
     resize_size: int | None = None,
     alpha: float = 0.4,
+    resize: str = "letterbox",
 ) -> np.ndarray:
     """The heatmap over the ORIGINAL X-ray, with a text band above it (actual label, predicted label,
     probability) when any of those is given.
@@ -210,7 +215,8 @@ def overlay(
     Args:
         image_uint8_hw: the original grey image (H, W) uint8, as ``read_image`` returns it.
         cam: a map on the image's own pixels (H, W), or one in the model's input frame (C, C) together
-            with ``resize_size`` (the run's ``config.resize_size``); see :func:`cam_to_image`.
+            with ``resize_size`` and ``resize`` (the run's ``config.resize_size``, ``config.resize``); see
+            :func:`cam_to_image`.
         label: the actual label (0/1) or None when unknown.
         predicted: the predicted label; derived from ``probability >= threshold`` when None.
         alpha: heatmap weight.
@@ -231,7 +237,7 @@ def overlay(
                 f"cam {cam.shape} is not on the image's pixels {(h, w)}: pass resize_size= (the run's "
                 "config.resize_size) to map it from the model's input frame"
             )
-        cam = cam_to_image(cam, (h, w), resize_size=resize_size)
+        cam = cam_to_image(cam, (h, w), resize_size=resize_size, resize=resize)
     rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32) / 255.0
     out = show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=1.0 - alpha)
     if predicted is None and probability is not None:
@@ -329,19 +335,28 @@ def explain_paths(
                 batch.append(i)
             if not batch:
                 continue
-            x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device)
+            x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
+                           resize=config.resize)
             if explainer is None:
                 with torch.inference_mode():
                     logits = model(x).float().reshape(len(batch), -1)[:, 0].cpu().numpy()
                 cams: Any = [None] * len(batch)
             else:
                 cams, logits = explainer(x, target_class=target_class), explainer.logits
+            if getattr(config, "tta", False):  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
+                from xrai.inference import flip_tta_logits
+
+                def forward(v: torch.Tensor) -> torch.Tensor:
+                    with torch.inference_mode():
+                        return model(v).float().reshape(v.shape[0], -1)[:, 0]
+
+                logits = flip_tta_logits(forward, x, torch.as_tensor(np.asarray(logits))).cpu().numpy()
             probs = apply_temperature(logits, temperature)
             for i, image, cam, prob in zip(batch, images, cams, probs):
                 r = results[i]
                 r["probability"], r["label"] = float(prob), int(prob >= threshold)
                 if cam is not None:
-                    r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size)
+                    r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size, resize=config.resize)
                 if out is not None:
                     name = names[i] if names is not None else _file_stem(paths[i])
                     while name in used:
@@ -423,7 +438,7 @@ def gallery(
     report_path = run_dir / f"report_{split}.json"
     made_with = (json.loads(report_path.read_text(encoding="utf-8")).get("checkpoint") or {}).get("sha256") \
         if report_path.is_file() else None
-    if not pred_path.is_file() or made_with != run.checkpoint_sha256 or run.point.source != "valid":
+    if not pred_path.is_file() or made_with != run.checkpoint_sha256 or run.point.source == "default":
         evaluate_run(run_dir, split=split, progress=progress)  # the predictions are this checkpoint's
         run = load_run(run_dir)
     pred = pd.read_csv(pred_path, dtype={"path": str, "patient_id": str, "study_id": str}, keep_default_na=False)

@@ -160,7 +160,7 @@ def _line_rows(run_dir: Any, rows: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _pointing(cams: np.ndarray, images: list[np.ndarray], lines: pd.DataFrame | None, classes: list[int],
-              *, cell_px: float, resize_size: int) -> dict[str, Any] | None:
+              *, cell_px: float, resize_size: int, resize: str = "letterbox") -> dict[str, Any] | None:
     """Pointing game and CAM mass on the sample's true positives that have a recorded line."""
     from xrai.explain import cam_to_image, line_localisation
 
@@ -170,7 +170,7 @@ def _pointing(cams: np.ndarray, images: list[np.ndarray], lines: pd.DataFrame | 
             if c == 1 and int(row["label"]) == 1 and pd.notna(row["line_x0"])]
     if not keep:
         return None
-    on_original = [cam_to_image(cams[i], images[i].shape, resize_size=resize_size) for i in keep]
+    on_original = [cam_to_image(cams[i], images[i].shape, resize_size=resize_size, resize=resize) for i in keep]
     return line_localisation(on_original, [lines.iloc[i].to_dict() for i in keep], cell_px=cell_px,
                              resize_size=resize_size)
 
@@ -214,7 +214,8 @@ def measure_explanations(
         raise ValueError(f"no readable image among the {len(rows)} sampled from the {split} predictions")
     rows = rows.iloc[readable].reset_index(drop=True)
     lines = _line_rows(run.run_dir, rows)
-    x = preprocess(images, image_size=run.config.image_size, resize_size=run.config.resize_size, device=run.device)
+    x = preprocess(images, image_size=run.config.image_size, resize_size=run.config.resize_size, device=run.device,
+                   resize=run.config.resize)
     with _cpu_threads(x.device):
         return _measure(run, x, images, classes, lines, split=split, road_images=road_images, methods=methods,
                         seed=seed, progress=progress)
@@ -241,7 +242,7 @@ def _measure(run: Any, x: torch.Tensor, images: list[np.ndarray], classes: list[
                               "n": int(finite.size), "n_constant": int(rho.size - finite.size),
                               "passes": mean_rho is None or mean_rho < SANITY_MAX_SPEARMAN},
             "pointing_game": _pointing(cams, images, lines, classes, cell_px=x.shape[-1] / max(grid),
-                                       resize_size=run.config.resize_size),
+                                       resize_size=run.config.resize_size, resize=run.config.resize),
         }
     noise = _noise_maps(len(classes), grid or x.shape[-2:], tuple(x.shape[-2:]), seed)
     return {

@@ -32,6 +32,7 @@ from xrai.data.contract import InputContract
 from xrai.errors import UserError
 from xrai.exported import sidecar_path
 from xrai.fileio import atomic_write_bytes, atomic_write_json
+from xrai.inference import flip_tta_logits
 
 __all__ = ["FORMATS", "ONNX_EXTRA", "OPSET", "PARITY_TOLERANCE", "CalibratedModel", "ExportError", "ExportResult",
            "example_batch", "export_run", "onnx_bytes", "onnx_available"]
@@ -50,17 +51,25 @@ class ExportError(UserError, RuntimeError):
 
 
 class CalibratedModel(nn.Module):
-    """A one-logit model with its temperature: (B, 3, S, S) -> (logit (B,), sigmoid(logit / T) (B,))."""
+    """A one-logit model with its temperature: (B, 3, S, S) -> (logit (B,), sigmoid(logit / T) (B,)).
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+    With ``tta`` (the run's recipe scores each image with its mirror) the logit is the run's flip-TTA
+    logit (``xrai.inference.flip_tta_logits``), so the export decides as the run does.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, *, tta: bool = False) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model = model
         self.temperature = float(temperature)
+        self.tta = bool(tta)
+
+    def _logit(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float().reshape(x.shape[0], -1)[:, 0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logit = self.model(x).float().reshape(x.shape[0], -1)[:, 0]
+        logit = flip_tta_logits(self._logit, x) if self.tta else self._logit(x)
         return logit, torch.sigmoid(logit / self.temperature)
 
 
@@ -98,7 +107,7 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
     run_dir = Path(run_dir)
     run = load_run(run_dir, which=which, device="cpu", refresh=refresh)
     contract = InputContract.from_config(run.config)
-    wrapped = CalibratedModel(run.model.eval(), run.temperature).eval()
+    wrapped = CalibratedModel(run.model.eval(), run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
     path = Path(out) if out is not None else run_dir / FORMATS[fmt]
     example = example_batch(contract, batch=2)
     data = onnx_bytes(wrapped, example) if fmt == "onnx" else _torchscript_bytes(wrapped, example)
@@ -204,7 +213,8 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "checkpoint": {"which": run.which, "sha256": run.checkpoint_sha256},
         "ensemble": cv,
         "input": {"name": INPUT_NAME, **contract.to_dict()},
-        "outputs": {"logit": "the model's logit for 'abnormal', shape (batch,)",
+        "tta": bool(getattr(config, "tta", False)),
+        "outputs": {"logit": "the model's logit for 'abnormal' (with flip TTA inside the graph when tta), shape (batch,)",
                     "probability": "sigmoid(logit / temperature): calibrated P(abnormal), shape (batch,)"},
         "temperature": run.temperature,
         "calibrated": bool(run.calibrated),

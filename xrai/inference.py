@@ -23,16 +23,61 @@ from torch import nn
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "THRESHOLD_FILE",
     "OperatingPoint",
     "RunModel",
     "StaleThresholdWarning",
     "checkpoint_path",
     "checkpoint_sha256",
+    "flip_tta_logits",
+    "folds_sha256",
     "load_run",
     "operating_point",
+    "operating_point_file",
+    "run_checkpoint_sha256",
+    "run_tta",
 ]
 
 DEFAULT_THRESHOLD = 0.5
+# Where a run without a validation split of its own (a final fit on all of a CV's pool) keeps the
+# operating point it was given: the CV's out-of-fold one, {"threshold_from": "oof", ...}.
+THRESHOLD_FILE = "threshold.json"
+_TTA_EPS = 1e-6  # the mean probability is clamped to [eps, 1 - eps] before its logit
+
+
+def flip_tta_logits(forward: Any, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip test-time augmentation: the logit of the mean probability of each image and its left-right
+    mirror (the one definition training's validation, predict, explain and the app use).
+
+    Args:
+        forward: images (B, 3, H, W) -> logits (B,).
+        logits: ``forward(x)`` when already computed (e.g. by a Grad-CAM pass).
+    """
+    z = forward(x) if logits is None else torch.as_tensor(logits, device=x.device)
+    flipped = forward(torch.flip(x, dims=[3]))
+    mean = (torch.sigmoid(z.float()) + torch.sigmoid(flipped.float().reshape(z.shape))) / 2
+    # log(p) - log(1 - p) rather than torch.logit: the same figure, in operators every ONNX opset has
+    mean = mean.clamp(_TTA_EPS, 1 - _TTA_EPS)
+    return torch.log(mean) - torch.log1p(-mean)
+
+
+def operating_point_file(run_dir: str | Path) -> Path:
+    """The file holding a run's operating point: report_valid.json; a CV run's report_oof.json (chosen on
+    its out-of-fold predictions); a final fit's threshold.json (the CV's, given to it)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "cv.json").is_file():
+        return run_dir / "report_oof.json"
+    if (run_dir / THRESHOLD_FILE).is_file():
+        return run_dir / THRESHOLD_FILE
+    return run_dir / "report_valid.json"
+
+
+def run_tta(run_dir: str | Path) -> bool:
+    """Whether the run's recipe scores with flip TTA (config.json "tta"; False for runs made before it existed)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return False
+    return bool(json.loads(path.read_text(encoding="utf-8")).get("tta", False))
 
 
 class StaleThresholdWarning(UserWarning):
@@ -42,6 +87,21 @@ class StaleThresholdWarning(UserWarning):
 def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
     """run_dir/checkpoints/<which>.pt."""
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
+
+
+def run_checkpoint_sha256(run_dir: str | Path, which: str = "best") -> str:
+    """The sha256 a run's operating point is bound to: its checkpoint's, or for a CV run (cv.json) the
+    sha256 of its folds' checkpoint hashes in fold order (any retrained fold changes it)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "cv.json").is_file():
+        return checkpoint_sha256(checkpoint_path(run_dir, which))
+    return folds_sha256(run_dir, int(json.loads((run_dir / "cv.json").read_text(encoding="utf-8"))["folds"]), which)
+
+
+def folds_sha256(run_dir: str | Path, folds: int, which: str = "best") -> str:
+    """The sha256 of a CV run's fold checkpoints' hashes (folds/<k>/checkpoints/<which>.pt, k in order)."""
+    hashes = [checkpoint_sha256(checkpoint_path(Path(run_dir) / "folds" / str(k), which)) for k in range(folds)]
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -64,7 +124,8 @@ class OperatingPoint:
         temperature: the temperature the logits are divided by (1.0 when uncalibrated).
         calibrated: whether a temperature was fitted.
         checkpoint_sha256: the checkpoint these were chosen with; None for the defaults.
-        source: "valid" (read from report_valid.json) or "default".
+        source: "valid" (read from report_valid.json), "oof" (chosen on a CV's out-of-fold predictions:
+            report_oof.json or threshold.json) or "default".
         note: why the defaults are in use, for people ("" when source is "valid").
     """
 
@@ -88,7 +149,7 @@ class OperatingPoint:
             temperature=1.0 if temperature is None else float(temperature),
             calibrated=bool(calibration.get("applied", False)),
             checkpoint_sha256=(report.get("checkpoint") or {}).get("sha256"),
-            source="valid",
+            source="oof" if report.get("threshold_from") == "oof" else "valid",
         )
 
 
@@ -98,7 +159,7 @@ def operating_point(run_dir: str | Path, sha256: str) -> tuple[OperatingPoint | 
     Returns:
         (point, "") when current; (None, reason) when missing or stale, the reason in words.
     """
-    path = Path(run_dir) / "report_valid.json"
+    path = operating_point_file(run_dir)
     if not path.is_file():
         return None, "the run has not been evaluated"
     report = json.loads(path.read_text(encoding="utf-8"))
@@ -146,9 +207,27 @@ class RunModel:
     @property
     def threshold_from(self) -> str:
         """Where the thresholds came from, in words."""
-        if self.point.source == "valid":
-            return f"valid (report_valid.json, checkpoint sha256 {self.checkpoint_sha256[:12]})"
+        if self.point.source in ("valid", "oof"):
+            return (f"{self.point.source} ({operating_point_file(self.run_dir).name}, "
+                    f"checkpoint sha256 {self.checkpoint_sha256[:12]})")
         return f"default {DEFAULT_THRESHOLD}: {self.point.note}"
+
+    @property
+    def checkpoint_file(self) -> str:
+        """The checkpoint(s) behind the model, relative to the run folder."""
+        if (self.run_dir / "cv.json").is_file():
+            return f"folds/*/checkpoints/{self.which}.pt"
+        return f"checkpoints/{self.which}.pt"
+
+    def tta_logits(self, x: torch.Tensor, logits: Any = None) -> torch.Tensor:
+        """The logits the run decides with: with the recipe's flip TTA (config.tta) when it has it.
+
+        Args:
+            logits: the unflipped batch's logits when already computed (a Grad-CAM pass).
+        """
+        if not getattr(self.config, "tta", False):
+            return self.logits(x) if logits is None else torch.as_tensor(logits)
+        return flip_tta_logits(self.logits, x.to(self.device), logits)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logit per image, float32 (B,), on the run's device."""
@@ -166,10 +245,11 @@ class RunModel:
         return apply_temperature(np.asarray(logits, dtype=np.float64), self.temperature)
 
     def probabilities(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(calibrated, raw) probabilities of "abnormal" for a normalised batch (B, 3, H, W)."""
+        """(calibrated, raw) probabilities of "abnormal" for a normalised batch (B, 3, H, W), with the
+        recipe's flip TTA when it has one (as its thresholds were chosen)."""
         from scipy.special import expit
 
-        z = self.logits(x).cpu().numpy().astype(np.float64)
+        z = self.tta_logits(x).cpu().numpy().astype(np.float64)
         return self.calibrate(z), expit(z)
 
 
@@ -192,11 +272,13 @@ def load_run(
 
     run_dir = Path(run_dir)
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
-    model, config = load_model(run_dir, which=which, device=dev)
-    sha = checkpoint_sha256(checkpoint_path(run_dir, which))
+    model, config = load_model(run_dir, which=which, device=dev)  # a CV run: its folds' ensemble
+    sha = run_checkpoint_sha256(run_dir, which)
     point, reason = operating_point(run_dir, sha)
     if point is None and refresh and (run_dir / "report_valid.json").is_file():
-        if not (run_dir / "manifest.csv").is_file() or not os.access(run_dir, os.W_OK):
+        if operating_point_file(run_dir).name != "report_valid.json":
+            reason += "; an out-of-fold threshold cannot be chosen again here (rerun the CV)"
+        elif not (run_dir / "manifest.csv").is_file() or not os.access(run_dir, os.W_OK):
             reason += "; it cannot be re-evaluated here (no manifest.csv, or a read-only run folder)"
         else:
             from xrai.evaluate import evaluate_run

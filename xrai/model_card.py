@@ -86,7 +86,8 @@ def _recipe_section(run_dir: Path, reports: dict[str, dict]) -> list[str]:
                   f"(ImageNet weights: {'yes' if config.get('pretrained') else 'no'}; frozen backbone: "
                   f"{'yes' if config.get('freeze') else 'no'}; dropout {config.get('dropout')})",
                   f"- Body parts: {config.get('body_part')}; input {_image_size(config)} px (centre crop of the "
-                  f"letterboxed image)",
+                  f"{'stretched' if config.get('resize') == 'stretch' else 'letterboxed'} image"
+                  f"{'; flip test-time augmentation' if config.get('tta') else ''})",
                   f"- Optimiser {config.get('optimizer')}, lr {config.get('lr')}, weight decay "
                   f"{config.get('weight_decay')}, batch {config.get('batch_size')}, scheduler "
                   f"{config.get('scheduler')}, up to {config.get('epochs')} epochs (patience "
@@ -107,7 +108,9 @@ def _recipe_section(run_dir: Path, reports: dict[str, dict]) -> list[str]:
 
 
 def _operating_section(valid: dict[str, Any] | None) -> list[str]:
-    lines = ["## Operating point and calibration (chosen on valid)", ""]
+    where = "the out-of-fold predictions of a grouped CV" if (valid or {}).get("threshold_from") == "oof" else "valid"
+    short = "the OOF predictions" if where != "valid" else "valid"
+    lines = [f"## Operating point and calibration (chosen on {where})", ""]
     if valid is None:
         return lines + ["Not evaluated on valid yet.", ""]
     cal = valid.get("calibration") or {}
@@ -117,10 +120,10 @@ def _operating_section(valid: dict[str, Any] | None) -> list[str]:
     points = valid.get("operating_points") or {}
     if "sensitivity" in points:
         p = points["sensitivity"]
-        lines.append(f"- Screening operating point (sensitivity >= {p['target']:.2f} on valid): image threshold "
+        lines.append(f"- Screening operating point (sensitivity >= {p['target']:.2f} on {short}): image threshold "
                      f"{_f(p['threshold'])}, study threshold {_f(p.get('study_threshold'))}")
     if cal:
-        lines.append(f"- Temperature scaling: T = {cal['temperature']:.3f} fitted on valid"
+        lines.append(f"- Temperature scaling: T = {cal['temperature']:.3f} fitted on {short}"
                      + ("" if cal.get("applied") else " (not applied: valid had one class)")
                      + f"; ECE over {cal['bins']} {cal['binning']}")
     return lines + [""]
@@ -219,14 +222,18 @@ def _limits(reports: dict[str, dict], source: str) -> list[str]:
 def model_card(run_dir: str | Path) -> str:
     """The model card of a run, as Markdown, from the reports and files present."""
     run_dir = Path(run_dir)
-    reports = {s: r for s in ("valid", "test") if (r := _read_json(run_dir / f"report_{s}.json"))}
+    reports = {s: r for s in ("valid", "oof", "test") if (r := _read_json(run_dir / f"report_{s}.json"))}
+    from xrai.inference import operating_point_file
+
+    # a CV run's operating point is its out-of-fold report's; a final fit's, the one its CV gave it
+    point = reports.get("valid") or _read_json(operating_point_file(run_dir))
     source = (_read_json(run_dir / "manifest.json") or {}).get("source") or next(
         (r.get("source") for r in reports.values() if r.get("source")), "") or ""
     lines = [f"# Model card: {run_dir.name}", "",
              f"**Intended use: {INTENDED_USE}.** Not a medical device; no output of this model may inform the "
              "care of a patient.", ""]
     lines += _recipe_section(run_dir, reports) + _data_section(run_dir, reports)
-    lines += _operating_section(reports.get("valid"))
+    lines += _operating_section(point)
     if reports:
         lines += _metrics_section(reports) + _explain_section(reports)
     lines += ["## Intended use", "",

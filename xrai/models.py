@@ -46,6 +46,7 @@ __all__ = [
     "create_model",
     "fold_pruning",
     "gradcam_layer",
+    "gradcam_layers",
     "list_models",
     "load_model",
     "prunable_layers",
@@ -213,6 +214,13 @@ def create_model(
     return model
 
 
+def gradcam_layers(model: nn.Module) -> list[nn.Module]:
+    """The Grad-CAM target layers: ``[gradcam_layer(model)]``, or one per member of a fold ensemble
+    (grad-cam then averages the members' maps)."""
+    members = getattr(model, "members", None)
+    return [gradcam_layer(m) for m in members] if members is not None else [gradcam_layer(model)]
+
+
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM target layer: the last block of the convolutional feature extractor.
 
@@ -241,13 +249,18 @@ def load_model(
     the returned model is a plain one with the pruned weights at zero.
 
     Returns:
-        (model in eval mode on ``device``, the run's TrainConfig).
+        (model in eval mode on ``device``, the run's TrainConfig). For a cross-validation run folder
+        (cv.json) the model is its folds' ``xrai.ensemble.FoldEnsemble``.
 
     Raises:
         FileNotFoundError: no such checkpoint; says which notebook or command makes it.
         ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
     path = Path(path_or_run_dir)
+    if (path / "cv.json").is_file():  # a cross-validation run: its folds' ensemble (xrai.ensemble)
+        from xrai.ensemble import load_ensemble
+
+        return load_ensemble(path, which=which, device=device)
     if path.suffix in (".pt", ".pth"):
         checkpoint_path, run_dir = path, path.parent.parent
     else:
@@ -267,8 +280,11 @@ def load_model(
     model = create_model(
         config.model, pretrained=False, head=config.head, dropout=config.dropout, freeze=config.freeze
     )
+    # last.pt of a run with an EMA keeps the raw weights for resuming and the EMA's (the ones validated) apart
+    state = checkpoint.get("ema") or checkpoint["model"]
+    state = {k: v for k, v in state.items() if k != "n_averaged"}  # AveragedModel's counter
     try:
-        model.load_state_dict(fold_pruning(_strip_wrappers(checkpoint["model"])), strict=True)
+        model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
     except RuntimeError as err:  # missing, unexpected or mis-shaped weights: a file edited or mixed up
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{checkpoint_path}: its weights do not fit the {config.model} its config names "

@@ -3,13 +3,16 @@
 The shape follows torchvision's references/classification/train.py: `train_one_epoch`, `validate`
 (its `evaluate`; renamed so it never shadows the `xrai.evaluate` module) and `fit` on top.
 Learning-rate schedules: "cosine" steps per optimizer step (a linear warm-up over `warmup_epochs`,
-then a half cosine down towards 0 at the last step: smooth even for 3-epoch runs);
+then a half cosine down towards 0 at the last step: smooth even for 3-epoch runs); "onecycle" too
+(torch's OneCycleLR, peak `lr`; its length is fixed, so a resume may not raise `epochs`);
 "step" (x step_gamma every step_size epochs), "exponential" (x exp_gamma per epoch) and "plateau"
 (ReduceLROnPlateau on the monitored metric, factor 0.1, patience max(1, patience // 2)) step once per
 epoch; raising `epochs` on resume stretches the cosine from there on. Early stopping: `patience`
 epochs without improvement of the monitor (0 turns it off). `max_batches` caps training and
-validation batches per epoch (smoke runs). best.pt holds the model, config and history, not the
-optimizer state (last.pt is the one to resume from).
+validation batches per epoch (smoke runs). best.pt holds the weights the run hands on (the best
+epoch's, or with keep="last" the last epoch's; the EMA's when ema_decay > 0), config and history, not
+the optimizer state (last.pt is the one to resume from). With no valid rows (a final fit: keep="last",
+patience 0) nothing is validated and the val_* columns are NaN.
 
 Exact resume: every random draw is either restored from the checkpoint (python, numpy, torch, CUDA
 RNGs, which dropout uses) or derived from (seed, epoch) by the batch sources, so a run killed during
@@ -43,18 +46,22 @@ from tqdm.auto import tqdm
 from xrai import distributed
 from xrai.checkpoint import atomic_save, load_checkpoint, resume_state, rng_state, set_rng_state, to_cpu
 from xrai.config import TrainConfig
+from xrai.cv import cross_validate  # noqa: F401  (re-exported: grouped k-fold CV of a recipe lives in xrai.cv)
 from xrai.data import filter_body_parts, require_columns, save_manifest
+from xrai.data.augment import augment_options
 from xrai.data.batches import per_rank_batch
 from xrai.data.dataset import ClassicBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError
 from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
+from xrai.inference import flip_tta_logits
 from xrai.launch import launch
 from xrai.models import create_model, prune_synflow, restore_pruning
+from xrai.regularise import build_criterion, make_ema
 from xrai.tracking import open_trackers
 
 __all__ = [
-    "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler",
+    "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler", "cross_validate",
     "fit", "launch", "load_result", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
 ]
 
@@ -64,6 +71,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy
                    "world_size"]
 FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
 BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
+STEPWISE_SCHEDULERS = ("cosine", "onecycle")  # stepped after every optimizer step, the others once per epoch
+NO_VALIDATION = {"val_loss": math.nan, "val_auroc": math.nan, "val_accuracy": math.nan}
 
 
 class TrainingDivergedError(UserError, RuntimeError):
@@ -110,6 +119,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, st
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
         return sched.LambdaLR(optimizer, factor)
+    if config.scheduler == "onecycle":  # torch's defaults: 30% warm-up from lr/25, cosine down to lr/25e4
+        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch))
     if config.scheduler == "step":
         return sched.StepLR(optimizer, step_size=config.step_size, gamma=config.step_gamma)
     if config.scheduler == "exponential":
@@ -135,7 +146,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, device: torch.device,
-                    amp_dtype: torch.dtype | None, step_scheduler=None, progress: bool = True) -> dict[str, float]:
+                    amp_dtype: torch.dtype | None, step_scheduler=None, ema=None,
+                    progress: bool = True) -> dict[str, float]:
     """One pass over `source.epoch(epoch)`. Returns train_loss, lr (of the last step), images, seconds.
 
     Raises:
@@ -159,6 +171,8 @@ def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, 
             lr = optimizer.param_groups[0]["lr"]
             if step_scheduler is not None:
                 step_scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             bar.update(1)
@@ -178,9 +192,11 @@ def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, 
 
 
 def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch.dtype | None,
-             progress: bool = True, gather=None) -> dict[str, float]:
+             tta: bool = False, progress: bool = True, gather=None) -> dict[str, float]:
     """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source.
 
+    With ``tta`` each image is also scored flipped left-right and the two probabilities are averaged
+    (``xrai.inference.flip_tta_logits``, as predict does); the loss is taken on the logit of that mean.
     gather: with several processes, a function (logits, labels) -> (logits, labels) of the whole split
     (`xrai.distributed.Distributed.gather_rows`), so the figures are those of one process.
     """
@@ -192,7 +208,8 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
         for x, y in tqdm(source.epoch(0), total=len(source), desc="validating", unit="batch", leave=False,
                          disable=not progress):
             with _autocast(device, amp_dtype):
-                logits.append(model(x).reshape(-1).float())
+                logit = flip_tta_logits(lambda v: model(v).reshape(-1), x) if tta else model(x).reshape(-1)
+            logits.append(logit.float())
             labels.append(y)
     logit, label = torch.cat(logits), torch.cat(labels)
     if gather is not None:
@@ -208,6 +225,8 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
                  rank: int = 0, world_size: int = 1) -> tuple[Any, Any, str]:
     """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits).
 
+    The valid source is None when there are no valid rows (a final fit on all the training data).
+
     The cache is built over the whole `manifest` when given (every split and body part), so the next run
     on another body part, or the evaluation, reuses it instead of decoding again; over train and valid
     alone when only that fits the disk. A cache that already exists needs no space and is always used.
@@ -220,26 +239,29 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
 
         size = config.resize_size
         train_and_valid = pd.concat([train_rows, valid_rows])
-        cache = find_cache(train_and_valid, size=size)  # its own, or a superset's (the whole manifest's)
+        cache = find_cache(train_and_valid, size=size, resize=config.resize)  # its own, or a superset's
         if cache is None:
             choices = [train_and_valid]
             if manifest is not None and len(manifest) > len(train_and_valid):
                 choices.insert(0, manifest)
             rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
             if rows is not None or path == "cached":  # asked for explicitly: build_cache says why it does not fit
-                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress)
+                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress,
+                                    resize=config.resize)
         path = "classic" if cache is None else "cached"
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
                   channels_last=config.channels_last, max_batches=config.max_batches, rank=rank,
-                  world_size=world_size)
+                  world_size=world_size,
+                  augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
     if path == "cached":
         from xrai.data.loader import CachedBatches
 
         return (CachedBatches(cache, train_rows, train=True, **common),
-                CachedBatches(cache, valid_rows, train=False, **common), path)
-    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress, **common)
-    return (ClassicBatches(train_rows, train=True, **classic), ClassicBatches(valid_rows, train=False, **classic),
-            path)
+                CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
+    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress,
+                   resize=config.resize, **common)
+    return (ClassicBatches(train_rows, train=True, **classic),
+            ClassicBatches(valid_rows, train=False, **classic) if len(valid_rows) else None, path)
 
 
 # ---- fit -----------------------------------------------------------------------------------------
@@ -318,16 +340,19 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
             save_manifest(manifest, run_dir)
     model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
     net = ctx.unwrap(model)  # the model itself: checkpoints and validation
-    gather = ctx.gatherer(valid_src.batch_positions(0))  # each rank validates its shard; the logits are gathered
+    # each rank validates its shard; the logits are gathered (no valid source in a final fit)
+    gather = ctx.gatherer(valid_src.batch_positions(0)) if valid_src is not None else None
     optimizer = build_optimizer(net, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
     amp_dtype = autocast_dtype(device) if config.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
-    pos_weight = pos_weight_from_labels(train_rows["label"])
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32, device=device))
+    pos_weight = pos_weight_from_labels(train_rows["label"]) if config.pos_weighting else None
+    criterion, val_criterion = build_criterion(config, pos_weight, device)
+    ema = make_ema(net, config)
     say(f"{config.model} on {device} (AMP {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
         f"channels_last {config.channels_last}), input path {input_path}: {len(train_rows)} train / "
-        f"{len(valid_rows)} valid images at {config.image_size} px, pos_weight {pos_weight:.2f}, monitor {monitor}")
+        f"{len(valid_rows)} valid images at {config.image_size} px, pos_weight "
+        f"{'off' if pos_weight is None else f'{pos_weight:.2f}'}, monitor {monitor}")
     if ctx.world_size > 1:
         say(f"{ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), global batch "
             f"{config.batch_size} = {ctx.world_size} x {config.batch_size // ctx.world_size}, SyncBatchNorm "
@@ -341,6 +366,8 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
             scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and scaler.is_enabled():  # {} when saved without scaling (CPU, bf16)
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         done, best, best_epoch, bad = state["epoch"], state["best_metric"], state["best_epoch"], state["bad_epochs"]
         history = list(state["history"])
         set_rng_state(ctx.own_rng_state(state))  # last: nothing may draw from the RNGs before epoch done+1 starts
@@ -352,14 +379,16 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
             start = time.perf_counter()
             try:
                 stats = train_one_epoch(model, train_src, criterion, optimizer, scaler, epoch=epoch, device=device,
-                                        amp_dtype=amp_dtype, progress=progress,
-                                        step_scheduler=scheduler if config.scheduler == "cosine" else None)
+                                        amp_dtype=amp_dtype, progress=progress, ema=ema,
+                                        step_scheduler=scheduler if config.scheduler in STEPWISE_SCHEDULERS else None)
                 stats = ctx.reduce_train_stats(stats)  # over every rank's images
                 ctx.sync_buffers(net)  # rank 0's BatchNorm statistics: those the checkpoint holds
-                metrics = validate(net, valid_src, criterion, device=device, amp_dtype=amp_dtype, progress=progress,
-                                   gather=gather)
+                scored = net if ema is None else ema.module  # the weights validated and handed on
+                metrics = dict(NO_VALIDATION) if valid_src is None else validate(
+                    scored, valid_src, val_criterion, device=device, amp_dtype=amp_dtype, tta=config.tta,
+                    progress=progress, gather=gather)
                 metrics = ctx.broadcast(metrics)  # every rank decides on rank 0's figures
-                _check_finite(net, metrics["val_loss"], epoch)
+                _check_finite(net, None if valid_src is None else metrics["val_loss"], epoch)
             except TrainingDivergedError as err:
                 kept = f"{last_path} still holds epoch {done}" if done else "no checkpoint was written"
                 raise TrainingDivergedError(f"{err}. {kept}. Start a new run with a lower lr (now {config.lr}) "
@@ -380,12 +409,14 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": to_cpu(scaler.state_dict()), "epoch": epoch, "best_metric": best,
                     "best_epoch": best_epoch, "bad_epochs": bad, "stopped_early": stop, "monitor": monitor,
-                    "history": history, "rng": rng_state(), "config": config.to_dict(), "model_name": config.model}
+                    "history": history, "rng": rng_state(), "config": config.to_dict(), "model_name": config.model,
+                    "ema": to_cpu(ema.state_dict()) if ema is not None else None}
             if ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
                 ckpt["rng_ranks"] = ctx.rng_states(ckpt["rng"])
             if ctx.is_main:  # rank 0 alone writes
-                if improved:
-                    atomic_save({k: ckpt[k] for k in BEST_KEYS}, best_path)
+                if improved or config.keep == "last":  # best.pt holds the weights the run hands on
+                    handed_on = ckpt["model"] if ema is None else to_cpu(ema.module.state_dict())
+                    atomic_save({**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}, best_path)
                 atomic_save(ckpt, last_path)
                 _write_history(history, run_dir / "history.csv")
             done = epoch
@@ -438,13 +469,20 @@ def _split_rows(manifest: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFra
         if name == "train" and (counts.get(0, 0) == 0 or counts.get(1, 0) == 0):
             raise ValueError(f"the train split (body part {config.body_part!r}) needs both labels, has "
                              f"{counts.get(0, 0)} normal and {counts.get(1, 0)} abnormal images")
-        if len(part) == 0:
-            raise ValueError(f"no {name} images for body part {config.body_part!r}; check the manifest's split column")
+        if len(part) == 0 and (name == "train" or _needs_validation(config)):
+            raise ValueError(f"no {name} images for body part {config.body_part!r}; check the manifest's split column"
+                             + ("" if name == "train" else " (a run without validation needs keep='last', "
+                                "patience=0 and a scheduler other than 'plateau')"))
     return train_rows, valid_rows
 
 
+def _needs_validation(config: TrainConfig) -> bool:
+    """Whether the run uses the valid split to choose anything (checkpoint, early stop, plateau lr)."""
+    return config.keep != "last" or config.patience > 0 or config.scheduler == "plateau"
+
+
 def _monitor(config: TrainConfig, valid_rows: pd.DataFrame) -> str:
-    if config.monitor == "auroc" and valid_rows["label"].nunique() < 2:
+    if config.monitor == "auroc" and len(valid_rows) and valid_rows["label"].nunique() < 2:
         warnings.warn("the valid split holds one label only, so AUROC is undefined; monitoring val loss instead",
                       stacklevel=3)
         return "loss"
@@ -476,9 +514,9 @@ def _build_model(config: TrainConfig, device: torch.device, state: dict[str, Any
     return model
 
 
-def _check_finite(model: nn.Module, val_loss: float, epoch: int) -> None:
-    """Never checkpoint a model with a NaN weight or loss."""
-    if not math.isfinite(val_loss):
+def _check_finite(model: nn.Module, val_loss: float | None, epoch: int) -> None:
+    """Never checkpoint a model with a NaN weight or loss (val_loss None: no validation)."""
+    if val_loss is not None and not math.isfinite(val_loss):
         raise TrainingDivergedError(f"the validation loss became {val_loss} at epoch {epoch}")
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

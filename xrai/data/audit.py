@@ -206,15 +206,17 @@ def duplicate_groups(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTAN
 
 
 def audit(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE, min_correlation: float = MIN_CORRELATION,
-          workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+          workers: int | None = None, progress: bool = True, hashes: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per image that has a duplicate: group, path, label, split, kind, crosses (DESIGN.md).
 
     ``kind`` is "exact" when every image of the group has the same pixels, else "near"; ``crosses``
     is "", "split", "label" or "split+label". Unreadable images are skipped with a warning.
+    ``hashes`` (``image_hashes`` of the manifest's paths) spares hashing the images again.
     """
     import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
 
-    hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress)
+    hashes = image_hashes(manifest["path"].astype(str).tolist(), workers=workers, progress=progress) \
+        if hashes is None else hashes
     _report_bad(hashes)
     comp = _grouping(hashes, near_distance, min_correlation)
     frame = pd.DataFrame({
@@ -232,15 +234,36 @@ def audit(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE, min_cor
     per = frame.groupby("component").agg(n_digest=("digest", "nunique"), n_split=("split", "nunique"),
                                          n_label=("label", "nunique"), size=("path", "size"))
     per["kind"] = np.where(per["n_digest"] == 1, "exact", "near")
-    crosses = np.where(per["n_split"] > 1, "split", "")
-    label = np.where(per["n_label"] > 1, "label", "")
-    per["crosses"] = [("+".join(x for x in (s, l) if x)) for s, l in zip(crosses, label)]
+    per["crosses"] = _crosses(per["n_split"], per["n_label"])
     # number groups worst first: crossing both, then labels, then splits, then by size
     rank = per["crosses"].map({"split+label": 0, "label": 1, "split": 2, "": 3})
     per = per.assign(rank=rank).sort_values(["rank", "size"], ascending=[True, False], kind="stable")
     per["group"] = np.arange(len(per))
     out = frame.join(per[["group", "kind", "crosses"]], on="component")
     out = out.sort_values(["group", "path"], kind="stable")[AUDIT_COLUMNS].reset_index(drop=True)
+    return out
+
+
+def _crosses(n_split: pd.Series, n_label: pd.Series) -> list[str]:
+    """"", "split", "label" or "split+label" per group from its counts of distinct splits and labels."""
+    return ["+".join(x for x in ("split" if s > 1 else "", "label" if l > 1 else "") if x)
+            for s, l in zip(n_split, n_label)]
+
+
+def with_splits(table: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
+    """An audit table with each image's split replaced and ``crosses`` recomputed: the audit of the same
+    images under another split (a cross-validation fold) without hashing them again.
+
+    Args:
+        table: an ``audit`` table (or audit.csv read back).
+        splits: the new split of each image, indexed by path; images it lacks get "".
+    """
+    out = table.copy()
+    out["split"] = out["path"].map(splits).fillna("").astype(str)
+    if out.empty:
+        return out
+    per = out.groupby("group").agg(n_split=("split", "nunique"), n_label=("label", "nunique"))
+    out["crosses"] = out["group"].map(pd.Series(_crosses(per["n_split"], per["n_label"]), index=per.index))
     return out
 
 

@@ -31,9 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "GpuAugment", "preprocess"]
+__all__ = ["BASE_DEGREES", "BASE_JITTER", "IMAGENET_MEAN", "IMAGENET_STD", "GpuAugment", "augment_options",
+           "preprocess"]
 
 from xrai.data.contract import IMAGENET_MEAN, IMAGENET_STD, centre_crop_offset
+
+# aug_strength 1 (TrainConfig): rotation within +-10 degrees, brightness and contrast factors in 1 +- 0.2.
+BASE_DEGREES, BASE_JITTER = 10.0, 0.2
+
+
+def augment_options(*, crop_scale: float = 0.7, aug_strength: float = 1.0) -> dict:
+    """GpuAugment's training ranges for a recipe: crops of ``crop_scale``..1 of the area, rotation and
+    intensity jitter scaled by ``aug_strength`` (0: crop and flip only)."""
+    if not 0 <= aug_strength * BASE_JITTER < 1:
+        raise ValueError(f"aug_strength must be in [0, {1 / BASE_JITTER:g}), got {aug_strength}")
+    return {"scale": (float(crop_scale), 1.0), "degrees": BASE_DEGREES * aug_strength,
+            "brightness": BASE_JITTER * aug_strength, "contrast": BASE_JITTER * aug_strength}
 
 
 class GpuAugment(nn.Module):
@@ -58,10 +71,10 @@ class GpuAugment(nn.Module):
         train: bool,
         scale: tuple[float, float] = (0.7, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        degrees: float = 10.0,
+        degrees: float = BASE_DEGREES,
         flip_p: float = 0.5,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
+        brightness: float = BASE_JITTER,
+        contrast: float = BASE_JITTER,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -210,20 +223,22 @@ def preprocess(
     image_size: int,
     resize_size: int,
     device: torch.device | str = "cpu",
+    resize: str = "letterbox",
 ) -> Tensor:
-    """Single-image inference input: letterbox each uint8 (H,W) image to `resize_size`, then the eval
-    branch of GpuAugment (centre crop to `image_size`), exactly as the cached and classic eval paths.
+    """Single-image inference input: fit each uint8 (H,W) image to a `resize_size` square (`resize`:
+    letterbox or stretch, the run's TrainConfig.resize), then the eval branch of GpuAugment (centre crop
+    to `image_size`), exactly as the cached and classic eval paths.
 
     Returns:
         float32 (B,3,image_size,image_size) on `device`.
     """
-    from xrai.data.images import letterbox
+    from xrai.data.images import fit_square
 
     if isinstance(images, np.ndarray) and images.ndim == 2:
         images = [images]
     if len(images) == 0:
         raise ValueError("preprocess got no images")
-    boxed = np.stack([letterbox(np.asarray(im, dtype=np.uint8), resize_size) for im in images])
+    boxed = np.stack([fit_square(np.asarray(im, dtype=np.uint8), resize_size, resize) for im in images])
     batch = torch.from_numpy(boxed).unsqueeze(1).to(device)
     augment = GpuAugment(image_size, train=False).to(device)
     return augment(batch)

@@ -9,6 +9,8 @@ batches.
 Images are letterboxed (aspect kept, black padding) rather than resized-and-cropped: X-ray background is
 black, so padding adds no false anatomy, and long thin parts (fingers, forearms) are not cut away. The
 classic dataset and single-image prediction letterbox the same way (`xrai.data.images.letterbox`).
+A recipe may stretch instead (TrainConfig.resize = "stretch", `xrai.data.images.fit_square`); that is
+part of the key and of meta.json, so the two never mix.
 
 A cache folder, `<cache_dir>/<size>px-<key>/`, holds images.npy, index.csv (path, file size, mtime, ok;
 row i of images.npy is row i here), bad.csv (files that could not be decoded, with the reason) and
@@ -135,6 +137,7 @@ def build_cache(
     cache_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     progress: bool = True,
+    resize: str = "letterbox",
 ) -> ImageCache:
     """Decode every image of the manifest once into a letterboxed uint8 cache, or reuse a current one.
 
@@ -144,6 +147,7 @@ def build_cache(
         cache_dir: where caches live; default xrai_home()/"cache".
         workers: decoding processes (default: the CPUs this process may use; 1 decodes in-process).
         progress: show a tqdm bar while building.
+        resize: how images become squares, "letterbox" or "stretch" (`xrai.data.images.fit_square`).
     Returns:
         The ImageCache; `built` says whether this call decoded anything.
     Raises:
@@ -154,11 +158,11 @@ def build_cache(
     entries = _manifest_entries(manifest)
     if not entries:
         raise ValueError("build_cache got an empty manifest")
-    key = _cache_key(entries, size)
+    key = _cache_key(entries, size, resize)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{size}px-{key[:20]}"
-    found = _lookup(root, entries, size, key)
+    found = _lookup(root, entries, size, key, resize)
     if found is not None:
         return found
 
@@ -169,10 +173,10 @@ def build_cache(
     # One builder per cache: a second process (another notebook, a second training run) waits here
     # and then finds the finished cache instead of decoding every image again.
     with exclusive_lock(build_lock_path(root, final.name), on_wait=waiting):
-        found = _lookup(root, entries, size, key)
+        found = _lookup(root, entries, size, key, resize)
         if found is not None:
             return found
-        _build(root, final, entries, key, size, workers=workers, progress=progress)
+        _build(root, final, entries, key, size, workers=workers, progress=progress, resize=resize)
     cache = ImageCache.open(final)
     cache.built = True
     if len(cache.bad):
@@ -181,7 +185,8 @@ def build_cache(
     return cache
 
 
-def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: int | None, progress: bool) -> None:
+def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: int | None, progress: bool,
+           resize: str = "letterbox") -> None:
     """Decode into a private folder and rename it to ``final`` (the caller holds the build lock)."""
     remove_dead_builds(root)
     if not cache_fits(len(entries), size, root):
@@ -196,9 +201,9 @@ def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: in
     tmp = root / f".build-{key[:20]}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        bad = _fill(tmp, entries, size, workers=workers or cpu_count(), progress=progress)
+        bad = _fill(tmp, entries, size, workers=workers or cpu_count(), progress=progress, resize=resize)
         _write_tables(tmp, entries, bad)
-        _write_meta(tmp, {"format": CACHE_FORMAT, "key": key, "size": size, "n": len(entries),
+        _write_meta(tmp, {"format": CACHE_FORMAT, "key": key, "size": size, "resize": resize, "n": len(entries),
                           "n_bad": len(bad), "decoder_version": _images.DECODER_VERSION})
         if final.exists() and _complete(final, key) is None:
             shutil.rmtree(final)  # a damaged folder under our name: replace it
@@ -216,18 +221,21 @@ def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: in
 # ---- keying and finding caches ----------------------------------------------------------------
 
 
-def find_cache(manifest: pd.DataFrame | Sequence[str], *, size: int,
-               cache_dir: str | os.PathLike | None = None) -> ImageCache | None:
-    """The complete, current cache holding every image of the manifest at this size (its own or a
-    superset's), or None: what build_cache would reuse without decoding anything."""
+def find_cache(manifest: pd.DataFrame | Sequence[str], *, size: int, cache_dir: str | os.PathLike | None = None,
+               resize: str = "letterbox") -> ImageCache | None:
+    """The complete, current cache holding every image of the manifest at this size and resize mode (its
+    own or a superset's), or None: what build_cache would reuse without decoding anything."""
     entries = _manifest_entries(manifest)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _lookup(root, entries, size, _cache_key(entries, size)) if entries and root.is_dir() else None
+    if not entries or not root.is_dir():
+        return None
+    return _lookup(root, entries, size, _cache_key(entries, size, resize), resize)
 
 
-def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int, key: str) -> ImageCache | None:
+def _lookup(root: Path, entries: list[tuple[str, int, int]], size: int, key: str,
+            resize: str) -> ImageCache | None:
     """The cache keyed `key` if complete, else a complete cache of a superset of `entries`."""
-    return _complete(root / f"{size}px-{key[:20]}", key) or _find_superset(root, entries, size)
+    return _complete(root / f"{size}px-{key[:20]}", key) or _find_superset(root, entries, size, resize)
 
 
 def _manifest_entries(manifest: pd.DataFrame | Sequence[str]) -> list[tuple[str, int, int]]:
@@ -263,8 +271,11 @@ def _stat_entries(paths) -> list[tuple[str, int, int]]:
     return out
 
 
-def _cache_key(entries: list[tuple[str, int, int]], size: int) -> str:
-    h = hashlib.sha256(f"xrai-cache format={CACHE_FORMAT} size={size} decoder={_images.DECODER_VERSION}\n".encode())
+def _cache_key(entries: list[tuple[str, int, int]], size: int, resize: str = "letterbox") -> str:
+    # letterbox keeps the key it had before resize modes existed, so caches already built stay valid
+    mode = "" if resize == "letterbox" else f" resize={resize}"
+    h = hashlib.sha256(f"xrai-cache format={CACHE_FORMAT} size={size} decoder={_images.DECODER_VERSION}{mode}\n"
+                       .encode())
     for p, n, t in entries:
         h.update(f"{p}\t{n}\t{t}\n".encode())
     return h.hexdigest()
@@ -290,11 +301,14 @@ def _complete(path: Path, key: str) -> ImageCache | None:
     return cache
 
 
-def _find_superset(root: Path, entries: list[tuple[str, int, int]], size: int) -> ImageCache | None:
-    """A complete cache at this size holding every wanted file unchanged (e.g. all body parts)."""
+def _find_superset(root: Path, entries: list[tuple[str, int, int]], size: int,
+                   resize: str = "letterbox") -> ImageCache | None:
+    """A complete cache at this size and resize mode holding every wanted file unchanged (e.g. all body parts)."""
     for folder in sorted(root.glob(f"{size}px-*")):
         meta = read_meta(folder)
         if meta is None or meta.get("size") != size or meta.get("n", 0) < len(entries):
+            continue
+        if meta.get("resize", "letterbox") != resize:  # caches from before resize modes are letterboxed
             continue
         index = pd.read_csv(folder / "index.csv", keep_default_na=False)
         have = set(zip(index["path"], index["file_size"], index["mtime_ns"]))
@@ -318,7 +332,8 @@ def remove_dead_builds(root: Path) -> None:
 # ---- building ---------------------------------------------------------------------------------
 
 
-def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool) -> list[tuple[str, str]]:
+def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
+          resize: str = "letterbox") -> list[tuple[str, str]]:
     """Decode into tmp/images.npy, in parallel over disjoint row ranges; return [(path, reason)] of bad files."""
     from tqdm.auto import tqdm
 
@@ -335,7 +350,7 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool) -> lis
         workers = min(workers, len(chunks))
         if workers <= 1:
             for start, chunk in chunks:
-                b, w = _decode_rows(str(npy), start, chunk, size)
+                b, w = _decode_rows(str(npy), start, chunk, size, resize)
                 bad += b
                 caught += w
                 bar.update(len(chunk))
@@ -344,7 +359,7 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool) -> lis
             # numpy, and forking spares each one re-importing torch (~2 s on a 2-vCPU Colab).
             ctx = mp.get_context("fork") if sys.platform.startswith("linux") else None
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_decode_rows, str(npy), start, chunk, size): len(chunk)
+                futures = {pool.submit(_decode_rows, str(npy), start, chunk, size, resize): len(chunk)
                            for start, chunk in chunks}
                 try:
                     for future in as_completed(futures):
@@ -365,7 +380,7 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool) -> lis
     return sorted(bad)
 
 
-def _decode_rows(npy: str, start: int, paths: list[str], size: int):
+def _decode_rows(npy: str, start: int, paths: list[str], size: int, resize: str = "letterbox"):
     """Worker: decode `paths` into rows start.. of the memmap; bad files leave a black row."""
     array = np.load(npy, mmap_mode="r+")
     bad, caught = [], []
@@ -373,7 +388,7 @@ def _decode_rows(npy: str, start: int, paths: list[str], size: int):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             try:
-                array[start + i] = _images.letterbox(_images.read_image(p), size)
+                array[start + i] = _images.fit_square(_images.read_image(p), size, resize)
             except (_images.ImageError, OSError) as e:  # OSError: missing or unreadable file
                 bad.append((p, str(e)))
         caught += [(w.category, str(w.message)) for w in seen]

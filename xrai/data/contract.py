@@ -21,7 +21,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputContract", "centre_crop_offset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("letterbox",)
+RESIZE_MODES = ("letterbox", "stretch")  # xrai.data.images.fit_square
 
 
 def centre_crop_offset(side: int, size: int) -> int:
@@ -37,7 +37,8 @@ class InputContract:
     Attributes:
         image_size: the model's input side (the centre crop).
         resize_size: the side of the square the image is first fitted into.
-        resize: how it is fitted: "letterbox" (aspect kept, padded with black).
+        resize: how it is fitted: "letterbox" (aspect kept, padded with black) or "stretch" (resized to
+            the square), as TrainConfig.resize.
         mean, std: per-channel normalisation of x / 255, after the grey image is copied to 3 channels.
     """
 
@@ -79,16 +80,18 @@ class InputContract:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "channels": 3,
                 "layout": "NCHW", "dtype": "float32",
                 "steps": ["decode to uint8 grey (DICOM windowed as the file says, MONOCHROME1 inverted)",
-                          f"{self.resize} into a {self.resize_size} px square (black padding)",
+                          f"{self.resize} into a {self.resize_size} px square " + (
+                              "(aspect kept, black padding)" if self.resize == "letterbox" else
+                              "(resized to the square, aspect not kept)"),
                           f"centre crop {self.image_size} px (zero-padded if larger)",
                           "copy grey to 3 channels, x / 255, (x - mean) / std per channel"]}
 
 
 def fit_square(image: np.ndarray, contract: InputContract) -> np.ndarray:
     """The uint8 (H, W) image fitted into the contract's ``resize_size`` square."""
-    from xrai.data.images import letterbox
+    from xrai.data.images import fit_square as fit
 
-    return letterbox(np.asarray(image, dtype=np.uint8), contract.resize_size)
+    return fit(np.asarray(image, dtype=np.uint8), contract.resize_size, contract.resize)
 
 
 def prepare(images: Sequence[np.ndarray] | np.ndarray, contract: InputContract) -> np.ndarray:

@@ -32,7 +32,7 @@ from xrai.data.batches import (
     epoch_generator,
     ready_batch,
 )
-from xrai.data.images import ImageError, letterbox, read_image
+from xrai.data.images import ImageError, fit_square, read_image
 
 __all__ = ["BadImageWarning", "ClassicBatches", "XrayDataset", "find_bad_images"]
 
@@ -50,18 +50,19 @@ class XrayDataset(Dataset):
             this only fires for a file that broke during the run).
     """
 
-    def __init__(self, manifest: pd.DataFrame, *, resize_size: int) -> None:
+    def __init__(self, manifest: pd.DataFrame, *, resize_size: int, resize: str = "letterbox") -> None:
         if resize_size < 1:
             raise ValueError(f"resize_size must be >= 1, got {resize_size}")
         self.paths = [str(p) for p in manifest["path"]]
         self.labels = np.asarray(manifest["label"], dtype=np.float32)
         self.resize_size = int(resize_size)
+        self.resize = resize  # "letterbox" or "stretch" (xrai.data.images.fit_square)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = letterbox(read_image(self.paths[index]), self.resize_size)
+        image = fit_square(read_image(self.paths[index]), self.resize_size, self.resize)
         return torch.from_numpy(image)[None], torch.tensor(self.labels[index])
 
 
@@ -157,6 +158,8 @@ class ClassicBatches:
         max_batches: cap on batches per epoch (0: no cap), for smoke runs.
         progress: a progress bar while the files are checked.
         rank, world_size: serve rank `rank`'s shard of every global batch of `batch_size` (torchrun).
+        resize: how files become squares, "letterbox" or "stretch" (as the cache; TrainConfig.resize).
+        augment: GpuAugment's training ranges (``xrai.data.augment.augment_options``); None: its defaults.
     Raises:
         ValueError: an empty manifest, resize_size < image_size, or no readable image.
     """
@@ -177,6 +180,8 @@ class ClassicBatches:
         progress: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        resize: str = "letterbox",
+        augment: dict | None = None,
     ) -> None:
         if len(manifest) == 0:
             raise ValueError("ClassicBatches got an empty manifest; check the split and body-part filter")
@@ -191,11 +196,11 @@ class ClassicBatches:
         self.manifest = drop_bad_images(manifest, self.bad, listed_in="this source's `bad` table")
         if train and world_size > 1:
             check_shardable(len(self.manifest), batch_size, world_size)
-        self.dataset = XrayDataset(self.manifest, resize_size=resize_size)
+        self.dataset = XrayDataset(self.manifest, resize_size=resize_size, resize=resize)
         self.device = torch.device(device)
         self.channels_last, self.seed, self.train = channels_last, int(seed), bool(train)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.augment = GpuAugment(image_size, train=train).to(self.device)
+        self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)
         self.sampler = _EpochBatchSampler(len(self.manifest), batch_size=batch_size, train=train, seed=seed,
                                           max_batches=max_batches, rank=self.rank, world_size=self.world_size)
         self.loader = DataLoader(

@@ -23,9 +23,11 @@ __all__ = [
     "check_decode_budget",
     "decode_image",
     "decoded_layout",
+    "fit_square",
     "letterbox",
     "read_image",
     "scan_images",
+    "stretch",
 ]
 
 # Part of every decoded-image cache key: bump it whenever read_image or letterbox can return other pixels.
@@ -307,6 +309,30 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = np.asarray(src, dtype=np.uint8)
     return out
+
+
+def stretch(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 (H, W) image to (size, size), aspect not kept (torchvision's Resize((size, size))):
+    the whole picture fills the square, at the price of squashing long thin parts."""
+    if image.ndim != 2 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"stretch wants a non-empty grey (H, W) image, got shape {image.shape}")
+    if size < 1:
+        raise ValueError(f"stretch size must be >= 1, got {size}")
+    src = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if src.size != (size, size):
+        shrink = size < max(image.shape)
+        src = src.resize((size, size), resample=Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    return np.array(src, dtype=np.uint8)  # a writable copy, as letterbox returns
+
+
+def fit_square(image: np.ndarray, size: int, resize: str = "letterbox") -> np.ndarray:
+    """The one definition of how an X-ray becomes the (size, size) square every path starts from (the
+    cache, the classic loader, single-image inference): ``letterbox`` or ``stretch`` (TrainConfig.resize)."""
+    if resize == "letterbox":
+        return letterbox(image, size)
+    if resize == "stretch":
+        return stretch(image, size)
+    raise ValueError(f"unknown resize {resize!r}; choose one of: letterbox, stretch")
 
 
 def scan_images(

@@ -49,7 +49,7 @@ class CachedBatches:
 
     def __init__(self, cache: ImageCache, manifest: pd.DataFrame, *, image_size: int, batch_size: int,
                  train: bool, seed: int, device: torch.device | str, channels_last: bool = False,
-                 max_batches: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 max_batches: int = 0, rank: int = 0, world_size: int = 1, augment: dict | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -72,7 +72,7 @@ class CachedBatches:
         self.rank, self.world_size = int(rank), int(world_size)
         if self.train and self.world_size > 1:
             check_shardable(len(self._rows), self.batch_size, self.world_size)
-        self.augment = GpuAugment(image_size, train=train).to(self.device)
+        self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)
 
     def __len__(self) -> int:
         if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
