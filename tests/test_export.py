@@ -217,11 +217,19 @@ def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_n
     try:
         deadline, url = time.monotonic() + 120, None
         while url is None and time.monotonic() < deadline and proc.poll() is None:
-            found = [re.search(r"on (http://127\.0\.0\.1:\d+)", line) for line in list(lines)]
+            found = [re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", line) for line in list(lines)]
             url = next((m.group(1) + "/" for m in found if m), None)
             time.sleep(0.1)
         assert url is not None, "".join(lines)[-3000:]
-        answer = _post_file(url, png)
+        for attempt in range(5):  # a refused connection is retried briefly while the server lives
+            try:
+                answer = _post_file(url, png)
+                break
+            except OSError as error:  # say what the server said, not only that it did not answer
+                if attempt == 4 or proc.poll() is not None:
+                    raise AssertionError(f"{error}; server exit code {proc.poll()}; its log:\n"
+                                         f"{''.join(lines)[-3000:]}") from error
+                time.sleep(0.5)
     finally:
         proc.terminate()  # SIGTERM, as docker stop sends (SIGINT may be ignored where CI runs in the background)
         try:
