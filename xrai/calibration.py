@@ -16,6 +16,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
+from xrai.metrics import binary_arrays
+
 __all__ = [
     "ECE_BINS",
     "ECE_BINNING",
@@ -38,17 +40,7 @@ _EPS = 1e-12
 
 
 def _arrays(labels: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels).astype(int).ravel()
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if y.shape != v.shape:
-        raise ValueError(f"{y.size} labels but {v.size} values")
-    if y.size == 0:
-        raise ValueError("no predictions to calibrate (empty split?)")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got {sorted(set(y.tolist()))}")
-    if not np.isfinite(v).all():
-        raise ValueError("logits or probabilities contain NaN or infinity")
-    return y, v
+    return binary_arrays(labels, values, purpose="calibrate", what="logits or probabilities")
 
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:

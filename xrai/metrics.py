@@ -60,17 +60,24 @@ METRIC_KEYS = (
 CLASS_NAMES = ("normal", "abnormal")
 
 
-def _arrays(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
+def binary_arrays(y_true: Any, values: Any, *, purpose: str = "score",
+                  what: str = "probabilities") -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels and finite float64 values of the same length, as flat arrays; ValueError otherwise.
+
+    Args:
+        purpose: what the caller does with them, for the empty-split message ("score", "calibrate").
+        what: what ``values`` are, for the messages ("probabilities", "logits or probabilities").
+    """
     y = np.asarray(y_true).astype(int).ravel()
-    p = np.asarray(prob, dtype=float).ravel()
+    p = np.asarray(values, dtype=np.float64).ravel()
     if y.shape != p.shape:
-        raise ValueError(f"y_true has {y.size} values but prob has {p.size}")
+        raise ValueError(f"y_true has {y.size} values but the {what} have {p.size}")
     if y.size == 0:
-        raise ValueError("no predictions to score (empty split?)")
+        raise ValueError(f"no predictions to {purpose} (empty split?)")
     if not np.isin(y, (0, 1)).all():
         raise ValueError(f"labels must be 0 or 1, got {sorted(set(y.tolist()))}")
     if not np.isfinite(p).all():
-        raise ValueError("probabilities contain NaN or infinity")
+        raise ValueError(f"{what} contain NaN or infinity")
     return y, p
 
 
@@ -111,7 +118,7 @@ def compute_metrics(
         kappa, kappa_ci, confusion_matrix [[tn, fp], [fn, tp]]. Metrics that a one-class split
         leaves undefined (AUROC, AP, sensitivity or specificity, kappa) are None, with a warning.
     """
-    y, p = _arrays(y_true, prob)
+    y, p = binary_arrays(y_true, prob)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
     both = len(np.unique(y)) == 2
@@ -144,7 +151,7 @@ def compute_metrics(
 def decision_metrics(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]:
     """What a threshold does, without intervals: sensitivity, specificity, PPV, NPV, accuracy, kappa,
     confusion matrix [[tn, fp], [fn, tp]] (a ratio with a zero denominator is None)."""
-    y, p = _arrays(y_true, prob)
+    y, p = binary_arrays(y_true, prob)
     pred = (p >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
     return {"threshold": float(threshold), "n": int(y.size), "sensitivity": _ratio(tp, tp + fn),
@@ -155,7 +162,7 @@ def decision_metrics(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]
 
 def classification_report(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]:
     """scikit-learn's classification_report(output_dict=True) at the threshold, both classes named."""
-    y, p = _arrays(y_true, prob)
+    y, p = binary_arrays(y_true, prob)
     return skm.classification_report(
         y, (p >= threshold).astype(int), labels=[0, 1], target_names=list(CLASS_NAMES),
         output_dict=True, zero_division=0,
@@ -300,7 +307,7 @@ def bootstrap_ci(
     Returns:
         {"auroc": [lo, hi] or None, "kappa": [lo, hi] or None}; None when no replicate defines it.
     """
-    y, p = _arrays(y_true, prob)
+    y, p = binary_arrays(y_true, prob)
     if n < 1:
         raise ValueError(f"n (bootstrap replicates) must be >= 1, got {n}")
     pred = (p >= threshold).astype(int)
@@ -341,7 +348,7 @@ def choose_threshold(y_true: Any, prob: Any, *, method: str = "youden", target: 
     """
     if method not in THRESHOLD_METHODS:
         raise ValueError(f"unknown threshold method {method!r}; choose one of: {', '.join(THRESHOLD_METHODS)}")
-    y, p = _arrays(y_true, prob)
+    y, p = binary_arrays(y_true, prob)
     if len(np.unique(y)) < 2:
         raise ValueError(f"choosing a threshold needs both classes; the {y.size} validation images are all one class")
     fpr, tpr, thresholds = skm.roc_curve(y, p, drop_intermediate=False)
