@@ -123,3 +123,30 @@ def test_lock_is_exclusive_and_released_on_exit(tmp_path):
     assert waited == [str(os.getpid())]  # the waiter was told who holds it
     with open(lock, "a+b") as other:
         assert try_lock(other)  # released
+
+
+def test_a_waiter_that_arrives_before_the_holder_wrote_its_pid_still_names_it(tmp_path):
+    """The holder locks first and writes its pid a moment later; a waiter arriving in between must
+    not report the holder as "?" (the CI race of stop 19), and a released lock leaves no stale pid."""
+    lock = tmp_path / ".lock-y"
+    taken, release = threading.Event(), threading.Event()
+
+    def slow_holder() -> None:  # what a holder between flock and its pid write looks like
+        with open(lock, "a+b") as handle:
+            assert try_lock(handle)
+            taken.set()
+            time.sleep(0.4)
+            handle.write(b"424242\n")
+            handle.flush()
+            release.wait(10)
+
+    thread = threading.Thread(target=slow_holder)
+    thread.start()
+    assert taken.wait(10)
+    waited: list[str] = []
+    threading.Timer(1.0, release.set).start()
+    with exclusive_lock(lock, poll_s=0.02, on_wait=waited.append):
+        pass
+    thread.join(timeout=10)
+    assert waited == ["424242"]
+    assert lock.read_bytes() == b""  # released: nobody's pid is left for the next waiter to misreport

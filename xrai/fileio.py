@@ -152,6 +152,9 @@ def try_lock(handle: IO) -> bool:
         raise
 
 
+PID_GRACE_S = 5.0  # how long a waiter waits for the holder's pid before naming it "?"
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
                    on_wait: Callable[[str], Any] | None = None) -> Iterator[bool]:
@@ -167,17 +170,25 @@ def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+b")  # noqa: SIM115 - closed in finally; "a" never truncates the holder's pid
+    locked = False
     try:
         try:
             locked = try_lock(handle)
         except OSError:
             yield False
             return
-        if not locked and on_wait is not None:
-            handle.seek(0)
-            on_wait(handle.read(32).decode("ascii", "replace").strip() or "?")
+        # The holder writes its pid just after it takes the lock, so a waiter that arrives in between
+        # reads an empty file: keep reading while waiting, and name the holder as "?" only when no pid
+        # has appeared within PID_GRACE_S (a holder that is that slow to write is still waited for).
+        started, told = time.monotonic(), on_wait is None
         while not locked:
-            time.sleep(poll_s)
+            if not told:
+                handle.seek(0)
+                holder = handle.read(32).decode("ascii", "replace").strip()
+                if holder or time.monotonic() - started >= PID_GRACE_S:
+                    on_wait(holder or "?")
+                    told = True
+            time.sleep(poll_s if told else min(poll_s, 0.05))
             locked = try_lock(handle)
         handle.seek(0)
         handle.truncate()
@@ -185,4 +196,9 @@ def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
         handle.flush()
         yield True
     finally:
+        if locked:  # leave no pid behind: a waiter that reads one knows it is the live holder's
+            with contextlib.suppress(OSError):
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
         handle.close()  # releases the lock
