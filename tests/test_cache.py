@@ -278,5 +278,7 @@ def test_host_batches_and_early_stop(image_set, tmp_path):
     assert x.dtype == torch.uint8 and x.shape == (5, 1, 32, 32) and y.tolist() == [0, 1, 2, 3, 4]
     for _ in source.epoch(0):
         break  # leaving early must stop the prefetch thread
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10  # the thread notices within a batch; a loaded CI machine may be slow
+    while [t for t in threading.enumerate() if t.name == "xrai-cache-prefetch"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not [t for t in threading.enumerate() if t.name == "xrai-cache-prefetch"]

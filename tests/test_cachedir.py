@@ -19,10 +19,11 @@ from xrai.data.cache import LAST_USED, build_cache
 from xrai.data.cachedir import list_caches, prune_caches
 
 BUILDER = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     from pathlib import Path
     from xrai.data.cache import build_cache
     paths, cache_dir, go = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    (go.parent / f"ready-{os.getpid()}").touch()  # imported: the parent opens the barrier once both are
     while not go.exists():  # a barrier: both processes ask for the cache at the same moment
         time.sleep(0.005)
     cache = build_cache(paths, size=32, cache_dir=cache_dir, workers=1, progress=False)
@@ -52,7 +53,9 @@ def test_two_processes_one_build(tmp_path):
                                                        os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, json.dumps(paths), str(cache_dir), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    time.sleep(1.0)  # both imported and spinning on the barrier (a late one would only wait longer)
+    deadline = time.monotonic() + 240  # both imported (torch, under CI load) and spinning on the barrier:
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:  # a late one could
+        time.sleep(0.05)  # otherwise find the cache already built and never wait
     go.touch()
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (out, err) in zip(procs, outputs):
