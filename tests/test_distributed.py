@@ -46,6 +46,21 @@ def _train_args(root: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def test_cpu_sync_batchnorm_equals_one_batchnorm_over_the_global_batch(tmp_path):
+    """CpuSyncBatchNorm on 2 gloo ranks (float32, shards of 4+4, 3+5, (N, C) input, no affine) gives the
+    outputs, input gradients, summed parameter gradients and running statistics of one float64
+    BatchNorm over the whole batch: its hand-written backward is checked against autograd's."""
+    out = tmp_path / "syncbn.json"
+    run_torchrun(torchrun_command(2, [str(REPO / "tests" / "_syncbn_worker.py"), str(out)]), env=_env(), timeout=300)
+    results = json.loads(out.read_text())
+    assert set(results) == {"2d channels_last", "uneven shards", "(N, C) input", "not affine"}
+    for case, result in results.items():
+        assert result["ranks_agree"], case
+        assert set(result["relative_diff"]) >= {"out", "grad_x", "running_mean", "running_var"}
+        worst = {k: v for k, v in result["relative_diff"].items() if v > 1e-5}
+        assert not worst, (case, worst)
+
+
 # ---- sharding, without processes ------------------------------------------------------------------
 
 

@@ -181,3 +181,22 @@ def test_default_root_under_xrai_home(monkeypatch, tmp_path):
 def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_synthetic(tmp_path, **kwargs)
+
+
+def test_load_synthetic_with_a_new_root_generates_the_set_there(tmp_path, monkeypatch):
+    """`python -m xrai train --data synthetic --root NEW` generates the set in NEW (it used to stop with
+    MURA's "download it" message); a folder holding something else is still refused, not overwritten."""
+    from functools import partial
+
+    from xrai.data import load
+
+    monkeypatch.setattr(synthetic, "make_synthetic", partial(make_synthetic, patients_per_part=2, size=48))
+    manifest = load("synthetic", root=tmp_path / "new", progress=False)
+    assert (tmp_path / "new" / "MURA-v1.1" / ".complete").is_file()
+    assert len(manifest) > 0 and set(manifest["split"]) == {"train", "valid", "test"}
+    assert all(Path(p).is_file() and str(tmp_path / "new") in p for p in manifest["path"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError):
+        load("synthetic", root=tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

@@ -598,7 +598,10 @@ def _rank_tag() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    # xrai's own progress at INFO; other libraries only from WARNING up (onnx's exporter alone logs
+    # ~70 INFO lines per export), everything with -v.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("xrai").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -127,8 +127,9 @@ def load(
     Args:
         source: "mura", "fracatlas", "folder" (class folders; "multiregion" and "bonefracture" are the
             two Kaggle sets of that shape) or "synthetic".
-        root: where the data is. None: the synthetic set is generated under xrai_home() once; the
-            others are found attached in Kaggle or downloaded with kagglehub.
+        root: where the data is. None: the synthetic set is generated under xrai_home() once (and
+            into root, when root is a folder that does not exist yet or is empty); the others are
+            found attached in Kaggle or downloaded with kagglehub.
         split: fill the splits the source lacks (seeded, patient-grouped, label-stratified; FracAtlas
             keeps duplicate groups together since it has no patient ids, and the manifest keeps them as
             an extra ``group`` column). False leaves "" in place.
@@ -160,6 +161,8 @@ def load(
         else:
             root = download(key)
     root = Path(root)
+    if key == "synthetic" and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
+        root = ensure_synthetic(root)  # a new (or empty) folder named for the synthetic set: generate it there
     if key in ("mura", "synthetic"):
         manifest = read_mura(root, source=key)
         if key == "synthetic":

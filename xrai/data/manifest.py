@@ -26,6 +26,7 @@ from xrai.fileio import atomic_write_json, atomic_write_text
 __all__ = ["ATTRS", "manifest_info", "read_manifest", "relocate_paths", "save_manifest"]
 
 logger = logging.getLogger(__name__)
+_TOLD: set[tuple[str, str]] = set()  # (run folder, image root) pairs whose "images found" line was logged
 
 # What manifest.json records besides rows and columns; a manifest's attrs carry the same keys.
 ATTRS = ("source", "dataset", "slug", "root", "split_method", "split", "synthetic")
@@ -115,7 +116,9 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     if found is not None:
         manifest.attrs["root"] = str(found.root)
         manifest.attrs["found"] = found.line(len(manifest))
-        logger.info("%s: %s", run_dir, manifest.attrs["found"])
+        told = (str(run_dir.resolve()), str(found.root))  # once per run and root: evaluate reads it per split
+        logger.log(logging.DEBUG if told in _TOLD else logging.INFO, "%s: %s", run_dir, manifest.attrs["found"])
+        _TOLD.add(told)
         if meta["paths"] == "relative" and str(found.root) != meta["root"]:
             _record_root(run_dir, str(found.root))
     return manifest
