@@ -94,6 +94,19 @@ def test_config_differences_allow_raising_epochs_only():
     assert config_differences(saved, _config(epochs=2).to_dict(), epochs_done=2)[0].startswith("epochs")
 
 
+def test_config_differences_of_a_checkpoint_older_than_a_setting():
+    """A checkpoint from before the recipe fields ran letterboxed without TTA: resuming it under today's
+    defaults (stretch, TTA) is refused; a newer non-recipe setting left at its default is the same run."""
+    from xrai.config import PRE_RECIPE_VALUES
+
+    current = _config().to_dict()
+    saved = {k: v for k, v in current.items() if k not in PRE_RECIPE_VALUES and k != "sync_bn"}
+    problems = config_differences(saved, current, epochs_done=1)
+    changed = {k for k in PRE_RECIPE_VALUES if PRE_RECIPE_VALUES[k] != current[k]}
+    assert changed and {line.split(":")[0] for line in problems} == changed
+    assert config_differences(saved, {**current, **PRE_RECIPE_VALUES}, epochs_done=1) == []
+
+
 def test_rng_state_round_trips_through_weights_only(tmp_path):
     import random
 

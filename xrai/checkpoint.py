@@ -153,14 +153,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
     """
     from xrai.config import TrainConfig
 
-    defaults = TrainConfig().to_dict()
+    # A setting newer than the checkpoint's xrai ran at its value then: the recipe fields at what xrai
+    # did before they existed (PRE_RECIPE_VALUES), any other at its default (TrainConfig.from_dict alike).
+    then = {**TrainConfig().to_dict(), **PRE_RECIPE_VALUES}
     problems = []
     for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, PRE_RECIPE_VALUES.get(name, "<missing>")), current.get(name, "<missing>")
+        old, new = saved.get(name, then.get(name, "<missing>")), current.get(name, "<missing>")
         if old == new:
             continue
-        if name not in saved and name in defaults and new == defaults[name]:
-            continue  # a setting newer than the checkpoint's xrai, left at its default: the same run
         if (name == "epochs" and isinstance(new, int) and isinstance(old, int) and new >= old
                 and saved.get("scheduler") != "onecycle"):  # a one-cycle schedule's length is fixed
             continue
