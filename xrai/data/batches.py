@@ -6,7 +6,8 @@ and hand every batch to the same `GpuAugment` with the same random stream:
 
 - `epoch_batches`: the positions of each batch of one epoch. Training shuffles from (seed, epoch) and
   drops the last partial batch (a batch of one breaks BatchNorm) unless it is the only one; evaluation
-  keeps manifest order and every row.
+  keeps manifest order and every row. `EpochPlan` fixes its arguments for one source (and checks that
+  a training set can be shared among the ranks), so both sources count and order their batches alike.
 - `epoch_generator(seed, epoch, AUGMENT_STREAM)`: the CPU generator GpuAugment draws its parameters
   from, batch after batch.
 - `drop_bad_images`: unreadable images are dropped before batching (never replaced by a black image)
@@ -28,6 +29,7 @@ empty by the last batch is skipped. Each rank augments from its own stream, (see
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,7 @@ __all__ = [
     "AUGMENT_STREAM",
     "ORDER_STREAM",
     "BadImageWarning",
+    "EpochPlan",
     "batch_count",
     "check_shardable",
     "drop_bad_images",
@@ -99,6 +102,38 @@ def epoch_batches(n: int, batch_size: int, *, train: bool, seed: int, epoch: int
         check_shardable(n, batch_size, world_size)
     shards = [np.array_split(batch, world_size)[rank] for batch in batches]
     return [shard for shard in shards if len(shard)]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The batches of every epoch of one batch source: `epoch_batches` with all but the epoch fixed.
+
+    Raises:
+        ValueError: a training set whose global batches cannot be shared out among world_size ranks.
+    """
+
+    n: int
+    batch_size: int
+    train: bool
+    seed: int
+    max_batches: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.train and self.world_size > 1:
+            check_shardable(self.n, self.batch_size, self.world_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same every epoch)."""
+        if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
+            return len(self.positions(0))
+        return batch_count(self.n, self.batch_size, train=self.train, max_batches=self.max_batches)
+
+    def positions(self, epoch: int) -> list[np.ndarray]:
+        """Positions (0..n-1) of every batch of the epoch (this rank's shards), in order."""
+        return epoch_batches(self.n, self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
+                             max_batches=self.max_batches, rank=self.rank, world_size=self.world_size)
 
 
 def per_rank_batch(batch_size: int, world_size: int) -> int:

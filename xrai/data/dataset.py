@@ -25,10 +25,8 @@ from xrai.data.augment import GpuAugment
 from xrai.data.batches import (
     AUGMENT_STREAM,
     BadImageWarning,
-    batch_count,
-    check_shardable,
+    EpochPlan,
     drop_bad_images,
-    epoch_batches,
     epoch_generator,
     ready_batch,
 )
@@ -116,25 +114,17 @@ def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: boo
 
 
 class _EpochBatchSampler(Sampler):
-    """The row positions of each batch of epoch `epoch`, as `xrai.data.batches.epoch_batches` fixes them."""
+    """The row positions of each batch of epoch `epoch` (set before each pass), as `plan` fixes them."""
 
-    def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, max_batches: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.n, self.batch_size, self.train, self.seed, self.max_batches = n, batch_size, train, seed, max_batches
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, plan: EpochPlan) -> None:
+        self.plan = plan
         self.epoch = 0
 
     def __len__(self) -> int:
-        if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
-            return len(self.positions(0))
-        return batch_count(self.n, self.batch_size, train=self.train, max_batches=self.max_batches)
-
-    def positions(self, epoch: int) -> list[np.ndarray]:
-        return epoch_batches(self.n, self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
-                             max_batches=self.max_batches, rank=self.rank, world_size=self.world_size)
+        return len(self.plan)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for positions in self.positions(self.epoch):
+        for positions in self.plan.positions(self.epoch):
             yield positions.tolist()
 
 
@@ -194,15 +184,14 @@ class ClassicBatches:
             raise ValueError(f"none of the {len(manifest)} images can be decoded (first: {self.bad['reason'].iloc[0]}); "
                              "check the dataset folder")
         self.manifest = drop_bad_images(manifest, self.bad, listed_in="this source's `bad` table")
-        if train and world_size > 1:
-            check_shardable(len(self.manifest), batch_size, world_size)
+        self.plan = EpochPlan(len(self.manifest), batch_size, bool(train), int(seed), max_batches, int(rank),
+                              int(world_size))
         self.dataset = XrayDataset(self.manifest, resize_size=resize_size, resize=resize)
         self.device = torch.device(device)
         self.channels_last, self.seed, self.train = channels_last, int(seed), bool(train)
         self.rank, self.world_size = int(rank), int(world_size)
         self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)
-        self.sampler = _EpochBatchSampler(len(self.manifest), batch_size=batch_size, train=train, seed=seed,
-                                          max_batches=max_batches, rank=self.rank, world_size=self.world_size)
+        self.sampler = _EpochBatchSampler(self.plan)
         self.loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -213,11 +202,11 @@ class ClassicBatches:
         )
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.plan)
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """Positions (into `manifest`) of every batch of the epoch (this rank's shards), in order."""
-        return self.sampler.positions(epoch)
+        return self.plan.positions(epoch)
 
     def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The host side alone: uint8 (B,1,R,R) and float32 (B,) batches as the workers deliver them."""

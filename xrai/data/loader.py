@@ -18,10 +18,8 @@ from torch import Tensor
 from xrai.data.augment import GpuAugment
 from xrai.data.batches import (
     AUGMENT_STREAM,
-    batch_count,
-    check_shardable,
+    EpochPlan,
     drop_bad_images,
-    epoch_batches,
     epoch_generator,
     ready_batch,
 )
@@ -68,21 +66,18 @@ class CachedBatches:
         self._labels = torch.as_tensor(self.manifest["label"].to_numpy(dtype=np.float32))
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.device = get_device(device) if isinstance(device, str) else torch.device(device)
-        self.channels_last, self.max_batches = channels_last, int(max_batches)
+        self.channels_last = channels_last
         self.rank, self.world_size = int(rank), int(world_size)
-        if self.train and self.world_size > 1:
-            check_shardable(len(self._rows), self.batch_size, self.world_size)
+        self.plan = EpochPlan(len(self._rows), self.batch_size, self.train, self.seed, int(max_batches), self.rank,
+                              self.world_size)
         self.augment = GpuAugment(image_size, train=train, **(augment or {})).to(self.device)
 
     def __len__(self) -> int:
-        if self.world_size > 1 and not self.train:  # the last batch's shard may be empty on some ranks
-            return len(self.batch_positions(0))
-        return batch_count(len(self._rows), self.batch_size, train=self.train, max_batches=self.max_batches)
+        return len(self.plan)
 
     def batch_positions(self, epoch: int) -> list[np.ndarray]:
         """Positions (into `manifest`) of every batch of the epoch (this rank's shards), in order."""
-        return epoch_batches(len(self._rows), self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
-                             max_batches=self.max_batches, rank=self.rank, world_size=self.world_size)
+        return self.plan.positions(epoch)
 
     def host_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The host side alone: uint8 (B,1,S,S) and float32 (B,) batches as shipped to the device (pinned on
