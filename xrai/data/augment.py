@@ -97,16 +97,11 @@ class GpuAugment(nn.Module):
         return f"image_size={self.image_size}, train={self.train_mode}"
 
     def sample_params(self, batch: int, side: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Per-image parameters on the CPU (float64): crop box (x0, y0, w, h in input pixels), flip sign,
-        angle (radians), brightness and contrast factors. Eval gives the centre crop and neutral values."""
-        n = batch
-        out = self.image_size
+        """Training's per-image parameters on the CPU (float64): crop box (x0, y0, w, h in input pixels),
+        flip sign, angle (radians), brightness and contrast factors. (Eval draws nothing: `_centre_crop`.)"""
         if not self.train_mode:
-            offset = float(round((side - out) / 2.0))  # torchvision CenterCrop's integer offset
-            box = torch.tensor([offset, offset, float(out), float(out)], dtype=torch.float64).repeat(n, 1)
-            ones = torch.ones(n, dtype=torch.float64)
-            return {"box": box, "flip": ones, "angle": torch.zeros(n, dtype=torch.float64),
-                    "brightness": ones, "contrast": ones}
+            raise ValueError("sample_params is for training; an eval GpuAugment centre-crops (_centre_crop)")
+        n = batch
 
         def uniform(low: float, high: float) -> Tensor:
             return torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low
@@ -178,7 +173,7 @@ class GpuAugment(nn.Module):
         # within ~0.7-1.3 and aliasing is negligible. (Eval never comes here: see _centre_crop.)
         x = F.grid_sample(x, _affine_grid(theta, self.image_size), mode="bilinear", padding_mode="zeros",
                           align_corners=False)
-        if self.train_mode and self.contrast > 0:
+        if self.contrast > 0:
             c = params["contrast"].to(torch.float32).view(-1, 1, 1, 1).to(device, non_blocking=True)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)  # ColorJitter: blend with the image's mean grey
             x.mul_(c).add_(mean * (1 - c)).clamp_(0.0, 1.0)
