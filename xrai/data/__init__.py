@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 # are also their modules' (a later import of the submodule would otherwise rebind xrai.data.audit to
 # the module); both import pandas only inside their functions.
 from xrai.data.audit import audit, audit_summary, duplicate_groups
-from xrai.data.download import DATASETS, DownloadError, dataset_key, download
+from xrai.data.download import DATASETS, DownloadError, download
 from xrai.data.images import DECODER_VERSION, ImageError, TruncatedImageWarning, letterbox, read_image, scan_images
 
 _LAZY = {
@@ -163,14 +163,15 @@ def load(
     root = Path(root)
     if key == "synthetic" and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
         root = ensure_synthetic(root)  # a new (or empty) folder named for the synthetic set: generate it there
+    base = dataset_dir(key, root)  # searched for once; each reader accepts it as it stands
     if key in ("mura", "synthetic"):
-        manifest = read_mura(root, source=key)
+        manifest = read_mura(base, source=key)
         if key == "synthetic":
             manifest = _synthetic_lines(manifest)
     elif key == "fracatlas":
-        manifest = read_fracatlas(root)
+        manifest = read_fracatlas(base)
     else:
-        manifest = read_class_folders(root)
+        manifest = read_class_folders(base)
 
     if split:
         groups = duplicate_groups(manifest, progress=progress) if key == "fracatlas" else None
@@ -187,10 +188,10 @@ def load(
     if body_part:
         manifest = filter_body_parts(manifest, list(body_part))
     manifest = manifest.reset_index(drop=True)
-    dataset = dataset_key(key) if key in DATASETS else ""
+    dataset = key if key in DATASETS else ""
     manifest.attrs = {
         "source": key, "dataset": dataset, "slug": DATASETS.get(dataset, ""),
-        "root": str(dataset_dir(key, root)), "split_method": method,
+        "root": str(base), "split_method": method,
         "split": {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction} if split else {},
         "synthetic": (synthetic_options(root) or {}) if key == "synthetic" else {},
     }  # fmt: skip
