@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from xrai.config import RESIZES as RESIZE_MODES  # xrai.data.images.fit_square; config imports only the stdlib
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputContract", "centre_crop_offset", "prepare"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("letterbox", "stretch")  # xrai.data.images.fit_square
 
 
 def centre_crop_offset(side: int, size: int) -> int:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
+from xrai.config import RESIZES
+
 __all__ = [
     "DECODER_VERSION",
     "MAX_DECODED_BYTES",
@@ -332,7 +334,7 @@ def fit_square(image: np.ndarray, size: int, resize: str = "letterbox") -> np.nd
         return letterbox(image, size)
     if resize == "stretch":
         return stretch(image, size)
-    raise ValueError(f"unknown resize {resize!r}; choose one of: letterbox, stretch")
+    raise ValueError(f"unknown resize {resize!r}; choose one of: {', '.join(RESIZES)}")
 
 
 def scan_images(
