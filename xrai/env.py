@@ -215,17 +215,14 @@ def autocast_dtype(device) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
-def seed_everything(seed: int, *, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (CPU and CUDA). With deterministic, also pin cuDNN's algorithms."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA). Deterministic kernels are `backend_settings`' job."""
     import numpy as np
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
 
 
 CUBLAS_WORKSPACE = ":4096:8"  # what CUDA's docs ask for deterministic cuBLAS (":16:8" works too, slower)
