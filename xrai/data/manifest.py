@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,13 +133,18 @@ def _find_relative(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> 
     return found
 
 
+def _tails(path: str) -> Iterator[str]:
+    """The path without its first folder, then without its first two, ..., "/"-separated: longest first."""
+    parts = path.replace("\\", "/").split("/")
+    return ("/".join(parts[k:]) for k in range(1, len(parts)))
+
+
 def _find_absolute(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> Found:
     """An old manifest: its paths where they exist, else mapped onto a copy found again by their tails."""
     first = manifest["path"].iloc[0]
     if root is None and os.path.exists(first):
         return Found(root=Path(meta["root"] or os.path.dirname(first)), how="recorded paths", seconds=0.0)
-    parts = first.replace("\\", "/").split("/")
-    tails = ["/".join(parts[k:]) for k in range(1, len(parts))]  # longest first
+    tails = list(_tails(first))
     old_prefix: list[str] = []
 
     def holds(folder: Path) -> bool:
@@ -180,7 +186,6 @@ def relocate_paths(paths: pd.Series, manifest: pd.DataFrame) -> pd.Series:
     def move(path: str) -> str:
         if path in known:
             return path
-        parts = path.replace("\\", "/").split("/")
-        return next((by_tail[t] for t in ("/".join(parts[k:]) for k in range(1, len(parts))) if t in by_tail), path)
+        return next((by_tail[t] for t in _tails(path) if t in by_tail), path)
 
     return paths.map(move)

@@ -38,6 +38,7 @@ POSITIVE_RATE = 0.45  # MURA's studies are about 40% abnormal
 MASK_DILATION = 1.0
 DEFAULT_PATIENTS = 80  # about 1,600 images: 3 epochs of about 36 steps each
 DEFAULT_SIZE = 256
+_DEFAULT_OPTIONS = {"patients_per_part": DEFAULT_PATIENTS, "size": DEFAULT_SIZE, "seed": 0}  # default_synthetic_root
 
 @dataclass(frozen=True, kw_only=True)
 class _Study:
@@ -58,8 +59,8 @@ class _Study:
 def default_synthetic_root(**options: Any) -> Path:
     """Where a synthetic set lives: ``xrai_home()/"synthetic-v<N>"`` for the default set, and a folder
     named after its options (``synthetic-v<N>-p8-s128-seed0``) for any other."""
-    chosen = {"patients_per_part": DEFAULT_PATIENTS, "size": DEFAULT_SIZE, "seed": 0, **options}
-    if chosen == {"patients_per_part": DEFAULT_PATIENTS, "size": DEFAULT_SIZE, "seed": 0}:
+    chosen = {**_DEFAULT_OPTIONS, **options}
+    if chosen == _DEFAULT_OPTIONS:
         return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}"
     name = f"p{chosen['patients_per_part']}-s{chosen['size']}-seed{chosen['seed']}"
     return xrai_home() / f"synthetic-v{SYNTHETIC_VERSION}-{name}"
