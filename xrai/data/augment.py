@@ -97,11 +97,17 @@ class GpuAugment(nn.Module):
         return f"image_size={self.image_size}, train={self.train_mode}"
 
     def sample_params(self, batch: int, side: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Training's per-image parameters on the CPU (float64): crop box (x0, y0, w, h in input pixels),
-        flip sign, angle (radians), brightness and contrast factors. (Eval draws nothing: `_centre_crop`.)"""
-        if not self.train_mode:
-            raise ValueError("sample_params is for training; an eval GpuAugment centre-crops (_centre_crop)")
+        """Per-image parameters on the CPU (float64): crop box (x0, y0, w, h in input pixels), flip sign,
+        angle (radians), brightness and contrast factors. Eval gives the centre crop and neutral values
+        (forward itself takes `_centre_crop` in eval and never asks)."""
         n = batch
+        if not self.train_mode:
+            offset = float(centre_crop_offset(side, self.image_size))
+            size = float(self.image_size)
+            box = torch.tensor([offset, offset, size, size], dtype=torch.float64).repeat(n, 1)
+            ones = torch.ones(n, dtype=torch.float64)
+            return {"box": box, "flip": ones, "angle": torch.zeros(n, dtype=torch.float64),
+                    "brightness": ones, "contrast": ones}
 
         def uniform(low: float, high: float) -> Tensor:
             return torch.rand(n, generator=generator, dtype=torch.float64) * (high - low) + low
