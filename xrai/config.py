@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xrai.fileio import atomic_write_text
+
 MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -204,9 +206,10 @@ class TrainConfig:
         return cls(**{**PRE_RECIPE_VALUES, **values})
 
     def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; with ``path``, also written there (plus a newline) atomically."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
