@@ -340,13 +340,13 @@ def _write_fold_audit(audit_table: pd.DataFrame | None, rows: pd.DataFrame, run_
 
 def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
     """A resumed fold's report_valid.json when it was made with the fold's current checkpoint, else None."""
-    from xrai.inference import checkpoint_path, checkpoint_sha256, operating_point
+    from xrai.inference import checkpoint_path, checkpoint_sha256
 
-    best = checkpoint_path(fold_dir, "best")
-    if not best.is_file() or not (fold_dir / "predictions_valid.csv").is_file():
+    best, path = checkpoint_path(fold_dir, "best"), fold_dir / "report_valid.json"
+    if not (best.is_file() and path.is_file() and (fold_dir / "predictions_valid.csv").is_file()):
         return None
-    point, _ = operating_point(fold_dir, checkpoint_sha256(best))
-    return None if point is None else json.loads((fold_dir / "report_valid.json").read_text(encoding="utf-8"))
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report if (report.get("checkpoint") or {}).get("sha256") == checkpoint_sha256(best) else None
 
 
 def _fmt(value: float | None) -> str:
