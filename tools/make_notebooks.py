@@ -170,6 +170,11 @@ BASELINE_MD = ("On MURA runs, beside the study-level kappa of the DenseNet-169 i
                "2017). That baseline is on MURA's hidden test set; ours is on a test split carved from MURA's train "
                "set, so read it as a guide, not a ranking. Other sources get no baseline.")
 BASELINE = "xrai.evaluate.per_part_table(report_test)"
+CURVES = 'xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'
+CLASS_REPORT = 'pd.DataFrame(report_test["classification_report"]).T'
+STUDY_TABLE = 'pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'
+# One cell per Grad-CAM gallery of xrai.explain.gallery's GALLERY: true positives, false positives, false negatives.
+SHOW_GALLERY = {k: f'display(Image(filename=str(GALLERY["{k}"])))' for k in ("tp", "fp", "fn")}
 
 
 def nb00() -> list:
@@ -211,22 +216,21 @@ def nb00() -> list:
             "                     pretrained=PRETRAINED, epochs=EPOCHS, img_size=IMG_SIZE, batch_size=BATCH_SIZE, "
             "seed=SEED)\n" + FIT
         ),
-        code('xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'),
+        code(CURVES),
         md("## Evaluate\n\nThe threshold is chosen on validation and applied unchanged to test."),
         code('report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split="valid")\n'
              'report_test = xrai.evaluate.evaluate_run(RUN_DIR, split="test")\n'
              'pd.DataFrame({"valid": report_valid["image"], "test": report_test["image"]}).drop(index="confusion_matrix")'),
-        code('pd.DataFrame(report_test["classification_report"]).T'),
+        code(CLASS_REPORT),
         md("## Study level and per body part\n\nA study's probability is the mean of its images' (MURA's protocol); "
            "its threshold is chosen on validation's study means. " + BASELINE_MD),
-        code('pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'),
+        code(STUDY_TABLE),
         code(BASELINE),
         md("## Grad-CAM\n\nThe most confident true positives, false positives and false negatives; each image "
            "carries its actual and predicted label and the probability (red: a wrong call)."),
-        code('GALLERY = xrai.explain.gallery(RUN_DIR, split="test", n=GALLERY_N)\n'
-             'display(Image(filename=str(GALLERY["tp"])))'),
-        code('display(Image(filename=str(GALLERY["fp"])))'),
-        code('display(Image(filename=str(GALLERY["fn"])))'),
+        code('GALLERY = xrai.explain.gallery(RUN_DIR, split="test", n=GALLERY_N)\n' + SHOW_GALLERY["tp"]),
+        code(SHOW_GALLERY["fp"]),
+        code(SHOW_GALLERY["fn"]),
         md("Next: the numbered notebooks take each step further (01 data, 02 EDA and the leakage audit, 03 training "
            "options, 04 every report and figure, 05 the interactive Grad-CAM browser)."),
     ]
@@ -387,7 +391,7 @@ def nb03() -> list:
         code(FIT),
         md("## Curves"),
         code("result.history"),
-        code('xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'),
+        code(CURVES),
         md("Next: **04_evaluate.ipynb**."),
     ]
 
@@ -425,9 +429,9 @@ def nb04() -> list:
             'split: {report_test[\'split_method\']}; audit: {report_test[\'audit\']}")\n'
             'pd.DataFrame({"valid": report_valid["image"], "test": report_test["image"]}).drop(index="confusion_matrix")'
         ),
-        code('pd.DataFrame(report_test["classification_report"]).T'),
+        code(CLASS_REPORT),
         md("## Study level (MURA's protocol: a study's probability is the mean of its images')"),
-        code('pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'),
+        code(STUDY_TABLE),
         md("## Thresholds and calibration\n\nWhich threshold made which figure, and ECE before and after the temperature."),
         code("xrai.evaluate.thresholds_table(report_test)"),
         code("xrai.evaluate.calibration_table(report_valid, report_test)"),
@@ -470,9 +474,7 @@ def nb05() -> list:
             "where the fracture is is reassuring; one on a marker, the text or the image edge is a shortcut."
         ),
         code("GALLERY = xrai.explain.gallery(RUN_DIR, split=SPLIT, n=GALLERY_N, method=CAM_METHOD)"),
-        code('display(Image(filename=str(GALLERY["tp"])))'),
-        code('display(Image(filename=str(GALLERY["fp"])))'),
-        code('display(Image(filename=str(GALLERY["fn"])))'),
+        *(code(cell) for cell in SHOW_GALLERY.values()),
         md(
             "## Measured, not only shown\n\nFaithfulness (grad-cam's ROAD and confidence change; higher ROAD is more "
             "faithful; a noise map for reference), the randomisation check (maps from random weights must differ) "

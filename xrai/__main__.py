@@ -16,7 +16,7 @@ from pathlib import Path
 
 from xrai.config import TrainConfig
 from xrai.errors import is_user_error, one_line
-from xrai.fileio import atomic_write_with
+from xrai.fileio import atomic_write_csv
 from xrai.recipe import DEFAULT_RECIPE
 
 SOURCES = ("synthetic", "mura", "fracatlas", "folder", "multiregion", "bonefracture")
@@ -225,7 +225,7 @@ def cmd_audit(args) -> int:
                               test_fraction=args.test_fraction)
     save_manifest(manifest, out)
     table = audit(manifest)
-    atomic_write_with(out / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
+    atomic_write_csv(out / "audit.csv", table)
     summary = audit_summary(table)
     print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
           f"crossing labels: {summary['cross_label_groups']}")
@@ -546,7 +546,7 @@ def cmd_demo(args) -> int:
     manifest = load("synthetic")
     save_manifest(manifest, run_dir)
     table = audit(manifest)
-    atomic_write_with(run_dir / "audit.csv", lambda f: table.to_csv(f, index=False, lineterminator="\n"))
+    atomic_write_csv(run_dir / "audit.csv", table)
     summary = audit_summary(table)
     print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
           f"duplicate groups crossing splits: {summary['cross_split_groups']}")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xrai.fileio import atomic_write_text
+
 MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -147,7 +149,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
         if self.aug_strength < 0:
             raise ValueError(f"aug_strength must be >= 0 (0: crop and flip only), got {self.aug_strength}")
-        for name in ("pretrained", "freeze", "amp", "channels_last", "sync_bn"):
+        for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, low, low_open, high, high_open in _FLOAT_RANGES:
@@ -204,9 +206,10 @@ class TrainConfig:
         return cls(**{**PRE_RECIPE_VALUES, **values})
 
     def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; with ``path``, also written there (plus a newline) atomically."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -218,6 +221,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Every field declared ``bool`` (a string under ``from __future__ import annotations``); validate refuses
+# anything but True or False for them.
+_BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool))
 
 
 def _in_range(name: str, value: Any, low: float, low_open: bool, high: float | None, high_open: bool) -> None:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from xrai.config import TrainConfig
 from xrai.ensemble import CV_FILE, is_cv_run
+from xrai.fileio import atomic_write_csv
 
 __all__ = ["CVResult", "POOL_SPLITS", "assign_folds", "cross_validate", "fit_final", "fold_manifest",
            "score_folds", "summarise_metrics"]
@@ -197,7 +198,7 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
     else:
         table, audit_table = _prepare(config, manifest, folds=folds, groups=groups, progress=progress)
         save_manifest(table, run_dir)
-        audit_table.to_csv(run_dir / "audit.csv", index=False)
+        atomic_write_csv(run_dir / "audit.csv", audit_table)
     per_fold = []
     for k in range(folds):
         rows = fold_manifest(table, k)
@@ -334,18 +335,18 @@ def _write_fold_audit(audit_table: pd.DataFrame | None, rows: pd.DataFrame, run_
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     splits = pd.Series(rows["split"].to_numpy(), index=rows["path"].to_numpy())
-    with_splits(audit_table, splits).to_csv(run_dir / "audit.csv", index=False)
+    atomic_write_csv(run_dir / "audit.csv", with_splits(audit_table, splits))
 
 
 def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
     """A resumed fold's report_valid.json when it was made with the fold's current checkpoint, else None."""
-    from xrai.inference import checkpoint_path, checkpoint_sha256, operating_point
+    from xrai.inference import checkpoint_path, checkpoint_sha256
 
-    best = checkpoint_path(fold_dir, "best")
-    if not best.is_file() or not (fold_dir / "predictions_valid.csv").is_file():
+    best, path = checkpoint_path(fold_dir, "best"), fold_dir / "report_valid.json"
+    if not (best.is_file() and path.is_file() and (fold_dir / "predictions_valid.csv").is_file()):
         return None
-    point, _ = operating_point(fold_dir, checkpoint_sha256(best))
-    return None if point is None else json.loads((fold_dir / "report_valid.json").read_text(encoding="utf-8"))
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report if (report.get("checkpoint") or {}).get("sha256") == checkpoint_sha256(best) else None
 
 
 def _fmt(value: float | None) -> str:
@@ -384,7 +385,7 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
     oof = pd.concat(parts, ignore_index=True)
     selection = choose_selection(oof, method="youden")  # on the logits, never a fold's own temperature
     oof["probability"] = apply_temperature(oof["logit"], selection.temperature)
-    oof.to_csv(run_dir / "predictions_oof.csv", index=False)
+    atomic_write_csv(run_dir / "predictions_oof.csv", oof)
     folds_of = pd.Series(table["fold"].map(lambda f: f"fold{f}" if f >= 0 else "test").to_numpy(),
                          index=table["path"].to_numpy())
     counts = audit_summary(with_splits(audit_table, folds_of)) if audit_table is not None else \

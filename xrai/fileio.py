@@ -24,6 +24,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
@@ -102,6 +103,11 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[IO], Any], mode
     with atomic_write(path, mode) as f:
         writer(f)
     return Path(path)
+
+
+def atomic_write_csv(path: str | os.PathLike, table: Any) -> Path:
+    """``table.to_csv(index=False)`` (a pandas DataFrame; "\\n" line ends on every platform), atomic."""
+    return atomic_write_with(path, lambda f: table.to_csv(f, index=False, lineterminator="\n"))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -25,17 +25,18 @@ RECIPE_FIELDS = (
 
 DEFAULT_RECIPE = "v2"  # the one TrainConfig's defaults spell out (a test holds them equal)
 
+# X-RAI's first recipe: letterbox, 0.7-1 crops with rotation and jitter, AdamW 1e-3 with a 1-epoch
+# warm-up cosine, batch 32, early stopping on validation AUROC and its best checkpoint.
+_V1: dict[str, Any] = dict(
+    resize="letterbox", crop_scale=0.7, aug_strength=1.0, optimizer="adamw", scheduler="cosine",
+    warmup_epochs=1, lr=1e-3, batch_size=32, weight_decay=1e-4, label_smoothing=0.0, ema_decay=0.0,
+    pos_weighting=True, tta=False, keep="best", patience=5)
+
 RECIPES: dict[str, dict[str, Any]] = {
-    # X-RAI's first recipe: letterbox, 0.7-1 crops with rotation and jitter, AdamW 1e-3 with a 1-epoch
-    # warm-up cosine, batch 32, early stopping on validation AUROC and its best checkpoint.
-    "v1": dict(resize="letterbox", crop_scale=0.7, aug_strength=1.0, optimizer="adamw", scheduler="cosine",
-               warmup_epochs=1, lr=1e-3, batch_size=32, weight_decay=1e-4, label_smoothing=0.0, ema_decay=0.0,
-               pos_weighting=True, tta=False, keep="best", patience=5),
+    "v1": _V1,
     # v1 with the changes grouped CV picked on fracatlas-dev from scratch (docs/recipe.md): peak lr 2e-3,
     # images stretched to the square rather than letterboxed, flip TTA when scoring.
-    "v2": dict(resize="stretch", crop_scale=0.7, aug_strength=1.0, optimizer="adamw", scheduler="cosine",
-               warmup_epochs=1, lr=2e-3, batch_size=32, weight_decay=1e-4, label_smoothing=0.0, ema_decay=0.0,
-               pos_weighting=True, tta=True, keep="best", patience=5),
+    "v2": {**_V1, "resize": "stretch", "lr": 2e-3, "tta": True},
 }
 
 

@@ -53,7 +53,7 @@ from xrai.data.batches import per_rank_batch
 from xrai.data.dataset import ClassicBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError
-from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_text, atomic_write_with
+from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_csv
 from xrai.inference import flip_tta_logits
 from xrai.launch import launch
 from xrai.models import create_model, prune_synflow, restore_pruning
@@ -332,7 +332,7 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
         share=lambda built: built[1][2])
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
     if ctx.is_main:  # rank 0 alone writes
-        atomic_write_text(run_dir / "config.json", config.to_json() + "\n")
+        config.to_json(run_dir / "config.json")
         # Left by a process killed while saving.
         for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
             torn.unlink()
@@ -524,8 +524,7 @@ def _check_finite(model: nn.Module, val_loss: float | None, epoch: int) -> None:
 
 
 def _write_history(history: list[dict[str, Any]], path: Path) -> None:
-    table = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    atomic_write_with(path, lambda f: table.to_csv(f, index=False, lineterminator="\n"))
+    atomic_write_csv(path, pd.DataFrame(history, columns=HISTORY_COLUMNS))
 
 
 def _summary(row: dict[str, Any], epochs: int, improved: bool) -> str:
