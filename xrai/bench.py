@@ -20,7 +20,8 @@ Figures (DESIGN.md, "bench JSON"), all from one run on one machine:
   runs it), with the same number of threads; onnxruntime is null where it (or the exporter) is missing.
 
 Each measurement is a function of a `BenchSetup` filling its own keys, so a new figure is one more
-function and one more line in `run_bench`. `markdown_table` turns a saved JSON into the README's table.
+function and one more line in `run_bench`. `markdown_table` turns a saved JSON into the README's table
+(it and `format_table` live in the torch-free `xrai.bench_report`, re-exported here).
 
 `python -m xrai.bench --memory-gb 3.5` is the memory check: it writes a cache of that size and iterates
 it, showing that anonymous memory (RssAnon) stays flat while the file's pages come and go.
@@ -44,14 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrai.bench_report import LOADER_WORKERS, _load_average, format_table, markdown_table
 from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from xrai.env import autocast_dtype, backend_settings, cpu_count, get_device, list_gpus
 from xrai.memcheck import memory_check
 
 __all__ = ["BenchSetup", "format_table", "machine_info", "markdown_table", "measure_latency", "measure_ready",
            "measure_training", "memory_check", "run_bench", "seeds_loader", "train_step"]
-
-LOADER_WORKERS = 2  # Colab's and Kaggle's 2 vCPUs; the classic path and the seeds' loader both get them
 
 
 def machine_info() -> dict:
@@ -131,8 +131,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rate(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device: torch.device, warmup: int) -> float:
-    """Images/s over n batches after `warmup` untimed ones (worker start-up, allocator, autotuning)."""
+def _timed_images(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device: torch.device,
+                  warmup: int) -> tuple[int, float]:
+    """(images, seconds) of `step` over n batches after `warmup` untimed ones (worker start-up, allocator,
+    autotuning)."""
     images, start = 0, None
     for i, (x, y) in enumerate(_batches(make_epoch, warmup + n)):
         if i == warmup:
@@ -144,7 +146,13 @@ def _rate(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device:
     _sync(device)
     if start is None or images == 0:
         raise ValueError("too few batches to time; lower batch_size or raise n_batches")
-    return images / (time.perf_counter() - start)
+    return images, time.perf_counter() - start
+
+
+def _rate(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device: torch.device, warmup: int) -> float:
+    """Images/s over n batches after `warmup` untimed ones."""
+    images, seconds = _timed_images(make_epoch, n, step, device, warmup)
+    return images / seconds
 
 
 def _noop(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -158,8 +166,7 @@ def _noop(x: torch.Tensor, y: torch.Tensor) -> None:
 class BenchSetup:
     """The data, the three loaders and the model a bench run measures, built once."""
 
-    rows: Any  # the manifest rows every loader serves (the cache's bad files left out)
-    cache: Any
+    probe: Path  # one 512 px image file, the latency measurements' input
     cached: Any  # CachedBatches
     classic: Any  # ClassicBatches
     seeds: torch.utils.data.DataLoader
@@ -230,39 +237,38 @@ def measure_training(bench: BenchSetup) -> dict:
 
 
 def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
-    """predict_gradcam_ms: a 512 px image file to probability + Grad-CAM (decode, letterbox, crop, forward,
-    backward), median and p90 of `runs` after 3 warm-up runs."""
-    from PIL import Image
-
+    """predict_gradcam_ms: the probe image file to probability + Grad-CAM (decode, letterbox, crop, forward,
+    backward), median and p90 of `runs` after 3 warm-up runs (allocator, cuDNN autotune, grad-cam's hooks)."""
     from xrai.data.augment import preprocess
-    from xrai.data.images import letterbox, read_image
+    from xrai.data.images import read_image
     from xrai.explain import CamExplainer
+    from xrai.latency import timed_ms
 
-    probe = bench.tmp / "probe512.png"
-    Image.fromarray(letterbox(read_image(bench.rows["path"].iloc[0]), 512)).save(probe)
-    times, model, device = [], bench.model.eval(), bench.device
+    model, device, last = bench.model.eval(), bench.device, {}
     with CamExplainer(model) as explainer:
-        for i in range(3 + runs):  # 3 warm-up runs (allocator, cuDNN autotune, grad-cam's hooks)
-            _sync(device)
-            start = time.perf_counter()
-            x = preprocess([read_image(probe)], image_size=bench.img_size, resize_size=bench.resize, device=device)
-            cam = explainer(x, target_class=1)
+
+        def once() -> float:
+            x = preprocess([read_image(bench.probe)], image_size=bench.img_size, resize_size=bench.resize,
+                           device=device)
+            last["cam"] = explainer(x, target_class=1)
             probability = float(explainer.probabilities[0])
             _sync(device)
-            if i >= 3:
-                times.append((time.perf_counter() - start) * 1000)
-    if cam.shape[0] != 1 or not 0.0 <= probability <= 1.0:
-        raise RuntimeError(f"Grad-CAM gave an unexpected result: cam {cam.shape}, probability {probability}")
-    return {"predict_gradcam_ms": {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}}
+            return probability
+
+        _sync(device)  # each call ends synced, so every timed call starts with the device idle
+        ms = timed_ms(once, runs)
+    if last["cam"].shape[0] != 1:
+        raise RuntimeError(f"Grad-CAM gave an unexpected result: cam {last['cam'].shape}")
+    return {"predict_gradcam_ms": ms}
 
 
 def measure_cpu_predict(bench: BenchSetup, *, runs: int = 20, onnx: bool = True) -> dict:
-    """predict_ms: the probe image of measure_latency to its probability on the CPU, PyTorch and onnxruntime."""
+    """predict_ms: the probe image to its probability on the CPU, PyTorch and onnxruntime."""
     from xrai.data.images import read_image
 
     from xrai.latency import cpu_predict_latency
 
-    image = read_image(bench.tmp / "probe512.png")  # written by measure_latency
+    image = read_image(bench.probe)
     return {"predict_ms": cpu_predict_latency(bench.model, image=image, image_size=bench.img_size,
                                               resize_size=bench.resize, runs=runs, onnx=onnx)}
 
@@ -296,11 +302,13 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
     Returns:
         The dict of DESIGN.md's bench JSON.
     """
+    from PIL import Image
+
     from xrai.config import TrainConfig
     from xrai.data import load
     from xrai.data.cache import build_cache, default_cache_dir
     from xrai.data.dataset import ClassicBatches
-    from xrai.data.images import TruncatedImageWarning
+    from xrai.data.images import TruncatedImageWarning, letterbox, read_image
     from xrai.data.loader import CachedBatches
     from xrai.models import create_model
 
@@ -320,10 +328,12 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         start = time.perf_counter()
         cache = build_cache(manifest, size=resize, cache_dir=tmp, progress=progress)
         result["cache_build_img_s"] = len(cache) / (time.perf_counter() - start)
-        rows = manifest[~manifest["path"].isin(set(cache.bad["path"]))]
+        rows = manifest[~manifest["path"].isin(set(cache.bad["path"]))]  # every loader serves these
+        probe = Path(tmp) / "probe512.png"  # the latency measurements' input: the first image, letterboxed
+        Image.fromarray(letterbox(read_image(rows["path"].iloc[0]), 512)).save(probe)
         common = dict(image_size=img_size, batch_size=batch_size, train=True, seed=0, device=dev, channels_last=True)
         bench = BenchSetup(
-            rows=rows, cache=cache, cached=CachedBatches(cache, rows, **common),
+            probe=probe, cached=CachedBatches(cache, rows, **common),
             classic=ClassicBatches(rows, resize_size=resize, num_workers=LOADER_WORKERS, progress=progress, **common),
             seeds=seeds_loader(rows["path"].tolist(), rows["label"].to_numpy(), img_size=img_size, resize=resize,
                                batch_size=batch_size),
@@ -345,83 +355,6 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-# ---- reporting ----------------------------------------------------------------------------------------
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none): how busy the machine was."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def _head(result: dict) -> str:
-    m, load = result["machine"], result.get("load_average") or {}
-    busy = (f" (load average {load['start']:.1f} at the start, {load['end']:.1f} at the end)"
-            if load.get("start") is not None and load.get("end") is not None else "")
-    return (f"{result['data']}" + (f" ({result['images']:,} images)" if "images" in result else "")
-            + f", {result['model']} at {result['img_size']} px"
-            + (f", batch {result['batch_size']}" if "batch_size" in result else "")
-            + f"; device {result['device']}: {m['cpu']}, {m['cores']} cores{busy}, GPU {m['gpu'] or 'none'}")
-
-
-def format_table(result: dict) -> str:
-    """The bench's plain-text table, as printed after a run."""
-    ready, feed, train = result["ready_img_s"], result["feed_img_s"], result["train_img_s"]
-    lines = [_head(result),
-             f"{'images/s':<36}{'cached':>10}{'classic':>10}{'seeds':>10}",
-             f"{'ready batches on ' + result['device']:<36}{ready['cached']:>10,.0f}{ready['classic']:>10,.0f}"
-             f"{ready['seeds']:>10,.0f}",
-             f"{'  of which host side only':<36}{feed['cached']:>10,.0f}{feed['classic']:>10,.0f}",
-             f"{'training step fed by it':<36}{train['cached']:>10,.1f}{train['classic']:>10,.1f}",
-             f"{'model-only ceiling':<36}{train['ceiling']:>10,.1f}",
-             f"{'cache build (one-time)':<36}{result['cache_build_img_s']:>10,.0f}",
-             f"predict + Grad-CAM, one 512 px image: median {result['predict_gradcam_ms']['median']:.0f} ms, "
-             f"p90 {result['predict_gradcam_ms']['p90']:.0f} ms"]
-    if result.get("predict_ms"):
-        lines.append(f"predict, one image, CPU: {_cpu_predict(result['predict_ms'])}")
-    if "scaling" in result:
-        from xrai.scaling import scaling_lines
-
-        lines += scaling_lines(result["scaling"], ceiling=train["ceiling"], device=result["device"])
-    return "\n".join(lines)
-
-
-def _cpu_predict(cpu: dict) -> str:
-    onnx = cpu.get("onnxruntime_cpu")
-    return (f"PyTorch median {cpu['torch_cpu']['median']:.1f} ms, onnxruntime "
-            + (f"median {onnx['median']:.1f} ms" if onnx else 'not timed (onnx=False, or no "xrai[onnx]")'))
-
-
-def markdown_table(result: dict) -> str:
-    """The README's performance table from one bench JSON: every figure and ratio from that one run."""
-    ready, feed, train = result["ready_img_s"], result["feed_img_s"], result["train_img_s"]
-    ms = result["predict_gradcam_ms"]
-    rows = [
-        ("Ready-to-train batches on the device (decoded, resized, augmented, normalised, channels_last)",
-         f"cached {ready['cached']:,.0f} img/s, classic {ready['classic']:,.0f} img/s, seeds' loader "
-         f"{ready['seeds']:,.0f} img/s: cached {ready['cached'] / ready['classic']:.1f}x classic, "
-         f"{ready['cached'] / ready['seeds']:.1f}x the seeds'"),
-        ("&nbsp;&nbsp;of which the host side only (uint8 batches, before device and augmentation)",
-         f"cached gather {feed['cached']:,.0f} img/s, classic decode + letterbox in {LOADER_WORKERS} workers "
-         f"{feed['classic']:,.0f} img/s"),
-        ("Training step fed by each path",
-         f"cached {train['cached']:,.1f} img/s, classic {train['classic']:,.1f} img/s; model-only ceiling "
-         f"{train['ceiling']:,.1f} img/s (cached = {100 * train['cached'] / train['ceiling']:.0f}% of it)"),
-        ("Cache build (one-time decode)", f"{result['cache_build_img_s']:,.0f} img/s"),
-        ("Predict + Grad-CAM, one 512 px image", f"median {ms['median']:.0f} ms, p90 {ms['p90']:.0f} ms after warm-up"),
-    ]
-    if result.get("predict_ms"):
-        rows.append(("Predict, one image, CPU, no Grad-CAM (same threads)", _cpu_predict(result["predict_ms"])))
-    if "scaling" in result:
-        sc = result["scaling"]
-        rows.append((f"Training on 1 and {sc['nproc']} processes (batch {sc['per_process_batch']} each)",
-                     f"{sc['img_s_1']:,.1f} and {sc['img_s_n']:,.1f} img/s: scaling efficiency {sc['efficiency']:.2f}"
-                     + (" (the processes share the CPU's cores: reported, not judged)" if result["device"] == "cpu"
-                        else "")))
-    lines = [f"`python -m xrai bench` in one run: {_head(result)}.", "", "| What | Figure |", "|---|---|",
-             *(f"| {what} | {figure} |" for what, figure in rows)]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # the memory check (no timed test): python -m xrai.bench --memory-gb 3.5

@@ -129,6 +129,13 @@ def list_gpus() -> tuple[GPUInfo, ...]:
     return tuple(gpus)
 
 
+def gpu_count() -> int:
+    """How many CUDA devices torch can see (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def runtime_info() -> RuntimeInfo:
     import torch
 

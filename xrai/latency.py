@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["cpu_predict_latency"]
+__all__ = ["cpu_predict_latency", "timed_ms"]
 
 
 def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int, resize_size: int, runs: int,
@@ -47,7 +47,7 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
         with torch.inference_mode():
             return float(wrapped(x)[1][0])
 
-    out = {"torch_cpu": _timed(torch_once, runs), "onnxruntime_cpu": None}
+    out = {"torch_cpu": timed_ms(torch_once, runs), "onnxruntime_cpu": None}
     contract = InputContract(image_size=image_size, resize_size=resize_size)
     if session is None and onnx and onnx_available():
         import onnxruntime as ort
@@ -62,11 +62,11 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
         def onnx_once() -> float:
             return float(session.run(["probability"], {name: prepare([image], contract)})[0][0])
 
-        out["onnxruntime_cpu"] = _timed(onnx_once, runs)
+        out["onnxruntime_cpu"] = timed_ms(onnx_once, runs)
     return out
 
 
-def _timed(predict: Callable[[], float], runs: int) -> dict:
+def timed_ms(predict: Callable[[], float], runs: int) -> dict:
     """Median and p90 ms of ``predict()`` after 3 warm-up calls; checks it returns a probability."""
     times = []
     for i in range(3 + runs):

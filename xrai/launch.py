@@ -58,9 +58,9 @@ def resolve_nproc(nproc: int | str, device: str = "auto") -> int:
     Raises:
         ValueError: not "auto" nor a positive integer, or more processes than GPUs for a CUDA device.
     """
-    import torch
+    from xrai.env import gpu_count
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = gpu_count()
     on_gpu = (device or "auto") in ("auto", "cuda") and gpus > 0
     if isinstance(nproc, str) and nproc.strip().lower() == "auto":
         return gpus if on_gpu else 1

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -45,7 +44,7 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
         n_batches: timed steps after `warmup` untimed ones.
     """
     from xrai import distributed
-    from xrai.bench import train_step
+    from xrai.bench import _timed_images, train_step
     from xrai.data.cache import ImageCache
     from xrai.data.loader import CachedBatches
     from xrai.env import backend_settings
@@ -58,28 +57,17 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
     torch.manual_seed(0)
     net = create_model(model, pretrained=False).to(ctx.device).to(memory_format=torch.channels_last).train()
     step = train_step(ctx.wrap(net), ctx.device)
-    images, start, epoch, done = 0, 0.0, 0, 0
     threads = torch.get_num_threads()
     if ctx.device.type == "cpu":
         # One core stands for one device: one thread in every process, the 1-process run included (as
         # torchrun gives its CPU workers). Two threads in one process on shared cores can also stall at
         # every convolution (1 img/s against 61 with one thread, measured on the 2-core development machine).
         torch.set_num_threads(1)
-    with backend_settings(ctx.device):  # cuDNN autotuning, as fit() and the rest of the bench train
-        while done < warmup + n_batches:
-            for x, y in source.epoch(epoch):
-                if done == warmup:
-                    _sync(ctx)
-                    start = time.perf_counter()
-                step(x, y)
-                done += 1
-                images += len(y) if done > warmup else 0
-                if done == warmup + n_batches:
-                    break
-            epoch += 1
-        _sync(ctx)
-    torch.set_num_threads(threads)
-    seconds = time.perf_counter() - start
+    try:
+        with backend_settings(ctx.device):  # cuDNN autotuning, as fit() and the rest of the bench train
+            images, seconds = _timed_images(source.epoch, n_batches, step, ctx.device, warmup)
+    finally:  # the 1-process run is the caller's own process: give its threads back, whatever happened
+        torch.set_num_threads(threads)
     totals = ctx.reduce_train_stats({"train_loss": 0.0, "images": images, "seconds": seconds})
     return {"img_s": totals["images"] / totals["seconds"], "images": totals["images"], "seconds": totals["seconds"],
             "processes": ctx.world_size}
@@ -124,11 +112,6 @@ def scaling_lines(scaling: dict, *, ceiling: float | None = None, device: str = 
     return lines
 
 
-def _sync(ctx) -> None:
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-
-
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m xrai.scaling", description="one rank of the scaling bench")
     parser.add_argument("--cache", required=True)
@@ -141,13 +124,13 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     rows = pd.read_csv(args.rows, dtype={"path": str})
+    from xrai import distributed
+
     rate = train_rate(args.cache, rows, model=args.model, img_size=args.img_size, batch_size=args.batch_size,
                       n_batches=args.n_batches, device=args.device)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed.init(args.device).is_main:  # the context train_rate ran in (torchrun's RANK, checked)
         Path(args.json).write_text(json.dumps(rate))
-    from xrai.distributed import teardown
-
-    teardown()
+    distributed.teardown()
     return 0
 
 
