@@ -109,3 +109,11 @@ def test_the_models_accept_the_smallest_allowed_size():
         model = create_model(name, pretrained=False).eval()
         with torch.inference_mode():
             assert model(torch.zeros(1, 3, MIN_IMG_SIZE + 13, MIN_IMG_SIZE)).shape == (1, 1)
+
+
+@pytest.mark.parametrize("field", ["pretrained", "freeze", "pos_weighting", "tta", "amp", "channels_last",
+                                   "deterministic", "sync_bn"])
+def test_every_switch_must_be_a_bool(field):
+    """Each field declared bool is checked (tta, pos_weighting and deterministic once slipped through)."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: "yes"})

@@ -460,14 +460,16 @@ def cmd_bench(args) -> int:
         bench_recipe(args.recipe, data=args.data, root=args.root, quick=args.quick, out=args.out,
                      json_path=args.json)
         return 0
-    from xrai.bench import markdown_table, run_bench
-
     if args.markdown:
+        from xrai.bench_report import markdown_table  # no torch: formatting a saved JSON
+
         path = Path(args.markdown)
         if not path.is_file():
             raise FileNotFoundError(f"no bench JSON at {path}; write one with python -m xrai bench --json {path}")
         print(markdown_table(json.loads(path.read_text())))
         return 0
+    from xrai.bench import run_bench
+
     nproc = None
     if args.nproc is not None:
         from xrai.launch import resolve_nproc
