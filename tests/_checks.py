@@ -1,14 +1,19 @@
-"""Shared test checks: a written figure is a real, non-blank picture; "no warning" means none of ours."""
+"""Shared test checks: a written figure is a real, non-blank picture; "no warning" means none of ours;
+the environment of a child Python that imports this checkout's xrai."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKER = Path(__file__).resolve().parent / "import_blocker"
 
 
 def assert_picture(path: str | Path, *, min_side: int = 100, fmt: str = "PNG") -> np.ndarray:
@@ -38,3 +43,14 @@ def strict_warnings() -> Iterator[None]:
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
             warnings.simplefilter("default", category)
         yield
+
+
+def child_env(*, block: Iterable[str] = (), **extra: str) -> dict[str, str]:
+    """os.environ for a subprocess that imports the xrai beside these tests (XRAI_HOME comes from conftest's
+    environment), with `extra` set; `block`: packages made unimportable there (import_blocker goes first)."""
+    first = [str(BLOCKER)] if block else []
+    path = os.pathsep.join(filter(None, [*first, str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, **extra}
+    if block:
+        env["XRAI_BLOCK_IMPORTS"] = ",".join(block)
+    return env

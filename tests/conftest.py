@@ -67,40 +67,16 @@ def evaluated_run(tmp_path_factory, synthetic_manifest) -> Path:
     """A MobileNetV2 run (64 px) on the tiny synthetic set, evaluated on valid: a run folder as predict,
     evaluate, serve and export take it, made in seconds where the demo takes minutes.
 
-    Untrained, but not constant: its BatchNorm statistics are those of the training images (a freshly
-    initialised MobileNetV2 saturates its ReLU6s and answers 0.5067 whatever the image, which would let
-    any comparison of two predictions pass), so its probabilities depend on the image.
+    Untrained, but not constant (test_evaluate.make_fake_run): its BatchNorm statistics are those of a few
+    synthetic images (a freshly initialised MobileNetV2 saturates its ReLU6s and answers 0.5067 whatever the
+    image, which would let any comparison of two predictions pass), so its probabilities depend on the image.
     """
-    import inspect
+    from test_evaluate import make_fake_run
 
-    import torch
-    from test_app import build_fake_run
-
-    from xrai.data import save_manifest
-    from xrai.data.augment import preprocess
-    from xrai.data.images import read_image
     from xrai.evaluate import evaluate_run
-    from xrai.models import create_model
 
-    run = build_fake_run(tmp_path_factory.mktemp("evaluated"), image_size=64, name="evaluated-run")
-    checkpoint_file = run / "checkpoints" / "best.pt"
-    checkpoint = torch.load(checkpoint_file, weights_only=True)
-    model = create_model("mobilenet_v2", pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    train = synthetic_manifest.loc[synthetic_manifest["split"] == "train", "path"].iloc[:48]
-    x = preprocess([read_image(p) for p in train], image_size=64, resize_size=73)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over the batches
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 16):
-            model(x[i : i + 16])
-    torch.save({**checkpoint, "model": model.state_dict()}, checkpoint_file)
-    save_manifest(synthetic_manifest, run)
-    quick = {"explain_images": 0} if "explain_images" in inspect.signature(evaluate_run).parameters else {}
-    evaluate_run(run, split="valid", progress=False, n_bootstrap=50, device="cpu", **quick)
+    run = make_fake_run(tmp_path_factory.mktemp("evaluated") / "evaluated-run", synthetic_manifest)
+    evaluate_run(run, split="valid", progress=False, n_bootstrap=50, device="cpu", explain_images=0)
     return run
 
 

@@ -19,6 +19,13 @@ PATIENT_TAGS = {"PatientName": PATIENT_NAME, "PatientID": PATIENT_ID, "PatientBi
                 "InstitutionName": "St Hidden Hospital", "AccessionNumber": "ACC99812"}
 SECRETS = ("Zyxwulf", "Quonstance", PATIENT_ID, "19610417", "St Hidden", "ACC99812")
 
+
+def assert_no_secrets(text: str, where: str = "") -> None:
+    """Assert that no patient value of SECRETS appears in `text` (an output of xrai)."""
+    for secret in SECRETS:
+        assert secret not in text, f"patient data {secret!r} leaked into {where or 'the text'}: {text[:500]}"
+
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 

@@ -272,9 +272,11 @@ def test_decode_runs_outside_the_inference_lock(app):
     """A slow decode must not hold the model: inference for another upload goes on meanwhile."""
     predictor = app.extensions["xrai_predictor"]
     assert predictor._lock.acquire(timeout=5)  # the model busy: decoding must still work
+    pool = ThreadPoolExecutor(1)  # in a worker, so a decode that waits for the lock fails here, not hangs
     try:
-        image, notes = predictor.decode(xray_bytes(), filename="x.png")
+        image, notes = pool.submit(predictor.decode, xray_bytes(), filename="x.png").result(timeout=30)
     finally:
+        pool.shutdown(wait=False)
         predictor._lock.release()
     assert image.shape == (120, 96) and notes == []
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _checks import child_env
 import torch
 from PIL import Image
 
@@ -131,7 +132,7 @@ def test_killed_build_leaves_nothing_that_reads_as_complete(image_set, tmp_path)
         build_cache(pd.read_csv({str(manifest_csv)!r}), size=32, cache_dir={str(tmp_path / 'cache')!r},
                     workers=1, progress=False)
     """)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = child_env()
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
         deadline = time.time() + 60

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import child_env
 from PIL import Image
 
 from xrai.__main__ import main
@@ -49,8 +50,7 @@ def _slow_image_set(folder: Path, n: int) -> list[str]:
 def test_two_processes_one_build(tmp_path):
     paths = _slow_image_set(tmp_path / "img", 60)
     cache_dir, go = tmp_path / "cache", tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, json.dumps(paths), str(cache_dir), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     deadline = time.monotonic() + 240  # both imported (torch, under CI load) and spinning on the barrier:

@@ -143,6 +143,7 @@ def test_predict_and_serve_a_cv_run(cv_run, capsys):
     import io
 
     from PIL import Image
+    from test_app import upload
 
     from xrai.__main__ import main
     from xrai.app import create_app
@@ -155,8 +156,7 @@ def test_predict_and_serve_a_cv_run(cv_run, capsys):
     buffer = io.BytesIO()
     Image.open(image).save(buffer, format="PNG")
     client = create_app(run_dir).test_client()
-    answer = client.post("/api/predict", data={"file": (io.BytesIO(buffer.getvalue()), "x.png")},
-                         content_type="multipart/form-data").get_json()
+    answer = upload(client, buffer.getvalue(), filename="x.png").get_json()
     assert answer["probability"] == pytest.approx(line["probability"], abs=1e-5)
 
 

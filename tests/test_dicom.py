@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import child_env
 
 pydicom = pytest.importorskip("pydicom")
 
-from dicom_files import SECRETS, window_8bit, write_dicom, write_report  # noqa: E402
+from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
 
 from xrai.data.dicom import DICOM_JPEG_EXTRA, looks_like_dicom  # noqa: E402
 from xrai.data.images import ImageError, ImageTooLargeError, decode_image, read_image  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-BLOCKER = Path(__file__).resolve().parent / "import_blocker"
-
 
 def _bundled(name: str) -> Path:
     """A sample file shipped inside pydicom's wheel (never downloaded)."""
@@ -29,11 +25,6 @@ def _bundled(name: str) -> Path:
     if path is None:
         pytest.skip(f"pydicom's sample {name} is not installed")
     return Path(path)
-
-
-def _no_secrets(text: str) -> None:
-    for secret in SECRETS:
-        assert secret not in text, f"patient data {secret!r} leaked into: {text[:300]}"
 
 
 def _twelve_bit(h: int = 40, w: int = 56) -> np.ndarray:
@@ -137,8 +128,7 @@ def test_without_a_decoder_plugin_the_error_names_the_extra():
     path = _bundled("MR_small_jpeg_ls_lossless.dcm")
     code = ("from xrai.data.images import read_image, ImageError\n"
             f"try:\n    read_image({str(path)!r})\nexcept ImageError as e:\n    print('ERR', e)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
-               XRAI_BLOCK_IMPORTS="pylibjpeg,libjpeg,openjpeg,rle,jpeg_ls")
+    env = child_env(block=("pylibjpeg", "libjpeg", "openjpeg", "rle", "jpeg_ls"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ERR") and DICOM_JPEG_EXTRA in proc.stdout and "JPEG-LS" in proc.stdout
@@ -161,7 +151,7 @@ def test_multi_frame_report_truncated_and_bomb_are_one_clear_error(tmp_path):
             read_image(path)
         message = str(info.value)
         assert message.startswith(str(path)) and expected in message and "\n" not in message, message
-        _no_secrets(message)
+        assert_no_secrets(message)
 
 
 def test_decode_budget_is_read_from_the_header(tmp_path):

@@ -7,7 +7,6 @@ as the file says, saved as a PNG. Every test file carries patient tags; none may
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -20,18 +19,14 @@ from PIL import Image
 
 pytest.importorskip("pydicom")
 
-from dicom_files import SECRETS, window_8bit, write_dicom, write_report  # noqa: E402
+from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
+from test_app import upload  # noqa: E402
 
 from xrai.__main__ import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CENTRE, WIDTH = 32768.5, 61441  # the window of the MONOCHROME1 files below
-
-
-def _no_secrets(text: str, where: str) -> None:
-    for secret in SECRETS:
-        assert secret not in text, f"patient data {secret!r} leaked into {where}: {text[:500]}"
 
 
 def _as_monochrome1(image: np.ndarray) -> np.ndarray:
@@ -81,17 +76,15 @@ def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pa
         np.testing.assert_array_equal(read_image(dcm), read_image(png))
         answers = {}
         for path in (dcm, png):
-            response = client.post("/api/predict", data={"file": (io.BytesIO(path.read_bytes()), path.name)},
-                                   content_type="multipart/form-data")
+            response = upload(client, path.read_bytes(), filename=path.name)
             assert response.status_code == 200, response.get_data(as_text=True)
             answers[path.suffix] = response.get_json()["probability"]
-            _no_secrets(response.get_data(as_text=True), "the API's answer")
+            assert_no_secrets(response.get_data(as_text=True), "the API's answer")
         assert answers[".dcm"] == answers[".png"]
         seen.add(answers[".dcm"])
-        page = client.post("/", data={"file": (io.BytesIO(dcm.read_bytes()), dcm.name)},
-                           content_type="multipart/form-data").get_data(as_text=True)
+        page = upload(client, dcm.read_bytes(), url="/", filename=dcm.name).get_data(as_text=True)
         assert "PNG, JPEG or DICOM" in page and 'id="overlay"' in page
-        _no_secrets(page, "the result page")
+        assert_no_secrets(page, "the result page")
 
         assert main(["predict", "--run", str(evaluated_run), str(dcm), str(png)]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
@@ -99,7 +92,7 @@ def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pa
         assert lines[0]["probability"] == lines[1]["probability"]  # DICOM and PNG: the very same answer
         assert abs(lines[0]["probability"] - answers[".dcm"]) <= 1e-5  # the app batches and hooks differently
     assert len(seen) == len(pairs)  # the model's answer depends on the image: equal answers mean equal pixels
-    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+    assert_no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
 
 
 def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(evaluated_run, test_images, tmp_path,
@@ -137,14 +130,14 @@ def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(ev
     assert sorted(Path(p).name for p in predictions["path"]) == ["IM000002", "IM000002", "a.dcm", "a.dcm"]
 
     captured = capsys.readouterr()
-    _no_secrets(captured.out + captured.err, "the CLI's output")
-    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
-    _no_secrets("\n".join(str(w.message) for w in recwarn), "the warnings")
+    assert_no_secrets(captured.out + captured.err, "the CLI's output")
+    assert_no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+    assert_no_secrets("\n".join(str(w.message) for w in recwarn), "the warnings")
     assert any("cut.dcm" in str(w.message) for w in recwarn)  # the dropped files are named
     for path in [*run.rglob("*"), *(tmp_path / "cams").rglob("*")]:
         if path.is_file() and path.suffix in (".csv", ".json", ".txt", ".md", ".png"):
-            _no_secrets(path.read_bytes().decode("latin-1"), str(path))
-        _no_secrets(path.name, "a file name")
+            assert_no_secrets(path.read_bytes().decode("latin-1"), str(path))
+        assert_no_secrets(path.name, "a file name")
 
 
 def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run, tmp_path, caplog):
@@ -156,10 +149,9 @@ def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run,
     cases = {"cut.dcm": whole[:-1000], "sr.dcm": write_report(tmp_path / "sr.dcm").read_bytes(),
              "cine.dcm": write_dicom(tmp_path / "cine.dcm", np.zeros((2, 8, 8), np.uint8)).read_bytes()}
     for name, data in cases.items():
-        response = client.post("/api/predict", data={"file": (io.BytesIO(data), name)},
-                               content_type="multipart/form-data")
+        response = upload(client, data, filename=name)
         assert response.status_code == 400, (name, response.get_data(as_text=True))
         message = response.get_json()["error"]
         assert message.startswith(name) and "\n" not in message
-        _no_secrets(message, "an error message")
-    _no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+        assert_no_secrets(message, "an error message")
+    assert_no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")

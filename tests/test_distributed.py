@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _checks import child_env
 import torch
 
 from xrai.config import TrainConfig
@@ -27,12 +28,6 @@ WALL_CLOCK = ["seconds", "images_per_s"]
 SMALL = ["--no-pretrained", "--device", "cpu", "--img-size", "32", "--batch-size", "8", "--num-workers", "0"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _env() -> dict[str, str]:
-    # The workers import the xrai beside these tests (XRAI_HOME comes from conftest's environment).
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def _worker(*args: str | Path) -> list[str]:
@@ -51,7 +46,7 @@ def test_cpu_sync_batchnorm_equals_one_batchnorm_over_the_global_batch(tmp_path)
     outputs, input gradients, summed parameter gradients and running statistics of one float64
     BatchNorm over the whole batch: its hand-written backward is checked against autograd's."""
     out = tmp_path / "syncbn.json"
-    run_torchrun(torchrun_command(2, [str(REPO / "tests" / "_syncbn_worker.py"), str(out)]), env=_env(), timeout=300)
+    run_torchrun(torchrun_command(2, [str(REPO / "tests" / "_syncbn_worker.py"), str(out)]), env=child_env(OMP_NUM_THREADS="1"), timeout=300)
     results = json.loads(out.read_text())
     assert set(results) == {"2d channels_last", "uneven shards", "(N, C) input", "not affine"}
     for case, result in results.items():
@@ -200,7 +195,7 @@ def torchrun_runs(synthetic_root, synthetic_manifest, tmp_path_factory):
         # A bound, not a speed target: rank 0 left waiting on rank 1 would sit out the process group's
         # 30-minute timeout; torchrun ends it within seconds.
         run_torchrun(_worker("--write-log", log, "--no-augment", "step,learn,fail", "--fail", "1:1:fail", *args),
-                     env=_env(), timeout=900)
+                     env=child_env(OMP_NUM_THREADS="1"), timeout=900)
     logs = {rank: json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
     from xrai.data.augment import GpuAugment
@@ -273,7 +268,7 @@ def test_kill_a_rank_then_resume_is_bit_identical(reference, synthetic_root, tmp
     out, _ = reference
     killed, marker = tmp_path / "run", tmp_path / "hanging"
     victim = subprocess.Popen(_worker("--hang", f"1:2:{marker}", *_train_args(synthetic_root, killed, "--epochs", "2")),
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
         while not marker.is_file() or not marker.read_text():
@@ -292,7 +287,7 @@ def test_kill_a_rank_then_resume_is_bit_identical(reference, synthetic_root, tmp
     # The same command with --resume, through `python -m xrai train --nproc 2` this time.
     resume = subprocess.run([sys.executable, "-m", "xrai", "train", "--nproc", "2", "--resume",
                              *_train_args(synthetic_root, killed, "--epochs", "2")[2:]],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+                            env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert resume.returncode == 0, (resume.stdout + resume.stderr)[-3000:]
     a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
@@ -341,7 +336,9 @@ def test_resume_with_another_world_size_warns_once(reference, synthetic_manifest
 
 def test_scaling_figures_and_their_lines(synthetic_manifest, tmp_path):
     """train_rate on this one process (what the 1-process figure is), and how the bench reports the figures."""
-    from xrai.bench import format_table, markdown_table, machine_info
+    from test_bench import _fake
+
+    from xrai.bench import format_table, markdown_table
     from xrai.data.cache import build_cache
     from xrai.scaling import scaling_lines, train_rate
 
@@ -356,10 +353,6 @@ def test_scaling_figures_and_their_lines(synthetic_manifest, tmp_path):
     assert [line.split()[:2] for line in lines] == [["training,", "1"], ["training,", "2"], ["scaling", "efficiency"],
                                                     ["single-device", "ceiling"]]
     assert "0.85" in lines[2] and "128 in all" in lines[1]
-    result = {"machine": machine_info(), "model": "m", "img_size": 224, "device": "cpu", "data": "x:/y",
-              "ready_img_s": {"cached": 1500.0, "classic": 1000.0, "seeds": 600.0},
-              "feed_img_s": {"cached": 30000.0, "classic": 1200.0},
-              "train_img_s": {"cached": 9.0, "classic": 8.0, "ceiling": 10.0},
-              "cache_build_img_s": 150.0, "predict_gradcam_ms": {"median": 80.0, "p90": 90.0}, "scaling": scaling}
+    result = {**_fake(), "scaling": scaling}
     assert "reported, not judged" in format_table(result).splitlines()[-2]
     assert "scaling efficiency 0.85 (the processes share" in markdown_table(result)

@@ -9,7 +9,6 @@ scikit-learn, grad-cam...) cannot be imported, as in the Dockerfile's onnx targe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import child_env
 
 for _package in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_package)
@@ -25,8 +25,6 @@ from xrai.__main__ import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-BLOCKER = Path(__file__).resolve().parent / "import_blocker"
 # What the ONNX image does not install (Dockerfile, target onnx): none of it may be imported.
 NOT_IN_THE_ONNX_IMAGE = ("torch", "torchvision", "pandas", "sklearn", "scipy", "matplotlib", "seaborn",
                          "pytorch_grad_cam", "cv2", "tqdm", "kagglehub", "ipywidgets", "onnx", "onnxscript")
@@ -148,8 +146,7 @@ def test_the_onnx_app_answers_in_a_process_where_torch_cannot_be_imported(run_di
     # 16 bit, with the window that maps x * 257 back onto x exactly: the same pixels as the PNG.
     dcm = write_dicom(tmp_path / "test.dcm", test_split[1][0].astype(np.uint16) * 257, window=(32768, 65536))
     np.testing.assert_array_equal(read_image(dcm), test_split[1][0])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
-               XRAI_BLOCK_IMPORTS=",".join(NOT_IN_THE_ONNX_IMAGE))
+    env = child_env(block=NOT_IN_THE_ONNX_IMAGE)
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert probe.returncode != 0 and "blocked by the test" in probe.stderr  # the blocker works
     proc = subprocess.run([sys.executable, "-c", _SERVE_WITHOUT_TORCH, str(exported.path), str(png), str(dcm)],
@@ -204,8 +201,7 @@ def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_n
 
     png = tmp_path / "upload.png"
     Image.fromarray(test_split[1][1]).save(png)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BLOCKER), str(ROOT)]),
-               XRAI_BLOCK_IMPORTS=",".join(NOT_IN_THE_ONNX_IMAGE))
+    env = child_env(block=NOT_IN_THE_ONNX_IMAGE)
     proc = subprocess.Popen([sys.executable, "-m", "xrai", "serve", "--onnx", str(exported.path), "--port", "0",
                              "--threads", "1", "--torch-threads", "1"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env)

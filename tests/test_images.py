@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from test_app import bomb_png
+
 from xrai.data.images import (
     ImageError,
     TruncatedImageWarning,
@@ -231,21 +233,6 @@ def test_scan_images_lists_bad_files_and_goes_on(tmp_path):
 # ---- decode budget: decoded bytes checked from the header ---------------------------------------
 
 
-def _rgba_png_bytes(width: int, height: int) -> bytes:
-    """An all-transparent RGBA PNG written row by row: tiny on disk, width*height*4 bytes decoded."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    compressor = zlib.compressobj(9)
-    row = b"\x00" * (width * 4 + 1)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("mode, info, expected", [
     ("L", {}, (1, 1)), ("LA", {}, (2, 1)), ("RGB", {}, (3, 1)), ("RGBA", {}, (4, 1)), ("CMYK", {}, (4, 1)),
     ("P", {}, (3, 1)), ("P", {"transparency": 0}, (4, 1)), ("I;16", {}, (1, 2)), ("I;16B", {}, (1, 2)),
@@ -276,7 +263,7 @@ def test_over_budget_image_is_refused_from_its_header_before_decoding(tmp_path, 
 
     from xrai.data.images import UPLOAD_MAX_DECODED_BYTES, ImageTooLargeError, decode_image
 
-    data = _rgba_png_bytes(8000, 8000)
+    data = bomb_png(8000, 8000, rgba=True)
     assert len(data) < 300_000
     loads = []
     real_load = PngImagePlugin.PngImageFile.load
@@ -286,7 +273,7 @@ def test_over_budget_image_is_refused_from_its_header_before_decoding(tmp_path, 
         decode_image(data, name="screenshot.png", max_bytes=UPLOAD_MAX_DECODED_BYTES)
     assert loads == []  # not a pixel was decoded
     path = tmp_path / "big.png"
-    path.write_bytes(_rgba_png_bytes(3000, 2000))
+    path.write_bytes(bomb_png(3000, 2000, rgba=True))
     assert read_image(path).shape == (2000, 3000)  # the dataset budget (256 MiB) lets 24 MB through
     with pytest.raises(ImageTooLargeError, match="big.png.*over the limit of 16 MiB"):
         read_image(path, max_bytes=16 * 2**20)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _checks import child_env
 import torch
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
@@ -18,11 +19,8 @@ WALL_CLOCK = ["seconds", "images_per_s"]
 
 
 def _start(*args: str | Path) -> subprocess.Popen:
-    # The workers import the xrai beside these tests (XRAI_HOME comes from conftest's environment).
-    repo = str(WORKER.parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+                            stderr=subprocess.STDOUT, text=True, env=child_env())
 
 
 def _finish(process: subprocess.Popen, timeout: float = 180) -> None:
