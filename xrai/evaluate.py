@@ -13,6 +13,7 @@ choose_threshold, MURA_BASELINE, build_report, per_body_part).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,9 +34,8 @@ from xrai.inference import (
     RunModel,
     flip_tta_logits,
     load_run,
-    operating_point,
+    one_logit,
     operating_point_file,
-    run_checkpoint_sha256,
     run_tta,
 )
 from xrai.metrics import (
@@ -81,7 +81,6 @@ __all__ = [
     "run_threshold",
     "score_predictions",
     "study_level",
-    "threshold_source",
     "thresholds_table",
     "write_json",
 ]
@@ -152,12 +151,8 @@ def predict(
         dev, forward = model.device, model.logits
     else:
         dev = get_device(device) if isinstance(device, str) else torch.device(device)
-        module = model.to(dev).eval()
         amp = autocast_dtype(dev) if dev.type == "cuda" else None
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                return module(x).float().reshape(x.shape[0], -1)[:, 0]
+        forward = functools.partial(one_logit, model.to(dev).eval(), amp=amp)
 
     temperature = 1.0 if temperature is None else float(temperature)
     if config is None:
@@ -230,7 +225,7 @@ def _audit_counts(run_dir: Path) -> dict[str, int | None]:
 def run_threshold(run_dir: str | Path) -> float:
     """The run's image-level decision threshold, as chosen on validation (report_valid.json), or, for a
     run without a validation split of its own, on the CV's out-of-fold predictions (a CV run's
-    report_oof.json, a final fit's threshold.json; ``threshold_source`` says which).
+    report_oof.json, a final fit's threshold.json).
 
     This reads the number as it stands; ``xrai.inference.load_run`` also checks that it was chosen
     with the current checkpoint (and re-chooses it when not).
@@ -243,14 +238,6 @@ def run_threshold(run_dir: str | Path) -> float:
         raise FileNotFoundError(f"no report_valid.json in {run_dir}: the threshold is chosen on validation; "
                                 f"run `python -m xrai evaluate --run {run_dir} --split valid` first")
     return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
-
-
-def threshold_source(run_dir: str | Path) -> str:
-    """Where the run's threshold was chosen: "valid", or "oof" (the out-of-fold predictions of a CV)."""
-    path = operating_point_file(run_dir)
-    if path.name == "report_valid.json" or not path.is_file():
-        return "valid"
-    return str(json.loads(path.read_text(encoding="utf-8")).get("threshold_from", "oof"))
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
@@ -266,32 +253,37 @@ def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
     return rows
 
 
-def _valid_selection(run_dir: Path, *, which: str, tta: bool, **valid_options: Any) -> Selection:
+def _valid_selection(run: RunModel, *, tta: bool, **valid_options: Any) -> Selection:
     """The Selection in report_valid.json, after evaluating valid when it is missing or was made with
     another checkpoint (or without TTA when TTA is asked for now, or the other way round).
+
+    ``run`` is loaded with ``refresh=False``: its point is the defaults exactly when the file is
+    missing or stale, with the reason in ``point.note`` (so the checkpoint is hashed once per evaluation).
 
     A run whose operating point was chosen on a CV's out-of-fold predictions (a CV run, a final fit)
     cannot choose it again here: when it no longer fits, the error says to rerun the CV.
     """
+    run_dir = run.run_dir
     path = operating_point_file(run_dir)
-    point, reason = operating_point(run_dir, run_checkpoint_sha256(run_dir, which))
-    report = json.loads(path.read_text(encoding="utf-8")) if point else {}
-    if path.name != "report_valid.json":
-        if point is not None and bool(report.get("tta", False)) != tta:
-            reason = f"its threshold was chosen with tta={report.get('tta', False)}; evaluate with that setting"
-            point = None
-        if point is None:
+    current = run.point.source != "default"
+    reason = run.point.note
+    report = json.loads(path.read_text(encoding="utf-8")) if current else {}
+    oof = path.name != "report_valid.json"
+    if current and bool(report.get("tta", False)) != tta:
+        current = False
+        reason = (f"its threshold was chosen with tta={report.get('tta', False)}; evaluate with that setting" if oof
+                  else f"report_valid.json was made with tta={report.get('tta', False)}, now tta={tta}")
+    if oof:
+        if not current:
             raise ValueError(f"{path}: {reason}; the out-of-fold threshold cannot be chosen again here "
                              f"(rerun `python -m xrai cv` into a new folder)")
         return selection_from_report(report)
-    if point is not None and bool(report.get("tta", False)) != tta:
-        point, reason = None, f"report_valid.json was made with tta={report.get('tta', False)}, now tta={tta}"
-    if point is None:
+    if not current:
         if (run_dir / "report_valid.json").is_file():
             from xrai.inference import StaleThresholdWarning
 
             warnings.warn(f"{run_dir}: {reason}; evaluating valid again first", StaleThresholdWarning, stacklevel=3)
-        report = evaluate_run(run_dir, split="valid", which=which, tta=tta, **valid_options)
+        report = evaluate_run(run_dir, split="valid", which=run.which, tta=tta, **valid_options)
     return selection_from_report(report)
 
 
@@ -305,6 +297,11 @@ def _describe_split(split: str, split_method: str | None) -> str:
     if split == "valid":
         return "MURA's public valid split" if method.startswith("official") else "this run's valid split"
     return f"this run's {split} split"
+
+
+def _threshold_from(selection: Selection) -> str:
+    """The report's ``threshold_from`` for a selection read back from the run's operating point."""
+    return "oof" if selection.source == "oof" else "valid"
 
 
 def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, **options: Any) -> dict[str, Any]:
@@ -388,14 +385,15 @@ def evaluate_run(
     # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
     options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
                    n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
-    selection = None if split == "valid" else _valid_selection(run_dir, which=which, tta=tta, **options)
     run = load_run(run_dir, which=which, device=device, refresh=False)
+    selection = None if split == "valid" else _valid_selection(run, tta=tta, **options)
     rows = _split_rows(run_dir, split, run.config)
     pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
-    threshold_from = "oof" if selection is not None and selection.source == "oof" else "valid"
-    if selection is None:
+    if selection is None:  # valid chooses its own; its source says whether that succeeded
         selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
         threshold_from = selection.source
+    else:
+        threshold_from = _threshold_from(selection)
     pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
     pred.to_csv(run_dir / f"predictions_{split}.csv", index=False)
     report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
@@ -404,7 +402,7 @@ def evaluate_run(
         from xrai.explain_metrics import EXPLAIN_IMAGES, measure_explanations
 
         report["explain"] = measure_explanations(
-            run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress,
+            run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress, manifest=rows,
             n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
     write_json(report, run_dir / f"report_{split}.json")
     from xrai.model_card import write_model_card
@@ -436,15 +434,15 @@ def evaluate_external(
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
     tta = run_tta(run_dir) if tta is None else bool(tta)
-    selection = _valid_selection(run_dir, which=which, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
-                                 seed=seed, batch_size=batch_size, device=device, explain_images=0)
     run = load_run(run_dir, which=which, device=device, refresh=False)
+    selection = _valid_selection(run, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
+                                 seed=seed, batch_size=batch_size, device=device, explain_images=0)
     pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
                    progress=progress)
     pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
     attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
-    report = _score(run, pred, selection, split=name, threshold_from="oof" if selection.source == "oof" else "valid", rows_attrs=attrs,
+    report = _score(run, pred, selection, split=name, threshold_from=_threshold_from(selection), rows_attrs=attrs,
                     audit={"cross_split_groups": None, "cross_label_groups": None}, tta=tta,
                     n_bootstrap=n_bootstrap, seed=seed)
     write_json(report, run_dir / f"report_{name}.json")

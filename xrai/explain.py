@@ -8,6 +8,7 @@ through its negative (grad-cam's ``BinaryClassifierOutputTarget``), one target p
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import warnings
@@ -308,6 +309,7 @@ def explain_paths(
 
     from xrai.data.images import ImageError, read_image
     from xrai.data.augment import preprocess
+    from xrai.inference import flip_tta_logits, one_logit
 
     paths = [str(p) for p in paths]
     if out_dir is not None and not with_cam:
@@ -322,6 +324,7 @@ def explain_paths(
     used: set[str] = set()
     device = next(model.parameters()).device
     model.eval()
+    forward = functools.partial(one_logit, model)  # no autocast: the logits the CAM pass gives
     with (CamExplainer(model, method=method) if with_cam else contextlib.nullcontext()) as explainer:
         for start in tqdm(range(0, len(paths), batch_size), desc="grad-cam", unit="batch", disable=not progress):
             batch, images = [], []
@@ -338,18 +341,11 @@ def explain_paths(
             x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
                            resize=config.resize)
             if explainer is None:
-                with torch.inference_mode():
-                    logits = model(x).float().reshape(len(batch), -1)[:, 0].cpu().numpy()
+                logits = forward(x).cpu().numpy()
                 cams: Any = [None] * len(batch)
             else:
                 cams, logits = explainer(x, target_class=target_class), explainer.logits
             if getattr(config, "tta", False):  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
-                from xrai.inference import flip_tta_logits
-
-                def forward(v: torch.Tensor) -> torch.Tensor:
-                    with torch.inference_mode():
-                        return model(v).float().reshape(v.shape[0], -1)[:, 0]
-
                 logits = flip_tta_logits(forward, x, torch.as_tensor(np.asarray(logits))).cpu().numpy()
             probs = apply_temperature(logits, temperature)
             for i, image, cam, prob in zip(batch, images, cams, probs):
@@ -430,7 +426,7 @@ def gallery(
 
     from xrai.data import read_manifest, relocate_paths
     from xrai.evaluate import evaluate_run
-    from xrai.inference import load_run
+    from xrai.inference import load_run, operating_point
 
     run_dir = Path(run_dir)
     pred_path = run_dir / f"predictions_{split}.csv"
@@ -440,7 +436,8 @@ def gallery(
         if report_path.is_file() else None
     if not pred_path.is_file() or made_with != run.checkpoint_sha256 or run.point.source == "default":
         evaluate_run(run_dir, split=split, progress=progress)  # the predictions are this checkpoint's
-        run = load_run(run_dir)
+        # the same checkpoint and model: only the operating point it (re)wrote is new
+        run.point = operating_point(run_dir, run.checkpoint_sha256)[0] or run.point
     pred = pd.read_csv(pred_path, dtype={"path": str, "patient_id": str, "study_id": str}, keep_default_na=False)
     if (run_dir / "manifest.csv").is_file():  # predicted on another machine (a fresh runtime): find its images here
         pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir))

@@ -148,11 +148,8 @@ def _sample(predictions: pd.DataFrame, n_images: int, seed: int) -> pd.DataFrame
     return rows.sample(min(n_images, len(rows)), random_state=seed) if len(rows) > n_images else rows
 
 
-def _line_rows(run_dir: Any, rows: pd.DataFrame) -> pd.DataFrame | None:
+def _line_rows(rows: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame | None:
     """The sampled rows with the manifest's recorded fracture lines (synthetic runs), else None."""
-    from xrai.data import read_manifest
-
-    manifest = read_manifest(run_dir)
     if "line_x0" not in manifest.columns:
         return None
     lines = manifest.drop_duplicates("path").set_index("path")[[c for c in manifest.columns if c.startswith("line_")]]
@@ -186,6 +183,7 @@ def measure_explanations(
     methods: tuple[str, ...] = tuple(CAM_METHODS),
     seed: int = 0,
     progress: bool = False,
+    manifest: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The ``explain`` block of report_<split>.json for a loaded run (``xrai.inference.RunModel``).
 
@@ -193,6 +191,8 @@ def measure_explanations(
         predictions: the split's calibrated predictions (path, probability); a seeded sample of
             ``n_images`` of them is explained for its predicted class at ``threshold``.
         road_images: ROAD runs on the first this many of the sample (it is the slow metric).
+        manifest: manifest rows holding the predictions' paths (their ``line_*`` columns give the
+            pointing game); None reads the run's manifest.
 
     Returns:
         {"sample": ..., "methods": {method: {"road_combined", "confidence_change", "randomisation",
@@ -213,7 +213,11 @@ def measure_explanations(
     if not images:
         raise ValueError(f"no readable image among the {len(rows)} sampled from the {split} predictions")
     rows = rows.iloc[readable].reset_index(drop=True)
-    lines = _line_rows(run.run_dir, rows)
+    if manifest is None:
+        from xrai.data import read_manifest
+
+        manifest = read_manifest(run.run_dir)
+    lines = _line_rows(rows, manifest)
     x = preprocess(images, image_size=run.config.image_size, resize_size=run.config.resize_size, device=run.device,
                    resize=run.config.resize)
     with _cpu_threads(x.device):

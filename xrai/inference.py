@@ -61,6 +61,13 @@ def flip_tta_logits(forward: Any, x: torch.Tensor, logits: torch.Tensor | None =
     return torch.log(mean) - torch.log1p(-mean)
 
 
+def one_logit(model: nn.Module, x: torch.Tensor, *, amp: torch.dtype | None = None) -> torch.Tensor:
+    """A one-logit classifier's logit per image, float32 (B,), without autograd; under autocast to
+    ``amp`` when given (the one forward predict, explain, the run's model and their TTA share)."""
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        return model(x).float().reshape(x.shape[0], -1)[:, 0]
+
+
 def operating_point_file(run_dir: str | Path) -> Path:
     """The file holding a run's operating point: report_valid.json; a CV run's report_oof.json (chosen on
     its out-of-fold predictions); a final fit's threshold.json (the CV's, given to it)."""
@@ -233,10 +240,8 @@ class RunModel:
         """The model's logit per image, float32 (B,), on the run's device."""
         from xrai.env import autocast_dtype
 
-        x = x.to(self.device)
         amp = autocast_dtype(self.device) if self.device.type == "cuda" else None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            return self.model(x).float().reshape(x.shape[0], -1)[:, 0]
+        return one_logit(self.model, x.to(self.device), amp=amp)
 
     def calibrate(self, logits: Any) -> np.ndarray:
         """Calibrated probabilities sigmoid(logit / T) for logits (any array-like)."""

@@ -119,8 +119,7 @@ def compute_metrics(
         leaves undefined (AUROC, AP, sensitivity or specificity, kappa) are None, with a warning.
     """
     y, p = binary_arrays(y_true, prob)
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    d = decision_metrics(y, p, threshold)  # the confusion matrix and what follows from it
     both = len(np.unique(y)) == 2
     if not both:
         warnings.warn(
@@ -129,18 +128,18 @@ def compute_metrics(
             UserWarning,
             stacklevel=2,
         )
-    out: dict[str, Any] = {
-        "n": int(y.size),
-        "accuracy": float((tp + tn) / y.size),
+    out: dict[str, Any] = {  # in METRIC_KEYS order (the report's)
+        "n": d["n"],
+        "accuracy": d["accuracy"],
         "auroc": float(skm.roc_auc_score(y, p)) if both else None,
         "auroc_ci": None,
         "average_precision": float(skm.average_precision_score(y, p)) if both else None,
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "f1": float(skm.f1_score(y, pred, labels=[0, 1], zero_division=0)),
-        "kappa": kappa_score(y, pred),
+        "sensitivity": d["sensitivity"],
+        "specificity": d["specificity"],
+        "f1": float(skm.f1_score(y, (p >= threshold).astype(int), labels=[0, 1], zero_division=0)),
+        "kappa": d["kappa"],
         "kappa_ci": None,
-        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "confusion_matrix": d["confusion_matrix"],
     }
     if n_bootstrap > 0:
         ci = bootstrap_ci(y, p, threshold, groups=groups, n=n_bootstrap, seed=seed)

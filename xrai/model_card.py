@@ -40,19 +40,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _data_section(run_dir: Path, reports: dict[str, dict]) -> list[str]:
+def _data_section(run_dir: Path, reports: dict[str, dict], meta: dict[str, Any], source: str) -> list[str]:
     from xrai.data.download import DATASETS
 
-    meta = _read_json(run_dir / "manifest.json") or {}
-    source = meta.get("source") or next((r.get("source") for r in reports.values() if r.get("source")), "") or ""
     lines = ["## Data", "",
              f"- Source: {_DATA_NAMES.get(source, source or 'unknown')}"
              + (f"; Kaggle dataset `{DATASETS[source]}`" if source in DATASETS else ""),
              f"- Split: {meta.get('split_method') or 'unknown'}"]
     if (run_dir / "manifest.csv").is_file():
-        from xrai.data import read_manifest
-
-        manifest = read_manifest(run_dir)
+        # only the counts: four columns read as read_manifest reads them ("" for none), without
+        # looking for the images (the card does not need them)
+        ids = ("split", "study_id", "patient_id")
+        manifest = pd.read_csv(run_dir / "manifest.csv", usecols=[*ids, "label"],
+                               dtype=dict.fromkeys(ids, str)).fillna(dict.fromkeys(ids, ""))
         rows = []
         for split, frame in manifest.groupby("split", sort=False):
             studies = frame["study_id"].replace("", pd.NA).nunique()
@@ -227,12 +227,12 @@ def model_card(run_dir: str | Path) -> str:
 
     # a CV run's operating point is its out-of-fold report's; a final fit's, the one its CV gave it
     point = reports.get("valid") or _read_json(operating_point_file(run_dir))
-    source = (_read_json(run_dir / "manifest.json") or {}).get("source") or next(
-        (r.get("source") for r in reports.values() if r.get("source")), "") or ""
+    meta = _read_json(run_dir / "manifest.json") or {}
+    source = meta.get("source") or next((r.get("source") for r in reports.values() if r.get("source")), "") or ""
     lines = [f"# Model card: {run_dir.name}", "",
              f"**Intended use: {INTENDED_USE}.** Not a medical device; no output of this model may inform the "
              "care of a patient.", ""]
-    lines += _recipe_section(run_dir, reports) + _data_section(run_dir, reports)
+    lines += _recipe_section(run_dir, reports) + _data_section(run_dir, reports, meta, source)
     lines += _operating_section(point)
     if reports:
         lines += _metrics_section(reports) + _explain_section(reports)

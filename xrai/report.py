@@ -175,7 +175,7 @@ def per_body_part(predictions: pd.DataFrame, threshold: float, study_threshold: 
         p = frame["probability"].to_numpy(float)
         row: dict[str, Any] = {
             "n": int(len(frame)),
-            "auroc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+            "auroc": _auroc(y, p),
             "kappa": kappa_score(y, (p >= threshold).astype(int)),
             "study_kappa": None,
             "auroc_ci": None, "kappa_ci": None, "study_kappa_ci": None,
