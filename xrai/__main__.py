@@ -217,6 +217,12 @@ def _load_manifest(data: str, root: str | None, seed: int = 0, *, val_fraction: 
     return load(data, root=root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
+def _config_manifest(config: TrainConfig):
+    """The split a config asks for: its data, root, seed and split fractions (train and cv both)."""
+    return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction)
+
+
 def cmd_audit(args) -> int:
     from xrai.data import audit, audit_summary, save_manifest
 
@@ -275,8 +281,7 @@ def cmd_train(args) -> int:
             return read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
         if args.manifest is not None:
             return read_manifest(args.manifest)
-        return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
-                              test_fraction=config.test_fraction)
+        return _config_manifest(config)
 
     nproc = 1 if args.nproc is None else resolve_nproc(args.nproc, config.device)
     if nproc > 1:  # torchrun in a subprocess; this process draws the curves once it is done
@@ -307,7 +312,7 @@ def cmd_cv(args) -> int:
     if args.resume and (run_dir / "manifest.csv").is_file():
         manifest = read_manifest(run_dir)  # the CV's own folds
     else:
-        manifest = _load_manifest(config.data, config.root, config.seed)
+        manifest = _config_manifest(config)
     result = cross_validate(config, manifest, run_dir, folds=args.folds, resume=args.resume, final=args.final)
     summary = result.summary
     auroc = summary["summary"]["image"]["auroc"]
