@@ -578,12 +578,9 @@ def cmd_demo(args) -> int:
 def cmd_wheelhouse(args) -> int:
     from xrai.wheelhouse import build_wheelhouse
 
-    try:
-        wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
-                                  xrai_only=args.xrai_only)
-    except RuntimeError as error:  # pip's own failure (no network, no wheel for the platform): one line
-        print(f"xrai wheelhouse: {error}", file=sys.stderr)
-        return 2
+    # pip's own failure (no network, no wheel for the platform) is a WheelhouseError: main() makes it one line.
+    wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
+                              xrai_only=args.xrai_only)
     print(f"wrote {len(wheels)} wheels to {args.out}: {', '.join(w.name for w in wheels)}")
     print("next: upload the folder as a Kaggle dataset and attach it to each notebook (README: Kaggle, Internet off)")
     return 0
