@@ -18,7 +18,6 @@ against PyTorch, within ``PARITY_TOLERANCE``.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from xrai.data.contract import InputContract
+from xrai.ensemble import cv_folds
 from xrai.errors import UserError
 from xrai.exported import sidecar_path
 from xrai.fileio import atomic_write_bytes, atomic_write_json
@@ -230,8 +230,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
 
 def _cv_summary(run_dir: Path) -> dict[str, Any] | None:
     """{"folds": k} for a cross-validation run (its fold ensemble is what is exported), else None."""
-    cv_file = run_dir / "cv.json"
-    if not cv_file.is_file():
+    folds = cv_folds(run_dir)
+    if folds is None:
         return None
-    folds = json.loads(cv_file.read_text(encoding="utf-8")).get("folds")
     return {"kind": "cross-validation fold ensemble (mean of the folds' probabilities)", "folds": folds}

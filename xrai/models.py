@@ -257,8 +257,9 @@ def load_model(
         ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
     path = Path(path_or_run_dir)
-    if (path / "cv.json").is_file():  # a cross-validation run: its folds' ensemble (xrai.ensemble)
-        from xrai.ensemble import load_ensemble
+    from xrai.ensemble import is_cv_run, load_ensemble
+
+    if is_cv_run(path):  # a cross-validation run: its folds' ensemble (xrai.ensemble)
 
         return load_ensemble(path, which=which, device=device)
     if path.suffix in (".pt", ".pth"):
