@@ -275,7 +275,7 @@ def load_run(
     model, config = load_model(run_dir, which=which, device=dev)  # a CV run: its folds' ensemble
     sha = run_checkpoint_sha256(run_dir, which)
     point, reason = operating_point(run_dir, sha)
-    if point is None and refresh and (run_dir / "report_valid.json").is_file():
+    if point is None and refresh and operating_point_file(run_dir).is_file():  # there, but stale
         if operating_point_file(run_dir).name != "report_valid.json":
             reason += "; an out-of-fold threshold cannot be chosen again here (rerun the CV)"
         elif not (run_dir / "manifest.csv").is_file() or not os.access(run_dir, os.W_OK):
