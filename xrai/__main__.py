@@ -412,11 +412,11 @@ def cmd_evaluate(args) -> int:
         print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
-    from xrai.inference import THRESHOLD_FILE
+    from xrai.inference import THRESHOLD_FILE, operating_point_file
 
-    # A final fit has no valid split (its threshold is its CV's out-of-fold one); a CV run's "valid" is its
-    # out-of-fold report.
-    final_fit = (run_dir / THRESHOLD_FILE).is_file() and not (run_dir / "report_oof.json").is_file()
+    # A final fit has no valid split (its threshold is its CV's out-of-fold one, given to it: the rule
+    # evaluate_run refuses "valid" by); a CV run's "valid" is its out-of-fold report.
+    final_fit = operating_point_file(run_dir).name == THRESHOLD_FILE
     splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
