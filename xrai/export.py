@@ -29,8 +29,8 @@ from torch import nn
 
 from xrai.data.contract import InputContract
 from xrai.ensemble import cv_folds
-from xrai.errors import UserError
-from xrai.exported import sidecar_path
+from xrai.errors import UserError, first_lines
+from xrai.exported import cpu_session, sidecar_path
 from xrai.fileio import atomic_write_bytes, atomic_write_json
 from xrai.inference import flip_tta_logits
 
@@ -160,7 +160,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise ExportError(f"the exported ONNX graph fails onnx's checker: {str(error).splitlines()[0]}") from error
+        raise ExportError(f"the exported ONNX graph fails onnx's checker: {first_lines(error)}") from error
     return proto.SerializeToString()
 
 
@@ -178,10 +178,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode():
         expected = model(x)[1].numpy()
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        got = session.run(["probability"], {INPUT_NAME: x.numpy()})[0]
+        got = cpu_session(data).run(["probability"], {INPUT_NAME: x.numpy()})[0]
     else:
         loaded = torch.jit.load(io.BytesIO(data))
         with torch.inference_mode():

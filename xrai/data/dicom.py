@@ -23,6 +23,7 @@ import struct
 import numpy as np
 
 from xrai.data.images import DATASET_REMEDY, MAX_DECODED_BYTES, MAX_PIXELS, ImageError, check_decode_budget
+from xrai.errors import first_lines
 
 __all__ = ["DICOM_EXTENSIONS", "DICOM_JPEG_EXTRA", "decode_dicom", "looks_like_dicom"]
 
@@ -95,7 +96,7 @@ def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_by
     try:
         pixels = ds.pixel_array
     except Exception as error:  # noqa: BLE001 - any plugin's failure on untrusted bytes is the file's fault
-        raise ImageError(f"{name}: cannot decode the DICOM pixel data ({_first_line(error)})") from error
+        raise ImageError(f"{name}: cannot decode the DICOM pixel data ({first_lines(error, 2)})") from error
     try:
         if str(ds.PhotometricInterpretation).startswith("MONOCHROME"):
             grey = _display_grey(pixels, ds)
@@ -107,7 +108,7 @@ def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_by
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as error:
         # Bad LUT or window tags (a width of 0, a LUT of 3 bits): the file's fault, said in one line.
-        raise ImageError(f"{name}: cannot apply the DICOM's LUTs ({_first_line(error)})") from error
+        raise ImageError(f"{name}: cannot apply the DICOM's LUTs ({first_lines(error, 2)})") from error
 
 
 def _read(data: bytes, name: str):
@@ -239,8 +240,3 @@ def _colour_to_grey(pixels: np.ndarray, ds, name: str) -> np.ndarray:
         pixels = np.rint(pixels.astype(np.float64) * (255.0 / (2**bits - 1)))
     rgb = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.uint8)
     return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines[:2]) or type(error).__name__
