@@ -502,10 +502,9 @@ def cmd_export(args) -> int:
     from xrai.export import export_run
 
     result = export_run(args.run, fmt=args.fmt, which=args.which, out=args.out)
+    serve = f"; serve it with `python -m xrai serve --onnx {result.path}`" if args.fmt == "onnx" else ""
     print(f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch "
-          f"{result.max_difference:.1e}); serve it with `python -m xrai serve --onnx {result.path}`"
-          if args.fmt == "onnx" else
-          f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch {result.max_difference:.1e})")
+          f"{result.max_difference:.1e}){serve}")
     return 0
 
 

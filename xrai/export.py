@@ -107,7 +107,7 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
     run_dir = Path(run_dir)
     run = load_run(run_dir, which=which, device="cpu", refresh=refresh)
     contract = InputContract.from_config(run.config)
-    wrapped = CalibratedModel(run.model.eval(), run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
+    wrapped = CalibratedModel(run.model, run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
     path = Path(out) if out is not None else run_dir / FORMATS[fmt]
     example = example_batch(contract, batch=2)
     data = onnx_bytes(wrapped, example) if fmt == "onnx" else _torchscript_bytes(wrapped, example)
@@ -192,7 +192,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
 
 def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, difference: float) -> dict[str, Any]:
     from xrai import __version__
-    from xrai.app import RESEARCH_NOTICE
+    from xrai.app import LABEL_NAMES, RESEARCH_NOTICE
 
     config = run.config
     cv = _cv_summary(run.run_dir)
@@ -218,7 +218,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "threshold": run.threshold,
         "study_threshold": run.study_threshold,
         "threshold_from": run.threshold_from,
-        "labels": {"0": "normal", "1": "abnormal"},
+        "labels": {str(label): name for label, name in LABEL_NAMES.items()},
         "decision": "abnormal when probability >= threshold",
         "parity_max_difference": difference,
         "research_only": RESEARCH_NOTICE,
