@@ -94,6 +94,20 @@ def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, m
     assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
     assert seen["counts"] == counts["wider"]
 
+    import xrai.cv
+
+    seen.clear()
+
+    def fake_cross_validate(config, manifest, run_dir, **kwargs):  # cv takes the same split flags
+        seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(xrai.cv, "cross_validate", fake_cross_validate)
+    assert main(["cv", "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / "cv"),
+                 "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
+    assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
+    assert seen["counts"] == counts["wider"]
+
 
 @pytest.mark.slow
 def test_demo_end_to_end(demo_run):

@@ -205,6 +205,27 @@ def test_final_fit_on_the_whole_pool(cv_run):
         evaluate_run(final, split="valid", progress=False)
 
 
+def test_a_stale_oof_threshold_falls_back_to_default_and_says_rerun_the_cv(cv_run, tmp_path):
+    import shutil
+    import warnings
+
+    from xrai.inference import DEFAULT_THRESHOLD, THRESHOLD_FILE, load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cv_run[0], run_dir)
+    for folder, name in ((run_dir, "report_oof.json"), (run_dir / "final", THRESHOLD_FILE)):
+        report = json.loads((folder / name).read_text())
+        report["checkpoint"]["sha256"] = "0" * 64  # chosen with another checkpoint
+        (folder / name).write_text(json.dumps(report))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no re-evaluation (an out-of-fold threshold is not chosen on valid)
+            run = load_run(folder)
+        assert run.point.source != "oof" and run.threshold == DEFAULT_THRESHOLD
+        assert f"{name} was made with checkpoint sha256 000000000000" in run.point.note
+        assert "rerun the CV" in run.point.note
+        assert not (folder / "report_valid.json").exists()
+
+
 def test_a_finished_cv_is_not_overwritten(cv_run, synthetic_manifest):
     run_dir, result = cv_run
     with pytest.raises(FileExistsError, match="resume"):

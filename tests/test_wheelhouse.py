@@ -34,6 +34,21 @@ def test_selection_on_xrai_own_requirements():
     assert not set(chosen) & (NEVER | KAGGLE_PROVIDES), "torch and what Kaggle's image ships stay out"
 
 
+def test_a_pip_failure_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    import xrai.wheelhouse
+    from xrai.__main__ import main
+
+    def failing_pip(*args):
+        return subprocess.CompletedProcess(["pip", *args], 1, stdout="", stderr="Collecting x\nERROR: no network\n")
+
+    monkeypatch.setattr(xrai.wheelhouse, "_pip", failing_pip)
+    assert main(["wheelhouse", "--xrai-only", "--out", str(tmp_path / "wheels")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "xrai wheelhouse: pip could not get xrai: ERROR: no network (-v shows the traceback)"
+    with pytest.raises(RuntimeError, match="no network"):  # still a RuntimeError for callers of the API
+        main(["-v", "wheelhouse", "--xrai-only", "--out", str(tmp_path / "wheels")])
+
+
 def _fresh_python(tmp: Path) -> Path:
     """A venv that sees this environment's packages (a linked folder) but not xrai: a runtime without xrai."""
     deps = tmp / "deps"

@@ -217,6 +217,12 @@ def _load_manifest(data: str, root: str | None, seed: int = 0, *, val_fraction: 
     return load(data, root=root, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
 
 
+def _config_manifest(config: TrainConfig):
+    """The split a config asks for: its data, root, seed and split fractions (train and cv both)."""
+    return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction)
+
+
 def cmd_audit(args) -> int:
     from xrai.data import audit, audit_summary, save_manifest
 
@@ -275,8 +281,7 @@ def cmd_train(args) -> int:
             return read_manifest(run_dir)  # the run's own split, so a resume or a re-run sees the same rows
         if args.manifest is not None:
             return read_manifest(args.manifest)
-        return _load_manifest(config.data, config.root, config.seed, val_fraction=config.val_fraction,
-                              test_fraction=config.test_fraction)
+        return _config_manifest(config)
 
     nproc = 1 if args.nproc is None else resolve_nproc(args.nproc, config.device)
     if nproc > 1:  # torchrun in a subprocess; this process draws the curves once it is done
@@ -307,7 +312,7 @@ def cmd_cv(args) -> int:
     if args.resume and (run_dir / "manifest.csv").is_file():
         manifest = read_manifest(run_dir)  # the CV's own folds
     else:
-        manifest = _load_manifest(config.data, config.root, config.seed)
+        manifest = _config_manifest(config)
     result = cross_validate(config, manifest, run_dir, folds=args.folds, resume=args.resume, final=args.final)
     summary = result.summary
     auroc = summary["summary"]["image"]["auroc"]
@@ -407,11 +412,11 @@ def cmd_evaluate(args) -> int:
         print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
-    from xrai.inference import THRESHOLD_FILE
+    from xrai.inference import THRESHOLD_FILE, operating_point_file
 
-    # A final fit has no valid split (its threshold is its CV's out-of-fold one); a CV run's "valid" is its
-    # out-of-fold report.
-    final_fit = (run_dir / THRESHOLD_FILE).is_file() and not (run_dir / "report_oof.json").is_file()
+    # A final fit has no valid split (its threshold is its CV's out-of-fold one, given to it: the rule
+    # evaluate_run refuses "valid" by); a CV run's "valid" is its out-of-fold report.
+    final_fit = operating_point_file(run_dir).name == THRESHOLD_FILE
     splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
@@ -499,10 +504,9 @@ def cmd_export(args) -> int:
     from xrai.export import export_run
 
     result = export_run(args.run, fmt=args.fmt, which=args.which, out=args.out)
+    serve = f"; serve it with `python -m xrai serve --onnx {result.path}`" if args.fmt == "onnx" else ""
     print(f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch "
-          f"{result.max_difference:.1e}); serve it with `python -m xrai serve --onnx {result.path}`"
-          if args.fmt == "onnx" else
-          f"wrote {result.path} and {result.sidecar.name} (largest difference from PyTorch {result.max_difference:.1e})")
+          f"{result.max_difference:.1e}){serve}")
     return 0
 
 
@@ -575,12 +579,9 @@ def cmd_demo(args) -> int:
 def cmd_wheelhouse(args) -> int:
     from xrai.wheelhouse import build_wheelhouse
 
-    try:
-        wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
-                                  xrai_only=args.xrai_only)
-    except RuntimeError as error:  # pip's own failure (no network, no wheel for the platform): one line
-        print(f"xrai wheelhouse: {error}", file=sys.stderr)
-        return 2
+    # pip's own failure (no network, no wheel for the platform) is a WheelhouseError: main() makes it one line.
+    wheels = build_wheelhouse(args.out, python_version=args.python_version, platform=args.platform,
+                              xrai_only=args.xrai_only)
     print(f"wrote {len(wheels)} wheels to {args.out}: {', '.join(w.name for w in wheels)}")
     print("next: upload the folder as a Kaggle dataset and attach it to each notebook (README: Kaggle, Internet off)")
     return 0

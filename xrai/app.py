@@ -151,18 +151,17 @@ class Predictor(BasePredictor):
     backend = "pytorch"
 
     def __init__(self, run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> None:
-        from xrai.env import get_device
         from xrai.inference import load_run
 
         super().__init__()
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.which = which
-        self.device = get_device(device)
-        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed).
-        self.loaded = load_run(self.run_dir, which=which, device=self.device)
+        # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed); the
+        # device resolved by load_run, the model in eval mode (load_model's).
+        self.loaded = load_run(self.run_dir, which=which, device=device)
+        self.device = self.loaded.device
         self.model, self.config = self.loaded.model, self.loaded.config
-        self.model.eval()
         self.model_name = str(getattr(self.model, "xrai_name", self.config.model))
         self.threshold = self.loaded.threshold
         self.threshold_note = "" if self.loaded.point.source != "default" else f"default: {self.loaded.point.note}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from xrai.config import TrainConfig
 
-__all__ = ["CV_FILE", "FoldEnsemble", "is_cv_run", "load_ensemble"]
+__all__ = ["CV_FILE", "FoldEnsemble", "cv_folds", "is_cv_run", "load_ensemble"]
 
 CV_FILE = "cv.json"  # marks a cross-validation run folder
 _EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the logit, so it stays finite
@@ -47,6 +47,13 @@ def is_cv_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / CV_FILE).is_file()
 
 
+def cv_folds(run_dir: str | Path) -> int | None:
+    """A cross-validation run's number of folds (cv.json "folds"); None when the folder is not one."""
+    if not is_cv_run(run_dir):
+        return None
+    return int(json.loads((Path(run_dir) / CV_FILE).read_text(encoding="utf-8"))["folds"])
+
+
 def load_ensemble(run_dir: str | Path, *, which: str = "best",
                   device: str | torch.device = "cpu") -> tuple[FoldEnsemble, TrainConfig]:
     """The fold ensemble of a CV run folder and the config its folds were trained with.
@@ -61,12 +68,12 @@ def load_ensemble(run_dir: str | Path, *, which: str = "best",
     from xrai.models import load_model
 
     run_dir = Path(run_dir)
-    if not is_cv_run(run_dir):
+    folds = cv_folds(run_dir)
+    if folds is None:
         raise FileNotFoundError(f"no {CV_FILE} in {run_dir}: not a finished cross-validation run; make one with "
                                 f"`python -m xrai cv --data SOURCE --out {run_dir}`")
-    summary = json.loads((run_dir / CV_FILE).read_text(encoding="utf-8"))
     members, config = [], TrainConfig.from_json(run_dir / "config.json")
-    for fold in range(int(summary["folds"])):
+    for fold in range(folds):
         model, fold_config = load_model(run_dir / "folds" / str(fold), which=which, device=device)
         if (fold_config.image_size, fold_config.resize_size, fold_config.resize) != (
                 config.image_size, config.resize_size, config.resize):

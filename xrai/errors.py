@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import re
 
-__all__ = ["USER_ERRORS", "UserError", "is_user_error", "one_line"]
+__all__ = ["USER_ERRORS", "UserError", "first_lines", "is_user_error", "one_line"]
 
 
 class UserError(Exception):
@@ -48,11 +48,19 @@ def one_line(error: BaseException | str) -> str:
 
     Multi-line messages (a resume's list of differing settings) are joined with "; ".
     """
-    text = str(error)
     if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
-        text = _os_error_text(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = "; ".join(lines) or type(error).__name__
+        return first_lines(_os_error_text(error), None)
+    return first_lines(error, None)
+
+
+def first_lines(error: BaseException | str, n: int | None = 1) -> str:
+    """The first ``n`` non-blank lines of an error's message (all with None), stripped and joined with
+    "; ", any ``<... object at 0x...>`` repr replaced by "the data"; the error's type name when blank.
+
+    For the reason a wrapping error quotes in parentheses (a library's message can run to many lines).
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = "; ".join(lines if n is None else lines[:n]) or type(error).__name__
     return _OBJECT_REPR.sub("the data", text)
 
 

@@ -18,7 +18,6 @@ against PyTorch, within ``PARITY_TOLERANCE``.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 from torch import nn
 
 from xrai.data.contract import InputContract
-from xrai.errors import UserError
-from xrai.exported import sidecar_path
+from xrai.ensemble import cv_folds
+from xrai.errors import UserError, first_lines
+from xrai.exported import cpu_session, sidecar_path
 from xrai.fileio import atomic_write_bytes, atomic_write_json
 from xrai.inference import flip_tta_logits
 
@@ -107,7 +107,7 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
     run_dir = Path(run_dir)
     run = load_run(run_dir, which=which, device="cpu", refresh=refresh)
     contract = InputContract.from_config(run.config)
-    wrapped = CalibratedModel(run.model.eval(), run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
+    wrapped = CalibratedModel(run.model, run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
     path = Path(out) if out is not None else run_dir / FORMATS[fmt]
     example = example_batch(contract, batch=2)
     data = onnx_bytes(wrapped, example) if fmt == "onnx" else _torchscript_bytes(wrapped, example)
@@ -160,7 +160,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        raise ExportError(f"the exported ONNX graph fails onnx's checker: {str(error).splitlines()[0]}") from error
+        raise ExportError(f"the exported ONNX graph fails onnx's checker: {first_lines(error)}") from error
     return proto.SerializeToString()
 
 
@@ -178,10 +178,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode():
         expected = model(x)[1].numpy()
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        got = session.run(["probability"], {INPUT_NAME: x.numpy()})[0]
+        got = cpu_session(data).run(["probability"], {INPUT_NAME: x.numpy()})[0]
     else:
         loaded = torch.jit.load(io.BytesIO(data))
         with torch.inference_mode():
@@ -195,7 +192,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
 
 def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, difference: float) -> dict[str, Any]:
     from xrai import __version__
-    from xrai.app import RESEARCH_NOTICE
+    from xrai.app import LABEL_NAMES, RESEARCH_NOTICE
 
     config = run.config
     cv = _cv_summary(run.run_dir)
@@ -221,7 +218,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "threshold": run.threshold,
         "study_threshold": run.study_threshold,
         "threshold_from": run.threshold_from,
-        "labels": {"0": "normal", "1": "abnormal"},
+        "labels": {str(label): name for label, name in LABEL_NAMES.items()},
         "decision": "abnormal when probability >= threshold",
         "parity_max_difference": difference,
         "research_only": RESEARCH_NOTICE,
@@ -230,8 +227,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
 
 def _cv_summary(run_dir: Path) -> dict[str, Any] | None:
     """{"folds": k} for a cross-validation run (its fold ensemble is what is exported), else None."""
-    cv_file = run_dir / "cv.json"
-    if not cv_file.is_file():
+    folds = cv_folds(run_dir)
+    if folds is None:
         return None
-    folds = json.loads(cv_file.read_text(encoding="utf-8")).get("folds")
     return {"kind": "cross-validation fold ensemble (mean of the folds' probabilities)", "folds": folds}

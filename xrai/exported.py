@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from xrai.data.contract import InputContract, prepare
-from xrai.errors import UserError
+from xrai.errors import UserError, first_lines
 
-__all__ = ["ONNX_RUNTIME_EXTRA", "ExportFileError", "ExportedModel", "load_export", "read_sidecar", "sidecar_path"]
+__all__ = ["ONNX_RUNTIME_EXTRA", "ExportFileError", "ExportedModel", "cpu_session", "load_export", "read_sidecar",
+           "sidecar_path"]
 
 ONNX_RUNTIME_EXTRA = 'pip install onnxruntime (or "xrai[onnx]")'
 SIDECAR_VERSIONS = (1,)
@@ -115,16 +116,28 @@ def load_export(path: str | os.PathLike, *, threads: int | None = None) -> Expor
         raise ExportFileError(f"{path} is a {sidecar['format']} export; serving without torch needs the ONNX one "
                               "(`python -m xrai export --run RUN_DIR --format onnx`)")
     try:
-        import onnxruntime as ort
+        session = cpu_session(path, threads=threads)
     except ImportError as error:
         raise UserError(f"serving {path.name} needs onnxruntime: {ONNX_RUNTIME_EXTRA}") from error
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
+        raise ExportFileError(f"{path} cannot be loaded by onnxruntime ({first_lines(error)}); export the run "
+                              "again") from error
+    return ExportedModel(path=path, sidecar=sidecar, session=session)
+
+
+def cpu_session(model: str | os.PathLike | bytes, *, threads: int | None = None) -> Any:
+    """An onnxruntime session on the CPU for an ONNX file or its bytes.
+
+    Args:
+        threads: intra-op threads (and one inter-op thread); default: onnxruntime's own choice.
+    Raises:
+        ImportError: no onnxruntime. onnxruntime's own errors for a bad model.
+    """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportFileError(f"{path} cannot be loaded by onnxruntime ({reason}); export the run again") from error
-    return ExportedModel(path=path, sidecar=sidecar, session=session)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])

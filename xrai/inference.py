@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrai.ensemble import cv_folds, is_cv_run
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "THRESHOLD_FILE",
@@ -72,7 +74,7 @@ def operating_point_file(run_dir: str | Path) -> Path:
     """The file holding a run's operating point: report_valid.json; a CV run's report_oof.json (chosen on
     its out-of-fold predictions); a final fit's threshold.json (the CV's, given to it)."""
     run_dir = Path(run_dir)
-    if (run_dir / "cv.json").is_file():
+    if is_cv_run(run_dir):
         return run_dir / "report_oof.json"
     if (run_dir / THRESHOLD_FILE).is_file():
         return run_dir / THRESHOLD_FILE
@@ -99,10 +101,8 @@ def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
 def run_checkpoint_sha256(run_dir: str | Path, which: str = "best") -> str:
     """The sha256 a run's operating point is bound to: its checkpoint's, or for a CV run (cv.json) the
     sha256 of its folds' checkpoint hashes in fold order (any retrained fold changes it)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "cv.json").is_file():
-        return checkpoint_sha256(checkpoint_path(run_dir, which))
-    return folds_sha256(run_dir, int(json.loads((run_dir / "cv.json").read_text(encoding="utf-8"))["folds"]), which)
+    folds = cv_folds(run_dir)
+    return checkpoint_sha256(checkpoint_path(run_dir, which)) if folds is None else folds_sha256(run_dir, folds, which)
 
 
 def folds_sha256(run_dir: str | Path, folds: int, which: str = "best") -> str:
@@ -222,7 +222,7 @@ class RunModel:
     @property
     def checkpoint_file(self) -> str:
         """The checkpoint(s) behind the model, relative to the run folder."""
-        if (self.run_dir / "cv.json").is_file():
+        if is_cv_run(self.run_dir):
             return f"folds/*/checkpoints/{self.which}.pt"
         return f"checkpoints/{self.which}.pt"
 
@@ -280,7 +280,7 @@ def load_run(
     model, config = load_model(run_dir, which=which, device=dev)  # a CV run: its folds' ensemble
     sha = run_checkpoint_sha256(run_dir, which)
     point, reason = operating_point(run_dir, sha)
-    if point is None and refresh and (run_dir / "report_valid.json").is_file():
+    if point is None and refresh and operating_point_file(run_dir).is_file():  # there, but stale
         if operating_point_file(run_dir).name != "report_valid.json":
             reason += "; an out-of-fold threshold cannot be chosen again here (rerun the CV)"
         elif not (run_dir / "manifest.csv").is_file() or not os.access(run_dir, os.W_OK):

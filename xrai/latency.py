@@ -38,6 +38,7 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
     from xrai.data.augment import preprocess
     from xrai.data.contract import InputContract, prepare
     from xrai.export import CalibratedModel, example_batch, onnx_available, onnx_bytes
+    from xrai.exported import cpu_session
 
     cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
     wrapped = CalibratedModel(cpu_model).eval()
@@ -50,12 +51,8 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
     out = {"torch_cpu": timed_ms(torch_once, runs), "onnxruntime_cpu": None}
     contract = InputContract(image_size=image_size, resize_size=resize_size)
     if session is None and onnx and onnx_available():
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # like for like with PyTorch's threads
-        session = ort.InferenceSession(onnx_bytes(wrapped, example_batch(contract, batch=2)), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
+        # like for like with PyTorch's threads
+        session = cpu_session(onnx_bytes(wrapped, example_batch(contract, batch=2)), threads=torch.get_num_threads())
     if session is not None:
         name = session.get_inputs()[0].name
 

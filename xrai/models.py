@@ -24,7 +24,7 @@ from torch import nn
 
 from xrai.checkpoint import CheckpointError, load_checkpoint
 from xrai.config import HEADS, TrainConfig
-from xrai.errors import UserError
+from xrai.errors import UserError, first_lines
 from xrai.pruning import (
     SynFlowReport,
     count_nonzero,
@@ -257,8 +257,9 @@ def load_model(
         ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
     path = Path(path_or_run_dir)
-    if (path / "cv.json").is_file():  # a cross-validation run: its folds' ensemble (xrai.ensemble)
-        from xrai.ensemble import load_ensemble
+    from xrai.ensemble import is_cv_run, load_ensemble
+
+    if is_cv_run(path):  # a cross-validation run: its folds' ensemble (xrai.ensemble)
 
         return load_ensemble(path, which=which, device=device)
     if path.suffix in (".pt", ".pth"):
@@ -286,9 +287,8 @@ def load_model(
     try:
         model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
     except RuntimeError as err:  # missing, unexpected or mis-shaped weights: a file edited or mixed up
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{checkpoint_path}: its weights do not fit the {config.model} its config names "
-                              f"({first}); the file was altered or mixed up with another run's") from err
+                              f"({first_lines(err)}); the file was altered or mixed up with another run's") from err
     if str(device) == "auto":
         from xrai.env import get_device
 

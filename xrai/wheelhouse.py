@@ -17,8 +17,15 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["KAGGLE_PLATFORM", "KAGGLE_PROVIDES", "KAGGLE_PYTHON", "NEVER", "build_wheelhouse", "project_root",
-           "select_packages"]
+from xrai.errors import UserError
+
+__all__ = ["KAGGLE_PLATFORM", "KAGGLE_PROVIDES", "KAGGLE_PYTHON", "NEVER", "WheelhouseError", "build_wheelhouse",
+           "project_root", "select_packages"]
+
+
+class WheelhouseError(UserError, RuntimeError):
+    """pip could not get or build a wheel (no network, no wheel for the platform); one line in the CLI."""
+
 
 KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's (and Colab's) image
 KAGGLE_PLATFORM = "manylinux2014_x86_64"
@@ -109,7 +116,8 @@ def build_wheelhouse(out: str | Path, *, python_version: str = KAGGLE_PYTHON, pl
     Returns:
         The wheel files in ``out``.
     Raises:
-        FileNotFoundError: not run from a checkout. RuntimeError: pip failed; the message holds its last line.
+        FileNotFoundError: not run from a checkout. WheelhouseError (a RuntimeError): pip failed; the message
+        holds its last line.
     """
     root = project_root()
     out = Path(out)
@@ -128,7 +136,7 @@ def build_wheelhouse(out: str | Path, *, python_version: str = KAGGLE_PYTHON, pl
                 _check(_pip("wheel", "--no-deps", "-w", str(out), spec), spec)
                 built = [w for w in set(out.glob("*.whl")) - before if not w.name.endswith("-none-any.whl")]
                 if built:
-                    raise RuntimeError(f"{spec} has no wheel for {platform} / Python {python_version} and builds "
+                    raise WheelhouseError(f"{spec} has no wheel for {platform} / Python {python_version} and builds "
                                        f"only a platform wheel ({built[0].name}); it cannot go in the wheelhouse")
     return sorted(out.glob("*.whl"))
 
@@ -144,4 +152,4 @@ def _has(name: str) -> bool:
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise RuntimeError(f"pip could not get {what}: {last}")
+        raise WheelhouseError(f"pip could not get {what}: {last}")

@@ -22,7 +22,15 @@ import struct
 
 import numpy as np
 
-from xrai.data.images import DATASET_REMEDY, MAX_DECODED_BYTES, MAX_PIXELS, ImageError, check_decode_budget
+from xrai.data.images import (  # _STRIP_ROWS: rows windowed at a time, as images converts them
+    _STRIP_ROWS,
+    DATASET_REMEDY,
+    MAX_DECODED_BYTES,
+    MAX_PIXELS,
+    ImageError,
+    check_decode_budget,
+)
+from xrai.errors import first_lines
 
 __all__ = ["DICOM_EXTENSIONS", "DICOM_JPEG_EXTRA", "decode_dicom", "looks_like_dicom"]
 
@@ -40,7 +48,6 @@ _TAGS = [
     "VOILUTFunction", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "PixelData",
     "FloatPixelData", "DoubleFloatPixelData",
 ]
-_STRIP_ROWS = 256  # rows windowed at a time: the float64 temporaries stay a few MB whatever the image size
 _FAR = 1e30  # beyond any stored value: probing the window with +-_FAR gives its output range
 # Value representations, for recognising a dataset written without preamble (explicit VR).
 _VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
@@ -95,7 +102,7 @@ def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_by
     try:
         pixels = ds.pixel_array
     except Exception as error:  # noqa: BLE001 - any plugin's failure on untrusted bytes is the file's fault
-        raise ImageError(f"{name}: cannot decode the DICOM pixel data ({_first_line(error)})") from error
+        raise ImageError(f"{name}: cannot decode the DICOM pixel data ({first_lines(error, 2)})") from error
     try:
         if str(ds.PhotometricInterpretation).startswith("MONOCHROME"):
             grey = _display_grey(pixels, ds)
@@ -107,7 +114,7 @@ def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_by
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as error:
         # Bad LUT or window tags (a width of 0, a LUT of 3 bits): the file's fault, said in one line.
-        raise ImageError(f"{name}: cannot apply the DICOM's LUTs ({_first_line(error)})") from error
+        raise ImageError(f"{name}: cannot apply the DICOM's LUTs ({first_lines(error, 2)})") from error
 
 
 def _read(data: bytes, name: str):
@@ -192,7 +199,12 @@ def _display_grey(pixels: np.ndarray, ds) -> np.ndarray:
             lo, hi = (float(v) for v in apply_windowing(np.array([-_FAR, _FAR]), ds))
     elif _plain_8bit(ds):
         return np.ascontiguousarray(pixels, dtype=np.uint8)
-    else:  # no window in the file: its own range, as a viewer's default window (never a guessed one)
+    elif np.issubdtype(pixels.dtype, np.integer) and not ds.get("ModalityLUTSequence"):
+        # No window: the image's own range, as a viewer's default window (never a guessed one). A rescale
+        # is affine, so the stored extremes rescaled are the rescaled extremes, to the bit (one integer pass).
+        ends = apply_modality_lut(np.array([pixels.min(), pixels.max()], dtype=pixels.dtype), ds)
+        lo, hi = sorted(float(v) for v in ends)
+    else:  # the same with a modality LUT table (not monotone) or float pixels: every strip's range
         lo, hi = np.inf, -np.inf
         for top in range(0, pixels.shape[0], _STRIP_ROWS):
             v = values(pixels[top : top + _STRIP_ROWS])
@@ -239,8 +251,3 @@ def _colour_to_grey(pixels: np.ndarray, ds, name: str) -> np.ndarray:
         pixels = np.rint(pixels.astype(np.float64) * (255.0 / (2**bits - 1)))
     rgb = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.uint8)
     return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines[:2]) or type(error).__name__

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import warnings
 from collections.abc import Iterable
 
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from xrai.config import RESIZES
+from xrai.errors import first_lines
 
 __all__ = [
     "DECODER_VERSION",
@@ -53,7 +53,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _EXIF_ORIENTATION = 0x0112
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 class ImageError(ValueError):
@@ -140,11 +139,6 @@ def _open(data: bytes, name: str) -> ImageFile.ImageFile:
         raise ImageError(f"{name}: not an image (neither PNG, JPEG, DICOM nor another format Pillow reads)") from e
 
 
-def _reason(error: BaseException) -> str:
-    """PIL's message for an error, without reprs of internal objects (a user never needs those)."""
-    return _OBJECT_REPR.sub("the data", str(error)) or type(error).__name__
-
-
 def _decode(data: bytes, name: str, max_pixels: int, max_bytes: int,
             remedy: str = DATASET_REMEDY) -> tuple[Image.Image, str | None]:
     """Open, check the budget from the header, then decode; a truncated JPEG is finished with a fake EOI.
@@ -154,11 +148,11 @@ def _decode(data: bytes, name: str, max_pixels: int, max_bytes: int,
     try:
         img = _open(data, name)
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: decompression bomb refused ({_reason(e)})") from e
+        raise ImageTooLargeError(f"{name}: decompression bomb refused ({first_lines(e, None)})") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises SyntaxError for broken PNG headers
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"{name}: not a readable image ({_reason(e)})") from e
+        raise ImageError(f"{name}: not a readable image ({first_lines(e, None)})") from e
     width, height = img.size
     channels, sample_bytes = decoded_layout(img.mode, img.info)
     check_decode_budget(name, width=width, height=height, channels=channels, bytes_per_sample=sample_bytes,
@@ -167,11 +161,11 @@ def _decode(data: bytes, name: str, max_pixels: int, max_bytes: int,
         img.load()
         return img, None
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: decompression bomb refused ({_reason(e)})") from e
+        raise ImageTooLargeError(f"{name}: decompression bomb refused ({first_lines(e, None)})") from e
     except (OSError, ValueError, SyntaxError) as e:
         first_error = e
     if not isinstance(img, JpegImagePlugin.JpegImageFile):
-        reason = _reason(first_error)
+        reason = first_lines(first_error, None)
         raise ImageError(f"{name}: cannot decode {img.format or 'image'} data ({reason})") from first_error
     # A JPEG cut short (no end-of-image marker). PIL's documented cure is the global switch
     # ImageFile.LOAD_TRUNCATED_IMAGES, whose only effect for JPEG is to feed libjpeg a fake EOI marker
@@ -181,8 +175,9 @@ def _decode(data: bytes, name: str, max_pixels: int, max_bytes: int,
         img = JpegImagePlugin.JpegImageFile(io.BytesIO(data + _JPEG_EOI))
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{name}: truncated JPEG that cannot be decoded even partially ({_reason(e)})") from e
-    return img, f"{name}: truncated JPEG ({_reason(first_error)}); decoded as far as the data goes"
+        raise ImageError(f"{name}: truncated JPEG that cannot be decoded even partially "
+                         f"({first_lines(e, None)})") from e
+    return img, f"{name}: truncated JPEG ({first_lines(first_error, None)}); decoded as far as the data goes"
 
 
 def _to_grey_uint8(img: Image.Image) -> np.ndarray:
