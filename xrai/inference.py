@@ -34,6 +34,7 @@ __all__ = [
     "flip_tta_logits",
     "folds_sha256",
     "load_run",
+    "one_logit",
     "operating_point",
     "operating_point_file",
     "run_checkpoint_sha256",
