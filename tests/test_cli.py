@@ -80,33 +80,21 @@ def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, m
     assert counts["default"] == {"train": 42, "valid": 9, "test": 9}  # 70/15/15 of 60
     assert counts["wider"] == {"train": 27, "valid": 18, "test": 15}  # 45/30/25
 
+    import xrai.cv
     import xrai.train
 
-    seen = {}
+    for command, module, name in (("train", xrai.train, "fit"), ("cv", xrai.cv, "cross_validate")):
+        seen = {}
 
-    def fake_fit(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
-        seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
-        raise ValueError("stopped by the test")
+        def stop(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
+            seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
+            raise ValueError("stopped by the test")
 
-    monkeypatch.setattr(xrai.train, "fit", fake_fit)
-    assert main(["train", "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / "run"),
-                 "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
-    assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
-    assert seen["counts"] == counts["wider"]
-
-    import xrai.cv
-
-    seen.clear()
-
-    def fake_cross_validate(config, manifest, run_dir, **kwargs):  # cv takes the same split flags
-        seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
-        raise ValueError("stopped by the test")
-
-    monkeypatch.setattr(xrai.cv, "cross_validate", fake_cross_validate)
-    assert main(["cv", "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / "cv"),
-                 "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
-    assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25)
-    assert seen["counts"] == counts["wider"]
+        monkeypatch.setattr(module, name, stop)
+        assert main([command, "--data", "folder", "--root", str(class_folders), "--out", str(tmp_path / command),
+                     "--val-fraction", "0.3", "--test-fraction", "0.25"]) == 2
+        assert (seen["config"].val_fraction, seen["config"].test_fraction) == (0.3, 0.25), command
+        assert seen["counts"] == counts["wider"], command
 
 
 @pytest.mark.slow

@@ -223,16 +223,21 @@ def _config_manifest(config: TrainConfig):
                           test_fraction=config.test_fraction)
 
 
-def cmd_audit(args) -> int:
+def _save_with_audit(manifest, out: Path) -> dict:
+    """Write the manifest and its leakage audit (audit.csv) into `out`; the audit's summary counts."""
     from xrai.data import audit, audit_summary, save_manifest
 
-    out = Path(args.out)
-    manifest = _load_manifest(args.data, args.root, args.seed, val_fraction=args.val_fraction,
-                              test_fraction=args.test_fraction)
     save_manifest(manifest, out)
     table = audit(manifest)
     atomic_write_csv(out / "audit.csv", table)
-    summary = audit_summary(table)
+    return audit_summary(table)
+
+
+def cmd_audit(args) -> int:
+    out = Path(args.out)
+    manifest = _load_manifest(args.data, args.root, args.seed, val_fraction=args.val_fraction,
+                              test_fraction=args.test_fraction)
+    summary = _save_with_audit(manifest, out)
     print(f"{len(manifest)} images; duplicate groups crossing splits: {summary['cross_split_groups']}, "
           f"crossing labels: {summary['cross_label_groups']}")
     print(f"wrote {out / 'manifest.csv'} and {out / 'audit.csv'}")
@@ -543,17 +548,14 @@ def _cache_line(c) -> str:
 
 def cmd_demo(args) -> int:
     """Data, audit, training, evaluation on valid and test, and the Grad-CAM gallery, on the synthetic set."""
-    from xrai.data import audit, audit_summary, load, save_manifest
+    from xrai.data import load
     from xrai.explain import gallery
     from xrai.train import fit
 
     start = time.perf_counter()
     run_dir = Path(args.out)
     manifest = load("synthetic")
-    save_manifest(manifest, run_dir)
-    table = audit(manifest)
-    atomic_write_csv(run_dir / "audit.csv", table)
-    summary = audit_summary(table)
+    summary = _save_with_audit(manifest, run_dir)
     print(f"data: {len(manifest)} synthetic images ({manifest.attrs.get('split_method', '')}); "
           f"duplicate groups crossing splits: {summary['cross_split_groups']}")
     config = TrainConfig(data="synthetic", model=args.model, pretrained=False, epochs=args.epochs)
