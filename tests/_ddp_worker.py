@@ -1,8 +1,8 @@
 """One rank of tests/test_distributed.py's torchrun runs: `python -m xrai train` with test hooks.
 
-python -m xrai.launch --standalone --nproc_per_node 2 tests/_ddp_worker.py [HOOKS] -- TRAIN ARGS [-- TRAIN ARGS]...
+python -m xrai.train.launcher --standalone --nproc_per_node 2 tests/_ddp_worker.py [HOOKS] -- TRAIN ARGS [-- TRAIN ARGS]...
 
-Hooks (each rank installs them, then runs xrai.__main__.main(TRAIN ARGS) for each `--` group in turn and
+Hooks (each rank installs them, then runs xrai.cli.commands.main(TRAIN ARGS) for each `--` group in turn and
 exits with the first non-zero status, else 0):
   --write-log DIR          write DIR/rank<R>.json after each run (and at exit): the files this rank created,
                       replaced or removed under any --out (Python's audit hooks see every open for writing,
@@ -46,9 +46,9 @@ def main() -> int:
 
     import xrai.data.dataset as dataset
     import xrai.data.loader as loader
-    from xrai import distributed
-    from xrai.__main__ import main as xrai_main
+    from xrai.cli.commands import main as xrai_main
     from xrai.data.augment import GpuAugment
+    from xrai.train import distributed
 
     outs = [str(Path(run[run.index("--out") + 1]).resolve()) for run in runs]
     writes: list[list[str]] = []

@@ -29,7 +29,7 @@ def main() -> None:
     import xrai.data.dataset as dataset
     from xrai.config import TrainConfig
     from xrai.data import load
-    from xrai.train import fit
+    from xrai.train.trainer import fit
 
     if args.hang_epoch:
         original = dataset.ClassicBatches.epoch

@@ -1,6 +1,6 @@
 """One rank of tests/test_distributed.py's SyncBatchNorm check (CPU, gloo).
 
-python -m xrai.launch --standalone --nproc_per_node 2 tests/_syncbn_worker.py OUT.json
+python -m xrai.train.launcher --standalone --nproc_per_node 2 tests/_syncbn_worker.py OUT.json
 
 Each rank runs xrai's CpuSyncBatchNorm on its shard of a few fixed batches (float32), with the loss
 sum(out * G) for a fixed G, so the global loss is the sum of the ranks' losses. Rank 0 gathers every
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xrai.distributed import CpuSyncBatchNorm
+from xrai.train.distributed import CpuSyncBatchNorm
 
 # name: (shape of the global batch, images on each rank, affine)
 CASES = {

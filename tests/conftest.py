@@ -73,7 +73,7 @@ def evaluated_run(tmp_path_factory, synthetic_manifest) -> Path:
     """
     from test_evaluate import make_fake_run
 
-    from xrai.evaluate import evaluate_run
+    from xrai.evaluate.run import evaluate_run
 
     run = make_fake_run(tmp_path_factory.mktemp("evaluated") / "evaluated-run", synthetic_manifest)
     evaluate_run(run, split="valid", progress=False, n_bootstrap=50, device="cpu", explain_images=0)

@@ -25,7 +25,7 @@ def build_fake_run(root: Path, *, image_size: int = 64, name: str = "fake-run") 
     import torch
 
     from xrai.config import TrainConfig
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     torch.manual_seed(0)
     config = TrainConfig(data="synthetic", model="mobilenet_v2", pretrained=False, img_size=image_size,
@@ -95,7 +95,7 @@ def fake_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(fake_run):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     app = create_app(fake_run)
     app.testing = True
@@ -198,8 +198,8 @@ def test_form_upload_shows_result(client):
 
 
 def test_threshold_comes_from_the_evaluated_run(tmp_path):
-    from xrai.app import create_app
-    from xrai.inference import checkpoint_sha256
+    from xrai.deploy.app import create_app
+    from xrai.runs.load import checkpoint_sha256
 
     run = build_fake_run(tmp_path)
     sha = checkpoint_sha256(run / "checkpoints" / "best.pt")  # a threshold holds for the checkpoint it was chosen on
@@ -214,12 +214,12 @@ def test_threshold_comes_from_the_evaluated_run(tmp_path):
 
 
 def test_model_is_loaded_once(fake_run, monkeypatch):
-    import xrai.models
-    from xrai.app import create_app
+    import xrai.models.factory
+    from xrai.deploy.app import create_app
 
     calls = []
-    real = xrai.models.load_model
-    monkeypatch.setattr(xrai.models, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = xrai.models.factory.load_model
+    monkeypatch.setattr(xrai.models.factory, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     client = create_app(fake_run).test_client()
     for _ in range(3):
         assert upload(client, xray_bytes()).status_code == 200
@@ -330,7 +330,7 @@ def test_no_files_left_behind(client, bad, tmp_path, monkeypatch):
 
 
 def test_missing_run_fails_at_start(tmp_path):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     with pytest.raises(FileNotFoundError):
         create_app(tmp_path / "no-such-run")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from test_app import build_fake_run, xray_array
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,8 +30,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     """The app under the production server (waitress, as `python -m xrai serve` runs it), in a thread."""
-    from xrai.app import create_app
-    from xrai.server import serve_in_thread
+    from xrai.deploy.app import create_app
+    from xrai.deploy.server import serve_in_thread
 
     run = build_fake_run(tmp_path_factory.mktemp("browser_run"), image_size=96, name="browser-demo")
     with serve_in_thread(create_app(run)) as url:

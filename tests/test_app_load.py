@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from test_app import MB, bad_uploads, bomb_png, build_fake_run, xray_bytes
 
 pytestmark = pytest.mark.slow

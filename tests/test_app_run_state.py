@@ -7,14 +7,13 @@ import json
 
 import pytest
 from scipy.special import expit, logit
-
 from test_app import build_fake_run, upload, xray_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _report(run, *, threshold: float, temperature: float, sha: str | None = None) -> None:
-    from xrai.inference import checkpoint_sha256
+    from xrai.runs.load import checkpoint_sha256
 
     sha = sha or checkpoint_sha256(run / "checkpoints" / "best.pt")
     (run / "report_valid.json").write_text(json.dumps({
@@ -23,7 +22,7 @@ def _report(run, *, threshold: float, temperature: float, sha: str | None = None
 
 
 def test_probabilities_are_calibrated_with_the_runs_temperature(tmp_path):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     plain = build_fake_run(tmp_path, name="plain")
     _report(plain, threshold=0.5, temperature=1.0)
@@ -37,7 +36,7 @@ def test_probabilities_are_calibrated_with_the_runs_temperature(tmp_path):
 
 
 def test_a_threshold_from_another_checkpoint_is_not_used(tmp_path):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     run = build_fake_run(tmp_path)
     _report(run, threshold=0.73, temperature=1.0, sha="0" * 64)  # made with another checkpoint
@@ -47,7 +46,7 @@ def test_a_threshold_from_another_checkpoint_is_not_used(tmp_path):
 
 
 def test_the_app_links_to_the_model_card(tmp_path):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     run = build_fake_run(tmp_path)
     client = create_app(run).test_client()

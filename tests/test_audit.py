@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from xrai.data.audit import AUDIT_COLUMNS, audit, audit_summary, duplicate_groups, near_pairs
+from xrai.data.audit import (
+    AUDIT_COLUMNS,
+    audit,
+    audit_summary,
+    duplicate_groups,
+    near_pairs,
+)
 
 
 def _xray(seed: int, size: int = 96) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD, GpuAugment, preprocess
-from xrai.data.images import letterbox
+from xrai.data.decode.images import letterbox
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -113,7 +113,7 @@ def test_eval_agrees_with_the_classic_path(tmp_path):
     from PIL import Image
 
     from xrai.data.dataset import ClassicBatches
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
 
     rng = np.random.default_rng(1)
     paths = []

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from xrai.__main__ import main
-from xrai.bench import format_table, machine_info, markdown_table, memory_check, run_bench
+from xrai.bench.run import (
+    format_table,
+    machine_info,
+    markdown_table,
+    memory_check,
+    run_bench,
+)
+from xrai.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 README_BENCH = REPO / "docs" / "bench" / "cpu-2core.json"  # the run the README's table shows

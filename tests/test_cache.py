@@ -14,15 +14,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _checks import child_env
 import torch
+from _checks import child_env
 from PIL import Image
 
 from xrai.data import cache as cache_mod
-from xrai.data import images as images_mod
 from xrai.data.augment import GpuAugment
 from xrai.data.batches import BadImageWarning
-from xrai.data.cache import CacheSpaceError, ImageCache, build_cache, cache_fits, find_cache
+from xrai.data.cache import (
+    CacheSpaceError,
+    ImageCache,
+    build_cache,
+    cache_fits,
+    find_cache,
+)
+from xrai.data.decode import images as images_mod
 from xrai.data.loader import CachedBatches
 
 
@@ -122,7 +128,7 @@ def test_killed_build_leaves_nothing_that_reads_as_complete(image_set, tmp_path)
     image_set.to_csv(manifest_csv, index=False)
     script = textwrap.dedent(f"""
         import time, pandas as pd
-        from xrai.data import images
+        from xrai.data.decode import images
         from xrai.data.cache import build_cache
         real = images.read_image
         def slow(path, **kw):
@@ -195,7 +201,7 @@ def test_find_cache_sees_what_build_would_reuse(image_set, tmp_path):
 
 def test_fit_caches_the_whole_manifest_and_reuses_a_cache_when_the_disk_is_full(image_set, tmp_path, monkeypatch):
     from xrai.config import TrainConfig
-    from xrai.train import make_sources
+    from xrai.train.trainer import make_sources
 
     monkeypatch.setenv("XRAI_HOME", str(tmp_path / "home"))
     manifest = image_set.assign(label=np.arange(12) % 2, split=["train"] * 6 + ["valid"] * 3 + ["test"] * 3)

@@ -15,7 +15,7 @@ import pytest
 from _checks import child_env
 from PIL import Image
 
-from xrai.__main__ import main
+from xrai.cli.commands import main
 from xrai.data.cache import LAST_USED, build_cache
 from xrai.data.cachedir import list_caches, prune_caches
 

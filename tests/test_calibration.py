@@ -7,14 +7,19 @@ import pandas as pd
 import pytest
 from scipy.special import expit
 
-from xrai.calibration import (
+from xrai.evaluate.calibration import (
     apply_temperature,
     calibration_summary,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
 )
-from xrai.report import calibration_block, choose_selection, operating_points, selection_from_report
+from xrai.evaluate.report import (
+    calibration_block,
+    choose_selection,
+    operating_points,
+    selection_from_report,
+)
 
 
 def _overconfident(n: int = 20_000, temperature: float = 2.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +95,7 @@ def test_study_threshold_is_chosen_on_study_means():
     assert points["sensitivity"]["study"]["sensitivity"] >= 0.95
     assert points["sensitivity"]["target"] == 0.95
     # applying the image threshold to study means (what X-RAI did before) does worse on studies
-    from xrai.metrics import study_level
+    from xrai.evaluate.metrics import study_level
 
     s = study_level(pred)
     own = points["youden"]["study"]["kappa"]

@@ -12,7 +12,7 @@ import pytest
 from _checks import assert_picture
 from PIL import Image
 
-from xrai.__main__ import COMMANDS, build_parser, main
+from xrai.cli.commands import COMMANDS, build_parser, main
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def test_help_lists_every_subcommand():
 
 
 def test_train_flags_map_onto_the_config():
-    from xrai.__main__ import _train_config
+    from xrai.cli.commands import _train_config
 
     args = build_parser().parse_args(
         ["train", "--data", "fracatlas", "--root", "/x", "--body-part", "wrist", "--model", "resnet18",
@@ -80,10 +80,10 @@ def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, m
     assert counts["default"] == {"train": 42, "valid": 9, "test": 9}  # 70/15/15 of 60
     assert counts["wider"] == {"train": 27, "valid": 18, "test": 15}  # 45/30/25
 
-    import xrai.cv
-    import xrai.train
+    import xrai.train.cv
+    import xrai.train.trainer
 
-    for command, module, name in (("train", xrai.train, "fit"), ("cv", xrai.cv, "cross_validate")):
+    for command, module, name in (("train", xrai.train.trainer, "fit"), ("cv", xrai.train.cv, "cross_validate")):
         seen = {}
 
         def stop(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
@@ -120,7 +120,7 @@ def test_demo_end_to_end(demo_run):
 
 @pytest.mark.slow
 def test_demo_reports_thresholds_calibration_explanations_and_a_model_card(demo_run):
-    from xrai.explain import CAM_METHODS
+    from xrai.explain.cam import CAM_METHODS
 
     out = (demo_run / "demo_stdout.txt").read_text()
     valid = json.loads((demo_run / "report_valid.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from xrai.__main__ import main
+from xrai.cli.commands import main
 from xrai.errors import is_user_error, one_line
 
 NO_NETWORK = {  # every proxy variable urllib reads, pointed at a closed port: no request gets out
@@ -120,7 +120,7 @@ def test_serve_with_a_torn_checkpoint_fails_at_start_in_one_line(run_with_checkp
 
 
 def test_verbose_shows_the_traceback(run_with_checkpoint, tmp_path, image):
-    from xrai.checkpoint import CheckpointError
+    from xrai.models.checkpoint import CheckpointError
 
     run = _copy_run(run_with_checkpoint, tmp_path / "run")
     (run / "checkpoints" / "best.pt").write_bytes(b"PK\x03\x04 not a zip")
@@ -214,7 +214,7 @@ def test_failed_runs_leave_the_run_folder_as_it_was(synthetic_root, synthetic_ma
 
 
 def test_messages_never_show_python_object_reprs(tmp_path, capsys):
-    from xrai.data.images import ImageError, decode_image, read_image
+    from xrai.data.decode.images import ImageError, decode_image, read_image
 
     junk = b"GIF89a but not really" + bytes(range(50))
     for attempt in (lambda: decode_image(junk, name="upload.gif"), lambda: decode_image(b"\x00" * 64, name="z.bin")):
@@ -233,7 +233,7 @@ def test_messages_never_show_python_object_reprs(tmp_path, capsys):
 
 def test_predict_reports_a_non_image_without_reprs(run_with_checkpoint, tmp_path, capsys):
     run = _copy_run(run_with_checkpoint, tmp_path / "run")
-    from xrai.inference import checkpoint_sha256
+    from xrai.runs.load import checkpoint_sha256
 
     sha = checkpoint_sha256(run / "checkpoints" / "best.pt")
     (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.5, "checkpoint": {"sha256": sha}}))
@@ -245,11 +245,11 @@ def test_predict_reports_a_non_image_without_reprs(run_with_checkpoint, tmp_path
 
 
 def test_user_error_classification():
-    from xrai.checkpoint import CheckpointError
     from xrai.data import DownloadError, ManifestError
     from xrai.data.cache import CacheSpaceError
-    from xrai.models import PretrainedWeightsError
-    from xrai.train import TrainingDivergedError
+    from xrai.models.checkpoint import CheckpointError
+    from xrai.models.factory import PretrainedWeightsError
+    from xrai.train.trainer import TrainingDivergedError
 
     for error in (CheckpointError("x"), ManifestError("x"), PretrainedWeightsError("x"), TrainingDivergedError("x"),
                   DownloadError("x"), CacheSpaceError("x"),

@@ -103,7 +103,7 @@ def test_the_models_accept_the_smallest_allowed_size():
     import torch
 
     from xrai.config import MIN_IMG_SIZE
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     for name in ("mobilenet_v2", "resnet18"):
         model = create_model(name, pretrained=False).eval()

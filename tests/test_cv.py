@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from xrai.config import TrainConfig
-from xrai.cv import assign_folds, cross_validate, fold_manifest, summarise_metrics
 from xrai.data import read_manifest
-from xrai.ensemble import FoldEnsemble
-from xrai.evaluate import evaluate_run, read_predictions
+from xrai.evaluate.run import evaluate_run, read_predictions
+from xrai.models.ensemble import FoldEnsemble
+from xrai.train.cv import assign_folds, cross_validate, fold_manifest, summarise_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,8 +91,8 @@ def test_run_folder_oof_and_summary(cv_run):
     oof_report = json.loads((run_dir / "report_oof.json").read_text())
     assert oof_report["split"] == "oof" and oof_report["threshold"] == summary["oof"]["threshold"]
     # the OOF operating point is bound to the folds' checkpoints, and chosen on their logits
-    from xrai.calibration import apply_temperature
-    from xrai.inference import folds_sha256
+    from xrai.evaluate.calibration import apply_temperature
+    from xrai.runs.load import folds_sha256
 
     assert oof_report["checkpoint"]["sha256"] == folds_sha256(run_dir, FOLDS)
     np.testing.assert_allclose(oof["probability"], apply_temperature(oof["logit"], oof_report["calibration"]["temperature"]))
@@ -105,7 +105,7 @@ def test_summary_statistics_skip_undefined_metrics():
 
 
 def test_ensemble_is_the_mean_probability_of_the_folds(cv_run):
-    from xrai.models import load_model
+    from xrai.models.factory import load_model
 
     run_dir, _ = cv_run
     ensemble, config = load_model(run_dir)
@@ -119,8 +119,8 @@ def test_ensemble_is_the_mean_probability_of_the_folds(cv_run):
 
 
 def test_load_run_gives_the_ensemble_at_the_oof_operating_point(cv_run):
-    from xrai.evaluate import predict
-    from xrai.inference import load_run
+    from xrai.evaluate.run import predict
+    from xrai.runs.load import load_run
 
     run_dir, result = cv_run
     run = load_run(run_dir)
@@ -145,8 +145,8 @@ def test_predict_and_serve_a_cv_run(cv_run, capsys):
     from PIL import Image
     from test_app import upload
 
-    from xrai.__main__ import main
-    from xrai.app import create_app
+    from xrai.cli.commands import main
+    from xrai.deploy.app import create_app
 
     run_dir, result = cv_run
     image = read_manifest(run_dir)["path"].iloc[0]
@@ -172,8 +172,8 @@ def test_ensemble_report_uses_the_oof_threshold(cv_run):
 
 
 def test_gradcam_through_the_ensemble(cv_run):
-    from xrai.explain import CamExplainer
-    from xrai.models import load_model
+    from xrai.explain.cam import CamExplainer
+    from xrai.models.factory import load_model
 
     ensemble, config = load_model(cv_run[0])
     x = torch.randn(2, 3, config.image_size, config.image_size)
@@ -197,7 +197,7 @@ def test_final_fit_on_the_whole_pool(cv_run):
     assert (manifest["split"] == "train").sum() == result.summary["pool"]["n"]
     report = evaluate_run(final, split="test", progress=False, n_bootstrap=50, explain_images=0)
     assert report["threshold_from"] == "oof" and report["threshold"] == result.summary["oof"]["threshold"]
-    from xrai.inference import load_run
+    from xrai.runs.load import load_run
 
     run = load_run(final)
     assert run.point.source == "oof" and run.threshold == result.summary["oof"]["threshold"]
@@ -209,7 +209,7 @@ def test_a_stale_oof_threshold_falls_back_to_default_and_says_rerun_the_cv(cv_ru
     import shutil
     import warnings
 
-    from xrai.inference import DEFAULT_THRESHOLD, THRESHOLD_FILE, load_run
+    from xrai.runs.load import DEFAULT_THRESHOLD, THRESHOLD_FILE, load_run
 
     run_dir = tmp_path / "run"
     shutil.copytree(cv_run[0], run_dir)
@@ -237,7 +237,7 @@ def test_a_finished_cv_is_not_overwritten(cv_run, synthetic_manifest):
 
 
 def test_cli_cv_runs_and_reports(synthetic_root, tmp_path, capsys):
-    from xrai.__main__ import main
+    from xrai.cli.commands import main
 
     out = tmp_path / "cli"
     args = ["cv", "--data", "synthetic", "--root", str(synthetic_root), "--no-pretrained", "--img-size", "32",
@@ -255,9 +255,9 @@ def test_cli_cv_runs_and_reports(synthetic_root, tmp_path, capsys):
 
 
 def test_flip_tta_is_the_same_probability_in_predict_and_explain(cv_run):
-    from xrai.evaluate import predict
-    from xrai.explain import explain_paths
-    from xrai.models import load_model
+    from xrai.evaluate.run import predict
+    from xrai.explain.cam import explain_paths
+    from xrai.models.factory import load_model
 
     run_dir, _ = cv_run
     ensemble, config = load_model(run_dir)

@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from xrai.data.dataset import BadImageWarning, ClassicBatches, XrayDataset, find_bad_images
-from xrai.data.images import letterbox, read_image
+from xrai.data.dataset import (
+    BadImageWarning,
+    ClassicBatches,
+    XrayDataset,
+    find_bad_images,
+)
+from xrai.data.decode.images import letterbox, read_image
 
 SIZE, RESIZE = 32, 40
 

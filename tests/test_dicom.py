@@ -14,8 +14,14 @@ pydicom = pytest.importorskip("pydicom")
 
 from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
 
-from xrai.data.dicom import DICOM_JPEG_EXTRA, looks_like_dicom  # noqa: E402
-from xrai.data.images import ImageError, ImageTooLargeError, decode_image, read_image  # noqa: E402
+from xrai.data.decode.dicom import DICOM_JPEG_EXTRA, looks_like_dicom  # noqa: E402
+from xrai.data.decode.images import (  # noqa: E402
+    ImageError,
+    ImageTooLargeError,
+    decode_image,
+    read_image,
+)
+
 
 def _bundled(name: str) -> Path:
     """A sample file shipped inside pydicom's wheel (never downloaded)."""
@@ -126,7 +132,7 @@ def test_compressed_files_decode_to_the_same_pixels(tmp_path):
 def test_without_a_decoder_plugin_the_error_names_the_extra():
     """JPEG-LS decodes only through pylibjpeg-libjpeg (or pyjpegls): hide those, as a bare install is."""
     path = _bundled("MR_small_jpeg_ls_lossless.dcm")
-    code = ("from xrai.data.images import read_image, ImageError\n"
+    code = ("from xrai.data.decode.images import read_image, ImageError\n"
             f"try:\n    read_image({str(path)!r})\nexcept ImageError as e:\n    print('ERR', e)\n")
     env = child_env(block=("pylibjpeg", "libjpeg", "openjpeg", "rle", "jpeg_ls"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

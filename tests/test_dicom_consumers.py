@@ -22,7 +22,7 @@ pytest.importorskip("pydicom")
 from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
 from test_app import upload  # noqa: E402
 
-from xrai.__main__ import main  # noqa: E402
+from xrai.cli.commands import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ def test_images(synthetic_manifest) -> list[Path]:
 @pytest.fixture(scope="module")
 def pairs(test_images, tmp_path_factory) -> list[tuple[Path, Path]]:
     """(DICOM, PNG of its pixels windowed by hand) pairs: a window, and a VOI LUT Sequence."""
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
 
     folder = tmp_path_factory.mktemp("dicom_pairs")
     out = []
@@ -66,8 +66,8 @@ def pairs(test_images, tmp_path_factory) -> list[tuple[Path, Path]]:
 
 
 def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pairs, capsys, caplog):
-    from xrai.app import create_app
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
+    from xrai.deploy.app import create_app
 
     client = create_app(evaluated_run).test_client()
     caplog.set_level(logging.DEBUG)
@@ -97,7 +97,7 @@ def test_dicom_uploaded_and_predicted_matches_the_windowed_png(evaluated_run, pa
 
 def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(evaluated_run, test_images, tmp_path,
                                                                               capsys, caplog, recwarn):
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
 
     run = tmp_path / "run"
     shutil.copytree(evaluated_run, run)  # evaluate writes into the run folder: not into the shared one
@@ -141,7 +141,7 @@ def test_predict_explain_and_evaluate_a_dicom_folder_never_write_patient_data(ev
 
 
 def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run, tmp_path, caplog):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     client = create_app(evaluated_run).test_client()
     caplog.set_level(logging.DEBUG)

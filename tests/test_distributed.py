@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _checks import child_env
 import torch
+from _checks import child_env
 
 from xrai.config import TrainConfig
 from xrai.data.batches import epoch_batches, per_rank_batch
-from xrai.launch import LaunchError, failure_line, resolve_nproc, run_torchrun, torchrun_command
+from xrai.train.launcher import (
+    LaunchError,
+    failure_line,
+    resolve_nproc,
+    run_torchrun,
+    torchrun_command,
+)
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 REPO = WORKER.parents[1]
@@ -93,20 +99,20 @@ def test_failure_line_names_the_rank_and_its_error():
     lines = ["epoch 1:  50%",
              "xrai train [rank 1]: rank 0 failed (needs both labels); rank 1 stops too (-v shows the traceback)",
              "xrai train [rank 0]: the train split needs both labels (-v shows the traceback)",
-             "xrai.launch: failed: rank 1, exit code 2"]
+             "xrai.train.launcher: failed: rank 1, exit code 2"]
     assert failure_line(lines, 2, nproc=2) == ("training on 2 processes failed (rank 1, exit code 2): "
                                                "the train split needs both labels")
     # The failed rank's own traceback, not the one of the rank that lost its peer afterwards.
     tracebacks = ["[rank1]: Traceback (most recent call last):", '[rank1]:   File "x.py", line 1',
                   "[rank1]: RuntimeError: injected", "[rank0]: RuntimeError: Connection reset by peer",
-                  "xrai.launch: failed: rank 1, exit code 1"]
+                  "xrai.train.launcher: failed: rank 1, exit code 1"]
     assert failure_line(tracebacks, 1) == "training failed (rank 1, exit code 1): RuntimeError: injected"
     assert failure_line(["Killed"], -9) == ("training failed (exit code -9): no error message; the output above "
                                             "says what happened")
 
 
 def test_train_config_file_and_the_flags_that_override_it(tmp_path):
-    from xrai.__main__ import _run_config, build_parser
+    from xrai.cli.commands import _run_config, build_parser
 
     saved = TrainConfig(data="fracatlas", model="resnet18", epochs=7, lr=0.01, batch_size=48, sync_bn=False,
                         max_batches=3, world_size=2)
@@ -120,7 +126,7 @@ def test_train_config_file_and_the_flags_that_override_it(tmp_path):
 
 
 def test_nproc_refusals_are_one_line(synthetic_root, tmp_path, capsys):
-    from xrai.__main__ import main
+    from xrai.cli.commands import main
 
     out = tmp_path / "run"
     code = main(["train", "--data", "synthetic", "--root", str(synthetic_root), "--out", str(out), "--nproc", "2",
@@ -199,7 +205,7 @@ def torchrun_runs(synthetic_root, synthetic_manifest, tmp_path_factory):
     logs = {rank: json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)}
 
     from xrai.data.augment import GpuAugment
-    from xrai.train import fit
+    from xrai.train.trainer import fit
 
     original_init = GpuAugment.__init__
     GpuAugment.__init__ = lambda self, size, *, train, **kw: original_init(self, size, train=False, **kw)
@@ -238,7 +244,7 @@ def test_one_step_on_two_processes_equals_one_process(same_inputs):
     """
     configs, one, two, _ = same_inputs
     a, b = _weights(one / "step"), _weights(two / "step")
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     torch.manual_seed(configs["step"].seed)  # fit's initial weights
     start = create_model(configs["step"].model, pretrained=False).state_dict()
@@ -316,7 +322,7 @@ def test_resume_with_another_world_size_warns_once(reference, synthetic_manifest
     import shutil
     import warnings
 
-    from xrai.train import fit
+    from xrai.train.trainer import fit
 
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
@@ -338,9 +344,9 @@ def test_scaling_figures_and_their_lines(synthetic_manifest, tmp_path):
     """train_rate on this one process (what the 1-process figure is), and how the bench reports the figures."""
     from test_bench import _fake
 
-    from xrai.bench import format_table, markdown_table
+    from xrai.bench.run import format_table, markdown_table
+    from xrai.bench.scaling import scaling_lines, train_rate
     from xrai.data.cache import build_cache
-    from xrai.scaling import scaling_lines, train_rate
 
     rows = synthetic_manifest.iloc[:12]
     cache = build_cache(rows, size=36, cache_dir=tmp_path, progress=False)

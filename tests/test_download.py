@@ -13,7 +13,6 @@ import pytest
 
 from xrai.data.download import DATASETS, DownloadError, download, find_attached
 
-
 # The module, not the function xrai.data re-exports under the same name.
 dl = importlib.import_module("xrai.data.download")
 

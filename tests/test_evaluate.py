@@ -11,8 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-import xrai.evaluate as ev
-from xrai.evaluate import PREDICTION_COLUMNS, build_report, evaluate_external, evaluate_run, predict, run_threshold
+import xrai.evaluate.run as ev
+from xrai.evaluate.run import (
+    PREDICTION_COLUMNS,
+    build_report,
+    evaluate_external,
+    evaluate_run,
+    predict,
+    run_threshold,
+)
 
 # DESIGN.md's report_<split>.json, key for key
 DESIGN_REPORT_KEYS = ["split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
@@ -30,7 +37,7 @@ def make_fake_run(run: Path, manifest: pd.DataFrame, *, img_size: int = 64) -> P
     from xrai.config import TrainConfig
     from xrai.data import read_image, save_manifest
     from xrai.data.augment import preprocess
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     config = TrainConfig(data="synthetic", pretrained=False, img_size=img_size, epochs=1)
     torch.manual_seed(0)
@@ -145,7 +152,7 @@ def test_sensitivity_threshold_method(run):
 
 def test_study_figures_are_made_at_the_study_threshold(run):
     """Each block says which threshold made it: the study block is the study threshold over study means."""
-    from xrai.metrics import study_level
+    from xrai.evaluate.metrics import study_level
 
     report = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
     pred = ev.read_predictions(run / "predictions_valid.csv")
@@ -181,7 +188,7 @@ def test_probabilities_are_calibrated_on_valid_and_the_raw_kept(run):
 def test_a_changed_checkpoint_is_noticed_by_evaluate_and_predict(run):
     """report_valid.json records the checkpoint's hash; overwrite best.pt and the next evaluate and the next
     load (predict, serve, notebooks) choose the threshold again instead of reusing the stale one."""
-    from xrai.inference import StaleThresholdWarning, checkpoint_sha256, load_run
+    from xrai.runs.load import StaleThresholdWarning, checkpoint_sha256, load_run
 
     first = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
     best = run / "checkpoints" / "best.pt"
@@ -256,7 +263,7 @@ def test_run_threshold_needs_valid_report(tmp_path):
 
 
 def test_predict_drops_bad_images_and_tta(fake_run, synthetic_manifest, tmp_path):
-    from xrai.models import load_model
+    from xrai.models.factory import load_model
 
     model, config = load_model(fake_run)
     rows = synthetic_manifest.head(6).copy()

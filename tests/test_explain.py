@@ -7,21 +7,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _checks import assert_picture
-
+from PIL import Image
 from test_evaluate import make_fake_run
 
-from xrai.explain import CAM_METHODS, CamExplainer, cam_to_image, explain_paths, gallery, overlay
-
+from xrai.explain.cam import (
+    CAM_METHODS,
+    CamExplainer,
+    cam_to_image,
+    explain_paths,
+    gallery,
+    overlay,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     torch.manual_seed(0)
     return create_model("mobilenet_v2", pretrained=False).eval()
@@ -81,7 +85,7 @@ def test_batch_cams_for_both_classes(model, method):
 
 
 def test_works_under_inference_mode_and_frozen_backbone():
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     frozen = create_model("mobilenet_v2", pretrained=False, freeze=True).eval()
     with torch.inference_mode():
@@ -201,7 +205,7 @@ def fake_run(tmp_path_factory, synthetic_manifest):
 
 
 def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
-    import xrai.explain as explain
+    import xrai.explain.cam as explain
 
     tiles, real_tile = [], explain._tile
     monkeypatch.setattr(explain, "_tile", lambda *a, **k: tiles.append(real_tile(*a, **k)) or tiles[-1])
@@ -230,7 +234,7 @@ def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
 
 @pytest.mark.slow
 def test_gradcam_points_at_the_fracture_line(demo_run):
-    from xrai.explain import fracture_localisation
+    from xrai.explain.cam import fracture_localisation
 
     scores = fracture_localisation(Path(demo_run), split="test")
     assert scores["n"] >= 10

@@ -8,19 +8,18 @@ import pytest
 import torch
 from pytorch_grad_cam import EigenCAM
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
-
 from test_evaluate import make_fake_run
 
-import xrai.explain_metrics as em
-from xrai.explain import CAM_METHODS, EconomyEigenCAM
+import xrai.evaluate.scores as em
+from xrai.explain.cam import CAM_METHODS, EconomyEigenCAM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, synthetic_manifest):
-    from xrai.evaluate import predict
-    from xrai.inference import load_run
+    from xrai.evaluate.run import predict
+    from xrai.runs.load import load_run
 
     run = load_run(make_fake_run(tmp_path_factory.mktemp("explain_run"), synthetic_manifest))
     test = synthetic_manifest[synthetic_manifest["split"] == "test"]
@@ -29,7 +28,7 @@ def loaded(tmp_path_factory, synthetic_manifest):
 
 
 def test_economy_eigencam_gives_grad_cams_map(size=128):
-    from xrai.models import create_model, gradcam_layer
+    from xrai.models.factory import create_model, gradcam_layer
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", pretrained=False).eval()

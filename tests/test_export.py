@@ -1,7 +1,7 @@
 """Export (ONNX, TorchScript) and serving the ONNX export without torch.
 
 Parity: onnxruntime with the numpy contract on the synthetic test split gives the probabilities the run
-gives in PyTorch (xrai.inference.load_run, xrai.data.augment.preprocess) within 1e-4. Torch-freeness:
+gives in PyTorch (xrai.runs.load.load_run, xrai.data.augment.preprocess) within 1e-4. Torch-freeness:
 the ONNX app and its production server answer predictions in a subprocess where torch (and pandas,
 scikit-learn, grad-cam...) cannot be imported, as in the Dockerfile's onnx target.
 """
@@ -21,7 +21,7 @@ from _checks import child_env
 for _package in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_package)
 
-from xrai.__main__ import main  # noqa: E402
+from xrai.cli.commands import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def run_dir(evaluated_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(run_dir):
-    from xrai.export import export_run
+    from xrai.deploy.export import export_run
 
     return export_run(run_dir, fmt="onnx")
 
@@ -47,7 +47,7 @@ def exported(run_dir):
 @pytest.fixture(scope="module")
 def test_split(run_dir):
     from xrai.data import read_manifest
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
 
     manifest = read_manifest(run_dir)
     paths = manifest.loc[manifest["split"] == "test", "path"].tolist()
@@ -59,8 +59,8 @@ def test_onnx_export_matches_pytorch_on_the_synthetic_test_split(run_dir, export
 
     from xrai.data.augment import preprocess
     from xrai.data.contract import InputContract, prepare
-    from xrai.exported import load_export
-    from xrai.inference import load_run
+    from xrai.deploy.onnx_runtime import load_export
+    from xrai.runs.load import load_run
 
     assert exported.path == run_dir / "model.onnx" and exported.sidecar == run_dir / "model.onnx.json"
     onnx.checker.check_model(onnx.load(exported.path), full_check=True)
@@ -93,8 +93,8 @@ def test_torchscript_export_matches_and_is_refused_by_the_onnx_server(run_dir, t
     import torch
 
     from xrai.data.contract import prepare
-    from xrai.export import export_run
-    from xrai.exported import ExportFileError, load_export
+    from xrai.deploy.export import export_run
+    from xrai.deploy.onnx_runtime import ExportFileError, load_export
 
     result = export_run(run_dir, fmt="torchscript")
     assert result.path.name == "model.torchscript.pt" and json.loads(result.sidecar.read_text())["format"] == \
@@ -110,8 +110,8 @@ def test_torchscript_export_matches_and_is_refused_by_the_onnx_server(run_dir, t
 
 _SERVE_WITHOUT_TORCH = r"""
 import io, json, sys, urllib.request, uuid
-from xrai.app import create_app
-from xrai.server import serve_in_thread
+from xrai.deploy.app import create_app
+from xrai.deploy.server import serve_in_thread
 
 app = create_app(onnx=sys.argv[1], threads=1)
 out = {"healthz": app.test_client().get("/healthz").get_json(), "answers": {}}
@@ -138,8 +138,8 @@ def test_the_onnx_app_answers_in_a_process_where_torch_cannot_be_imported(run_di
     from dicom_files import write_dicom
     from PIL import Image
 
-    from xrai.data.images import read_image
-    from xrai.exported import load_export
+    from xrai.data.decode.images import read_image
+    from xrai.deploy.onnx_runtime import load_export
 
     png = tmp_path / "test.png"
     Image.fromarray(test_split[1][0]).save(png)
@@ -196,8 +196,8 @@ def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_n
 
     from PIL import Image
 
-    from xrai.app import NO_CAM_NOTE
-    from xrai.exported import load_export
+    from xrai.deploy.app import NO_CAM_NOTE
+    from xrai.deploy.onnx_runtime import load_export
 
     png = tmp_path / "upload.png"
     Image.fromarray(test_split[1][1]).save(png)
@@ -243,9 +243,9 @@ def test_serve_onnx_from_the_command_line_without_torch_says_once_why_there_is_n
 
 
 def test_bench_times_onnxruntime_beside_pytorch_on_the_export(run_dir, exported, test_split):
-    from xrai.latency import cpu_predict_latency
-    from xrai.exported import load_export
-    from xrai.inference import load_run
+    from xrai.bench.latency import cpu_predict_latency
+    from xrai.deploy.onnx_runtime import load_export
+    from xrai.runs.load import load_run
 
     run, model = load_run(run_dir), load_export(exported.path)
     result = cpu_predict_latency(run.model, image=test_split[1][0], image_size=run.config.image_size,

@@ -42,10 +42,10 @@ def _mode(path: Path) -> int:
 
 
 def _write_every_kind(folder: Path) -> list[Path]:
-    from xrai.checkpoint import atomic_save
-    from xrai.data import save_manifest
-
     import pandas as pd
+
+    from xrai.data import save_manifest
+    from xrai.models.checkpoint import atomic_save
 
     manifest = pd.DataFrame({"path": ["a.png"], "label": [1], "body_part": ["wrist"], "patient_id": ["p"],
                              "study_id": ["s"], "split": ["train"], "source": ["folder"]})

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-
 from test_app import bomb_png
 
-from xrai.data.images import (
+from xrai.data.decode.images import (
     ImageError,
     TruncatedImageWarning,
     letterbox,
@@ -239,13 +238,13 @@ def test_scan_images_lists_bad_files_and_goes_on(tmp_path):
     ("I", {}, (1, 4)), ("F", {}, (1, 4)), ("1", {}, (1, 1)),
 ])
 def test_decoded_layout(mode, info, expected):
-    from xrai.data.images import decoded_layout
+    from xrai.data.decode.images import decoded_layout
 
     assert decoded_layout(mode, info) == expected
 
 
 def test_budget_counts_pixels_channels_and_sample_bytes():
-    from xrai.data.images import ImageTooLargeError, check_decode_budget
+    from xrai.data.decode.images import ImageTooLargeError, check_decode_budget
 
     assert check_decode_budget("a.png", width=100, height=50, channels=4, bytes_per_sample=2) == 40_000
     with pytest.raises(ImageTooLargeError, match=r"a.dcm: 100x50 pixels x 1 channel\(s\) x 2 byte\(s\) = "
@@ -261,7 +260,11 @@ def test_over_budget_image_is_refused_from_its_header_before_decoding(tmp_path, 
     """8000 x 8000 RGBA: 64 Mpx passes the pixel limit, 244 MiB decoded does not pass the upload budget."""
     from PIL import PngImagePlugin
 
-    from xrai.data.images import UPLOAD_MAX_DECODED_BYTES, ImageTooLargeError, decode_image
+    from xrai.data.decode.images import (
+        UPLOAD_MAX_DECODED_BYTES,
+        ImageTooLargeError,
+        decode_image,
+    )
 
     data = bomb_png(8000, 8000, rgba=True)
     assert len(data) < 300_000
@@ -280,7 +283,7 @@ def test_over_budget_image_is_refused_from_its_header_before_decoding(tmp_path, 
 
 
 def test_decode_image_takes_bytes_and_returns_notes_instead_of_warning():
-    from xrai.data.images import decode_image
+    from xrai.data.decode.images import decode_image
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)).save(buf, "JPEG")

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from _checks import strict_warnings
 from scipy.stats import norm
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from _checks import strict_warnings
-from xrai.metrics import (
-    MURA_BASELINE,
+from xrai.evaluate.metrics import (
     METRIC_KEYS,
+    MURA_BASELINE,
     bootstrap_ci,
     bootstrap_weights,
     cam_mass_in_mask,
@@ -83,7 +83,7 @@ def test_study_level_by_hand():
 
 
 def test_per_body_part_by_hand():
-    from xrai.evaluate import per_body_part
+    from xrai.evaluate.run import per_body_part
 
     parts = per_body_part(mura_style(), 0.5)
     assert list(parts) == ["elbow", "wrist"]
@@ -150,7 +150,7 @@ def _with_duplicates(n_pictures: int, copies: int, seed: int) -> pd.DataFrame:
 def test_duplicate_groups_widen_the_intervals():
     """Resampling images as if duplicates were independent understates the uncertainty; resampling the
     groups gives the width of the distinct pictures, and the report names the unit."""
-    from xrai.report import build_report
+    from xrai.evaluate.report import build_report
 
     df = _with_duplicates(120, 4, seed=5)
     groups, unit = resampling_groups(df)
@@ -187,7 +187,7 @@ def test_patient_resampling_keeps_groups_whole():
 
 def test_weighted_bootstrap_equals_resampled_data():
     """A replicate's weights and the concatenated resampled data give the same AUROC and kappa."""
-    from xrai.metrics import _weighted_auroc, _weighted_kappa
+    from xrai.evaluate.metrics import _weighted_auroc, _weighted_kappa
 
     rng = np.random.default_rng(3)
     y, p = rng.integers(0, 2, 40), rng.integers(0, 6, 40) / 5  # many ties

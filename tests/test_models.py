@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from xrai import models
 from xrai.config import TrainConfig
-from xrai.models import (
+from xrai.models import factory as models
+from xrai.models.factory import (
     MODELS,
     PretrainedWeightsError,
     count_nonzero,
@@ -86,7 +86,7 @@ def test_gradcam_layer_works_with_pytorch_grad_cam(name):
 
 
 def _densenet_cams(model, x, device):
-    from xrai.explain import CamExplainer
+    from xrai.explain.cam import CamExplainer
 
     with CamExplainer(model.to(device)) as explainer:
         return explainer(x.to(device), target_class=1)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _checks import assert_picture
 from matplotlib.figure import Figure
 
-from _checks import assert_picture
 from xrai import plots
 
 
@@ -49,7 +49,7 @@ def test_plot_roc_and_pr(tmp_path):
 
 
 def test_plot_per_body_part_shows_baseline_on_mura_runs_only(tmp_path):
-    from xrai.metrics import mura_baseline
+    from xrai.evaluate.metrics import mura_baseline
 
     report = {"split": "valid", "study": {"kappa": 0.6}, "image": {"kappa": 0.5},
               "per_body_part": {"wrist": {"n": 10, "auroc": 0.9, "kappa": 0.7, "study_kappa": 0.8},
@@ -86,7 +86,7 @@ def test_save_run_figures(tmp_path, synthetic_manifest):
     pred = test[["path", "label", "body_part", "patient_id", "study_id"]].assign(
         probability=np.clip(0.3 + 0.4 * test["label"] + rng.normal(0, 0.2, len(test)), 0, 1))
     pred.to_csv(run / "predictions_test.csv", index=False)
-    from xrai.evaluate import build_report
+    from xrai.evaluate.run import build_report
 
     report = build_report(pred, split="test", threshold=0.5, threshold_from="valid", split_method="official",
                           audit={"cross_split_groups": 0, "cross_label_groups": 0}, n_bootstrap=50)

@@ -6,13 +6,17 @@ import re
 
 import pytest
 import torch
+from _checks import strict_warnings
 from torch import nn
 from torch.nn.utils import prune
 
-from _checks import strict_warnings
-from xrai.models import create_model
-from xrai.pruning import SynFlowReport, count_nonzero, prunable_layers, prune_synflow
-
+from xrai.models.factory import create_model
+from xrai.models.pruning import (
+    SynFlowReport,
+    count_nonzero,
+    prunable_layers,
+    prune_synflow,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

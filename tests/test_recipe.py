@@ -12,8 +12,8 @@ from torch import nn
 
 from xrai.config import PRE_RECIPE_VALUES, TrainConfig
 from xrai.recipe import RECIPE_FIELDS, RECIPES, recipe_config, recipe_of
-from xrai.regularise import SmoothedBCEWithLogitsLoss, build_criterion
-from xrai.train import build_optimizer, build_scheduler, fit, validate
+from xrai.train.regularise import SmoothedBCEWithLogitsLoss, build_criterion
+from xrai.train.trainer import build_optimizer, build_scheduler, fit, validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +103,7 @@ def test_flip_tta_averages_the_two_probabilities():
 
 
 def test_ema_weights_are_validated_and_handed_on(synthetic_manifest, tmp_path):
-    from xrai.models import load_model
+    from xrai.models.factory import load_model
 
     config = _config(ema_decay=0.5, keep="last")
     fit(config, synthetic_manifest, tmp_path / "run", progress=False)
@@ -140,7 +140,7 @@ def test_a_run_without_validation_needs_keep_last(synthetic_manifest, tmp_path):
 
 
 def test_cli_recipe_flags_override_the_named_recipe():
-    from xrai.__main__ import _train_config, build_parser
+    from xrai.cli.commands import _train_config, build_parser
 
     args = build_parser().parse_args(["train", "--recipe", "v1", "--lr", "0.002", "--no-pos-weighting", "--tta",
                                       "--keep", "last", "--patience", "0"])
@@ -155,7 +155,7 @@ def test_cli_recipe_flags_override_the_named_recipe():
 
 
 def test_stretch_fills_the_square_and_letterbox_pads():
-    from xrai.data.images import fit_square
+    from xrai.data.decode.images import fit_square
 
     image = np.full((40, 80), 200, dtype=np.uint8)
     stretched, boxed = fit_square(image, 32, "stretch"), fit_square(image, 32, "letterbox")
@@ -186,7 +186,7 @@ def test_stretch_is_one_definition_on_every_path(synthetic_manifest, tmp_path):
     """Cached and classic training give the same weights; inference preprocessing is the cache's pixels."""
     from xrai.data.augment import preprocess
     from xrai.data.cache import build_cache, find_cache
-    from xrai.data.images import read_image
+    from xrai.data.decode.images import read_image
 
     config = _config(resize="stretch", crop_scale=0.4, aug_strength=0.5, epochs=1)
     fit(config, synthetic_manifest, tmp_path / "cached", progress=False)
@@ -208,7 +208,7 @@ def test_stretch_is_one_definition_on_every_path(synthetic_manifest, tmp_path):
 
 
 def test_cam_maps_back_through_the_resize_mode():
-    from xrai.explain import cam_to_image
+    from xrai.explain.cam import cam_to_image
 
     cam = np.ones((28, 28), dtype=np.float32)
     stretched = cam_to_image(cam, (40, 80), resize_size=32, resize="stretch")
@@ -230,7 +230,7 @@ def test_bench_recipe_prints_the_cv_auroc_and_reprints_it(synthetic_root, tmp_pa
     import json
 
     import xrai.recipe
-    from xrai.__main__ import main
+    from xrai.cli.commands import main
 
     monkeypatch.setattr(xrai.recipe, "QUICK_BUDGET", {"folds": 2, "img_size": 32, "epochs": 1})
     args = ["bench", "--recipe", "v1", "--quick", "--data", "synthetic", "--root", str(synthetic_root),

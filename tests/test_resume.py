@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from _checks import child_env
 import torch
+from _checks import child_env
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
 WALL_CLOCK = ["seconds", "images_per_s"]

@@ -9,7 +9,6 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-
 from test_app import build_fake_run, xray_bytes
 
 requests = pytest.importorskip("requests")
@@ -17,14 +16,14 @@ requests = pytest.importorskip("requests")
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from xrai.app import create_app
+    from xrai.deploy.app import create_app
 
     return create_app(build_fake_run(tmp_path_factory.mktemp("server_run")))
 
 
 @pytest.fixture(scope="module")
 def url(app):
-    from xrai.server import serve_in_thread
+    from xrai.deploy.server import serve_in_thread
 
     with serve_in_thread(app, channel_timeout=1) as base:  # a short timeout, to see it act
         yield base
@@ -36,8 +35,13 @@ def _address(url: str) -> tuple[str, int]:
 
 
 def test_defaults_are_the_documented_limits(app):
-    from xrai.app import MAX_UPLOAD_BYTES
-    from xrai.server import CHANNEL_TIMEOUT_S, CONNECTION_LIMIT, SERVER_THREADS, make_server
+    from xrai.deploy.app import MAX_UPLOAD_BYTES
+    from xrai.deploy.server import (
+        CHANNEL_TIMEOUT_S,
+        CONNECTION_LIMIT,
+        SERVER_THREADS,
+        make_server,
+    )
 
     server = make_server(app, port=0)
     try:
@@ -94,7 +98,7 @@ def test_a_stalled_upload_is_dropped_without_holding_a_thread(url):
 def test_torch_threads_follow_the_cores(monkeypatch):
     import torch
 
-    from xrai import server
+    from xrai.deploy import server
 
     assert 1 <= server.available_cores() <= (server.cpu_count() or 1)
     monkeypatch.setattr(server, "_cgroup_cpu_quota", lambda: 1)
@@ -108,7 +112,7 @@ def test_torch_threads_follow_the_cores(monkeypatch):
 
 
 def test_cgroup_quota_is_read(tmp_path, monkeypatch):
-    from xrai import server
+    from xrai.deploy import server
 
     real_path = server.Path
 

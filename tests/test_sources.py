@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import strict_warnings
 from PIL import Image
 
-from _checks import strict_warnings
 from xrai.data.sources import (
     MANIFEST_COLUMNS,
     LabelConflictWarning,

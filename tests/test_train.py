@@ -11,10 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-import xrai.train as train
-from xrai.checkpoint import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
+import xrai.train.trainer as train
 from xrai.config import OPTIMIZERS, SCHEDULERS, TrainConfig
-from xrai.train import (
+from xrai.models.checkpoint import (
+    atomic_save,
+    config_differences,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from xrai.train.trainer import (
     HISTORY_COLUMNS,
     TrainingDivergedError,
     build_optimizer,
@@ -217,7 +223,7 @@ class _FakeSource:
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_amp_plumbing_on_cpu(amp_dtype):
     """The CPU path (no scaler) and autocast with bf16 run; fp16's GradScaler is the same calls, enabled."""
-    from xrai.models import create_model
+    from xrai.models.factory import create_model
 
     model = create_model("mobilenet_v2", pretrained=False)
     optimizer = build_optimizer(model, _config())
@@ -353,10 +359,10 @@ def test_mlflow_logger_against_a_local_file_store(synthetic_manifest, tmp_path, 
 def test_missing_logger_package_warns_and_trains(synthetic_manifest, tmp_path, monkeypatch):
     import importlib.util
 
-    import xrai.tracking
+    import xrai.train.tracking
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(xrai.tracking.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    monkeypatch.setattr(xrai.train.tracking.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     with pytest.warns(UserWarning, match="wandb package is not installed"):
         result = fit(_config(loggers=["wandb"]), synthetic_manifest, tmp_path, progress=False)
     assert len(result.history) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xrai.wheelhouse import KAGGLE_PROVIDES, NEVER, select_packages
+from xrai.deploy.wheelhouse import KAGGLE_PROVIDES, NEVER, select_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,13 +35,13 @@ def test_selection_on_xrai_own_requirements():
 
 
 def test_a_pip_failure_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
-    import xrai.wheelhouse
-    from xrai.__main__ import main
+    import xrai.deploy.wheelhouse
+    from xrai.cli.commands import main
 
     def failing_pip(*args):
         return subprocess.CompletedProcess(["pip", *args], 1, stdout="", stderr="Collecting x\nERROR: no network\n")
 
-    monkeypatch.setattr(xrai.wheelhouse, "_pip", failing_pip)
+    monkeypatch.setattr(xrai.deploy.wheelhouse, "_pip", failing_pip)
     assert main(["wheelhouse", "--xrai-only", "--out", str(tmp_path / "wheels")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "xrai wheelhouse: pip could not get xrai: ERROR: no network (-v shows the traceback)"

@@ -19,8 +19,12 @@ from matplotlib.figure import Figure
 from scipy.special import expit
 from sklearn import metrics as skm
 
-from xrai.calibration import ECE_BINS, expected_calibration_error, reliability_bins
-from xrai.evaluate import MURA_BASELINE, read_predictions
+from xrai.evaluate.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    reliability_bins,
+)
+from xrai.evaluate.run import MURA_BASELINE, read_predictions
 
 __all__ = [
     "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",

@@ -79,9 +79,9 @@ def cv_recipe(recipe: str, *, out: str | Path, data: str = "fracatlas", root: st
         {"cv_auroc": {mean, std, min, max, values}, "oof_auroc", "epochs", "train_seconds",
          "recipe": recipe_of(config), "budget", "machine"[, "variants"]}.
     """
-    from xrai.cv import cross_validate, score_folds
     from xrai.data import load
-    from xrai.ensemble import CV_FILE
+    from xrai.models.ensemble import CV_FILE
+    from xrai.train.cv import cross_validate, score_folds
 
     config = recipe_config(recipe, **{**dict(data=data, root=None if root is None else str(root), model=model,
                                              pretrained=False, img_size=img_size, epochs=epochs, seed=seed,

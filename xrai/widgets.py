@@ -174,7 +174,7 @@ def model_picker(*, default: str = "mobilenet_v2", description: str = "Model") -
     Raises:
         ValueError: ``default`` is not a registered model.
     """
-    from xrai.models import list_models
+    from xrai.models.factory import list_models
 
     enable_colab_widgets()
     names = list_models()
@@ -240,8 +240,8 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
     loaded: dict[str, object] = {}
 
     def explain(path: str, label: int) -> bytes:
-        from xrai.explain import explain_paths
-        from xrai.inference import load_run
+        from xrai.explain.cam import explain_paths
+        from xrai.runs.load import load_run
 
         if "run" not in loaded:
             loaded["run"] = load_run(run_dir)  # the calibration the report's probabilities were made with
@@ -381,7 +381,7 @@ def gradcam_browser(
     Args:
         run_dir: a run folder holding predictions_<split>.csv and report_<split>.json (notebook 04).
         split: "valid" or "test".
-        method: a CAM method of ``xrai.explain.CAM_METHODS``.
+        method: a CAM method of ``xrai.explain.cam.CAM_METHODS``.
         explain: ``(path, label) -> PNG bytes``; by default Grad-CAM of the run's best model at the report's
             threshold (tests pass a stand-in).
     Raises:

@@ -7,14 +7,21 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# Importing xrai.data (as importing xrai.data.images, the decoder, does) must not import pandas,
+# Importing xrai.data (as importing xrai.data.decode.images, the decoder, does) must not import pandas,
 # scikit-learn or torch: the ONNX server runs without them. So the modules that need pandas are loaded
 # on first use of one of their names (PEP 562). audit and download are imported here, as their names
 # are also their modules' (a later import of the submodule would otherwise rebind xrai.data.audit to
 # the module); both import pandas only inside their functions.
 from xrai.data.audit import audit, audit_summary, duplicate_groups
+from xrai.data.decode.images import (
+    DECODER_VERSION,
+    ImageError,
+    TruncatedImageWarning,
+    letterbox,
+    read_image,
+    scan_images,
+)
 from xrai.data.download import DATASETS, DownloadError, download
-from xrai.data.images import DECODER_VERSION, ImageError, TruncatedImageWarning, letterbox, read_image, scan_images
 
 _LAZY = {
     "manifest": ("manifest_info", "read_manifest", "relocate_paths", "save_manifest"),
@@ -29,9 +36,23 @@ _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 if TYPE_CHECKING:
     import pandas as pd
 
-    from xrai.data.manifest import manifest_info, read_manifest, relocate_paths, save_manifest
-    from xrai.data.sources import (MANIFEST_COLUMNS, LabelConflictWarning, ManifestError, ManifestWarning,
-                                   dataset_dir, read_class_folders, read_fracatlas, read_mura, require_columns)
+    from xrai.data.manifest import (
+        manifest_info,
+        read_manifest,
+        relocate_paths,
+        save_manifest,
+    )
+    from xrai.data.sources import (
+        MANIFEST_COLUMNS,
+        LabelConflictWarning,
+        ManifestError,
+        ManifestWarning,
+        dataset_dir,
+        read_class_folders,
+        read_fracatlas,
+        read_mura,
+        require_columns,
+    )
     from xrai.data.split import filter_body_parts, split_manifest
     from xrai.data.synthetic import default_synthetic_root, make_synthetic
 
@@ -145,7 +166,12 @@ def load(
         ValueError: unknown source or body part. FileNotFoundError: no such dataset under root.
         DownloadError: root=None and the dataset can neither be found nor downloaded.
     """
-    from xrai.data.sources import dataset_dir, read_class_folders, read_fracatlas, read_mura
+    from xrai.data.sources import (
+        dataset_dir,
+        read_class_folders,
+        read_fracatlas,
+        read_mura,
+    )
     from xrai.data.split import filter_body_parts, split_manifest
     from xrai.data.synthetic import ensure_synthetic, synthetic_options
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 import hashlib
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from xrai.data.images import ImageError, read_image
+from xrai.data.decode.images import ImageError, read_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,7 +86,6 @@ def _hash_one(path: str) -> tuple[str, int, np.ndarray | None, str]:
 def image_hashes(paths: list[str], *, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Exact digest, pHash and thumbnail per path (columns path, digest, phash, thumb, error), in parallel."""
     import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
-
     from tqdm.auto import tqdm
 
     from xrai.env import cpu_count

@@ -233,7 +233,7 @@ def preprocess(
     Returns:
         float32 (B,3,image_size,image_size) on `device`.
     """
-    from xrai.data.images import fit_square
+    from xrai.data.decode.images import fit_square
 
     if isinstance(images, np.ndarray) and images.ndim == 2:
         images = [images]

@@ -17,7 +17,7 @@ and hand every batch to the same `GpuAugment` with the same random stream:
 Everything random derives from (seed, epoch) alone, so epoch k delivers the very same batches whether
 it runs first or after a resume, on either path; `train.fit` relies on that for exact resume.
 
-Several processes (torchrun, `xrai.distributed`): the epoch's order and its global batches of
+Several processes (torchrun, `xrai.train.distributed`): the epoch's order and its global batches of
 `batch_size` are the same on every rank, and rank r takes the r-th of `world_size` contiguous shards
 of each batch, so the ranks together cover every training image of the epoch exactly once (the last
 partial global batch is dropped, as with one process: every rank takes the same number of steps of

@@ -8,8 +8,8 @@ batches.
 
 Images are letterboxed (aspect kept, black padding) rather than resized-and-cropped: X-ray background is
 black, so padding adds no false anatomy, and long thin parts (fingers, forearms) are not cut away. The
-classic dataset and single-image prediction letterbox the same way (`xrai.data.images.letterbox`).
-A recipe may stretch instead (TrainConfig.resize = "stretch", `xrai.data.images.fit_square`); that is
+classic dataset and single-image prediction letterbox the same way (`xrai.data.decode.images.letterbox`).
+A recipe may stretch instead (TrainConfig.resize = "stretch", `xrai.data.decode.images.fit_square`); that is
 part of the key and of meta.json, so the two never mix.
 
 A cache folder, `<cache_dir>/<size>px-<key>/`, holds images.npy, index.csv (path, file size, mtime, ok;
@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xrai.data import images as _images
+from xrai.data.decode import images as _images
 from xrai.data.sources import require_columns
 from xrai.env import cpu_count, xrai_home
 from xrai.errors import UserError
@@ -147,7 +147,7 @@ def build_cache(
         cache_dir: where caches live; default xrai_home()/"cache".
         workers: decoding processes (default: the CPUs this process may use; 1 decodes in-process).
         progress: show a tqdm bar while building.
-        resize: how images become squares, "letterbox" or "stretch" (`xrai.data.images.fit_square`).
+        resize: how images become squares, "letterbox" or "stretch" (`xrai.data.decode.images.fit_square`).
     Returns:
         The ImageCache; `built` says whether this call decoded anything.
     Raises:

@@ -17,7 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xrai.data.cache import LAST_USED, LOCK_PREFIX, build_lock_path, default_cache_dir, read_meta, remove_dead_builds
+from xrai.data.cache import (
+    LAST_USED,
+    LOCK_PREFIX,
+    build_lock_path,
+    default_cache_dir,
+    read_meta,
+    remove_dead_builds,
+)
 from xrai.fileio import try_lock
 
 __all__ = ["DEFAULT_PRUNE_DAYS", "CacheInfo", "list_caches", "prune_caches"]

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from xrai.config import RESIZES as RESIZE_MODES  # xrai.data.images.fit_square; config imports only the stdlib
+from xrai.config import (
+    RESIZES as RESIZE_MODES,  # xrai.data.decode.images.fit_square; config imports only the stdlib
+)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputContract", "centre_crop_offset", "prepare"]
 
@@ -90,7 +92,7 @@ class InputContract:
 
 def fit_square(image: np.ndarray, contract: InputContract) -> np.ndarray:
     """The uint8 (H, W) image fitted into the contract's ``resize_size`` square."""
-    from xrai.data.images import fit_square as fit
+    from xrai.data.decode.images import fit_square as fit
 
     return fit(np.asarray(image, dtype=np.uint8), contract.resize_size, contract.resize)
 

@@ -30,7 +30,7 @@ from xrai.data.batches import (
     epoch_generator,
     ready_batch,
 )
-from xrai.data.images import ImageError, fit_square, read_image
+from xrai.data.decode.images import ImageError, fit_square, read_image
 
 __all__ = ["BadImageWarning", "ClassicBatches", "XrayDataset", "find_bad_images"]
 
@@ -54,7 +54,7 @@ class XrayDataset(Dataset):
         self.paths = [str(p) for p in manifest["path"]]
         self.labels = np.asarray(manifest["label"], dtype=np.float32)
         self.resize_size = int(resize_size)
-        self.resize = resize  # "letterbox" or "stretch" (xrai.data.images.fit_square)
+        self.resize = resize  # "letterbox" or "stretch" (xrai.data.decode.images.fit_square)
 
     def __len__(self) -> int:
         return len(self.paths)

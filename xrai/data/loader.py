@@ -1,6 +1,6 @@
 """The cached input path's loader: batches gathered from an ImageCache memmap on a background thread
 into (pinned, on CUDA) host buffers, copied to the device without blocking, and augmented there by
-GpuAugment. Used by `fit()` whenever the cache fits the disk (`xrai.train.make_sources`). Rows, batches,
+GpuAugment. Used by `fit()` whenever the cache fits the disk (`xrai.train.trainer.make_sources`). Rows, batches,
 order and augmentation are those of the classic path (`xrai.data.batches`)."""
 
 from __future__ import annotations

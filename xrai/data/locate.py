@@ -18,9 +18,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xrai.data.download import DATASETS, DownloadError, dataset_key, download, find_attached, find_cached
+from xrai.data.download import (
+    DATASETS,
+    DownloadError,
+    dataset_key,
+    download,
+    find_attached,
+    find_cached,
+)
 from xrai.data.sources import dataset_dir
-from xrai.data.synthetic import COMPLETE_MARKER, MURA_DIR, SYNTHETIC_VERSION, default_synthetic_root, ensure_synthetic
+from xrai.data.synthetic import (
+    COMPLETE_MARKER,
+    MURA_DIR,
+    SYNTHETIC_VERSION,
+    default_synthetic_root,
+    ensure_synthetic,
+)
 
 __all__ = ["Found", "find_images"]
 

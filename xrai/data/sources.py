@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xrai.data.dicom import DICOM_EXTENSIONS, HEAD_BYTES, looks_like_dicom
+from xrai.data.decode.dicom import DICOM_EXTENSIONS, HEAD_BYTES, looks_like_dicom
 from xrai.errors import UserError
 
 __all__ = [

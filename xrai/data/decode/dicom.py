@@ -1,0 +1,257 @@
+"""DICOM radiographs for the one decoder: pydicom reads them, the file's own LUTs make them grey uint8.
+
+The pipeline is the display pipeline of PS3.3 C.11 (and what torchxrayvision's ``read_xray_dcm`` and a
+viewer do): stored values -> Modality LUT (rescale slope/intercept or the Modality LUT Sequence) ->
+VOI LUT (the VOI LUT Sequence, else Window Center/Width with its VOI LUT Function, as the file says;
+pydicom's ``apply_voi`` / ``apply_windowing``) -> 8 bits -> MONOCHROME1 inverted, so bone is always
+bright. The window's output range is mapped to 0..255, so the picture is the one the file asks a
+viewer to show. No window is ever guessed: a file without one is stretched over its own min..max (as
+16-bit PNGs are), except plain 8-bit data, which is taken as stored.
+
+Only the tags the pixels need are read (``dcmread(specific_tags=...)``): patient and study tags are
+never parsed, so they cannot reach a message, a log or an output. Multi-frame files are refused;
+compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg, from the ``dicom-jpeg``
+extra; Pillow for baseline JPEG and JPEG 2000), and a file no installed plugin can read gets a one-line
+error naming the extra.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+
+from xrai.data.decode.images import (  # _STRIP_ROWS: rows windowed at a time, as images converts them
+    _STRIP_ROWS,
+    DATASET_REMEDY,
+    MAX_DECODED_BYTES,
+    MAX_PIXELS,
+    ImageError,
+    check_decode_budget,
+)
+from xrai.errors import first_lines
+
+__all__ = ["DICOM_EXTENSIONS", "DICOM_JPEG_EXTRA", "decode_dicom", "looks_like_dicom"]
+
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+DICOM_JPEG_EXTRA = 'pip install "xrai[dicom-jpeg]"'
+HEAD_BYTES = 132  # the 128-byte preamble and "DICM": enough to recognise a DICOM file by content
+
+_MAGIC_OFFSET, _MAGIC = 128, b"DICM"
+# The only tags read: the image pixel, modality LUT and VOI LUT modules, and what tells an image from
+# a report. Nothing that identifies a patient, a study or an institution.
+_TAGS = [
+    "SpecificCharacterSet", "SOPClassUID", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "PlanarConfiguration", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+    "VOILUTFunction", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "PixelData",
+    "FloatPixelData", "DoubleFloatPixelData",
+]
+_FAR = 1e30  # beyond any stored value: probing the window with +-_FAR gives its output range
+# Value representations, for recognising a dataset written without preamble (explicit VR).
+_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+                 b"UR US UT UV".split())
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether a file's first bytes (``HEAD_BYTES`` suffice) are DICOM's.
+
+    A DICOM file has "DICM" after a 128-byte preamble. Older files and some PACS exports start straight
+    with the dataset: then its first element, a tag of group 0002 (file meta) or 0008 (the first group
+    of every image), little or big endian, followed by an explicit VR or an implicit length that fits.
+    """
+    if head[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] == _MAGIC:
+        return True
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        group, element = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008) or element > 0x0100:
+            continue
+        if head[4:6] in _VRS:
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if order == "<" and length < 0x100:  # implicit VR is always little endian; first values are short
+            return True
+    return False
+
+
+def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_DECODED_BYTES,
+                 remedy: str = DATASET_REMEDY) -> np.ndarray:
+    """A single-frame DICOM image as uint8 (H, W) grey, windowed as the file specifies.
+
+    Args:
+        data: the file's bytes.
+        name: the file (or upload) name for messages.
+        max_pixels, max_bytes: the decode budget, checked from the header (rows x columns x samples x
+            bytes allocated) before the pixel data is decoded.
+        remedy: the advice an over-budget message ends with.
+    Raises:
+        ImageError: not a readable DICOM, no pixel data (a report), multi-frame, an unsupported colour
+            model or transfer syntax, a missing decoder plugin (the message names the extra).
+        ImageTooLargeError: over the budget.
+    """
+    ds = _read(data, name)
+    _check_image(ds, name)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    check_decode_budget(name, width=columns, height=rows, channels=samples, bytes_per_sample=max(1, -(-bits // 8)),
+                        max_pixels=max_pixels, max_bytes=max_bytes, remedy=remedy)
+    _check_decoder(ds, name)
+    try:
+        pixels = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 - any plugin's failure on untrusted bytes is the file's fault
+        raise ImageError(f"{name}: cannot decode the DICOM pixel data ({first_lines(error, 2)})") from error
+    try:
+        if str(ds.PhotometricInterpretation).startswith("MONOCHROME"):
+            grey = _display_grey(pixels, ds)
+            if ds.PhotometricInterpretation == "MONOCHROME1":  # stored "white is low": invert for display
+                np.subtract(255, grey, out=grey)
+            return grey
+        return _colour_to_grey(pixels, ds, name)
+    except ImageError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError) as error:
+        # Bad LUT or window tags (a width of 0, a LUT of 3 bits): the file's fault, said in one line.
+        raise ImageError(f"{name}: cannot apply the DICOM's LUTs ({first_lines(error, 2)})") from error
+
+
+def _read(data: bytes, name: str):
+    """Parse the image tags (never the patient's); a dataset without preamble is read as pydicom can."""
+    import pydicom
+    from pydicom.uid import (
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+
+    has_preamble = data[_MAGIC_OFFSET : _MAGIC_OFFSET + 4] == _MAGIC
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble, specific_tags=_TAGS)
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types on damaged headers
+        # Only the type: a parser's message may quote bytes of the header, which we do not repeat.
+        raise ImageError(f"{name}: not a readable DICOM file (damaged or truncated header: "
+                         f"{type(error).__name__})") from error
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # No file meta (no preamble): the encoding pydicom found is the transfer syntax.
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is None:
+            raise ImageError(f"{name}: DICOM dataset without file meta whose encoding cannot be told")
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def _check_image(ds, name: str) -> None:
+    """Refuse what is not one 2-D image: no pixel data, float pixel data, several frames, odd colours."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise ImageError(f"{name}: DICOM with floating-point pixel data (a parametric map), not a radiograph")
+        sop = ds.get("SOPClassUID")
+        kind = getattr(sop, "name", "") if sop is not None else ""
+        if kind and "Image" not in kind:
+            raise ImageError(f"{name}: not an image: a DICOM '{kind}' object has no pixel data")
+        raise ImageError(f"{name}: DICOM without pixel data (truncated or damaged: an image file ends with its "
+                         "pixels)")
+    for tag in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation"):
+        if ds.get(tag) in (None, ""):
+            raise ImageError(f"{name}: DICOM image without {tag} (damaged header)")
+    frames = ds.get("NumberOfFrames")
+    if frames not in (None, "") and int(frames) > 1:
+        raise ImageError(f"{name}: multi-frame DICOM ({int(frames)} frames) is not supported; save the frame to "
+                         "classify as a single-frame file")
+    colour = str(ds.PhotometricInterpretation)
+    if not colour.startswith(("MONOCHROME", "RGB", "YBR")):
+        raise ImageError(f"{name}: DICOM photometric interpretation {colour} is not supported (a radiograph is "
+                         "MONOCHROME1 or MONOCHROME2)")
+
+
+def _check_decoder(ds, name: str) -> None:
+    """Fail in one line, naming the extra, when no installed plugin decodes the transfer syntax."""
+    from pydicom.pixels import get_decoder
+
+    uid = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError as error:
+        raise ImageError(f"{name}: DICOM transfer syntax {uid.name or uid} is not supported") from error
+    if not decoder.is_available:
+        raise ImageError(f"{name}: compressed DICOM ({uid.name}) needs a decoder plugin: {DICOM_JPEG_EXTRA}")
+
+
+def _display_grey(pixels: np.ndarray, ds) -> np.ndarray:
+    """Modality LUT, VOI LUT, then the VOI output range (else the image's own range) to 0..255."""
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+
+    voi = _voi_kind(ds)
+    apply = {"lut": apply_voi, "window": apply_windowing}.get(voi)
+
+    def values(strip: np.ndarray) -> np.ndarray:
+        v = apply_modality_lut(strip, ds)
+        if voi == "lut" and not np.issubdtype(v.dtype, np.integer):
+            v = np.rint(v).astype(np.int64)  # a LUT is indexed by integers (rescaled values are whole)
+        return apply(v, ds) if apply else v
+
+    if voi == "lut":
+        item = ds.VOILUTSequence[0]
+        entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+        lut = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds)
+        lo, hi = float(lut.min()), float(lut.max())  # the LUT's own output range: its darkest to its brightest
+    elif voi == "window":
+        with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows to its limit, as wanted
+            lo, hi = (float(v) for v in apply_windowing(np.array([-_FAR, _FAR]), ds))
+    elif _plain_8bit(ds):
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    elif np.issubdtype(pixels.dtype, np.integer) and not ds.get("ModalityLUTSequence"):
+        # No window: the image's own range, as a viewer's default window (never a guessed one). A rescale
+        # is affine, so the stored extremes rescaled are the rescaled extremes, to the bit (one integer pass).
+        ends = apply_modality_lut(np.array([pixels.min(), pixels.max()], dtype=pixels.dtype), ds)
+        lo, hi = sorted(float(v) for v in ends)
+    else:  # the same with a modality LUT table (not monotone) or float pixels: every strip's range
+        lo, hi = np.inf, -np.inf
+        for top in range(0, pixels.shape[0], _STRIP_ROWS):
+            v = values(pixels[top : top + _STRIP_ROWS])
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    out = np.zeros(pixels.shape, dtype=np.uint8)
+    if hi == lo:
+        return out
+    scale = 255.0 / (hi - lo)  # negative when a rescale slope flips the range: the mapping still holds
+    for top in range(0, pixels.shape[0], _STRIP_ROWS):
+        v = values(pixels[top : top + _STRIP_ROWS])
+        out[top : top + _STRIP_ROWS] = np.clip(np.rint((v - lo) * scale), 0, 255).astype(np.uint8)
+    return out
+
+
+def _voi_kind(ds) -> str | None:
+    """Which VOI transform the file specifies, with apply_voi_lut's precedence: "lut", "window" or None."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence and sequence[0].get("LUTDescriptor") is not None and sequence[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        return "window"
+    return None
+
+
+def _plain_8bit(ds) -> bool:
+    """Unsigned 8-bit data with no modality transform: already display values (1-bit masks are stretched)."""
+    if ds.get("ModalityLUTSequence"):
+        return False
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope not in (None, "") and (float(slope), float(intercept or 0)) != (1.0, 0.0):
+        return False
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    return bits == 8 and int(ds.get("PixelRepresentation") or 0) == 0
+
+
+def _colour_to_grey(pixels: np.ndarray, ds, name: str) -> np.ndarray:
+    """RGB (pydicom turns YBR into RGB) -> PIL's ITU-R 601-2 luma, as a colour PNG would be read."""
+    from PIL import Image
+
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ImageError(f"{name}: colour DICOM with pixel array of shape {pixels.shape} is not supported")
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if bits > 8:
+        pixels = np.rint(pixels.astype(np.float64) * (255.0 / (2**bits - 1)))
+    rgb = np.ascontiguousarray(np.clip(pixels, 0, 255), dtype=np.uint8)
+    return np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)

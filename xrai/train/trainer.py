@@ -1,0 +1,538 @@
+"""fit(): train a classifier on a manifest: AMP, schedulers, early stopping, atomic checkpoints, exact resume.
+
+The shape follows torchvision's references/classification/train.py: `train_one_epoch`, `validate`
+(its `evaluate`; renamed so it never shadows the `xrai.evaluate.run` module) and `fit` on top.
+Learning-rate schedules: "cosine" steps per optimizer step (a linear warm-up over `warmup_epochs`,
+then a half cosine down towards 0 at the last step: smooth even for 3-epoch runs); "onecycle" too
+(torch's OneCycleLR, peak `lr`; its length is fixed, so a resume may not raise `epochs`);
+"step" (x step_gamma every step_size epochs), "exponential" (x exp_gamma per epoch) and "plateau"
+(ReduceLROnPlateau on the monitored metric, factor 0.1, patience max(1, patience // 2)) step once per
+epoch; raising `epochs` on resume stretches the cosine from there on. Early stopping: `patience`
+epochs without improvement of the monitor (0 turns it off). `max_batches` caps training and
+validation batches per epoch (smoke runs). best.pt holds the weights the run hands on (the best
+epoch's, or with keep="last" the last epoch's; the EMA's when ema_decay > 0), config and history, not
+the optimizer state (last.pt is the one to resume from). With no valid rows (a final fit: keep="last",
+patience 0) nothing is validated and the val_* columns are NaN.
+
+Exact resume: every random draw is either restored from the checkpoint (python, numpy, torch, CUDA
+RNGs, which dropout uses) or derived from (seed, epoch) by the batch sources, so a run killed during
+epoch k and resumed from checkpoints/last.pt (end of epoch k-1) replays epoch k bit for bit on a CPU;
+on a GPU only with config.deterministic (cuDNN autotuning picks kernels by timing otherwise).
+
+Several processes: under torchrun (`torchrun --nproc_per_node N -m xrai train ...`, or `launch`) fit()
+trains one model with DistributedDataParallel, each rank on its shard of every global batch of
+batch_size; rank 0 alone writes. xrai.train.distributed holds the machinery; with one process it is inert.
+Checkpoints hold every rank's RNG state, so the same world size resumes bit for bit too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from xrai.config import TrainConfig
+from xrai.data import filter_body_parts, require_columns, save_manifest
+from xrai.data.augment import augment_options
+from xrai.data.batches import per_rank_batch
+from xrai.data.dataset import ClassicBatches
+from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
+from xrai.errors import UserError
+from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_csv
+from xrai.models.checkpoint import (
+    atomic_save,
+    load_checkpoint,
+    resume_state,
+    rng_state,
+    set_rng_state,
+    to_cpu,
+)
+from xrai.models.factory import create_model, prune_synflow, restore_pruning
+from xrai.runs.load import flip_tta_logits
+from xrai.train import distributed
+from xrai.train.regularise import build_criterion, make_ema
+from xrai.train.tracking import open_trackers
+
+__all__ = [
+    "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler",
+    "fit", "load_result", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
+]
+
+logger = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s",
+                   "world_size"]
+FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
+BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
+STEPWISE_SCHEDULERS = ("cosine", "onecycle")  # stepped after every optimizer step, the others once per epoch
+NO_VALIDATION = {"val_loss": math.nan, "val_auroc": math.nan, "val_accuracy": math.nan}
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """The loss (or a weight) became NaN or infinite; the last good checkpoint was left as it was."""
+
+
+@dataclass(kw_only=True)
+class FitResult:
+    """What fit() returns; everything is also in the run folder."""
+
+    run_dir: Path
+    best_epoch: int
+    best_metric: float
+    history: pd.DataFrame
+    stopped_early: bool
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (default), Adam or SGD (momentum, Nesterov when momentum > 0) over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int,
+                    monitor: str | None = None) -> Any:
+    """The learning-rate scheduler for config.scheduler, or None for "none" (see the module docstring)."""
+    sched = torch.optim.lr_scheduler
+    if config.scheduler == "cosine":
+        total = max(1, config.epochs * steps_per_epoch)
+        warmup = min(max(0, config.warmup_epochs * steps_per_epoch), total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        return sched.LambdaLR(optimizer, factor)
+    if config.scheduler == "onecycle":  # torch's defaults: 30% warm-up from lr/25, cosine down to lr/25e4
+        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch))
+    if config.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=config.step_size, gamma=config.step_gamma)
+    if config.scheduler == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=config.exp_gamma)
+    if config.scheduler == "plateau":
+        mode = "min" if (monitor or config.monitor) == "loss" else "max"
+        return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=0.1, patience=max(1, config.patience // 2))
+    return None
+
+
+def pos_weight_from_labels(labels) -> float:
+    """n_negative / n_positive: BCEWithLogitsLoss's pos_weight, so both classes weigh the same in the loss."""
+    labels = np.asarray(labels)
+    n_pos = int((labels == 1).sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"pos_weight needs both labels in the training set, got {n_neg} normal and {n_pos} abnormal")
+    return n_neg / n_pos
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, device: torch.device,
+                    amp_dtype: torch.dtype | None, step_scheduler=None, ema=None,
+                    progress: bool = True) -> dict[str, float]:
+    """One pass over `source.epoch(epoch)`. Returns train_loss, lr (of the last step), images, seconds.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN or infinite.
+    """
+    model.train()
+    # Reading the loss back syncs the GPU; on CUDA do it every 10 steps so the host can run ahead.
+    check_every = 1 if device.type == "cpu" else 10
+    loss_sum, seen, lr = torch.zeros((), device=device), 0, optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    bar = tqdm(total=len(source), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress)
+    try:
+        for step, (x, y) in enumerate(source.epoch(epoch), 1):
+            with _autocast(device, amp_dtype):
+                logits = model(x).reshape(-1)
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            if step_scheduler is not None:
+                step_scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            bar.update(1)
+            if step % check_every == 0 or step == len(source):
+                total = loss_sum.item()
+                if not math.isfinite(total):
+                    raise TrainingDivergedError(f"the training loss became {total} at epoch {epoch}, step {step} "
+                                                f"(lr {lr:.3g})")
+                bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    finally:
+        bar.close()
+    total = loss_sum.item()
+    if not math.isfinite(total):
+        raise TrainingDivergedError(f"the training loss became {total} at epoch {epoch} (lr {lr:.3g})")
+    seconds = time.perf_counter() - start
+    return {"train_loss": total / max(1, seen), "lr": lr, "images": seen, "seconds": seconds}
+
+
+def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch.dtype | None,
+             tta: bool = False, progress: bool = True, gather=None) -> dict[str, float]:
+    """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source.
+
+    With ``tta`` each image is also scored flipped left-right and the two probabilities are averaged
+    (``xrai.runs.load.flip_tta_logits``, as predict does); the loss is taken on the logit of that mean.
+    gather: with several processes, a function (logits, labels) -> (logits, labels) of the whole split
+    (`xrai.train.distributed.Distributed.gather_rows`), so the figures are those of one process.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    model.eval()
+    logits, labels = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]
+    with torch.inference_mode():
+        for x, y in tqdm(source.epoch(0), total=len(source), desc="validating", unit="batch", leave=False,
+                         disable=not progress):
+            with _autocast(device, amp_dtype):
+                logit = flip_tta_logits(lambda v: model(v).reshape(-1), x) if tta else model(x).reshape(-1)
+            logits.append(logit.float())
+            labels.append(y)
+    logit, label = torch.cat(logits), torch.cat(labels)
+    if gather is not None:
+        logit, label = gather(logit, label)
+    loss = criterion(logit, label).item()
+    prob, label = torch.sigmoid(logit).cpu().numpy(), label.cpu().numpy()
+    auroc = float(roc_auc_score(label, prob)) if len(np.unique(label)) == 2 else float("nan")
+    return {"val_loss": loss, "val_auroc": auroc, "val_accuracy": float(np.mean((prob >= 0.5) == (label >= 0.5)))}
+
+
+def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
+                 device: torch.device, progress: bool = True, manifest: pd.DataFrame | None = None,
+                 rank: int = 0, world_size: int = 1) -> tuple[Any, Any, str]:
+    """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits).
+
+    The valid source is None when there are no valid rows (a final fit on all the training data).
+
+    The cache is built over the whole `manifest` when given (every split and body part), so the next run
+    on another body part, or the evaluation, reuses it instead of decoding again; over train and valid
+    alone when only that fits the disk. A cache that already exists needs no space and is always used.
+    With world_size > 1 the sources serve rank `rank`'s shard of every global batch (xrai.data.batches).
+    """
+    path = config.input_path
+    cache = None
+    if path in ("auto", "cached"):
+        from xrai.data.cache import build_cache, cache_fits, find_cache
+
+        size = config.resize_size
+        train_and_valid = pd.concat([train_rows, valid_rows])
+        cache = find_cache(train_and_valid, size=size, resize=config.resize)  # its own, or a superset's
+        if cache is None:
+            choices = [train_and_valid]
+            if manifest is not None and len(manifest) > len(train_and_valid):
+                choices.insert(0, manifest)
+            rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
+            if rows is not None or path == "cached":  # asked for explicitly: build_cache says why it does not fit
+                cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress,
+                                    resize=config.resize)
+        path = "classic" if cache is None else "cached"
+    common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
+                  channels_last=config.channels_last, max_batches=config.max_batches, rank=rank,
+                  world_size=world_size,
+                  augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
+    if path == "cached":
+        from xrai.data.loader import CachedBatches
+
+        return (CachedBatches(cache, train_rows, train=True, **common),
+                CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
+    classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress,
+                   resize=config.resize, **common)
+    return (ClassicBatches(train_rows, train=True, **classic),
+            ClassicBatches(valid_rows, train=False, **classic) if len(valid_rows) else None, path)
+
+
+# ---- fit -----------------------------------------------------------------------------------------
+
+
+def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike, *, resume: bool = False,
+        progress: bool = True) -> FitResult:
+    """Train `config.model` on the manifest's train split, validating on "valid" each epoch.
+
+    Writes RUN_DIR/config.json (with input_path resolved to the path used), manifest.csv (when absent),
+    history.csv, checkpoints/last.pt (every epoch) and checkpoints/best.pt (when the monitor improves),
+    all atomically, and nothing at all until the config, the data (columns, both labels in train, a valid
+    split) and the model have been checked.
+    Runs under `env.backend_settings` (config.deterministic), which puts the global settings back after.
+
+    Args:
+        config: the run's settings.
+        manifest: the manifest (all splits; filtered here by config.body_parts()).
+        run_dir: the run folder (may be on a mounted Google Drive).
+        resume: continue from checkpoints/last.pt (a finished run just returns; none there: start anew).
+        progress: show tqdm bars and a line per epoch (logging at INFO otherwise).
+    Raises:
+        FileExistsError: run_dir already holds a run and resume is False.
+        ValueError: resuming with a different config (the differing fields are named; input_path "auto"
+            resumes on the path the run recorded, another explicit path is refused), or a split
+            without both labels; ManifestError (a ValueError): a column fit() reads is missing.
+        TrainingDivergedError: NaN or infinite loss; checkpoints/last.pt keeps the last good epoch.
+
+    Under torchrun every process calls fit() alike (see the module docstring); config.batch_size is the
+    global batch and must be a multiple of the number of processes (ValueError otherwise).
+    """
+    with backend_settings(get_device(config.device), deterministic=config.deterministic):
+        return _fit(config, manifest, run_dir, resume=resume, progress=progress)
+
+
+def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike, *, resume: bool,
+         progress: bool) -> FitResult:
+    """fit()'s body, under the backend settings of config.deterministic."""
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    ctx = distributed.init(config.device)  # torchrun's ranks, or this process alone (world size 1)
+    config = config.replace(world_size=ctx.world_size)
+    per_rank_batch(config.batch_size, ctx.world_size)  # the global batch must split evenly
+    state = resume_state(config.to_dict(), last_path, resume=resume)
+    if state is not None and (state["epoch"] >= config.epochs or state["stopped_early"]):
+        return _result(run_dir, state)
+    if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
+        config = config.replace(input_path=state["config"].get("input_path", "auto"))
+    if state is not None and ctx.is_main and state["config"].get("world_size", 1) != ctx.world_size:
+        warnings.warn(f"resuming {run_dir} (trained by {state['config'].get('world_size', 1)} processes) with "
+                      f"{ctx.world_size}: the data order changes from epoch {state['epoch'] + 1} on, so the run will "
+                      "not repeat an uninterrupted one bit for bit", stacklevel=3)
+    progress = progress and ctx.is_main  # rank 0 alone shows progress
+    say = (tqdm.write if progress else logger.info) if ctx.is_main else logger.debug
+    # Config, data and model are checked before anything is written to run_dir: a failed start
+    # (a bad model name, a split with one label, no network for pretrained weights) leaves it as it was.
+    require_columns(manifest.columns, where="the manifest passed to fit()", needed=FIT_COLUMNS)
+    device = ctx.device
+    if state is None:
+        seed_everything(config.seed)
+    train_rows, valid_rows = _split_rows(manifest, config)
+    monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
+    # Rank 0 first (pretrained weights fetched once, the image cache built once); the others reuse them
+    # and take the input path rank 0 resolved.
+    model, (train_src, valid_src, input_path) = ctx.main_first(
+        lambda shared: _model_and_sources(config if shared is None else config.replace(input_path=shared), ctx,
+                                          state, train_rows, valid_rows, manifest, say, progress),
+        share=lambda built: built[1][2])
+    config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
+    if ctx.is_main:  # rank 0 alone writes
+        config.to_json(run_dir / "config.json")
+        # Left by a process killed while saving.
+        for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
+            torn.unlink()
+        if not (run_dir / "manifest.csv").is_file():
+            save_manifest(manifest, run_dir)
+    model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
+    net = ctx.unwrap(model)  # the model itself: checkpoints and validation
+    # each rank validates its shard; the logits are gathered (no valid source in a final fit)
+    gather = ctx.gatherer(valid_src.batch_positions(0)) if valid_src is not None else None
+    optimizer = build_optimizer(net, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
+    amp_dtype = autocast_dtype(device) if config.amp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
+    pos_weight = pos_weight_from_labels(train_rows["label"]) if config.pos_weighting else None
+    criterion, val_criterion = build_criterion(config, pos_weight, device)
+    ema = make_ema(net, config)
+    say(f"{config.model} on {device} (AMP {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
+        f"channels_last {config.channels_last}), input path {input_path}: {len(train_rows)} train / "
+        f"{len(valid_rows)} valid images at {config.image_size} px, pos_weight "
+        f"{'off' if pos_weight is None else f'{pos_weight:.2f}'}, monitor {monitor}")
+    if ctx.world_size > 1:
+        say(f"{ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), global batch "
+            f"{config.batch_size} = {ctx.world_size} x {config.batch_size // ctx.world_size}, SyncBatchNorm "
+            f"{'on' if config.sync_bn else 'off'}")
+    done, best, best_epoch, bad, history = 0, (math.inf if monitor == "loss" else -math.inf), 0, 0, []
+    trackers = open_trackers(config.loggers, config.to_dict(), run_dir, experiment=config.experiment,
+                             resume=state is not None) if ctx.is_main else []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and scaler.is_enabled():  # {} when saved without scaling (CPU, bf16)
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        done, best, best_epoch, bad = state["epoch"], state["best_metric"], state["best_epoch"], state["bad_epochs"]
+        history = list(state["history"])
+        set_rng_state(ctx.own_rng_state(state))  # last: nothing may draw from the RNGs before epoch done+1 starts
+        say(f"resumed {run_dir} after epoch {done}")
+    stop, failed = False, True
+    bar = tqdm(total=config.epochs, initial=done, desc="training", unit="epoch", disable=not progress)
+    try:
+        for epoch in range(done + 1, config.epochs + 1):
+            start = time.perf_counter()
+            try:
+                stats = train_one_epoch(model, train_src, criterion, optimizer, scaler, epoch=epoch, device=device,
+                                        amp_dtype=amp_dtype, progress=progress, ema=ema,
+                                        step_scheduler=scheduler if config.scheduler in STEPWISE_SCHEDULERS else None)
+                stats = ctx.reduce_train_stats(stats)  # over every rank's images
+                ctx.sync_buffers(net)  # rank 0's BatchNorm statistics: those the checkpoint holds
+                scored = net if ema is None else ema.module  # the weights validated and handed on
+                metrics = dict(NO_VALIDATION) if valid_src is None else validate(
+                    scored, valid_src, val_criterion, device=device, amp_dtype=amp_dtype, tta=config.tta,
+                    progress=progress, gather=gather)
+                metrics = ctx.broadcast(metrics)  # every rank decides on rank 0's figures
+                _check_finite(net, None if valid_src is None else metrics["val_loss"], epoch)
+            except TrainingDivergedError as err:
+                kept = f"{last_path} still holds epoch {done}" if done else "no checkpoint was written"
+                raise TrainingDivergedError(f"{err}. {kept}. Start a new run with a lower lr (now {config.lr}) "
+                                            f"or with amp=False.") from None
+            value = metrics[{"auroc": "val_auroc", "accuracy": "val_accuracy", "loss": "val_loss"}[monitor]]
+            improved = value < best if monitor == "loss" else value > best  # NaN never improves
+            best, best_epoch, bad = (value, epoch, 0) if improved else (best, best_epoch, bad + 1)
+            stop = config.patience > 0 and bad >= config.patience
+            if config.scheduler in ("step", "exponential"):
+                scheduler.step()
+            elif config.scheduler == "plateau":
+                scheduler.step(value)
+            row = {"epoch": epoch, "train_loss": stats["train_loss"], **metrics, "lr": stats["lr"],
+                   "seconds": time.perf_counter() - start, "images_per_s": stats["images"] / stats["seconds"],
+                   "world_size": ctx.world_size}
+            history.append(row)
+            ckpt = {"model": to_cpu(net.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": to_cpu(scaler.state_dict()), "epoch": epoch, "best_metric": best,
+                    "best_epoch": best_epoch, "bad_epochs": bad, "stopped_early": stop, "monitor": monitor,
+                    "history": history, "rng": rng_state(), "config": config.to_dict(), "model_name": config.model,
+                    "ema": to_cpu(ema.state_dict()) if ema is not None else None}
+            if ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
+                ckpt["rng_ranks"] = ctx.rng_states(ckpt["rng"])
+            if ctx.is_main:  # rank 0 alone writes
+                if improved or config.keep == "last":  # best.pt holds the weights the run hands on
+                    handed_on = ckpt["model"] if ema is None else to_cpu(ema.module.state_dict())
+                    atomic_save({**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}, best_path)
+                atomic_save(ckpt, last_path)
+                _write_history(history, run_dir / "history.csv")
+            done = epoch
+            for tracker in trackers:
+                tracker.log_epoch(row, epoch=epoch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_auroc=f"{row['val_auroc']:.3f}",
+                            img_s=f"{row['images_per_s']:.0f}")
+            say(_summary(row, config.epochs, improved))
+            if stop:
+                say(f"early stop: {monitor} did not improve for {bad} epochs; best {best:.4f} at epoch {best_epoch}")
+                break
+        if best_path.is_file():
+            for tracker in trackers:
+                tracker.log_artifact(best_path)
+        failed = False
+    finally:
+        bar.close()
+        for tracker in trackers:
+            tracker.finish(failed=failed)
+    return FitResult(run_dir=run_dir, best_epoch=best_epoch, best_metric=float(best),
+                     history=pd.DataFrame(history, columns=HISTORY_COLUMNS), stopped_early=stop)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def load_result(run_dir: str | os.PathLike) -> FitResult:
+    """The FitResult of a run folder, read from checkpoints/last.pt (what `fit` returned when it wrote it).
+
+    Raises:
+        FileNotFoundError: no checkpoints/last.pt there. CheckpointError: the file cannot be read.
+    """
+    run_dir = Path(run_dir)
+    return _result(run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+
+
+def _result(run_dir: Path, state: dict[str, Any]) -> FitResult:
+    return FitResult(run_dir=run_dir, best_epoch=state["best_epoch"], best_metric=float(state["best_metric"]),
+                     history=pd.DataFrame(state["history"], columns=HISTORY_COLUMNS),
+                     stopped_early=bool(state["stopped_early"]))
+
+
+def _split_rows(manifest: pd.DataFrame, config: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = filter_body_parts(manifest, config.body_parts())
+    train_rows = rows[rows["split"] == "train"].reset_index(drop=True)
+    valid_rows = rows[rows["split"] == "valid"].reset_index(drop=True)
+    for name, part in (("train", train_rows), ("valid", valid_rows)):
+        counts = part["label"].value_counts()
+        if name == "train" and (counts.get(0, 0) == 0 or counts.get(1, 0) == 0):
+            raise ValueError(f"the train split (body part {config.body_part!r}) needs both labels, has "
+                             f"{counts.get(0, 0)} normal and {counts.get(1, 0)} abnormal images")
+        if len(part) == 0 and (name == "train" or _needs_validation(config)):
+            raise ValueError(f"no {name} images for body part {config.body_part!r}; check the manifest's split column"
+                             + ("" if name == "train" else " (a run without validation needs keep='last', "
+                                "patience=0 and a scheduler other than 'plateau')"))
+    return train_rows, valid_rows
+
+
+def _needs_validation(config: TrainConfig) -> bool:
+    """Whether the run uses the valid split to choose anything (checkpoint, early stop, plateau lr)."""
+    return config.keep != "last" or config.patience > 0 or config.scheduler == "plateau"
+
+
+def _monitor(config: TrainConfig, valid_rows: pd.DataFrame) -> str:
+    if config.monitor == "auroc" and len(valid_rows) and valid_rows["label"].nunique() < 2:
+        warnings.warn("the valid split holds one label only, so AUROC is undefined; monitoring val loss instead",
+                      stacklevel=3)
+        return "loss"
+    return config.monitor
+
+
+def _model_and_sources(config: TrainConfig, ctx: distributed.Distributed, state: dict[str, Any] | None,
+                       train_rows: pd.DataFrame, valid_rows: pd.DataFrame, manifest: pd.DataFrame, say,
+                       progress: bool) -> tuple[nn.Module, tuple[Any, Any, str]]:
+    model = _build_model(config, ctx.device, state, say, progress)
+    return model, make_sources(config, train_rows, valid_rows, manifest=manifest, device=ctx.device,
+                               progress=progress, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def _build_model(config: TrainConfig, device: torch.device, state: dict[str, Any] | None, say,
+                 progress: bool) -> nn.Module:
+    # Resuming overwrites every weight, so never fetch pretrained weights for it.
+    model = create_model(config.model, pretrained=config.pretrained and state is None, head=config.head,
+                         freeze=config.freeze, dropout=config.dropout).to(device)
+    if state is not None:
+        restore_pruning(model, state["model"])  # SynFlow's masks come from the checkpoint
+        model.load_state_dict(state["model"])
+    elif config.prune_sparsity > 0:
+        report = prune_synflow(model, sparsity=config.prune_sparsity, iterations=config.prune_iterations,
+                               input_shape=(1, 3, config.image_size, config.image_size), progress=progress)
+        say(f"SynFlow pruning: {report}")
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _check_finite(model: nn.Module, val_loss: float | None, epoch: int) -> None:
+    """Never checkpoint a model with a NaN weight or loss (val_loss None: no validation)."""
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise TrainingDivergedError(f"the validation loss became {val_loss} at epoch {epoch}")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDivergedError(f"weight {name} holds NaN or inf after epoch {epoch}")
+
+
+def _write_history(history: list[dict[str, Any]], path: Path) -> None:
+    atomic_write_csv(path, pd.DataFrame(history, columns=HISTORY_COLUMNS))
+
+
+def _summary(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_auroc {row['val_auroc']:.4f}  val_acc {row['val_accuracy']:.3f}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s" + ("  *best" if improved else ""))
