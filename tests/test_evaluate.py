@@ -21,12 +21,12 @@ from xrai.evaluate.run import (
     run_threshold,
 )
 
-# DESIGN.md's report_<split>.json, key for key
+# docs/design.md's report_<split>.json, key for key
 DESIGN_REPORT_KEYS = ["split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
                       "per_body_part", "classification_report"]
 DESIGN_METRIC_KEYS = ["n", "accuracy", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity", "f1",
                       "kappa", "kappa_ci", "confusion_matrix"]
-# what issue 14 added after DESIGN.md's keys (DESIGN.md lists them)
+# what issue 14 added after docs/design.md's keys (docs/design.md lists them)
 EXTENDED_REPORT_KEYS = ["study_threshold", "threshold_use", "resampling_unit", "threshold_method",
                         "operating_points", "calibration", "checkpoint", "tta", "source", "baseline", "explain"]
 
@@ -85,7 +85,7 @@ def test_evaluate_run_valid_writes_design_report(run, synthetic_manifest):
     report = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=50)
     on_disk = json.loads((run / "report_valid.json").read_text())
     assert on_disk == report
-    assert list(report) == DESIGN_REPORT_KEYS + EXTENDED_REPORT_KEYS  # DESIGN.md's keys first, unchanged
+    assert list(report) == DESIGN_REPORT_KEYS + EXTENDED_REPORT_KEYS  # docs/design.md's keys first, unchanged
     assert list(report["image"]) == DESIGN_METRIC_KEYS
     assert list(report["study"]) == DESIGN_METRIC_KEYS  # synthetic has MURA's study ids
     assert report["split"] == "valid" and report["threshold_from"] == "valid"

@@ -1,6 +1,6 @@
 """`python -m xrai bench`: the input paths side by side in one run, the model's ceiling, one prediction's latency.
 
-Figures (DESIGN.md, "bench JSON"), all from one run on one machine:
+Figures (docs/design.md, "bench JSON"), all from one run on one machine:
 - ready_img_s: ready-to-train batches on the training device (decoded, resized, augmented, normalised,
   3 channels, channels_last), with nothing consuming them. "cached": rows gathered from the memmap,
   augmented on the device by GpuAugment; "classic" (the project's own): files decoded and letterboxed
@@ -304,7 +304,7 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         nproc: also time training on 1 and on nproc processes (torchrun) and their scaling efficiency
             (`xrai.bench.scaling.measure_scaling`); the JSON then holds "scaling".
     Returns:
-        The dict of DESIGN.md's bench JSON.
+        The dict of docs/design.md's bench JSON.
     """
     from PIL import Image
 

@@ -143,7 +143,7 @@ def load(
     body_part: str | list[str] | None = None,
     progress: bool = True,
 ) -> "pd.DataFrame":
-    """Read a dataset into the manifest (DESIGN.md), with splits filled and body parts filtered.
+    """Read a dataset into the manifest (docs/design.md), with splits filled and body parts filtered.
 
     Args:
         source: "mura", "fracatlas", "folder" (class folders; "multiregion" and "bonefracture" are the

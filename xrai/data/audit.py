@@ -205,7 +205,7 @@ def duplicate_groups(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTAN
 
 def audit(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE, min_correlation: float = MIN_CORRELATION,
           workers: int | None = None, progress: bool = True, hashes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per image that has a duplicate: group, path, label, split, kind, crosses (DESIGN.md).
+    """One row per image that has a duplicate: group, path, label, split, kind, crosses (docs/design.md).
 
     ``kind`` is "exact" when every image of the group has the same pixels, else "near"; ``crosses``
     is "", "split", "label" or "split+label". Unreadable images are skipped with a warning.

@@ -1,4 +1,4 @@
-"""One reader per source; each returns the manifest (DESIGN.md): MANIFEST_COLUMNS first, extras after.
+"""One reader per source; each returns the manifest (docs/design.md): MANIFEST_COLUMNS first, extras after.
 
 Label clean-up is explicit: the label always comes from the folder an image is filed under; where a
 source's CSV says otherwise the row keeps the folder label, gets `label_conflict=True`, and a

@@ -52,7 +52,7 @@ def mura_baseline(source: str | None, split: str) -> dict[str, Any] | None:
             "study_kappa": dict(MURA_BASELINE)}
 
 
-# The image/study block of report_<split>.json, in DESIGN.md's order.
+# The image/study block of report_<split>.json, in docs/design.md's order.
 METRIC_KEYS = (
     "n", "accuracy", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity",
     "f1", "kappa", "kappa_ci", "confusion_matrix",
@@ -102,7 +102,7 @@ def compute_metrics(
     seed: int = 0,
     what: str = "images",
 ) -> dict[str, Any]:
-    """The image (or study) block of the report: every key of DESIGN.md's ``image`` dict.
+    """The image (or study) block of the report: every key of docs/design.md's ``image`` dict.
 
     Args:
         y_true: 0/1 labels.

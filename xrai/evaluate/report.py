@@ -1,4 +1,4 @@
-"""report_<split>.json: DESIGN.md's blocks, and what each figure was made with.
+"""report_<split>.json: docs/design.md's blocks, and what each figure was made with.
 
 The operating point is chosen on validation only (:func:`choose_selection`): a temperature fitted on
 valid's logits, then on the calibrated probabilities an image threshold (on images) and a study
@@ -53,7 +53,7 @@ __all__ = [
     "thresholds_table",
 ]
 
-# DESIGN.md's keys, in its order; later keys extend the format (DESIGN.md lists them).
+# docs/design.md's keys, in its order; later keys extend the format (docs/design.md lists them).
 REPORT_KEYS = (
     "split", "threshold", "threshold_from", "split_method", "audit", "image", "study",
     "per_body_part", "classification_report",
@@ -145,7 +145,7 @@ def selection_from_report(report: dict[str, Any]) -> Selection:
     calibration = report.get("calibration") or {}
     uncal = calibration.get("uncalibrated") or {}
     method = report.get("threshold_method", "youden")
-    # the top-level keys are the primary method's (DESIGN.md's "threshold"); operating_points the others
+    # the top-level keys are the primary method's (docs/design.md's "threshold"); operating_points the others
     image = {k: float(v["threshold"]) for k, v in points.items()}
     image[method] = float(report["threshold"])
     study = {k: float(v["study_threshold"]) for k, v in points.items() if v.get("study_threshold") is not None}
@@ -210,7 +210,7 @@ def build_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """DESIGN.md's report (REPORT_KEYS, in order), then ``study_threshold``, ``threshold_use`` and
+    """docs/design.md's report (REPORT_KEYS, in order), then ``study_threshold``, ``threshold_use`` and
     ``resampling_unit``.
 
     ``image`` is at ``threshold``; ``study`` at ``study_threshold`` (the image threshold where None,

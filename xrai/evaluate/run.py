@@ -1,4 +1,4 @@
-"""Score a run: predictions per image, report_<split>.json (DESIGN.md, extended), the model card.
+"""Score a run: predictions per image, report_<split>.json (docs/design.md, extended), the model card.
 
 The threshold discipline: the temperature and the decision thresholds (image and study level, at
 Youden's J and at a target sensitivity) are chosen on the validation split only and written in
@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
-# After DESIGN.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
+# After docs/design.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
 # the manifest has it, the duplicate group the split kept together (the bootstrap resamples it).
 PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
 
@@ -313,7 +313,7 @@ def _score(run: RunModel, pred: pd.DataFrame, selection: Selection, **options: A
 def score_predictions(pred: pd.DataFrame, selection: Selection, *, split: str, threshold_from: str,
                       checkpoint: dict[str, Any], rows_attrs: dict[str, Any], audit: dict[str, int | None],
                       tta: bool, n_bootstrap: int, seed: int) -> dict[str, Any]:
-    """The whole report for calibrated predictions: DESIGN.md's blocks, then the extensions.
+    """The whole report for calibrated predictions: docs/design.md's blocks, then the extensions.
 
     Args:
         checkpoint: {"file", "sha256"} of what made the predictions (the report's thresholds are bound to it).
