@@ -199,7 +199,7 @@ def test_form_upload_shows_result(client):
 
 def test_threshold_comes_from_the_evaluated_run(tmp_path):
     from xrai.deploy.app import create_app
-    from xrai.runs.load import checkpoint_sha256
+    from xrai.runs.operating import checkpoint_sha256
 
     run = build_fake_run(tmp_path)
     sha = checkpoint_sha256(run / "checkpoints" / "best.pt")  # a threshold holds for the checkpoint it was chosen on
@@ -214,12 +214,12 @@ def test_threshold_comes_from_the_evaluated_run(tmp_path):
 
 
 def test_model_is_loaded_once(fake_run, monkeypatch):
-    import xrai.models.factory
+    import xrai.runs.load
     from xrai.deploy.app import create_app
 
     calls = []
-    real = xrai.models.factory.load_model
-    monkeypatch.setattr(xrai.models.factory, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = xrai.runs.load.load_model
+    monkeypatch.setattr(xrai.runs.load, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     client = create_app(fake_run).test_client()
     for _ in range(3):
         assert upload(client, xray_bytes()).status_code == 200

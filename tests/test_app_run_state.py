@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _report(run, *, threshold: float, temperature: float, sha: str | None = None) -> None:
-    from xrai.runs.load import checkpoint_sha256
+    from xrai.runs.operating import checkpoint_sha256
 
     sha = sha or checkpoint_sha256(run / "checkpoints" / "best.pt")
     (run / "report_valid.json").write_text(json.dumps({
@@ -36,13 +36,19 @@ def test_probabilities_are_calibrated_with_the_runs_temperature(tmp_path):
 
 
 def test_a_threshold_from_another_checkpoint_is_not_used(tmp_path):
+    # Serving reads only (issue 21): a stale operating point is refused in one line naming the command
+    # that chooses it again, and the run folder is left as it was.
     from xrai.deploy.app import create_app
+    from xrai.errors import is_user_error
+    from xrai.runs.operating import StaleOperatingPointError
 
     run = build_fake_run(tmp_path)
     _report(run, threshold=0.73, temperature=1.0, sha="0" * 64)  # made with another checkpoint
-    health = create_app(run).test_client().get("/healthz").get_json()
-    assert health["threshold"] == 0.5
-    assert health["threshold_note"].startswith("default:") and "checkpoint" in health["threshold_note"]
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with pytest.raises(StaleOperatingPointError, match=r"checkpoint sha256 000000000000.*python -m xrai evaluate") as e:
+        create_app(run)
+    assert is_user_error(e.value) and "\n" not in str(e.value)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
 def test_the_app_links_to_the_model_card(tmp_path):

@@ -58,7 +58,7 @@ def test_two_processes_one_build(tmp_path):
         time.sleep(0.05)  # otherwise find the cache already built and never wait
     go.touch()
     outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert sorted(r["built"] for r in results) == [False, True]  # one decoded, the other reused it

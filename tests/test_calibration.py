@@ -8,7 +8,6 @@ import pytest
 from scipy.special import expit
 
 from xrai.evaluate.calibration import (
-    apply_temperature,
     calibration_summary,
     expected_calibration_error,
     fit_temperature,
@@ -20,6 +19,7 @@ from xrai.evaluate.report import (
     operating_points,
     selection_from_report,
 )
+from xrai.runs.operating import apply_temperature
 
 
 def _overconfident(n: int = 20_000, temperature: float = 2.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -64,7 +64,7 @@ def class_folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("folders")
     rng = np.random.default_rng(0)
-    for label, name in enumerate(("not fractured", "fractured")):
+    for _label, name in enumerate(("not fractured", "fractured")):
         (root / name).mkdir()
         for i in range(30):
             Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(root / name / f"{i:02d}.png")
@@ -86,7 +86,7 @@ def test_split_fractions_from_the_cli_shape_the_split(class_folders, tmp_path, m
     for command, module, name in (("train", xrai.train.trainer, "fit"), ("cv", xrai.train.cv, "cross_validate")):
         seen = {}
 
-        def stop(config, manifest, run_dir, **kwargs):  # stop before training: the split is what is tested
+        def stop(config, manifest, run_dir, seen=seen, **kwargs):  # stop before training: the split is what is tested
             seen.update(config=config, counts=manifest["split"].value_counts().to_dict())
             raise ValueError("stopped by the test")
 

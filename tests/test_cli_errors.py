@@ -233,7 +233,7 @@ def test_messages_never_show_python_object_reprs(tmp_path, capsys):
 
 def test_predict_reports_a_non_image_without_reprs(run_with_checkpoint, tmp_path, capsys):
     run = _copy_run(run_with_checkpoint, tmp_path / "run")
-    from xrai.runs.load import checkpoint_sha256
+    from xrai.runs.operating import checkpoint_sha256
 
     sha = checkpoint_sha256(run / "checkpoints" / "best.pt")
     (run / "report_valid.json").write_text(json.dumps({"split": "valid", "threshold": 0.5, "checkpoint": {"sha256": sha}}))
@@ -248,7 +248,7 @@ def test_user_error_classification():
     from xrai.data import DownloadError, ManifestError
     from xrai.data.cache import CacheSpaceError
     from xrai.models.checkpoint import CheckpointError
-    from xrai.models.factory import PretrainedWeightsError
+    from xrai.models.weights import PretrainedWeightsError
     from xrai.train.trainer import TrainingDivergedError
 
     for error in (CheckpointError("x"), ManifestError("x"), PretrainedWeightsError("x"), TrainingDivergedError("x"),

@@ -11,8 +11,9 @@ import torch
 
 from xrai.config import TrainConfig
 from xrai.data import read_manifest
-from xrai.evaluate.run import evaluate_run, read_predictions
+from xrai.evaluate.run import evaluate_run
 from xrai.models.ensemble import FoldEnsemble
+from xrai.runs.layout import read_predictions
 from xrai.train.cv import assign_folds, cross_validate, fold_manifest, summarise_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,8 +92,7 @@ def test_run_folder_oof_and_summary(cv_run):
     oof_report = json.loads((run_dir / "report_oof.json").read_text())
     assert oof_report["split"] == "oof" and oof_report["threshold"] == summary["oof"]["threshold"]
     # the OOF operating point is bound to the folds' checkpoints, and chosen on their logits
-    from xrai.evaluate.calibration import apply_temperature
-    from xrai.runs.load import folds_sha256
+    from xrai.runs.operating import apply_temperature, folds_sha256
 
     assert oof_report["checkpoint"]["sha256"] == folds_sha256(run_dir, FOLDS)
     np.testing.assert_allclose(oof["probability"], apply_temperature(oof["logit"], oof_report["calibration"]["temperature"]))
@@ -105,7 +105,7 @@ def test_summary_statistics_skip_undefined_metrics():
 
 
 def test_ensemble_is_the_mean_probability_of_the_folds(cv_run):
-    from xrai.models.factory import load_model
+    from xrai.runs.load import load_model
 
     run_dir, _ = cv_run
     ensemble, config = load_model(run_dir)
@@ -119,7 +119,7 @@ def test_ensemble_is_the_mean_probability_of_the_folds(cv_run):
 
 
 def test_load_run_gives_the_ensemble_at_the_oof_operating_point(cv_run):
-    from xrai.evaluate.run import predict
+    from xrai.evaluate.predictions import predict
     from xrai.runs.load import load_run
 
     run_dir, result = cv_run
@@ -173,7 +173,7 @@ def test_ensemble_report_uses_the_oof_threshold(cv_run):
 
 def test_gradcam_through_the_ensemble(cv_run):
     from xrai.explain.cam import CamExplainer
-    from xrai.models.factory import load_model
+    from xrai.runs.load import load_model
 
     ensemble, config = load_model(cv_run[0])
     x = torch.randn(2, 3, config.image_size, config.image_size)
@@ -205,25 +205,36 @@ def test_final_fit_on_the_whole_pool(cv_run):
         evaluate_run(final, split="valid", progress=False)
 
 
-def test_a_stale_oof_threshold_falls_back_to_default_and_says_rerun_the_cv(cv_run, tmp_path):
+def test_a_stale_oof_threshold_is_refused_and_says_rerun_the_cv(cv_run, tmp_path):
+    # Loading reads only (issue 21): a stale out-of-fold point is refused in one line naming the fix;
+    # stale="default" (what evaluate asks for) gives the defaults with that reason as the note.
     import shutil
     import warnings
 
-    from xrai.runs.load import DEFAULT_THRESHOLD, THRESHOLD_FILE, load_run
+    from xrai.errors import is_user_error
+    from xrai.labels import DEFAULT_THRESHOLD
+    from xrai.runs.layout import THRESHOLD_JSON
+    from xrai.runs.load import load_run
+    from xrai.runs.operating import StaleOperatingPointError
 
     run_dir = tmp_path / "run"
     shutil.copytree(cv_run[0], run_dir)
-    for folder, name in ((run_dir, "report_oof.json"), (run_dir / "final", THRESHOLD_FILE)):
+    for folder, name in ((run_dir, "report_oof.json"), (run_dir / "final", THRESHOLD_JSON)):
         report = json.loads((folder / name).read_text())
         report["checkpoint"]["sha256"] = "0" * 64  # chosen with another checkpoint
         (folder / name).write_text(json.dumps(report))
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(StaleOperatingPointError, match=f"{name} was made with checkpoint sha256 000000000000"
+                           r".*rerun the CV") as caught:
+            load_run(folder)
+        assert is_user_error(caught.value) and "\n" not in str(caught.value)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no re-evaluation (an out-of-fold threshold is not chosen on valid)
-            run = load_run(folder)
+            run = load_run(folder, stale="default")
         assert run.point.source != "oof" and run.threshold == DEFAULT_THRESHOLD
         assert f"{name} was made with checkpoint sha256 000000000000" in run.point.note
         assert "rerun the CV" in run.point.note
-        assert not (folder / "report_valid.json").exists()
+        assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
 
 
 def test_a_finished_cv_is_not_overwritten(cv_run, synthetic_manifest):
@@ -255,9 +266,9 @@ def test_cli_cv_runs_and_reports(synthetic_root, tmp_path, capsys):
 
 
 def test_flip_tta_is_the_same_probability_in_predict_and_explain(cv_run):
-    from xrai.evaluate.run import predict
+    from xrai.evaluate.predictions import predict
     from xrai.explain.cam import explain_paths
-    from xrai.models.factory import load_model
+    from xrai.runs.load import load_model
 
     run_dir, _ = cv_run
     ensemble, config = load_model(run_dir)

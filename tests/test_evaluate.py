@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import xrai.evaluate.run as ev
+from xrai.evaluate.predictions import PREDICTION_COLUMNS, predict
 from xrai.evaluate.run import (
-    PREDICTION_COLUMNS,
     build_report,
     evaluate_external,
     evaluate_run,
-    predict,
     run_threshold,
 )
 
@@ -187,8 +186,10 @@ def test_probabilities_are_calibrated_on_valid_and_the_raw_kept(run):
 
 def test_a_changed_checkpoint_is_noticed_by_evaluate_and_predict(run):
     """report_valid.json records the checkpoint's hash; overwrite best.pt and the next evaluate and the next
-    load (predict, serve, notebooks) choose the threshold again instead of reusing the stale one."""
-    from xrai.runs.load import StaleThresholdWarning, checkpoint_sha256, load_run
+    load (predict, serve, notebooks) refuses the stale one, naming the command that chooses it again."""
+    from xrai.errors import is_user_error
+    from xrai.runs.load import StaleThresholdWarning, load_run
+    from xrai.runs.operating import StaleOperatingPointError, checkpoint_sha256
 
     first = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
     best = run / "checkpoints" / "best.pt"
@@ -210,14 +211,21 @@ def test_a_changed_checkpoint_is_noticed_by_evaluate_and_predict(run):
     assert test["threshold"] == valid["threshold"]
 
     retrain(0.5)
-    with pytest.warns(StaleThresholdWarning, match="re-evaluating on valid"), pytest.warns(UserWarning, match="audit"):
-        loaded = load_run(run)
+    # loading never writes to the run: a stale operating point is refused in one line naming the command
+    before = (run / "report_valid.json").read_bytes()
+    with pytest.raises(StaleOperatingPointError, match=r"was made with checkpoint.*python -m xrai evaluate --run"):
+        load_run(run)
+    assert (run / "report_valid.json").read_bytes() == before
+    assert is_user_error(StaleOperatingPointError("x"))  # the CLI prints it in one line, exit 2
+    # evaluate is the explicit step that chooses it again
+    _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
+    loaded = load_run(run)
     assert loaded.point.source == "valid" and loaded.checkpoint_sha256 == checkpoint_sha256(best)
     assert json.loads((run / "report_valid.json").read_text())["checkpoint"]["sha256"] == loaded.checkpoint_sha256
-    # where it cannot be re-chosen (no manifest to evaluate), the stale threshold is not used either
+    # asked for explicitly, the defaults with the reason, never the stale numbers
     retrain(2.0)
     (run / "manifest.csv").unlink()
-    stale = load_run(run)
+    stale = load_run(run, stale="default")
     assert stale.point.source == "default" and stale.threshold == 0.5 and "checkpoint" in stale.point.note
 
 
@@ -263,7 +271,7 @@ def test_run_threshold_needs_valid_report(tmp_path):
 
 
 def test_predict_drops_bad_images_and_tta(fake_run, synthetic_manifest, tmp_path):
-    from xrai.models.factory import load_model
+    from xrai.runs.load import load_model
 
     model, config = load_model(fake_run)
     rows = synthetic_manifest.head(6).copy()

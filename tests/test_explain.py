@@ -11,14 +11,9 @@ from _checks import assert_picture
 from PIL import Image
 from test_evaluate import make_fake_run
 
-from xrai.explain.cam import (
-    CAM_METHODS,
-    CamExplainer,
-    cam_to_image,
-    explain_paths,
-    gallery,
-    overlay,
-)
+from xrai.evaluate.galleries import gallery
+from xrai.explain.cam import CAM_METHODS, CamExplainer, explain_paths
+from xrai.explain.overlays import cam_to_image, overlay
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,10 +200,10 @@ def fake_run(tmp_path_factory, synthetic_manifest):
 
 
 def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
-    import xrai.explain.cam as explain
+    import xrai.evaluate.galleries as explain
 
-    tiles, real_tile = [], explain._tile
-    monkeypatch.setattr(explain, "_tile", lambda *a, **k: tiles.append(real_tile(*a, **k)) or tiles[-1])
+    tiles, real_tile = [], explain.tile
+    monkeypatch.setattr(explain, "tile", lambda *a, **k: tiles.append(real_tile(*a, **k)) or tiles[-1])
     with pytest.warns(UserWarning):  # no audit.csv in the fake run
         written = gallery(fake_run, split="test", n=2, progress=False)
     singles = [k for k in written if "_" in k]
@@ -234,7 +229,7 @@ def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
 
 @pytest.mark.slow
 def test_gradcam_points_at_the_fracture_line(demo_run):
-    from xrai.explain.cam import fracture_localisation
+    from xrai.evaluate.scores import fracture_localisation
 
     scores = fracture_localisation(Path(demo_run), split="test")
     assert scores["n"] >= 10

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory, synthetic_manifest):
-    from xrai.evaluate.run import predict
+    from xrai.evaluate.predictions import predict
     from xrai.runs.load import load_run
 
     run = load_run(make_fake_run(tmp_path_factory.mktemp("explain_run"), synthetic_manifest))

@@ -12,18 +12,12 @@ import torchvision
 from torch import nn
 
 from xrai.config import TrainConfig
-from xrai.models import factory as models
-from xrai.models.factory import (
-    MODELS,
-    PretrainedWeightsError,
-    count_nonzero,
-    create_model,
-    gradcam_layer,
-    list_models,
-    load_model,
-    prune_synflow,
-    restore_pruning,
-)
+from xrai.models import weights as models
+from xrai.models.factory import create_model, gradcam_layer
+from xrai.models.pruning import count_nonzero, prune_synflow, restore_pruning
+from xrai.models.registry import DEFAULT_MODEL, MODELS, list_models
+from xrai.models.weights import PretrainedWeightsError
+from xrai.runs.load import load_model
 
 # The big ones get a smaller input so the whole file stays well under a minute on 2 CPU cores.
 REAL_CAN_REACH = models._can_reach
@@ -45,7 +39,7 @@ def _no_network(monkeypatch):
 
 
 def test_registry_lists_every_model_default_first():
-    assert list_models()[0] == models.DEFAULT_MODEL and sorted(list_models()) == sorted(MODELS)
+    assert list_models()[0] == DEFAULT_MODEL and sorted(list_models()) == sorted(MODELS)
     assert list_models("efficientnet_*") == [f"efficientnet_b{i}" for i in range(8)]
     for spec in MODELS.values():  # every pinned weights name resolves in this torchvision
         assert torchvision.models.get_weight(spec.weights).url.startswith("https://")

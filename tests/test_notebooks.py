@@ -141,7 +141,7 @@ def test_quickstart_calls_the_functions_the_series_calls():
     series = set().union(*(calls(n) for n in SERIES))
     quick = calls("00_quickstart")
     assert quick <= series, f"00 calls what 01-05 do not: {quick - series}"
-    for needed in ("xrai.data.load", "xrai.train.trainer.launch", "xrai.evaluate.run.evaluate_run", "xrai.explain.cam.gallery"):
+    for needed in ("xrai.data.load", "xrai.train.launch", "xrai.evaluate.evaluate_run", "xrai.evaluate.gallery"):
         assert needed in quick
 
 
@@ -348,11 +348,11 @@ def test_colab_like_each_notebook_in_a_fresh_runtime(colab_like, guard):
     _check_artifacts(run_dir, epochs=2)
     _check_artifacts(run_dir.parent / "quickstart", body_part="wrist", quickstart=True)
     resolving = {}
-    for i, name in enumerate(["02_eda", "03_train", "04_evaluate", "05_gradcam"], start=1):
+    for _i, name in enumerate(["02_eda", "03_train", "04_evaluate", "05_gradcam"], start=1):
         where, how, took = _found(executed[name])
         assert how == "synthetic set regenerated" and "synthetic-v" in where, (name, where, how)
         resolving[name] = took
-    assert "resumed" in _text(executed["03_train"], "xrai.train.trainer.launch(").lower()
+    assert "resumed" in _text(executed["03_train"], "xrai.train.launch(").lower()
     assert "Google Colab" in _text(executed["01_download"], "RUNTIME = xrai.env.check_runtime()")
     _check_static_widgets(executed, batch=False)
     assert _network_calls(guard) == ""

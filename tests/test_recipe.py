@@ -103,7 +103,7 @@ def test_flip_tta_averages_the_two_probabilities():
 
 
 def test_ema_weights_are_validated_and_handed_on(synthetic_manifest, tmp_path):
-    from xrai.models.factory import load_model
+    from xrai.runs.load import load_model
 
     config = _config(ema_decay=0.5, keep="last")
     fit(config, synthetic_manifest, tmp_path / "run", progress=False)
@@ -208,7 +208,7 @@ def test_stretch_is_one_definition_on_every_path(synthetic_manifest, tmp_path):
 
 
 def test_cam_maps_back_through_the_resize_mode():
-    from xrai.explain.cam import cam_to_image
+    from xrai.explain.overlays import cam_to_image
 
     cam = np.ones((28, 28), dtype=np.float32)
     stretched = cam_to_image(cam, (40, 80), resize_size=32, resize="stretch")

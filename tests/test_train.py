@@ -164,7 +164,7 @@ def _lrs(scheduler_name: str, epochs: int, *, steps_per_epoch: int = 1, metric=N
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         for _ in range(steps_per_epoch):
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()

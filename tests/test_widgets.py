@@ -93,7 +93,7 @@ def test_picker_rejects_an_unknown_part_naming_those_present():
 
 
 def test_model_picker_lists_the_registry():
-    from xrai.models.factory import list_models
+    from xrai.models.registry import list_models
     from xrai.widgets import model_picker
 
     picker = model_picker(default="resnet18")

@@ -163,17 +163,17 @@ GPU_STOP_MD = ("## GPU\n\nTraining real X-rays on a CPU takes hours, so without 
                "says how to get a T4, unless `ALLOW_CPU = True` or the data is the synthetic set.")
 # launch: every GPU there is (Kaggle's T4 x2: torchrun in a subprocess, streamed here); fit() in the kernel with one.
 FIT = ('RESUME = Path(RUN_DIR, "checkpoints", "last.pt").is_file()\n'
-       'result = xrai.train.trainer.launch(config, RUN_DIR, nproc="auto", manifest=manifest, resume=RESUME)\n'
+       'result = xrai.train.launch(config, RUN_DIR, nproc="auto", manifest=manifest, resume=RESUME)\n'
        'print(f"best {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch}, "\n'
        '      f"stopped early: {result.stopped_early}")')
 BASELINE_MD = ("On MURA runs, beside the study-level kappa of the DenseNet-169 in the MURA paper (Rajpurkar et al., "
                "2017). That baseline is on MURA's hidden test set; ours is on a test split carved from MURA's train "
                "set, so read it as a guide, not a ranking. Other sources get no baseline.")
-BASELINE = "xrai.evaluate.run.per_part_table(report_test)"
+BASELINE = "xrai.evaluate.per_part_table(report_test)"
 CURVES = 'xrai.plots.plot_history(result.history, Path(RUN_DIR, "curves.png"))'
 CLASS_REPORT = 'pd.DataFrame(report_test["classification_report"]).T'
 STUDY_TABLE = 'pd.DataFrame({"valid": report_valid["study"] or {}, "test": report_test["study"] or {}})'
-# One cell per Grad-CAM gallery of xrai.explain.cam.gallery's GALLERY: true positives, false positives, false negatives.
+# One cell per Grad-CAM gallery of xrai.evaluate.gallery's GALLERY: true positives, false positives, false negatives.
 SHOW_GALLERY = {k: f'display(Image(filename=str(GALLERY["{k}"])))' for k in ("tp", "fp", "fn")}
 
 
@@ -189,7 +189,7 @@ def nb00() -> list:
             "the same functions as notebooks 01-05, which take each step further.",
             "GPU T4 · about 15 minutes on a T4 for MURA's wrist images, download included (an estimate) · nothing "
             "before it. In Kaggle, attach the dataset first (Add Input > search `mura-v11`).",
-            ("import xrai.evaluate.run", "import xrai.explain.cam", "import xrai.plots", "import xrai.train.trainer",
+            ("import xrai.evaluate", "import xrai.plots", "import xrai.train",
              "from xrai.config import TrainConfig"),
         ),
         parameters(
@@ -218,8 +218,8 @@ def nb00() -> list:
         ),
         code(CURVES),
         md("## Evaluate\n\nThe threshold is chosen on validation and applied unchanged to test."),
-        code('report_valid = xrai.evaluate.run.evaluate_run(RUN_DIR, split="valid")\n'
-             'report_test = xrai.evaluate.run.evaluate_run(RUN_DIR, split="test")\n'
+        code('report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split="valid")\n'
+             'report_test = xrai.evaluate.evaluate_run(RUN_DIR, split="test")\n'
              'pd.DataFrame({"valid": report_valid["image"], "test": report_test["image"]}).drop(index="confusion_matrix")'),
         code(CLASS_REPORT),
         md("## Study level and per body part\n\nA study's probability is the mean of its images' (MURA's protocol); "
@@ -228,7 +228,7 @@ def nb00() -> list:
         code(BASELINE),
         md("## Grad-CAM\n\nThe most confident true positives, false positives and false negatives; each image "
            "carries its actual and predicted label and the probability (red: a wrong call)."),
-        code('GALLERY = xrai.explain.cam.gallery(RUN_DIR, split="test", n=GALLERY_N)\n' + SHOW_GALLERY["tp"]),
+        code('GALLERY = xrai.evaluate.gallery(RUN_DIR, split="test", n=GALLERY_N)\n' + SHOW_GALLERY["tp"]),
         code(SHOW_GALLERY["fp"]),
         code(SHOW_GALLERY["fn"]),
         md("Next: the numbered notebooks take each step further (01 data, 02 EDA and the leakage audit, 03 training "
@@ -330,13 +330,13 @@ def nb03() -> list:
             "GPU T4 (without one it stops, unless `ALLOW_CPU = True` or the data is the synthetic set) · about 15 "
             "minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; one body part takes "
             "a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
-            ("import xrai.plots", "import xrai.recipe", "import xrai.train.trainer", "import xrai.widgets"),
+            ("import xrai.plots", "import xrai.recipe", "import xrai.train", "import xrai.widgets"),
         ),
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 01_download.ipynb wrote; checkpoints go in it too\n'
             "USE_DRIVE = True  # Colab only: the run folder is on Google Drive (ignored elsewhere)\n"
             'BODY_PART = "all"  # all, or one of elbow, finger, forearm, hand, humerus, shoulder, wrist (or "wrist,hand")\n'
-            'MODEL = "mobilenet_v2"  # see xrai.models.factory.list_models(): resnet18, densenet169, efficientnet_b0, ...\n'
+            'MODEL = "mobilenet_v2"  # see xrai.models.list_models(): resnet18, densenet169, efficientnet_b0, ...\n'
             "PRETRAINED = True  # start from ImageNet weights (downloaded once)\n"
             "EPOCHS = 10\n"
             "IMG_SIZE = None  # crop side fed to the model; None: 224 (128 on the synthetic set)\n"
@@ -408,7 +408,7 @@ def nb04() -> list:
             "the published MURA DenseNet-169 baseline.",
             "GPU T4 (a CPU works, slower) · about 3 minutes on a T4 for MURA (an estimate) · "
             "run **03_train.ipynb** first (same `RUN_DIR`).",
-            ("import xrai.evaluate.run", "import xrai.plots"),
+            ("import xrai.evaluate", "import xrai.plots"),
         ),
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 03_train.ipynb trained in\n'
@@ -421,8 +421,8 @@ def nb04() -> list:
             "an image threshold (on images) and a study threshold (on study means), each at Youden's J and at a "
             "screening sensitivity of 0.95. Test uses them unchanged."
         ),
-        code("report_valid = xrai.evaluate.run.evaluate_run(RUN_DIR, split=\"valid\", tta=TTA)"),
-        code("report_test = xrai.evaluate.run.evaluate_run(RUN_DIR, split=\"test\", tta=TTA)"),
+        code("report_valid = xrai.evaluate.evaluate_run(RUN_DIR, split=\"valid\", tta=TTA)"),
+        code("report_test = xrai.evaluate.evaluate_run(RUN_DIR, split=\"test\", tta=TTA)"),
         md("## Image level"),
         code(
             'print(f"threshold {report_test[\'threshold\']:.3f} (chosen on {report_test[\'threshold_from\']}); '
@@ -433,8 +433,8 @@ def nb04() -> list:
         md("## Study level (MURA's protocol: a study's probability is the mean of its images')"),
         code(STUDY_TABLE),
         md("## Thresholds and calibration\n\nWhich threshold made which figure, and ECE before and after the temperature."),
-        code("xrai.evaluate.run.thresholds_table(report_test)"),
-        code("xrai.evaluate.run.calibration_table(report_valid, report_test)"),
+        code("xrai.evaluate.thresholds_table(report_test)"),
+        code("xrai.evaluate.calibration_table(report_valid, report_test)"),
         md("## Figures (test)"),
         code('FIGURES = xrai.plots.save_run_figures(RUN_DIR, "test")\nFIGURES'),
         code('display(Image(filename=str(Path(RUN_DIR, "confusion_matrix_test.png"))))'),
@@ -459,7 +459,7 @@ def nb05() -> list:
             "browser: pick a body part, an outcome (TP, FP, FN, TN) and an image.",
             "GPU T4 (a CPU works) · about 2 minutes on a T4 (an estimate) · run **04_evaluate.ipynb** first "
             "(same `RUN_DIR`).",
-            ("import xrai.explain.cam", "import xrai.evaluate.scores", "import xrai.widgets"),
+            ("import xrai.evaluate", "import xrai.widgets"),
         ),
         parameters(
             'RUN_DIR = "runs/mura"  # the run folder 04_evaluate.ipynb scored\n'
@@ -473,14 +473,14 @@ def nb05() -> list:
             "## Galleries\n\nWritten to `RUN_DIR/gradcam/`. Red text marks a wrong call. A heatmap on the bone "
             "where the fracture is is reassuring; one on a marker, the text or the image edge is a shortcut."
         ),
-        code("GALLERY = xrai.explain.cam.gallery(RUN_DIR, split=SPLIT, n=GALLERY_N, method=CAM_METHOD)"),
+        code("GALLERY = xrai.evaluate.gallery(RUN_DIR, split=SPLIT, n=GALLERY_N, method=CAM_METHOD)"),
         *(code(cell) for cell in SHOW_GALLERY.values()),
         md(
             "## Measured, not only shown\n\nFaithfulness (grad-cam's ROAD and confidence change; higher ROAD is more "
             "faithful; a noise map for reference), the randomisation check (maps from random weights must differ) "
             "and, on the synthetic set, the pointing game: from `report_<SPLIT>.json` (04_evaluate)."
         ),
-        code("xrai.evaluate.scores.explanation_table(RUN_DIR, SPLIT)"),
+        code("xrai.evaluate.explanation_table(RUN_DIR, SPLIT)"),
         md(
             "## Browser\n\nPick a body part, an outcome and an image; images are ordered from the most confident. "
             "Each overlay is computed when first shown. A saved version (no widgets there) shows the most "

@@ -79,7 +79,7 @@ def markdown_table(results: list[dict], base: str) -> str:
             paired = "n/a"
         v = r.get("variants", {})
 
-        def other(key: str) -> str:
+        def other(key: str, v: dict = v) -> str:
             return f"{v[key]['mean']:.4f} +- {v[key]['std']:.4f}" if key in v else "n/a"
 
         change = ", ".join(f"{k}={val}" for k, val in r["changes"].items()) or "(base)"

@@ -196,7 +196,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a dict (a saved config: absent recipe fields take PRE_RECIPE_VALUES); unknown keys
         raise, so a typo never passes silently."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -213,13 +213,13 @@ class TrainConfig:
         return text
 
     @classmethod
-    def from_json(cls, path_or_text: str | Path) -> "TrainConfig":
+    def from_json(cls, path_or_text: str | Path) -> TrainConfig:
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             text = Path(path_or_text).read_text()
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

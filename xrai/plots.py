@@ -24,7 +24,8 @@ from xrai.evaluate.calibration import (
     expected_calibration_error,
     reliability_bins,
 )
-from xrai.evaluate.run import MURA_BASELINE, read_predictions
+from xrai.evaluate.run import MURA_BASELINE
+from xrai.runs.layout import read_predictions
 
 __all__ = [
     "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",

@@ -80,17 +80,17 @@ def cv_recipe(recipe: str, *, out: str | Path, data: str = "fracatlas", root: st
          "recipe": recipe_of(config), "budget", "machine"[, "variants"]}.
     """
     from xrai.data import load
-    from xrai.models.ensemble import CV_FILE
+    from xrai.runs.layout import CV_JSON
     from xrai.train.cv import cross_validate, score_folds
 
     config = recipe_config(recipe, **{**dict(data=data, root=None if root is None else str(root), model=model,
                                              pretrained=False, img_size=img_size, epochs=epochs, seed=seed,
                                              device="cpu", input_path="cached"), **(changes or {})})
     out = Path(out)
-    if (out / CV_FILE).is_file():
+    if (out / CV_JSON).is_file():
         import json
 
-        summary = json.loads((out / CV_FILE).read_text(encoding="utf-8"))
+        summary = json.loads((out / CV_JSON).read_text(encoding="utf-8"))
     else:
         manifest = load(data, root=root, seed=seed, progress=progress)
         summary = cross_validate(config, manifest, out, folds=folds, resume=(out / "manifest.csv").is_file(),

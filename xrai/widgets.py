@@ -174,7 +174,7 @@ def model_picker(*, default: str = "mobilenet_v2", description: str = "Model") -
     Raises:
         ValueError: ``default`` is not a registered model.
     """
-    from xrai.models.factory import list_models
+    from xrai.models.registry import list_models
 
     enable_colab_widgets()
     names = list_models()

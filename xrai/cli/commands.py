@@ -417,11 +417,11 @@ def cmd_evaluate(args) -> int:
         print("\n".join(_extras(report)))
         print(f"wrote {run_dir / 'report_external.json'}")
         return 0
-    from xrai.runs.load import THRESHOLD_FILE, operating_point_file
+    from xrai.runs.layout import THRESHOLD_JSON, RunFolder
 
     # A final fit has no valid split (its threshold is its CV's out-of-fold one, given to it: the rule
     # evaluate_run refuses "valid" by); a CV run's "valid" is its out-of-fold report.
-    final_fit = operating_point_file(run_dir).name == THRESHOLD_FILE
+    final_fit = RunFolder(run_dir).operating_point_file.name == THRESHOLD_JSON
     splits = [args.split] if args.split else ["test"] if final_fit else ["valid", "test"]
     for report in _evaluate(run_dir, splits, tta=args.tta).values():
         print(_headline(report))
@@ -551,7 +551,7 @@ def _cache_line(c) -> str:
 def cmd_demo(args) -> int:
     """Data, audit, training, evaluation on valid and test, and the Grad-CAM gallery, on the synthetic set."""
     from xrai.data import load
-    from xrai.explain.cam import gallery
+    from xrai.evaluate.galleries import gallery
     from xrai.train.trainer import fit
 
     start = time.perf_counter()

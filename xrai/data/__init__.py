@@ -142,7 +142,7 @@ def load(
     test_fraction: float = 0.15,
     body_part: str | list[str] | None = None,
     progress: bool = True,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Read a dataset into the manifest (docs/design.md), with splits filled and body parts filtered.
 
     Args:

@@ -60,13 +60,13 @@ class InputContract:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
 
     @classmethod
-    def from_config(cls, config: Any) -> "InputContract":
+    def from_config(cls, config: Any) -> InputContract:
         """The contract of a TrainConfig (its image_size, resize_size and resize mode)."""
         return cls(image_size=int(config.image_size), resize_size=int(config.resize_size),
                    resize=str(getattr(config, "resize", "letterbox")))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "InputContract":
+    def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
         """Read back ``to_dict()`` (a sidecar's ``input``); unknown keys are refused, naming them."""
         known = {"image_size", "resize_size", "resize", "mean", "std"}
         extra = sorted(set(data) - known - {"name", "layout", "dtype", "channels", "steps"})  # descriptive keys

@@ -16,9 +16,10 @@ import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -181,7 +182,7 @@ def make_synthetic(root: str | Path, *, patients_per_part: int = DEFAULT_PATIENT
     return root
 
 
-def read_fracture_lines(root: str | Path) -> "Any":
+def read_fracture_lines(root: str | Path) -> Any:
     """``fracture_lines.csv`` of a synthetic tree as a DataFrame (path, x0, y0, x1, y1, width).
 
     ``root`` may be the folder above ``MURA-v1.1`` or that folder itself.

@@ -192,7 +192,7 @@ class Predictor(BasePredictor):
         return probability, cam
 
     def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
-        from xrai.explain.cam import overlay
+        from xrai.explain.overlays import overlay
 
         # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
         rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,

@@ -31,8 +31,8 @@ from xrai.data.contract import InputContract
 from xrai.deploy.onnx_runtime import cpu_session, sidecar_path
 from xrai.errors import UserError, first_lines
 from xrai.fileio import atomic_write_bytes, atomic_write_json
-from xrai.models.ensemble import cv_folds
-from xrai.runs.load import flip_tta_logits
+from xrai.models.logits import flip_tta_logits
+from xrai.runs.layout import RunFolder
 
 __all__ = ["FORMATS", "ONNX_EXTRA", "OPSET", "PARITY_TOLERANCE", "CalibratedModel", "ExportError", "ExportResult",
            "example_batch", "export_run", "onnx_bytes", "onnx_available"]
@@ -82,8 +82,7 @@ class ExportResult:
     max_difference: float
 
 
-def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", out: str | Path | None = None,
-               refresh: bool = True) -> ExportResult:
+def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", out: str | Path | None = None) -> ExportResult:
     """Export a run's model (or CV ensemble) with its sidecar JSON; check it before writing.
 
     Args:
@@ -91,12 +90,13 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
         fmt: "onnx" or "torchscript".
         which: the checkpoint, "best" or "last".
         out: the model file (default ``RUN_DIR/model.onnx`` or ``RUN_DIR/model.torchscript.pt``).
-        refresh: passed to ``load_run``: re-choose a stale threshold on valid before exporting.
     Returns:
         ExportResult.
     Raises:
         ValueError: unknown format. FileNotFoundError: no checkpoint. ExportError: a missing package
-        (the message names the extra) or an export that fails its check.
+        (the message names the extra) or an export that fails its check. StaleOperatingPointError:
+        the run's operating point was chosen with another checkpoint (export reads only; the message
+        names the command that chooses it again).
     """
     from xrai.runs.load import load_run
 
@@ -105,7 +105,7 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
     if fmt == "onnx":
         _require_onnx()
     run_dir = Path(run_dir)
-    run = load_run(run_dir, which=which, device="cpu", refresh=refresh)
+    run = load_run(run_dir, which=which, device="cpu")
     contract = InputContract.from_config(run.config)
     wrapped = CalibratedModel(run.model, run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
     path = Path(out) if out is not None else run_dir / FORMATS[fmt]
@@ -227,7 +227,7 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
 
 def _cv_summary(run_dir: Path) -> dict[str, Any] | None:
     """{"folds": k} for a cross-validation run (its fold ensemble is what is exported), else None."""
-    folds = cv_folds(run_dir)
+    folds = RunFolder(run_dir).cv_folds()
     if folds is None:
         return None
     return {"kind": "cross-validation fold ensemble (mean of the folds' probabilities)", "folds": folds}

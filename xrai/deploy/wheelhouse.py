@@ -84,7 +84,7 @@ def project_root() -> Path:
     Raises:
         FileNotFoundError: xrai is installed from a wheel, not run from a checkout.
     """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout: xrai/deploy/wheelhouse.py -> xrai -> root
     if not (root / "pyproject.toml").is_file() or not (root / "requirements.txt").is_file():
         raise FileNotFoundError(f"no pyproject.toml beside {root / 'xrai'}: run `python -m xrai wheelhouse` from a "
                                 "checkout of the repository (git clone, then pip install -e .)")

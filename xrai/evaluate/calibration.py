@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from scipy.special import expit
 
 from xrai.evaluate.metrics import binary_arrays
+from xrai.runs.operating import apply_temperature
 
 __all__ = [
     "ECE_BINS",
@@ -41,13 +41,6 @@ _EPS = 1e-12
 
 def _arrays(labels: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     return binary_arrays(labels, values, purpose="calibrate", what="logits or probabilities")
-
-
-def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
-    """sigmoid(logit / T) in float64."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return expit(np.asarray(logits, dtype=np.float64) / float(temperature))
 
 
 def log_loss(labels: Any, probs: Any) -> float:

@@ -20,11 +20,7 @@ import pandas as pd
 from scipy.special import expit
 from sklearn import metrics as skm
 
-from xrai.evaluate.calibration import (
-    apply_temperature,
-    calibration_summary,
-    fit_temperature,
-)
+from xrai.evaluate.calibration import calibration_summary, fit_temperature
 from xrai.evaluate.metrics import (
     bootstrap_ci,
     choose_threshold,
@@ -36,6 +32,7 @@ from xrai.evaluate.metrics import (
     resampling_groups,
     study_level,
 )
+from xrai.runs.operating import apply_temperature
 
 __all__ = [
     "DEFAULT_TARGET_SENSITIVITY",

@@ -13,21 +13,15 @@ choose_threshold, MURA_BASELINE, build_report, per_body_part).
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-from xrai.evaluate.calibration import apply_temperature
+from xrai.data import audit_summary, filter_body_parts, read_manifest
+from xrai.evaluate.card import write_model_card
 from xrai.evaluate.metrics import (
     MURA_BASELINE,
     MURA_BASELINE_SOURCE,
@@ -37,6 +31,7 @@ from xrai.evaluate.metrics import (
     mura_baseline,
     study_level,
 )
+from xrai.evaluate.predictions import PREDICTION_COLUMNS, predict
 from xrai.evaluate.report import (
     DEFAULT_TARGET_SENSITIVITY,
     REPORT_KEYS,
@@ -51,16 +46,16 @@ from xrai.evaluate.report import (
     selection_from_report,
     thresholds_table,
 )
-from xrai.fileio import atomic_write_json
-from xrai.runs.load import (
-    THRESHOLD_FILE,
-    RunModel,
-    flip_tta_logits,
-    load_run,
-    one_logit,
-    operating_point_file,
-    run_tta,
+from xrai.evaluate.scores import EXPLAIN_IMAGES, measure_explanations
+from xrai.runs.layout import (
+    THRESHOLD_JSON,
+    RunFolder,
+    read_json,
+    read_predictions,
+    write_json,
 )
+from xrai.runs.load import RunModel, StaleThresholdWarning, load_run, run_tta
+from xrai.runs.operating import apply_temperature
 
 __all__ = [
     "MURA_BASELINE",
@@ -85,140 +80,16 @@ __all__ = [
     "write_json",
 ]
 
-PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id", "study_id"]
-# After docs/design.md's columns: the logit (so the uncalibrated probability is sigmoid(logit)) and, where
-# the manifest has it, the duplicate group the split kept together (the bootstrap resamples it).
-PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
-
-
-# ---- prediction ---------------------------------------------------------------------------------
-
-
-def _read(path: str) -> tuple[np.ndarray | None, str | None]:
-    from xrai.data.decode.images import ImageError, read_image
-
-    try:
-        return read_image(path), None
-    except (ImageError, OSError) as e:  # one bad file is dropped, not fatal
-        return None, str(e)
-
-
-def predict(
-    model: nn.Module | RunModel,
-    manifest: pd.DataFrame,
-    *,
-    config: Any = None,
-    temperature: float | None = None,
-    batch_size: int = 64,
-    tta: bool | None = None,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Probability of "abnormal" for every image of a manifest.
-
-    Images go through ``xrai.data.augment.preprocess`` (letterbox + the eval branch of the training
-    augmentation: a centre crop), so prediction and training see the same pixels. Files are decoded
-    in a thread pool one batch ahead of the model. Unreadable images are dropped with a warning.
-
-    Args:
-        model: a one-logit classifier, or a RunModel (its logits, device, config and temperature are then
-            used; ``device`` is ignored).
-        manifest: rows with at least ``path``; label, body_part, patient_id, study_id (and ``group``)
-            are carried over when present (label -1 and "" otherwise).
-        config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
-            TrainConfig's defaults for the manifest's source.
-        temperature: probability = sigmoid(logit / temperature); None: the RunModel's, else 1.
-        tta: also score the horizontally flipped image and average the two probabilities (the logit
-            of their mean, ``xrai.runs.load.flip_tta_logits``); None: as the run's config says
-            (``config.tta``, the flip test-time augmentation of its recipe).
-        device: "auto" (CUDA when there is one), "cpu", "cuda", ...
-
-    Returns:
-        DataFrame with PREDICTION_COLUMNS, then ``logit`` (and ``group``), in manifest order, bad
-        images left out.
-    """
-    from tqdm.auto import tqdm
-
-    from xrai.data.augment import preprocess
-    from xrai.env import autocast_dtype, get_device
-
-    if "path" not in manifest.columns:
-        raise ValueError(f"predict needs a manifest with a 'path' column, got {list(manifest.columns)}")
-    if isinstance(model, RunModel):
-        # through RunModel.logits, so whatever stands behind a run (one model, a fold ensemble) predicts
-        config = model.config if config is None else config
-        temperature = model.temperature if temperature is None else temperature
-        dev, forward = model.device, model.logits
-    else:
-        dev = get_device(device) if isinstance(device, str) else torch.device(device)
-        amp = autocast_dtype(dev) if dev.type == "cuda" else None
-        forward = functools.partial(one_logit, model.to(dev).eval(), amp=amp)
-
-    temperature = 1.0 if temperature is None else float(temperature)
-    if config is None:
-        from xrai.config import TrainConfig
-
-        source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
-        config = TrainConfig(data=source)
-    tta = bool(getattr(config, "tta", False)) if tta is None else bool(tta)
-    table = manifest.reset_index(drop=True)
-    paths = table["path"].astype(str).tolist()
-    batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    logits = np.full(len(paths), np.nan)
-    bad: list[tuple[str, str]] = []
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        pending = [pool.submit(_read, paths[i]) for i in batches[0]] if batches else []
-        for b, rows in enumerate(tqdm(batches, desc="predict", unit="batch", disable=not progress)):
-            decoded = [f.result() for f in pending]
-            if b + 1 < len(batches):  # decode the next batch while this one runs
-                pending = [pool.submit(_read, paths[i]) for i in batches[b + 1]]
-            keep = [(i, img) for i, (img, err) in zip(rows, decoded) if img is not None]
-            bad += [(paths[i], err) for i, (img, err) in zip(rows, decoded) if img is None]
-            if not keep:
-                continue
-            x = preprocess([img for _, img in keep], image_size=config.image_size,
-                           resize_size=config.resize_size, device=dev, resize=config.resize)
-            z = flip_tta_logits(forward, x) if tta else forward(x)
-            logits[[i for i, _ in keep]] = z.cpu().numpy()
-    if bad:
-        listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
-        warnings.warn(f"dropped {len(bad)} unreadable image(s) from the predictions: {listed}"
-                      + (" ..." if len(bad) > 5 else ""), UserWarning, stacklevel=2)
-    out = pd.DataFrame({"path": paths, "probability": apply_temperature(np.nan_to_num(logits), temperature)})
-    out["label"] = table["label"].astype(int) if "label" in table.columns else -1
-    for col in ("body_part", "patient_id", "study_id"):
-        out[col] = table[col].fillna("").astype(str) if col in table.columns else ""
-    out["logit"] = logits
-    if "group" in table.columns:
-        out["group"] = table["group"].fillna("").astype(str)
-    columns = PREDICTION_COLUMNS + [c for c in PREDICTION_EXTRA_COLUMNS if c in out.columns]
-    return out[np.isfinite(out["logit"])].reset_index(drop=True)[columns]
-
-
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """A predictions_<split>.csv back, ids as strings ("" for none)."""
-    return pd.read_csv(path, dtype={c: str for c in ("path", "body_part", "patient_id", "study_id", "group")},
-                       keep_default_na=False)
-
-
 # ---- writing a run's reports --------------------------------------------------------------------
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    """Strict JSON (NaN is refused: undefined metrics are null), written atomically."""
-    return atomic_write_json(path, obj, allow_nan=False)
 
 
 def _audit_counts(run_dir: Path) -> dict[str, int | None]:
     """Counts from run_dir/audit.csv; null counts (not zeros: "not audited" is not "clean") without it."""
-    path = run_dir / "audit.csv"
-    if not path.is_file():
+    table = RunFolder(run_dir).read_audit()
+    if table is None:
         warnings.warn(f"no audit.csv in {run_dir}: the report's audit counts are null; run "
                       f"`python -m xrai audit` (or notebooks/02_eda.ipynb) to fill them", UserWarning, stacklevel=3)
         return {"cross_split_groups": None, "cross_label_groups": None}
-    from xrai.data import audit_summary
-
-    table = pd.read_csv(path, dtype={"path": str, "crosses": str}, keep_default_na=False)
     return {k: int(v) for k, v in audit_summary(table).items()}
 
 
@@ -233,21 +104,19 @@ def run_threshold(run_dir: str | Path) -> float:
     Raises:
         FileNotFoundError: the run was never evaluated on valid; the message says how.
     """
-    path = operating_point_file(run_dir)
+    path = RunFolder(run_dir).operating_point_file
     if not path.is_file():
         raise FileNotFoundError(f"no report_valid.json in {run_dir}: the threshold is chosen on validation; "
                                 f"run `python -m xrai evaluate --run {run_dir} --split valid` first")
-    return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
+    return float(read_json(path)["threshold"])
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
-    from xrai.data import filter_body_parts, read_manifest
-
     manifest = read_manifest(run_dir)
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         present = manifest["split"].value_counts().to_dict()
-        raise ValueError(f"no {split!r} images in {run_dir / 'manifest.csv'} (splits present: {present})")
+        raise ValueError(f"no {split!r} images in {RunFolder(run_dir).manifest_csv} (splits present: {present})")
     rows = filter_body_parts(rows, config.body_parts())
     rows.attrs = dict(manifest.attrs)
     return rows
@@ -257,18 +126,18 @@ def _valid_selection(run: RunModel, *, tta: bool, **valid_options: Any) -> Selec
     """The Selection in report_valid.json, after evaluating valid when it is missing or was made with
     another checkpoint (or without TTA when TTA is asked for now, or the other way round).
 
-    ``run`` is loaded with ``refresh=False``: its point is the defaults exactly when the file is
+    ``run`` is loaded with ``stale="default"``: its point is the defaults exactly when the file is
     missing or stale, with the reason in ``point.note`` (so the checkpoint is hashed once per evaluation).
 
     A run whose operating point was chosen on a CV's out-of-fold predictions (a CV run, a final fit)
     cannot choose it again here: when it no longer fits, the error says to rerun the CV.
     """
     run_dir = run.run_dir
-    path = operating_point_file(run_dir)
+    path = RunFolder(run_dir).operating_point_file
     current = run.point.source != "default"
     reason = run.point.note
-    report = json.loads(path.read_text(encoding="utf-8")) if current else {}
-    oof = path.name != "report_valid.json"
+    report = read_json(path) if current else {}
+    oof = path != RunFolder(run_dir).report_json("valid")
     if current and bool(report.get("tta", False)) != tta:
         current = False
         reason = (f"its threshold was chosen with tta={report.get('tta', False)}; evaluate with that setting" if oof
@@ -279,9 +148,7 @@ def _valid_selection(run: RunModel, *, tta: bool, **valid_options: Any) -> Selec
                              f"(rerun `python -m xrai cv` into a new folder)")
         return selection_from_report(report)
     if not current:
-        if (run_dir / "report_valid.json").is_file():
-            from xrai.runs.load import StaleThresholdWarning
-
+        if RunFolder(run_dir).report_json("valid").is_file():
             warnings.warn(f"{run_dir}: {reason}; evaluating valid again first", StaleThresholdWarning, stacklevel=3)
         report = evaluate_run(run_dir, split="valid", which=run.which, tta=tta, **valid_options)
     return selection_from_report(report)
@@ -376,16 +243,16 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     tta = run_tta(run_dir) if tta is None else bool(tta)
-    given = operating_point_file(run_dir)
+    given = RunFolder(run_dir).operating_point_file
     if split == "valid" and given.name == "report_oof.json":  # a CV run's validation
-        return json.loads(given.read_text(encoding="utf-8"))
-    if split == "valid" and given.name == THRESHOLD_FILE:
+        return read_json(given)
+    if split == "valid" and given.name == THRESHOLD_JSON:
         raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from {given}); "
                          f"score the test split or an external set")
     # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
     options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
                    n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
-    run = load_run(run_dir, which=which, device=device, refresh=False)
+    run = load_run(run_dir, which=which, device=device, stale="default")
     selection = None if split == "valid" else _valid_selection(run, tta=tta, **options)
     rows = _split_rows(run_dir, split, run.config)
     pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
@@ -395,18 +262,14 @@ def evaluate_run(
     else:
         threshold_from = _threshold_from(selection)
     pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
-    pred.to_csv(run_dir / f"predictions_{split}.csv", index=False)
+    RunFolder(run_dir).write_predictions(split, pred)
     report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
                     audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)
     if explain_images != 0:
-        from xrai.evaluate.scores import EXPLAIN_IMAGES, measure_explanations
-
         report["explain"] = measure_explanations(
             run, pred, split=split, threshold=selection.threshold, seed=seed, progress=progress, manifest=rows,
             n_images=EXPLAIN_IMAGES if explain_images is None else explain_images)
-    write_json(report, run_dir / f"report_{split}.json")
-    from xrai.evaluate.model_card import write_model_card
-
+    RunFolder(run_dir).write_report(split, report)
     write_model_card(run_dir)
     return report
 
@@ -434,16 +297,16 @@ def evaluate_external(
         raise ValueError(f"external report name {name!r} must be a plain word other than train/valid/test")
     run_dir = Path(run_dir)
     tta = run_tta(run_dir) if tta is None else bool(tta)
-    run = load_run(run_dir, which=which, device=device, refresh=False)
+    run = load_run(run_dir, which=which, device=device, stale="default")
     selection = _valid_selection(run, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
                                  seed=seed, batch_size=batch_size, device=device, explain_images=0)
     pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
                    progress=progress)
-    pred.to_csv(run_dir / f"predictions_{name}.csv", index=False)
+    RunFolder(run_dir).write_predictions(name, pred)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")
     attrs = {"source": source, "split_method": f"external: every image of {source or 'the given manifest'}"}
     report = _score(run, pred, selection, split=name, threshold_from=_threshold_from(selection), rows_attrs=attrs,
                     audit={"cross_split_groups": None, "cross_label_groups": None}, tta=tta,
                     n_bootstrap=n_bootstrap, seed=seed)
-    write_json(report, run_dir / f"report_{name}.json")
+    RunFolder(run_dir).write_report(name, report)
     return report

@@ -1,183 +1,141 @@
-"""One way to load what a run predicts with: the model, its config, the checkpoint's hash, and the
-operating point chosen on validation for THAT checkpoint (temperature, image and study thresholds).
-
-``evaluate``, the predict/explain CLI, the widgets and the app all go through :func:`load_run`, so a
-threshold is never reused after the checkpoint changed: report_valid.json records the sha256 of the
-checkpoint it was made with, and a run whose checkpoint no longer matches is re-evaluated on valid
-(or, where it cannot be, falls back to 0.5 with a note saying why).
+"""Loading a run to predict with: its model (a CV run's fold ensemble), its config, the checkpoint's hash
+and the operating point chosen on validation for THAT checkpoint. Loading never writes to the run folder:
+a stale operating point is refused in one line that names the command choosing it again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
-from xrai.models.ensemble import cv_folds, is_cv_run
+from xrai.config import TrainConfig
+from xrai.env import autocast_dtype, get_device
+from xrai.errors import first_lines
+from xrai.models.checkpoint import CheckpointError, load_checkpoint
+from xrai.models.ensemble import FoldEnsemble
+from xrai.models.factory import XraiClassifier, create_model
+from xrai.models.logits import flip_tta_logits, one_logit
+from xrai.models.pruning import fold_pruning
+from xrai.runs.layout import RunFolder
+from xrai.runs.operating import (
+    OperatingPoint,
+    StaleOperatingPointError,
+    evaluate_command,
+    operating_point,
+    run_checkpoint_sha256,
+)
 
-__all__ = [
-    "DEFAULT_THRESHOLD",
-    "THRESHOLD_FILE",
-    "OperatingPoint",
-    "RunModel",
-    "StaleThresholdWarning",
-    "checkpoint_path",
-    "checkpoint_sha256",
-    "flip_tta_logits",
-    "folds_sha256",
-    "load_run",
-    "one_logit",
-    "operating_point",
-    "operating_point_file",
-    "run_checkpoint_sha256",
-    "run_tta",
-]
+__all__ = ["STALE", "RunModel", "StaleThresholdWarning", "load_ensemble", "load_model", "load_run", "run_tta"]
 
-DEFAULT_THRESHOLD = 0.5
-# Where a run without a validation split of its own (a final fit on all of a CV's pool) keeps the
-# operating point it was given: the CV's out-of-fold one, {"threshold_from": "oof", ...}.
-THRESHOLD_FILE = "threshold.json"
-_TTA_EPS = 1e-6  # the mean probability is clamped to [eps, 1 - eps] before its logit
+# What load_run does with a stale operating point: refuse it (every consumer), or use the defaults with
+# a note (evaluate, which chooses it again on valid).
+STALE = ("refuse", "default")
 
 
-def flip_tta_logits(forward: Any, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Flip test-time augmentation: the logit of the mean probability of each image and its left-right
-    mirror (the one definition training's validation, predict, explain and the app use).
-
-    Args:
-        forward: images (B, 3, H, W) -> logits (B,).
-        logits: ``forward(x)`` when already computed (e.g. by a Grad-CAM pass).
-    """
-    z = forward(x) if logits is None else torch.as_tensor(logits, device=x.device)
-    flipped = forward(torch.flip(x, dims=[3]))
-    mean = (torch.sigmoid(z.float()) + torch.sigmoid(flipped.float().reshape(z.shape))) / 2
-    # log(p) - log(1 - p) rather than torch.logit: the same figure, in operators every ONNX opset has
-    mean = mean.clamp(_TTA_EPS, 1 - _TTA_EPS)
-    return torch.log(mean) - torch.log1p(-mean)
-
-
-def one_logit(model: nn.Module, x: torch.Tensor, *, amp: torch.dtype | None = None) -> torch.Tensor:
-    """A one-logit classifier's logit per image, float32 (B,), without autograd; under autocast to
-    ``amp`` when given (the one forward predict, explain, the run's model and their TTA share)."""
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-        return model(x).float().reshape(x.shape[0], -1)[:, 0]
-
-
-def operating_point_file(run_dir: str | Path) -> Path:
-    """The file holding a run's operating point: report_valid.json; a CV run's report_oof.json (chosen on
-    its out-of-fold predictions); a final fit's threshold.json (the CV's, given to it)."""
-    run_dir = Path(run_dir)
-    if is_cv_run(run_dir):
-        return run_dir / "report_oof.json"
-    if (run_dir / THRESHOLD_FILE).is_file():
-        return run_dir / THRESHOLD_FILE
-    return run_dir / "report_valid.json"
+class StaleThresholdWarning(UserWarning):
+    """The operating point was chosen with another checkpoint: evaluate chooses it again."""
 
 
 def run_tta(run_dir: str | Path) -> bool:
     """Whether the run's recipe scores with flip TTA (config.json "tta"; False for runs made before it existed)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return False
-    return bool(json.loads(path.read_text(encoding="utf-8")).get("tta", False))
+    return bool(RunFolder(run_dir).read_config().get("tta", False))
 
 
-class StaleThresholdWarning(UserWarning):
-    """report_valid.json was chosen with another checkpoint (or does not say which)."""
+def load_model(
+    path_or_run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu"
+) -> tuple[XraiClassifier, TrainConfig]:
+    """Rebuild a trained model from a run folder (``checkpoints/<which>.pt``) or a checkpoint file.
 
-
-def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
-    """run_dir/checkpoints/<which>.pt."""
-    return Path(run_dir) / "checkpoints" / f"{which}.pt"
-
-
-def run_checkpoint_sha256(run_dir: str | Path, which: str = "best") -> str:
-    """The sha256 a run's operating point is bound to: its checkpoint's, or for a CV run (cv.json) the
-    sha256 of its folds' checkpoint hashes in fold order (any retrained fold changes it)."""
-    folds = cv_folds(run_dir)
-    return checkpoint_sha256(checkpoint_path(run_dir, which)) if folds is None else folds_sha256(run_dir, folds, which)
-
-
-def folds_sha256(run_dir: str | Path, folds: int, which: str = "best") -> str:
-    """The sha256 of a CV run's fold checkpoints' hashes (folds/<k>/checkpoints/<which>.pt, k in order)."""
-    hashes = [checkpoint_sha256(checkpoint_path(Path(run_dir) / "folds" / str(k), which)) for k in range(folds)]
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """sha256 of a checkpoint file's bytes (streamed: DenseNet-169's 50 MB take ~0.1 s)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True, kw_only=True)
-class OperatingPoint:
-    """What a run decides with, all chosen on the validation split for one checkpoint.
-
-    Attributes:
-        threshold: image-level threshold on calibrated probabilities.
-        study_threshold: study-level threshold on the mean of a study's calibrated probabilities;
-            None where the source has no studies.
-        temperature: the temperature the logits are divided by (1.0 when uncalibrated).
-        calibrated: whether a temperature was fitted.
-        checkpoint_sha256: the checkpoint these were chosen with; None for the defaults.
-        source: "valid" (read from report_valid.json), "oof" (chosen on a CV's out-of-fold predictions:
-            report_oof.json or threshold.json) or "default".
-        note: why the defaults are in use, for people ("" when source is "valid").
-    """
-
-    threshold: float = DEFAULT_THRESHOLD
-    study_threshold: float | None = None
-    temperature: float = 1.0
-    calibrated: bool = False
-    checkpoint_sha256: str | None = None
-    source: str = "default"
-    note: str = ""
-
-    @classmethod
-    def from_report(cls, report: dict[str, Any]) -> "OperatingPoint":
-        """The operating point a report_valid.json holds."""
-        calibration = report.get("calibration") or {}
-        temperature = calibration.get("temperature")
-        study = report.get("study_threshold")
-        return cls(
-            threshold=float(report["threshold"]),
-            study_threshold=None if study is None else float(study),
-            temperature=1.0 if temperature is None else float(temperature),
-            calibrated=bool(calibration.get("applied", False)),
-            checkpoint_sha256=(report.get("checkpoint") or {}).get("sha256"),
-            source="oof" if report.get("threshold_from") == "oof" else "valid",
-        )
-
-
-def operating_point(run_dir: str | Path, sha256: str) -> tuple[OperatingPoint | None, str]:
-    """The run's operating point if report_valid.json was made with the checkpoint ``sha256``.
+    Pruning reparametrisation (``x.weight_orig`` and ``x.weight_mask``) is folded into ``x.weight``, so
+    the returned model is a plain one with the pruned weights at zero.
 
     Returns:
-        (point, "") when current; (None, reason) when missing or stale, the reason in words.
+        (model in eval mode on ``device``, the run's TrainConfig). For a cross-validation run folder
+        (cv.json) the model is its folds' ``xrai.models.ensemble.FoldEnsemble``.
+
+    Raises:
+        FileNotFoundError: no such checkpoint; says which notebook or command makes it.
+        ValueError: the file is not an xrai checkpoint (CheckpointError: it cannot be read at all).
     """
-    path = operating_point_file(run_dir)
-    if not path.is_file():
-        return None, "the run has not been evaluated"
-    report = json.loads(path.read_text(encoding="utf-8"))
-    recorded = (report.get("checkpoint") or {}).get("sha256")
-    if recorded is None:
-        return None, f"{path.name} does not record the checkpoint its threshold was chosen with"
-    if recorded != sha256:
-        return None, (f"{path.name} was made with checkpoint sha256 {recorded[:12]}, "
-                      f"but the checkpoint is now {sha256[:12]}")
-    return OperatingPoint.from_report(report), ""
+    path = Path(path_or_run_dir)
+    if RunFolder(path).is_cv:  # a cross-validation run: its folds' ensemble
+        return load_ensemble(path, which=which, device=device)
+    if path.suffix in (".pt", ".pth"):
+        checkpoint_path, run_dir = path, path.parent.parent
+    else:
+        checkpoint_path, run_dir = RunFolder(path).checkpoint(which), path
+    if not checkpoint_path.is_file():
+        found = sorted(p.name for p in checkpoint_path.parent.glob("*.pt")) if checkpoint_path.parent.is_dir() else []
+        raise FileNotFoundError(
+            f"no checkpoint {checkpoint_path} (run folder {run_dir}; checkpoints there: {found or 'none'}). "
+            f"A run folder's checkpoints are made by notebooks/03_train.ipynb or "
+            f"`python -m xrai train --out {run_dir}`"
+        )
+    checkpoint = load_checkpoint(checkpoint_path)  # a torn or foreign file: CheckpointError naming it
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{checkpoint_path} is not an xrai checkpoint: expected keys 'model' and 'config', got {keys}")
+    config = TrainConfig.from_dict(checkpoint["config"])
+    model = create_model(
+        config.model, pretrained=False, head=config.head, dropout=config.dropout, freeze=config.freeze
+    )
+    # last.pt of a run with an EMA keeps the raw weights for resuming and the EMA's (the ones validated) apart
+    state = checkpoint.get("ema") or checkpoint["model"]
+    state = {k: v for k, v in state.items() if k != "n_averaged"}  # AveragedModel's counter
+    try:
+        model.load_state_dict(fold_pruning(_strip_wrappers(state)), strict=True)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights: a file edited or mixed up
+        raise CheckpointError(f"{checkpoint_path}: its weights do not fit the {config.model} its config names "
+                              f"({first_lines(err)}); the file was altered or mixed up with another run's") from err
+    if str(device) == "auto":
+        device = get_device("auto")
+    return model.to(device).eval(), config
+
+
+def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the key prefixes torch.compile (``_orig_mod.``) and DataParallel (``module.``) add."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_ensemble(run_dir: str | Path, *, which: str = "best",
+                  device: str | torch.device = "cpu") -> tuple[FoldEnsemble, TrainConfig]:
+    """The fold ensemble of a CV run folder and the config its folds were trained with.
+
+    Args:
+        run_dir: the CV run folder (cv.json, config.json, folds/<k>/checkpoints/).
+        which: the folds' checkpoint, "best" (the weights each fold hands on) or "last".
+        device: where the ensemble goes ("auto": CUDA when there is one).
+    Raises:
+        FileNotFoundError: no cv.json, or a fold's checkpoint is missing (the message names it).
+    """
+    run = RunFolder(run_dir)
+    folds = run.cv_folds()
+    if folds is None:
+        raise FileNotFoundError(f"no {run.cv_json.name} in {run.path}: not a finished cross-validation run; make "
+                                f"one with `python -m xrai cv --data SOURCE --out {run.path}`")
+    members, config = [], TrainConfig.from_json(run.config_json)
+    for fold in range(folds):
+        model, fold_config = load_model(run.fold(fold).path, which=which, device=device)
+        if (fold_config.image_size, fold_config.resize_size, fold_config.resize) != (
+                config.image_size, config.resize_size, config.resize):
+            raise ValueError(f"fold {fold} of {run.path} was trained with other input settings than "
+                             f"{run.config_json}; rerun the CV into a new folder")
+        members.append(model)
+    ensemble = FoldEnsemble(members).to(next(members[0].parameters()).device).eval()
+    ensemble.xrai_name = f"{config.model} ({len(members)}-fold ensemble)"
+    return ensemble, config
 
 
 @dataclass(kw_only=True, eq=False)
@@ -216,14 +174,14 @@ class RunModel:
     def threshold_from(self) -> str:
         """Where the thresholds came from, in words."""
         if self.point.source in ("valid", "oof"):
-            return (f"{self.point.source} ({operating_point_file(self.run_dir).name}, "
+            return (f"{self.point.source} ({RunFolder(self.run_dir).operating_point_file.name}, "
                     f"checkpoint sha256 {self.checkpoint_sha256[:12]})")
-        return f"default {DEFAULT_THRESHOLD}: {self.point.note}"
+        return f"default {self.point.threshold}: {self.point.note}"
 
     @property
     def checkpoint_file(self) -> str:
         """The checkpoint(s) behind the model, relative to the run folder."""
-        if is_cv_run(self.run_dir):
+        if RunFolder(self.run_dir).is_cv:
             return f"folds/*/checkpoints/{self.which}.pt"
         return f"checkpoints/{self.which}.pt"
 
@@ -239,60 +197,51 @@ class RunModel:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logit per image, float32 (B,), on the run's device."""
-        from xrai.env import autocast_dtype
-
         amp = autocast_dtype(self.device) if self.device.type == "cuda" else None
         return one_logit(self.model, x.to(self.device), amp=amp)
 
     def calibrate(self, logits: Any) -> np.ndarray:
         """Calibrated probabilities sigmoid(logit / T) for logits (any array-like)."""
-        from xrai.evaluate.calibration import apply_temperature
-
-        return apply_temperature(np.asarray(logits, dtype=np.float64), self.temperature)
+        return self.point.calibrate(logits)
 
     def probabilities(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, raw) probabilities of "abnormal" for a normalised batch (B, 3, H, W), with the
         recipe's flip TTA when it has one (as its thresholds were chosen)."""
-        from scipy.special import expit
-
         z = self.tta_logits(x).cpu().numpy().astype(np.float64)
         return self.calibrate(z), expit(z)
 
 
 def load_run(
-    run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu", refresh: bool = True
+    run_dir: str | Path, *, which: str = "best", device: str | torch.device = "cpu", stale: str = "refuse"
 ) -> RunModel:
-    """Load a run's model and the operating point chosen on valid for this very checkpoint.
+    """Load a run's model and the operating point chosen on valid for this very checkpoint. Reads only.
 
-    When report_valid.json is missing, does not record its checkpoint, or records another one, and
-    ``refresh`` is True, the run is evaluated on valid again (thresholds and temperature recomputed,
-    report_valid.json rewritten) before loading, with a StaleThresholdWarning. Where that cannot be
-    done (no manifest.csv, a read-only run folder, ``refresh=False``) the defaults are used: threshold
-    0.5, no calibration, and ``point.note`` says why.
+    A run never evaluated predicts at the defaults (threshold 0.5, no calibration; ``point.note`` says
+    why). An operating point chosen with another checkpoint (or that does not say which) is stale.
+
+    Args:
+        stale: "refuse" (a StaleOperatingPointError naming ``python -m xrai evaluate``), or "default":
+            the defaults with the reason in ``point.note`` (evaluate, which chooses the point again).
 
     Raises:
-        FileNotFoundError: no such checkpoint (from ``xrai.models.factory.load_model``).
+        FileNotFoundError: no such checkpoint (from ``load_model``).
+        StaleOperatingPointError: a stale operating point and ``stale="refuse"``.
+        OperatingPointError: the operating-point file holds a NaN or out-of-range number.
     """
-    from xrai.env import get_device
-    from xrai.models.factory import load_model
-
+    if stale not in STALE:
+        raise ValueError(f"stale must be one of {STALE}, got {stale!r}")
     run_dir = Path(run_dir)
     dev = get_device(device) if isinstance(device, str) else torch.device(device)
     model, config = load_model(run_dir, which=which, device=dev)  # a CV run: its folds' ensemble
     sha = run_checkpoint_sha256(run_dir, which)
     point, reason = operating_point(run_dir, sha)
-    if point is None and refresh and operating_point_file(run_dir).is_file():  # there, but stale
-        if operating_point_file(run_dir).name != "report_valid.json":
-            reason += "; an out-of-fold threshold cannot be chosen again here (rerun the CV)"
-        elif not (run_dir / "manifest.csv").is_file() or not os.access(run_dir, os.W_OK):
-            reason += "; it cannot be re-evaluated here (no manifest.csv, or a read-only run folder)"
-        else:
-            from xrai.evaluate.run import evaluate_run
-
-            warnings.warn(f"{run_dir}: {reason}; re-evaluating on valid to choose the threshold again",
-                          StaleThresholdWarning, stacklevel=2)
-            evaluate_run(run_dir, split="valid", which=which, device=str(dev), progress=False, explain_images=0)
-            point, reason = operating_point(run_dir, sha)
+    where = RunFolder(run_dir).operating_point_file
+    if point is None and where.is_file():  # there, but stale
+        again = ("rerun the CV (`python -m xrai cv`) into a new folder" if where.name != "report_valid.json"
+                 else f"choose it again with `{evaluate_command(run_dir)}`")
+        if stale == "refuse":
+            raise StaleOperatingPointError(f"{run_dir}: {reason}; {again}")
+        reason += f"; {again}"
     if point is None:
         point = OperatingPoint(note=reason)
     return RunModel(model=model, config=config, run_dir=run_dir, which=which, checkpoint_sha256=sha,

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from xrai.config import TrainConfig
 from xrai.fileio import atomic_write_csv
-from xrai.models.ensemble import CV_FILE, is_cv_run
+from xrai.runs.layout import CV_JSON, RunFolder
 from xrai.train.trainer import fit
 
 __all__ = ["CVResult", "POOL_SPLITS", "assign_folds", "cross_validate", "fit_final", "fold_manifest",
@@ -185,7 +185,7 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
 
     run_dir = Path(run_dir)
     say = tqdm.write if progress else logger.info
-    if not resume and (is_cv_run(run_dir) or (run_dir / "manifest.csv").is_file()):
+    if not resume and (RunFolder(run_dir).is_cv or (run_dir / "manifest.csv").is_file()):
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (CLI: --resume) to continue it, "
                               "or choose a new run folder")
     start = time.perf_counter()
@@ -216,9 +216,9 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
     oof, threshold = _write_oof(run_dir, config, table, audit_table, folds)
     summary = _cv_summary(config, table, per_fold, oof, threshold, folds=folds, wall=time.perf_counter() - start)
     config.to_json(run_dir / "config.json")
-    from xrai.evaluate.run import write_json
+    from xrai.runs.layout import write_json
 
-    write_json(summary, run_dir / CV_FILE)  # last: its presence marks a finished CV run
+    write_json(summary, run_dir / CV_JSON)  # last: its presence marks a finished CV run
     image = summary["summary"]["image"]["auroc"]
     say(f"{folds}-fold CV AUROC {_fmt(image['mean'])} +- {_fmt(image['std'])} (fold std); OOF AUROC "
         f"{_fmt(summary['oof']['auroc'])}, OOF threshold {summary['oof']['threshold']:.3f}; "
@@ -244,14 +244,14 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
         ValueError: the recipe uses the plateau scheduler (it needs validation).
     """
     from xrai.data import read_manifest
-    from xrai.evaluate.run import write_json
-    from xrai.runs.load import THRESHOLD_FILE, checkpoint_path, checkpoint_sha256
+    from xrai.runs.layout import THRESHOLD_JSON, RunFolder, write_json
+    from xrai.runs.operating import checkpoint_sha256
 
     run_dir = Path(run_dir)
-    if not is_cv_run(run_dir):
-        raise FileNotFoundError(f"no {CV_FILE} in {run_dir}: a final fit follows a finished cross-validation "
+    if not RunFolder(run_dir).is_cv:
+        raise FileNotFoundError(f"no {CV_JSON} in {run_dir}: a final fit follows a finished cross-validation "
                                 f"(`python -m xrai cv ... --out {run_dir}`)")
-    summary = json.loads((run_dir / CV_FILE).read_text(encoding="utf-8"))
+    summary = json.loads((run_dir / CV_JSON).read_text(encoding="utf-8"))
     config = TrainConfig.from_json(run_dir / "config.json")
     if config.scheduler == "plateau":
         raise ValueError("a final fit has no validation, so it cannot use scheduler 'plateau'; rerun the CV "
@@ -269,10 +269,10 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
     given = {key: oof.get(key) for key in OPERATING_POINT_KEYS}
     given.update({"threshold_from": "oof",
                   "checkpoint": {"file": "checkpoints/best.pt",
-                                 "sha256": checkpoint_sha256(checkpoint_path(final_dir, "best"))},
+                                 "sha256": checkpoint_sha256(RunFolder(final_dir).checkpoint("best"))},
                   "chosen_on": f"the out-of-fold predictions of the {summary['folds']}-fold CV in "
                                f"{run_dir.name}/ (predictions_oof.csv, report_oof.json)"})
-    write_json(given, final_dir / THRESHOLD_FILE)
+    write_json(given, final_dir / THRESHOLD_JSON)
     return fitted
 
 
@@ -285,8 +285,8 @@ def score_folds(run_dir: str | os.PathLike, *, tta: bool | None = None, which: s
     from sklearn.metrics import roc_auc_score
 
     from xrai.data import read_manifest
-    from xrai.evaluate.run import predict
-    from xrai.models.factory import load_model
+    from xrai.evaluate.predictions import predict
+    from xrai.runs.load import load_model
 
     run_dir = Path(run_dir)
     values = []
@@ -339,9 +339,10 @@ def _write_fold_audit(audit_table: pd.DataFrame | None, rows: pd.DataFrame, run_
 
 def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
     """A resumed fold's report_valid.json when it was made with the fold's current checkpoint, else None."""
-    from xrai.runs.load import checkpoint_path, checkpoint_sha256
+    from xrai.runs.layout import RunFolder
+    from xrai.runs.operating import checkpoint_sha256
 
-    best, path = checkpoint_path(fold_dir, "best"), fold_dir / "report_valid.json"
+    best, path = RunFolder(fold_dir).checkpoint("best"), fold_dir / "report_valid.json"
     if not (best.is_file() and path.is_file() and (fold_dir / "predictions_valid.csv").is_file()):
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
@@ -372,10 +373,10 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
     (the OOF predictions, the OOF threshold)."""
     from xrai.data import audit_summary
     from xrai.data.audit import with_splits
-    from xrai.evaluate.calibration import apply_temperature
     from xrai.evaluate.report import choose_selection
-    from xrai.evaluate.run import read_predictions, score_predictions, write_json
-    from xrai.runs.load import folds_sha256
+    from xrai.evaluate.run import score_predictions
+    from xrai.runs.layout import read_predictions, write_json
+    from xrai.runs.operating import apply_temperature, folds_sha256
 
     parts = []
     for k in range(folds):

@@ -59,8 +59,9 @@ from xrai.models.checkpoint import (
     set_rng_state,
     to_cpu,
 )
-from xrai.models.factory import create_model, prune_synflow, restore_pruning
-from xrai.runs.load import flip_tta_logits
+from xrai.models.factory import create_model
+from xrai.models.logits import flip_tta_logits
+from xrai.models.pruning import prune_synflow, restore_pruning
 from xrai.train import distributed
 from xrai.train.regularise import build_criterion, make_ema
 from xrai.train.tracking import open_trackers

@@ -223,10 +223,10 @@ def model_card(run_dir: str | Path) -> str:
     """The model card of a run, as Markdown, from the reports and files present."""
     run_dir = Path(run_dir)
     reports = {s: r for s in ("valid", "oof", "test") if (r := _read_json(run_dir / f"report_{s}.json"))}
-    from xrai.runs.load import operating_point_file
+    from xrai.runs.layout import RunFolder
 
     # a CV run's operating point is its out-of-fold report's; a final fit's, the one its CV gave it
-    point = reports.get("valid") or _read_json(operating_point_file(run_dir))
+    point = reports.get("valid") or _read_json(RunFolder(run_dir).operating_point_file)
     meta = _read_json(run_dir / "manifest.json") or {}
     source = meta.get("source") or next((r.get("source") for r in reports.values() if r.get("source")), "") or ""
     lines = [f"# Model card: {run_dir.name}", "",

@@ -1,0 +1,90 @@
+"""Grad-CAM galleries of a scored split: the most confident true positives, false positives and false
+negatives, each a row of overlays with the label, the prediction and the probability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrai.data import read_manifest, relocate_paths
+from xrai.evaluate.run import evaluate_run
+from xrai.explain.cam import explain_paths
+from xrai.explain.overlays import save_png, text_band, tile, tile_row
+from xrai.labels import class_names
+from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.load import load_run
+from xrai.runs.operating import operating_point
+
+__all__ = ["GALLERY_KINDS", "gallery"]
+
+GALLERY_KINDS = {
+    "tp": "most confident true positives",
+    "fp": "most confident false positives",
+    "fn": "most confident false negatives",
+}
+
+
+def _select(pred: Any, kind: str, threshold: float, n: int) -> Any:
+    p, y = pred["probability"], pred["label"]
+    if kind == "tp":
+        rows = pred[(y == 1) & (p >= threshold)].sort_values("probability", ascending=False)
+    elif kind == "fp":
+        rows = pred[(y == 0) & (p >= threshold)].sort_values("probability", ascending=False)
+    else:
+        rows = pred[(y == 1) & (p < threshold)].sort_values("probability", ascending=True)
+    return rows.head(n)
+
+
+def gallery(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    n: int = 4,
+    method: str = "gradcam",
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Galleries of the most confident true positives, false positives and false negatives.
+
+    Reads predictions_<split>.csv (evaluating the split first when it is missing) and the run's
+    validation threshold and temperature (``xrai.runs.load.load_run``); writes under run_dir/gradcam/: ``<kind>_<split>.png`` (one row of overlays;
+    a short note when there is no such case) and ``<split>_<kind>_<rank>.png`` per image shown.
+
+    Returns:
+        {"tp": path, "fp": path, "fn": path, "tp_1": path, ...}.
+    """
+    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    run = load_run(run_dir, stale="default")  # evaluating below chooses a stale operating point again
+    made_with = ((read_json(folder.report_json(split)) or {}).get("checkpoint") or {}).get("sha256")
+    if not folder.predictions_csv(split).is_file() or made_with != run.checkpoint_sha256 or run.point.source == "default":
+        evaluate_run(run_dir, split=split, progress=progress)  # the predictions are this checkpoint's
+        # the same checkpoint and model: only the operating point it (re)wrote is new
+        run.point = operating_point(run_dir, run.checkpoint_sha256)[0] or run.point
+    pred = folder.read_predictions(split)
+    if folder.manifest_csv.is_file():  # predicted on another machine (a fresh runtime): find its images here
+        pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir))
+    threshold, model, config = run.threshold, run.model, run.config
+    names = class_names(read_json(folder.manifest_json).get("source") if folder.manifest_json.is_file() else None)
+    out_dir = folder.gradcam
+    written: dict[str, Path] = {}
+    for kind, title in GALLERY_KINDS.items():
+        rows = _select(pred, kind, threshold, n)
+        stems = [f"{split}_{kind}_{rank}" for rank in range(1, len(rows) + 1)]
+        results = explain_paths(
+            model, config, rows["path"].tolist(), threshold=threshold, out_dir=out_dir,
+            labels=rows["label"].astype(int).tolist(), method=method, names=stems, temperature=run.temperature,
+            class_names=names,
+        )
+        tiles = []
+        for name, label, r in zip(stems, rows["label"].astype(int), results):
+            if r["overlay"] is not None:
+                written[f"{kind}_{name.rsplit('_', 1)[1]}"] = r["overlay"]
+                tiles.append(tile(r["path"], r["cam"], label, r["probability"], threshold, names=names))
+        if not tiles:
+            note = text_band(480, [f"none on {split} at threshold {threshold:.3f}"], (200, 200, 200))
+            tiles = [np.pad(note, ((140, 180 - note.shape[0]), (0, 0), (0, 0)))]
+        heading = f"{title} ({split}, threshold {threshold:.3f}, {method})"
+        written[kind] = save_png(tile_row(tiles, heading), out_dir / f"{kind}_{split}.png")
+    return written
