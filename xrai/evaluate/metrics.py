@@ -14,6 +14,8 @@ import pandas as pd
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from xrai.labels import CLASS_NAMES, SCREENING_SENSITIVITY
+
 # Study-level Cohen's kappa of the DenseNet-169 baseline on MURA's TEST set: 207 studies whose labels
 # the authors keep (a hidden test set; models are scored on it by submission), with the majority vote
 # of three radiologists as the gold standard (Rajpurkar et al., "MURA: Large Dataset for Abnormality
@@ -57,7 +59,6 @@ METRIC_KEYS = (
     "n", "accuracy", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity",
     "f1", "kappa", "kappa_ci", "confusion_matrix",
 )
-CLASS_NAMES = ("normal", "abnormal")
 
 
 def binary_arrays(y_true: Any, values: Any, *, purpose: str = "score",
@@ -159,11 +160,13 @@ def decision_metrics(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]
             "confusion_matrix": [[tn, fp], [fn, tp]]}
 
 
-def classification_report(y_true: Any, prob: Any, threshold: float) -> dict[str, Any]:
-    """scikit-learn's classification_report(output_dict=True) at the threshold, both classes named."""
+def classification_report(y_true: Any, prob: Any, threshold: float,
+                          names: tuple[str, str] = CLASS_NAMES) -> dict[str, Any]:
+    """scikit-learn's classification_report(output_dict=True) at the threshold, both classes named
+    (``xrai.labels.class_names(source)``: FracAtlas says "not fractured"/"fractured")."""
     y, p = binary_arrays(y_true, prob)
     return skm.classification_report(
-        y, (p >= threshold).astype(int), labels=[0, 1], target_names=list(CLASS_NAMES),
+        y, (p >= threshold).astype(int), labels=[0, 1], target_names=list(names),
         output_dict=True, zero_division=0,
     )
 
@@ -330,7 +333,8 @@ def bootstrap_ci(
 THRESHOLD_METHODS = ("youden", "sensitivity")
 
 
-def choose_threshold(y_true: Any, prob: Any, *, method: str = "youden", target: float = 0.9) -> float:
+def choose_threshold(y_true: Any, prob: Any, *, method: str = "youden",
+                     target: float = SCREENING_SENSITIVITY) -> float:
     """Choose the decision threshold on VALIDATION predictions (never on test).
 
     Args:
