@@ -28,7 +28,7 @@ ENTRYPOINT ["python", "-m", "xrai"]
 
 
 # ---- ONNX serving without torch: xrai itself with --no-deps, then exactly what `serve --onnx` imports.
-# Its installed size, measured as a fresh venv holding exactly these packages, is in the README.
+# Its installed size, measured as a fresh venv holding exactly these packages, is in docs/performance.md.
 FROM base AS onnx
 RUN pip install "onnxruntime>=1.14" "pillow>=9.4" "pydicom>=3.0" "numpy>=1.24" "flask>=2.3" "waitress>=3.0.1"
 COPY pyproject.toml requirements.txt README.md ./
