@@ -114,7 +114,7 @@ def test_offline_fails_fast_with_both_ways_out(monkeypatch, fake_hub, no_kaggle_
         download("mura")
     assert time.monotonic() - start < 5
     msg = str(info.value)
-    assert "cjinny/mura-v11" in msg and "Add data" in msg and "root=" in msg
+    assert "cjinny/mura-v11" in msg and "Add Input" in msg and "root=" in msg
     assert fake_hub.calls == []  # kagglehub (which retries for minutes) never called
 
 

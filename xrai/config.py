@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xrai.fileio import atomic_write_text
-
-MURA_BODY_PARTS = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
+from xrai.labels import MURA_BODY_PARTS as MURA_BODY_PARTS  # re-exported: xrai.config.MURA_BODY_PARTS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "step", "exponential", "plateau", "none")

@@ -10,10 +10,15 @@ import platform as _platform
 import random
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
+
+from xrai.runs.layout import MANIFEST_CSV
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +123,7 @@ def detect_platform(environ: dict[str, str] | None = None) -> tuple[str, bool]:
 
 def list_gpus() -> tuple[GPUInfo, ...]:
     """The CUDA devices torch can see."""
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     if not torch.cuda.is_available():
         return ()
@@ -131,13 +136,13 @@ def list_gpus() -> tuple[GPUInfo, ...]:
 
 def gpu_count() -> int:
     """How many CUDA devices torch can see (0 without CUDA)."""
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def runtime_info() -> RuntimeInfo:
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     plat, batch = detect_platform()
     return RuntimeInfo(
@@ -201,7 +206,7 @@ def cpu_count() -> int:
 
 def get_device(preference: str = "auto"):
     """torch.device for 'auto' (CUDA when there, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     if preference in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +218,7 @@ def get_device(preference: str = "auto"):
 
 def autocast_dtype(device) -> torch.dtype | None:
     """The autocast dtype for a torch.device, or None where mixed precision is off (CPU)."""
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     if getattr(device, "type", str(device)) != "cuda":
         return None
@@ -224,8 +229,7 @@ def autocast_dtype(device) -> torch.dtype | None:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA). Deterministic kernels are `backend_settings`' job."""
-    import numpy as np
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -246,7 +250,7 @@ def backend_settings(device, *, deterministic: bool = False) -> Iterator[None]:
     cuBLAS reads that variable when CUDA starts, so it is set before any CUDA work where possible; a
     warning says so when CUDA was already in use.
     """
-    import torch
+    import torch  # on use only: the ground floor imports no torch (tests/test_layout.py)
 
     cudnn = torch.backends.cudnn
     saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
@@ -256,8 +260,6 @@ def backend_settings(device, *, deterministic: bool = False) -> Iterator[None]:
             if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
                 os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    import warnings
-
                     warnings.warn("deterministic=True: CUDA was already in use when CUBLAS_WORKSPACE_CONFIG was set, "
                                   f"so cuBLAS may not honour it; set CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE} "
                                   "before the first CUDA call (first cell / shell) for bit-exact runs", stacklevel=3)
@@ -280,7 +282,7 @@ def xrai_home() -> Path:
 
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "xrai"
-_RUN_MARKER = "manifest.csv"  # every run folder of the series holds one (notebook 01 writes it)
+_RUN_MARKER = MANIFEST_CSV  # every run folder of the series holds one (notebook 01 writes it)
 _SEARCH_DEPTH = 5  # <input>/notebooks/<owner>/<slug>/versions/N above an attached run folder
 
 
@@ -341,7 +343,7 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, use_drive: bool = True, show:
 
 
 def _mount_drive() -> None:
-    from google.colab import drive  # type: ignore[import-not-found]
+    from google.colab import drive  # type: ignore[import-not-found]  # exists only in Colab
 
     drive.mount(str(DRIVE_MOUNT))
 

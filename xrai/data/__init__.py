@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Importing xrai.data (as importing xrai.data.decode.images, the decoder, does) must not import pandas,
@@ -22,6 +21,7 @@ from xrai.data.decode.images import (
     scan_images,
 )
 from xrai.data.download import DATASETS, DownloadError, download
+from xrai.labels import SOURCES  # re-exported: xrai.data.SOURCES, every source load reads
 
 _LAZY = {
     "manifest": ("manifest_info", "read_manifest", "relocate_paths", "save_manifest"),
@@ -61,8 +61,6 @@ def __getattr__(name: str):
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value  # the next lookup is a plain attribute
     return value
@@ -106,31 +104,6 @@ __all__ = [
     "split_manifest",
 ]
 
-SOURCES = ("mura", "fracatlas", "folder", "multiregion", "bonefracture", "synthetic")
-
-
-def _synthetic_lines(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Add line_x0, line_y0, line_x1, line_y1, line_width (NaN for normal images) from fracture_lines.csv."""
-    import numpy as np
-    import pandas as pd
-
-    from xrai.data.sources import ManifestWarning
-    from xrai.data.synthetic import read_fracture_lines
-
-    cols = ["line_x0", "line_y0", "line_x1", "line_y1", "line_width"]
-    # image -> study -> patient -> XR_<PART> -> split -> MURA-v1.1
-    mura_dir = Path(manifest["path"].iloc[0]).parents[4]
-    try:
-        lines = read_fracture_lines(mura_dir)
-    except FileNotFoundError:
-        warnings.warn(f"no fracture_lines.csv in {mura_dir}: line_* columns left empty", ManifestWarning, stacklevel=3)
-        return manifest.assign(**{c: np.nan for c in cols})
-    key = lines["path"].str.replace("\\", "/", regex=False).str.split("/", n=1).str[1]
-    table = lines.drop(columns="path").set_axis(cols, axis=1).set_index(key)
-    table = table[~table.index.duplicated()]
-    own_key = manifest["study_id"] + "/" + manifest["path"].map(os.path.basename)
-    return pd.concat([manifest, table.reindex(own_key).set_index(manifest.index)], axis=1)
-
 
 def load(
     source: str,
@@ -166,59 +139,20 @@ def load(
         ValueError: unknown source or body part. FileNotFoundError: no such dataset under root.
         DownloadError: root=None and the dataset can neither be found nor downloaded.
     """
-    from xrai.data.sources import (
-        dataset_dir,
-        read_class_folders,
-        read_fracatlas,
-        read_mura,
-    )
-    from xrai.data.split import filter_body_parts, split_manifest
-    from xrai.data.synthetic import ensure_synthetic, synthetic_options
+    from xrai.data import loading  # pandas: importing xrai.data must not import it (the ONNX server)
 
     key = source.strip().lower()
     if key not in SOURCES:
         raise ValueError(f"unknown source '{source}'; choose one of: {', '.join(SOURCES)}")
-    if root is None:
-        if key == "synthetic":
-            root = ensure_synthetic()
-        elif key == "folder":
-            raise ValueError("source 'folder' needs root= the folder holding the class folders "
-                             "(or use 'multiregion' / 'bonefracture' to fetch those Kaggle sets)")  # fmt: skip
-        else:
-            root = download(key)
-    root = Path(root)
-    if key == "synthetic" and (not root.exists() or (root.is_dir() and not any(root.iterdir()))):
-        root = ensure_synthetic(root)  # a new (or empty) folder named for the synthetic set: generate it there
-    base = dataset_dir(key, root)  # searched for once; each reader accepts it as it stands
-    if key in ("mura", "synthetic"):
-        manifest = read_mura(base, source=key)
-        if key == "synthetic":
-            manifest = _synthetic_lines(manifest)
-    elif key == "fracatlas":
-        manifest = read_fracatlas(base)
-    else:
-        manifest = read_class_folders(base)
-
+    if root is None and key not in ("synthetic", "folder"):
+        root = download(key)  # this module's name at call time: a replaced xrai.data.download is the one called
+    manifest, root, base = loading.read_source(key, root)
+    options = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     if split:
-        groups = duplicate_groups(manifest, progress=progress) if key == "fracatlas" else None
-        manifest = split_manifest(
-            manifest, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, groups=groups
-        )
-        if groups is not None:  # kept, so the bootstrap resamples the units the split kept together
-            manifest["group"] = groups.reindex(manifest.index).to_numpy()
+        manifest = loading.split_source(manifest, key, progress=progress, **options)
         method = manifest.attrs.get("split_method", "")
     else:
         method = "official" if (manifest["split"] != "").all() else "none"
-    if isinstance(body_part, str):
-        body_part = None if body_part.strip().lower() == "all" else [body_part]
-    if body_part:
-        manifest = filter_body_parts(manifest, list(body_part))
-    manifest = manifest.reset_index(drop=True)
-    dataset = key if key in DATASETS else ""
-    manifest.attrs = {
-        "source": key, "dataset": dataset, "slug": DATASETS.get(dataset, ""),
-        "root": str(base), "split_method": method,
-        "split": {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction} if split else {},
-        "synthetic": (synthetic_options(root) or {}) if key == "synthetic" else {},
-    }  # fmt: skip
+    manifest = loading.keep_body_parts(manifest, body_part).reset_index(drop=True)
+    manifest.attrs = loading.describe(key, root, base, method, options if split else {})
     return manifest

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from xrai.data.decode.images import ImageError, read_image
+from xrai.env import cpu_count
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -86,9 +87,7 @@ def _hash_one(path: str) -> tuple[str, int, np.ndarray | None, str]:
 def image_hashes(paths: list[str], *, workers: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Exact digest, pHash and thumbnail per path (columns path, digest, phash, thumb, error), in parallel."""
     import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
-    from tqdm.auto import tqdm
-
-    from xrai.env import cpu_count
+    from tqdm.auto import tqdm  # not at import either: the ONNX server imports xrai.data and has no tqdm
 
     workers = workers or cpu_count()
     chunk = max(1, min(64, len(paths) // (workers * 8) or 1))
@@ -151,6 +150,7 @@ def near_pairs(hashes: np.ndarray, near_distance: int, *, chunk: int = 4_000_000
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected component per node (union-find over the pairs), via scipy's sparse graph routine."""
+    # scipy here, not at import: xrai.data (the decoder) imports this module, and the ONNX server has no scipy
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

@@ -35,6 +35,7 @@ __all__ = ["BASE_DEGREES", "BASE_JITTER", "IMAGENET_MEAN", "IMAGENET_STD", "GpuA
            "preprocess"]
 
 from xrai.data.contract import IMAGENET_MEAN, IMAGENET_STD, centre_crop_offset
+from xrai.data.decode.images import fit_square
 
 # aug_strength 1 (TrainConfig): rotation within +-10 degrees, brightness and contrast factors in 1 +- 0.2.
 BASE_DEGREES, BASE_JITTER = 10.0, 0.2
@@ -233,8 +234,6 @@ def preprocess(
     Returns:
         float32 (B,3,image_size,image_size) on `device`.
     """
-    from xrai.data.decode.images import fit_square
-
     if isinstance(images, np.ndarray) and images.ndim == 2:
         images = [images]
     if len(images) == 0:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from xrai.data.decode import images as _images
 from xrai.data.sources import require_columns
@@ -335,8 +336,6 @@ def remove_dead_builds(root: Path) -> None:
 def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
           resize: str = "letterbox") -> list[tuple[str, str]]:
     """Decode into tmp/images.npy, in parallel over disjoint row ranges; return [(path, reason)] of bad files."""
-    from tqdm.auto import tqdm
-
     npy = tmp / "images.npy"
     n = len(entries)
     np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()

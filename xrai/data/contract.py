@@ -20,6 +20,7 @@ import numpy as np
 from xrai.config import (
     RESIZES as RESIZE_MODES,  # xrai.data.decode.images.fit_square; config imports only the stdlib
 )
+from xrai.data.decode.images import fit_square as _fit_square
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputContract", "centre_crop_offset", "prepare"]
 
@@ -92,9 +93,7 @@ class InputContract:
 
 def fit_square(image: np.ndarray, contract: InputContract) -> np.ndarray:
     """The uint8 (H, W) image fitted into the contract's ``resize_size`` square."""
-    from xrai.data.decode.images import fit_square as fit
-
-    return fit(np.asarray(image, dtype=np.uint8), contract.resize_size, contract.resize)
+    return _fit_square(np.asarray(image, dtype=np.uint8), contract.resize_size, contract.resize)
 
 
 def prepare(images: Sequence[np.ndarray] | np.ndarray, contract: InputContract) -> np.ndarray:

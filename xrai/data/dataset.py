@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from xrai.data.augment import GpuAugment
 from xrai.data.batches import (
@@ -93,8 +94,6 @@ def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: boo
     Returns:
         DataFrame with columns path, reason, in input order.
     """
-    from tqdm.auto import tqdm
-
     paths = [str(p) for p in paths]
     if not paths:
         return pd.DataFrame({"path": [], "reason": []}, dtype=str)

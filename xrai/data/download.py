@@ -156,7 +156,7 @@ def _network_ok(address: tuple[str, int] | None = None, timeout: float = NETWORK
 def _help(name: str, slug: str, reason: str) -> str:
     return (
         f"cannot download Kaggle dataset '{slug}': {reason}. Two ways out: (1) in a Kaggle notebook, "
-        f"attach it (Add data > search '{slug}' > Add); it then appears under /kaggle/input and is used "
+        f"attach it (Add Input > search '{slug}' > Add); it then appears under /kaggle/input and is used "
         f"without downloading; (2) anywhere, pass root= the folder of a local copy, e.g. "
         f"xrai.data.load('{name}', root='/path/to/{slug.split('/')[1]}')."
     )
@@ -189,7 +189,7 @@ def download(name: str, *, force: bool = False) -> Path:
                                 f"{attach_hint(key)} (or turn Settings > Internet on)")
         raise DownloadError(_help(key, slug, f"no network connection to {KAGGLE_HOST[0]}"))
     try:
-        import kagglehub
+        import kagglehub  # on use: an optional install the ONNX server lacks (ImportError said below)
     except ImportError as e:
         raise DownloadError(_help(key, slug, "the kagglehub package is not installed (pip install kagglehub)")) from e
     try:

@@ -23,6 +23,7 @@ from xrai.data.locate import Found, find_images
 from xrai.data.sources import ManifestError, require_columns
 from xrai.env import is_under, kaggle_input_dir
 from xrai.fileio import atomic_write_json, atomic_write_text
+from xrai.runs.layout import MANIFEST_CSV, RunFolder
 
 __all__ = ["ATTRS", "manifest_info", "read_manifest", "relocate_paths", "save_manifest"]
 
@@ -53,12 +54,12 @@ def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
     relative = bool(root) and len(manifest) > 0 and bool(manifest["path"].str.startswith(prefix).all())
     table = manifest.assign(path=manifest["path"].str.slice(len(prefix)).str.replace(os.sep, "/", regex=False)) \
         if relative else manifest
-    csv_path = run_dir / "manifest.csv"
+    csv_path = RunFolder(run_dir).manifest_csv
     atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
     meta = {k: manifest.attrs.get(k, "") for k in ATTRS}
     meta.update({"paths": "relative" if relative else "absolute", "rows": int(len(manifest)),
                  "columns": [str(c) for c in manifest.columns]})
-    atomic_write_json(run_dir / "manifest.json", meta)
+    atomic_write_json(RunFolder(run_dir).manifest_json, meta)
     return csv_path
 
 
@@ -69,9 +70,9 @@ def manifest_info(run_dir: str | os.PathLike) -> dict:
         FileNotFoundError: no manifest.csv there; the message says what makes one.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "manifest.csv").is_file():
-        raise FileNotFoundError(f"no manifest.csv in {run_dir}; make it with {_MAKES_MANIFEST}")
-    path = run_dir / "manifest.json"
+    if not RunFolder(run_dir).manifest_csv.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_CSV} in {run_dir}; make it with {_MAKES_MANIFEST}")
+    path = RunFolder(run_dir).manifest_json
     meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {k: meta.get(k, "") for k in ATTRS} | {"paths": meta.get("paths", "absolute")}
 
@@ -94,7 +95,7 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     """
     run_dir = Path(run_dir)
     meta = manifest_info(run_dir)
-    csv_path = run_dir / "manifest.csv"
+    csv_path = RunFolder(run_dir).manifest_csv
     try:
         header = pd.read_csv(csv_path, nrows=0).columns
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -163,7 +164,7 @@ def _find_absolute(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> 
 
 def _record_root(run_dir: Path, root: str) -> None:
     """Write where the images were found into manifest.json, so the next reader looks there first."""
-    path = run_dir / "manifest.json"
+    path = RunFolder(run_dir).manifest_json
     if is_under(run_dir, kaggle_input_dir()) or not os.access(run_dir, os.W_OK) or not path.is_file():
         return
     meta = json.loads(path.read_text(encoding="utf-8"))

@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from xrai.labels import MURA_BODY_PARTS
+
 __all__ = ["PARTS", "anatomy", "render", "segment_distance"]
 
-PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
+PARTS = tuple(part.upper() for part in MURA_BODY_PARTS)  # MURA's folder names: XR_<PART>
 # Tuned so that `python -m xrai train --data synthetic --no-pretrained --epochs 3` (mobilenet_v2 from
 # scratch, 128 px crops) reaches validation AUROC 0.985-1.0 over six training seeds on a 2-core CPU.
 # What made the difference: the gap shows no soft tissue (it is darker than anything else inside the
@@ -38,61 +40,14 @@ RADIUS_SCALE = 1.3  # all bone radii, against the canonical anatomy below
 
 def anatomy(part: str, rng: np.random.Generator) -> dict[str, Any]:
     """Bones of one study in a canonical frame (unit square, long axis vertical) and which may break."""
-    j = lambda s=0.02: float(rng.normal(0, s))  # noqa: E731 - tiny jitter helper
-    r = lambda lo=0.9, hi=1.12: float(rng.uniform(lo, hi))  # noqa: E731
-    bones: list[list[float]] = []  # x0, y0, x1, y1, radius, density, end_radius (factor of radius)
-    breakable: list[int] = []
-
-    def bone(x0, y0, x1, y1, radius, *, ends=1.35, breaks=True, density=1.0):
-        if breaks:
-            breakable.append(len(bones))
-        bones.append([x0 + j(), y0 + j(), x1 + j(), y1 + j(), radius * r(), density * r(0.92, 1.08), ends])
-
-    if part == "HUMERUS":
-        bone(0.5, 0.1, 0.5, 0.9, 0.065, ends=1.7)
-    elif part == "FOREARM":
-        bone(0.41, 0.08, 0.44, 0.92, 0.042)
-        bone(0.6, 0.08, 0.57, 0.92, 0.038)
-    elif part == "ELBOW":
-        bend = rng.uniform(0, 0.6)  # flexion, radians: the forearm turns about the joint
-
-        def turned(x, y):
-            c, s = math.cos(bend), math.sin(bend)
-            return 0.5 + (x - 0.5) * c - (y - 0.5) * s, 0.5 + (x - 0.5) * s + (y - 0.5) * c
-
-        bone(0.5, 0.02, 0.5, 0.43, 0.06, ends=1.6)
-        for x, radius in ((0.43, 0.048), (0.58, 0.05)):
-            bone(*turned(x, 0.55), *turned(x, 0.98), radius)
-    elif part == "FINGER":
-        bone(0.5, 0.0, 0.5, 0.16, 0.06, breaks=False)  # metacarpal head
-        bone(0.5, 0.2, 0.5, 0.52, 0.055)
-        bone(0.5, 0.56, 0.5, 0.76, 0.05)
-        bone(0.5, 0.8, 0.5, 0.93, 0.045, breaks=False)
-    elif part == "HAND":
-        # Fanned, well-spaced metacarpals: crowded, overlapping bones hide a small gap.
-        for k in range(4):
-            x = 0.27 + 0.15 * k
-            bone(0.39 + 0.075 * k, 0.8, x, 0.44, 0.04)
-            bone(x, 0.38, x + 0.02 * (k - 1.5), 0.1, 0.032, breaks=False)
-        bone(0.33, 0.82, 0.15, 0.6, 0.04)  # thumb metacarpal
-        for x in (0.42, 0.52, 0.62):  # carpal row
-            bone(x, 0.9, x + 0.01, 0.9, 0.045, breaks=False, ends=1.0)
-    elif part == "SHOULDER":
-        bone(0.56, 0.5, 0.6, 1.0, 0.075, ends=2.0)  # humerus with its head at the top end
-        bone(0.08, 0.2, 0.78, 0.28, 0.045)  # clavicle
-        bone(0.25, 0.35, 0.35, 0.8, 0.06, breaks=False, density=0.45, ends=1.0)  # scapula, faint
-    elif part == "WRIST":
-        bone(0.42, 0.56, 0.42, 1.0, 0.065, ends=1.45)  # radius
-        bone(0.64, 0.6, 0.64, 1.0, 0.045)  # ulna
-        for x, y in ((0.37, 0.43), (0.49, 0.42), (0.61, 0.44), (0.45, 0.33)):  # carpals
-            bone(x, y, x + 0.01, y + 0.01, 0.04, breaks=False, ends=1.0)
-        for k in range(3):  # metacarpal bases
-            bone(0.36 + 0.12 * k, 0.24, 0.33 + 0.15 * k, 0.0, 0.032, breaks=False)
-    else:  # pragma: no cover - PARTS is fixed
+    layout = _LAYOUTS.get(part)
+    if layout is None:  # pragma: no cover - PARTS is fixed
         raise ValueError(f"unknown body part {part!r}; choose one of: {', '.join(PARTS)}")
-    target = int(rng.choice(breakable))
+    skeleton = _Skeleton(rng)
+    layout(skeleton)
+    target = int(rng.choice(skeleton.breakable))
     return {
-        "bones": np.array(bones, dtype=np.float64),
+        "bones": np.array(skeleton.bones, dtype=np.float64),
         "target": target,
         "t": float(rng.uniform(0.3, 0.7)),  # where along the shaft the fracture sits
         "tilt": float(rng.uniform(-0.5, 0.5)),  # radians off perpendicular
@@ -100,6 +55,81 @@ def anatomy(part: str, rng: np.random.Generator) -> dict[str, Any]:
         "angle": float(rng.uniform(*FRACTURE_ANGLE)) * float(rng.choice([-1, 1])),
         "width": float(rng.uniform(*FRACTURE_WIDTH)),
     }
+
+
+class _Skeleton:
+    """The bones of one study as a layout adds them, each jittered by the study's generator (in the order
+    drawn, so a seed gives the same phantoms)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.bones: list[list[float]] = []  # x0, y0, x1, y1, radius, density, end_radius (factor of radius)
+        self.breakable: list[int] = []
+
+    def bone(self, x0, y0, x1, y1, radius, *, ends=1.35, breaks=True, density=1.0) -> None:
+        j = lambda s=0.02: float(self.rng.normal(0, s))  # noqa: E731 - tiny jitter helper
+        r = lambda lo=0.9, hi=1.12: float(self.rng.uniform(lo, hi))  # noqa: E731
+        if breaks:
+            self.breakable.append(len(self.bones))
+        self.bones.append([x0 + j(), y0 + j(), x1 + j(), y1 + j(), radius * r(), density * r(0.92, 1.08), ends])
+
+
+def _humerus(s: _Skeleton) -> None:
+    s.bone(0.5, 0.1, 0.5, 0.9, 0.065, ends=1.7)
+
+
+def _forearm(s: _Skeleton) -> None:
+    s.bone(0.41, 0.08, 0.44, 0.92, 0.042)
+    s.bone(0.6, 0.08, 0.57, 0.92, 0.038)
+
+
+def _elbow(s: _Skeleton) -> None:
+    bend = s.rng.uniform(0, 0.6)  # flexion, radians: the forearm turns about the joint
+
+    def turned(x, y):
+        c, sin = math.cos(bend), math.sin(bend)
+        return 0.5 + (x - 0.5) * c - (y - 0.5) * sin, 0.5 + (x - 0.5) * sin + (y - 0.5) * c
+
+    s.bone(0.5, 0.02, 0.5, 0.43, 0.06, ends=1.6)
+    for x, radius in ((0.43, 0.048), (0.58, 0.05)):
+        s.bone(*turned(x, 0.55), *turned(x, 0.98), radius)
+
+
+def _finger(s: _Skeleton) -> None:
+    s.bone(0.5, 0.0, 0.5, 0.16, 0.06, breaks=False)  # metacarpal head
+    s.bone(0.5, 0.2, 0.5, 0.52, 0.055)
+    s.bone(0.5, 0.56, 0.5, 0.76, 0.05)
+    s.bone(0.5, 0.8, 0.5, 0.93, 0.045, breaks=False)
+
+
+def _hand(s: _Skeleton) -> None:
+    # Fanned, well-spaced metacarpals: crowded, overlapping bones hide a small gap.
+    for k in range(4):
+        x = 0.27 + 0.15 * k
+        s.bone(0.39 + 0.075 * k, 0.8, x, 0.44, 0.04)
+        s.bone(x, 0.38, x + 0.02 * (k - 1.5), 0.1, 0.032, breaks=False)
+    s.bone(0.33, 0.82, 0.15, 0.6, 0.04)  # thumb metacarpal
+    for x in (0.42, 0.52, 0.62):  # carpal row
+        s.bone(x, 0.9, x + 0.01, 0.9, 0.045, breaks=False, ends=1.0)
+
+
+def _shoulder(s: _Skeleton) -> None:
+    s.bone(0.56, 0.5, 0.6, 1.0, 0.075, ends=2.0)  # humerus with its head at the top end
+    s.bone(0.08, 0.2, 0.78, 0.28, 0.045)  # clavicle
+    s.bone(0.25, 0.35, 0.35, 0.8, 0.06, breaks=False, density=0.45, ends=1.0)  # scapula, faint
+
+
+def _wrist(s: _Skeleton) -> None:
+    s.bone(0.42, 0.56, 0.42, 1.0, 0.065, ends=1.45)  # radius
+    s.bone(0.64, 0.6, 0.64, 1.0, 0.045)  # ulna
+    for x, y in ((0.37, 0.43), (0.49, 0.42), (0.61, 0.44), (0.45, 0.33)):  # carpals
+        s.bone(x, y, x + 0.01, y + 0.01, 0.04, breaks=False, ends=1.0)
+    for k in range(3):  # metacarpal bases
+        s.bone(0.36 + 0.12 * k, 0.24, 0.33 + 0.15 * k, 0.0, 0.032, breaks=False)
+
+
+_LAYOUTS = {"ELBOW": _elbow, "FINGER": _finger, "FOREARM": _forearm, "HAND": _hand, "HUMERUS": _humerus,
+            "SHOULDER": _shoulder, "WRIST": _wrist}
 
 
 # ---- rendering ------------------------------------------------------------------------------

@@ -260,68 +260,85 @@ def read_mura(root: str | os.PathLike, *, source: str = "mura") -> pd.DataFrame:
     for split in MURA_SPLITS:
         if not (mura / split).is_dir() and not (mura / f"{split}_image_paths.csv").is_file():
             continue
-        on_disk = pd.Series([f"{split}/{p}" for p in _walk_images(mura / split)], dtype=object)
-        csv = mura / f"{split}_image_paths.csv"
-        if csv.is_file():
-            listed = _relative_to_split(pd.read_csv(csv, header=None, usecols=[0], dtype=str)[0]).dropna()
-            listed = listed[listed.str.contains(_IMAGE_NAME_RE, case=False)].drop_duplicates()
-            missing = listed[~_isin(listed, on_disk)]
-            if len(missing):
-                warnings.warn(f"{len(missing)} images listed in {csv.name} are missing under {mura}; "
-                              f"dropped: {_examples(missing)}", ManifestWarning, stacklevel=2)  # fmt: skip
-            unlisted = on_disk[~_isin(on_disk, listed)]
-            if len(unlisted):
-                warnings.warn(f"{len(unlisted)} images under {mura / split} are not in {csv.name}; left out: "
-                              f"{_examples(unlisted)}", ManifestWarning, stacklevel=2)  # fmt: skip
-            rel = listed[_isin(listed, on_disk)]
-        else:
-            if len(on_disk):
-                warnings.warn(f"{csv} not found: using all {len(on_disk)} images on disk under {split}/ "
-                              "(labels from folder names only)", ManifestWarning, stacklevel=2)  # fmt: skip
-            rel = on_disk
-        parts = rel.str.extract(r"^(?P<split>[^/]+)/(?P<part>XR_[^/]+)/(?P<patient>[^/]+)/(?P<study>[^/]+)/[^/]+$")
-        bad = parts["part"].isna()
-        if bad.any():
-            warnings.warn(f"{int(bad.sum())} images under {mura / split} are not at "
-                          f"XR_<PART>/patient/study/image depth; left out: {_examples(rel[bad])}",
-                          ManifestWarning, stacklevel=2)  # fmt: skip
-            rel, parts = rel[~bad], parts[~bad]
-        study_key = parts["split"] + "/" + parts["part"] + "/" + parts["patient"] + "/" + parts["study"]
-        folder = parts["study"].str.extract(r"_(positive|negative)$", expand=False).str.lower()
-        folder_label = folder.map({"positive": 1.0, "negative": 0.0})
-        studies_csv = mura / f"{split}_labeled_studies.csv"
-        if studies_csv.is_file():
-            studies = pd.read_csv(studies_csv, header=None, usecols=[0, 1], names=["study", "label"], dtype={0: str})
-            studies["study"] = _relative_to_split(studies["study"])
-            studies = studies.dropna(subset=["study"]).drop_duplicates("study")
-            csv_label = study_key.map(studies.set_index("study")["label"].astype(float))
-        else:
-            csv_label = pd.Series(np.nan, index=rel.index)
-        conflict = folder_label.notna() & csv_label.notna() & (folder_label != csv_label)
-        label = folder_label.fillna(csv_label)
-        unlabelled = label.isna()
-        if unlabelled.any():
-            warnings.warn(f"{int(unlabelled.sum())} images have neither a _positive/_negative study folder "
-                          f"nor a labeled_studies entry; left out: {_examples(rel[unlabelled])}",
-                          ManifestWarning, stacklevel=2)  # fmt: skip
-        conflicts.extend(study_key[conflict].drop_duplicates())
-        keep = ~unlabelled
-        frames.append(pd.DataFrame({
-            "path": str(mura) + "/" + rel[keep],
-            "label": label[keep],
-            "body_part": parts.loc[keep, "part"].str[3:].str.lower(),
-            "patient_id": parts.loc[keep, "patient"],
-            "study_id": study_key[keep],
-            "split": split,
-            "source": source,
-            "csv_label": csv_label[keep],
-            "label_conflict": conflict[keep],
-        }))  # fmt: skip
+        frame, split_conflicts = _read_mura_split(mura, split, source)
+        frames.append(frame)
+        conflicts.extend(split_conflicts)
     if not frames or not sum(len(f) for f in frames):
         raise FileNotFoundError(f"no MURA images found under {mura} (expected train/ and valid/ with "
                                 "XR_<PART>/patientNNNNN/studyN_<label>/imageN.png)")  # fmt: skip
     _warn_conflicts(pd.Series(conflicts, dtype=object), "MURA studies")
     return _order(pd.concat(frames, ignore_index=True))
+
+
+# The warnings below name read_mura's caller, as when read_mura raised them itself: stacklevel 3 from
+# _read_mura_split (read_mura -> _read_mura_split), 4 from _mura_images.
+def _read_mura_split(mura: Path, split: str, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """One official split's rows, and the studies whose labeled_studies entry disagrees with their folder."""
+    rel = _mura_images(mura, split)
+    parts = rel.str.extract(r"^(?P<split>[^/]+)/(?P<part>XR_[^/]+)/(?P<patient>[^/]+)/(?P<study>[^/]+)/[^/]+$")
+    bad = parts["part"].isna()
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} images under {mura / split} are not at "
+                      f"XR_<PART>/patient/study/image depth; left out: {_examples(rel[bad])}",
+                      ManifestWarning, stacklevel=3)  # fmt: skip
+        rel, parts = rel[~bad], parts[~bad]
+    study_key = parts["split"] + "/" + parts["part"] + "/" + parts["patient"] + "/" + parts["study"]
+    folder = parts["study"].str.extract(r"_(positive|negative)$", expand=False).str.lower()
+    folder_label = folder.map({"positive": 1.0, "negative": 0.0})
+    csv_label = _mura_study_labels(mura / f"{split}_labeled_studies.csv", study_key)
+    conflict = folder_label.notna() & csv_label.notna() & (folder_label != csv_label)
+    label = folder_label.fillna(csv_label)
+    unlabelled = label.isna()
+    if unlabelled.any():
+        warnings.warn(f"{int(unlabelled.sum())} images have neither a _positive/_negative study folder "
+                      f"nor a labeled_studies entry; left out: {_examples(rel[unlabelled])}",
+                      ManifestWarning, stacklevel=3)  # fmt: skip
+    keep = ~unlabelled
+    frame = pd.DataFrame({
+        "path": str(mura) + "/" + rel[keep],
+        "label": label[keep],
+        "body_part": parts.loc[keep, "part"].str[3:].str.lower(),
+        "patient_id": parts.loc[keep, "patient"],
+        "study_id": study_key[keep],
+        "split": split,
+        "source": source,
+        "csv_label": csv_label[keep],
+        "label_conflict": conflict[keep],
+    })  # fmt: skip
+    return frame, list(study_key[conflict].drop_duplicates())
+
+
+def _mura_images(mura: Path, split: str) -> pd.Series:
+    """A split's images ('train/XR_.../image1.png'): those its image_paths CSV lists and the disk holds
+    (the others warned about), or every image on disk when there is no CSV."""
+    on_disk = pd.Series([f"{split}/{p}" for p in _walk_images(mura / split)], dtype=object)
+    csv = mura / f"{split}_image_paths.csv"
+    if not csv.is_file():
+        if len(on_disk):
+            warnings.warn(f"{csv} not found: using all {len(on_disk)} images on disk under {split}/ "
+                          "(labels from folder names only)", ManifestWarning, stacklevel=4)  # fmt: skip
+        return on_disk
+    listed = _relative_to_split(pd.read_csv(csv, header=None, usecols=[0], dtype=str)[0]).dropna()
+    listed = listed[listed.str.contains(_IMAGE_NAME_RE, case=False)].drop_duplicates()
+    missing = listed[~_isin(listed, on_disk)]
+    if len(missing):
+        warnings.warn(f"{len(missing)} images listed in {csv.name} are missing under {mura}; "
+                      f"dropped: {_examples(missing)}", ManifestWarning, stacklevel=4)  # fmt: skip
+    unlisted = on_disk[~_isin(on_disk, listed)]
+    if len(unlisted):
+        warnings.warn(f"{len(unlisted)} images under {mura / split} are not in {csv.name}; left out: "
+                      f"{_examples(unlisted)}", ManifestWarning, stacklevel=4)  # fmt: skip
+    return listed[_isin(listed, on_disk)]
+
+
+def _mura_study_labels(studies_csv: Path, study_key: pd.Series) -> pd.Series:
+    """Each row's label in {split}_labeled_studies.csv (float; NaN when absent or without the CSV)."""
+    if not studies_csv.is_file():
+        return pd.Series(np.nan, index=study_key.index)
+    studies = pd.read_csv(studies_csv, header=None, usecols=[0, 1], names=["study", "label"], dtype={0: str})
+    studies["study"] = _relative_to_split(studies["study"])
+    studies = studies.dropna(subset=["study"]).drop_duplicates("study")
+    return study_key.map(studies.set_index("study")["label"].astype(float))
 
 
 # ---------------------------------------------------------------------------------------- FracAtlas

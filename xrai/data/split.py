@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 SPLITS = ("train", "valid", "test")
 
@@ -26,9 +28,6 @@ def connected_groups(n: int, *links: np.ndarray) -> np.ndarray:
     sparse graph row -> first row with the same key (vectorised; a Python union-find loop is slow on
     MURA's 40k rows).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     rows, cols = [np.arange(n)], [np.arange(n)]
     for key in links:
         key = np.asarray(key)
@@ -111,21 +110,50 @@ def split_manifest(
     Raises:
         ValueError: fractions out of range, an unknown split name, or misaligned ``groups``.
     """
+    _check_fractions(val_fraction, test_fraction)
+    out = manifest.copy()
+    out.attrs = dict(manifest.attrs)
+    split = _split_names(out["split"])
+    labels = out["label"].to_numpy(dtype=np.int64)
+    group, how = _split_groups(out, groups)
+    present = set(split) - {""}
+    empty = split == ""
+    rng = np.random.default_rng(seed)
+    if empty.any():
+        _fill_empty(split, group, labels, val_fraction, test_fraction, rng)
+        method = f"{how}, seed {seed}" if not present else f"official + rest {how}, seed {seed}"
+    else:
+        wanted = {"valid": val_fraction, "test": test_fraction}
+        missing = [s for s in ("valid", "test") if s not in present and wanted[s] > 0]
+        if not missing or "train" not in present:
+            method = "official"
+        else:
+            _carve_from_train(split, group, labels, {s: wanted[s] for s in missing}, rng)
+            method = f"official + {' and '.join(missing)} carved from train, {how}, seed {seed}"
+    out["split"] = pd.Series(split, index=out.index, dtype=object).astype(out["split"].dtype)
+    out.attrs["split_method"] = method
+    return out
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-    out = manifest.copy()
-    out.attrs = dict(manifest.attrs)
-    n = len(out)
-    split = out["split"].astype("string").fillna("").str.strip().str.lower().replace({"val": "valid"})
+
+
+def _split_names(column: pd.Series) -> np.ndarray:
+    """The split column as an object array of "train", "valid", "test" or "" ("val" read as "valid")."""
+    split = column.astype("string").fillna("").str.strip().str.lower().replace({"val": "valid"})
     unknown = sorted(set(split.unique()) - set(SPLITS) - {""})
     if unknown:
         raise ValueError(f"unknown split value(s) {unknown} in the manifest; expected one of {SPLITS} or ''")
-    split = split.to_numpy(dtype=object)
-    labels = out["label"].to_numpy(dtype=np.int64)
+    return split.to_numpy(dtype=object)
 
+
+def _split_groups(out: pd.DataFrame, groups: pd.Series | Sequence | None) -> tuple[np.ndarray, str]:
+    """(group id per row, how the split is grouped: "patient-grouped stratified", ...)."""
     links = []
     kinds = []
     for column, kind in (("patient_id", "patient"), ("study_id", "study")):
@@ -138,40 +166,35 @@ def split_manifest(
         links.append(_codes(_aligned(groups, out)))
         kinds.append("duplicate")
     links.append(_codes(out["path"]))
-    group = connected_groups(n, *links)
+    group = connected_groups(len(out), *links)
     grouping = next((k for k in kinds if k == "patient"), kinds[0] if kinds else None)
-    how = f"{grouping}-grouped stratified" if grouping else "image-level stratified"
+    return group, f"{grouping}-grouped stratified" if grouping else "image-level stratified"
 
-    present = set(split) - {""}
+
+def _fill_empty(split: np.ndarray, group: np.ndarray, labels: np.ndarray, val_fraction: float,
+                test_fraction: float, rng: np.random.Generator) -> None:
+    """Assign the rows with split "" in place; groups holding official rows keep that split (the first
+    official one, by row order)."""
     empty = split == ""
-    rng = np.random.default_rng(seed)
-    if empty.any():
-        # Groups holding official rows keep that split (the first official one, by row order).
-        pinned: dict[int, str] = {}
-        for g, s in zip(group[~empty], split[~empty]):
-            pinned.setdefault(int(g), s)
-        free = np.array([int(g) not in pinned for g in group]) & empty
-        for i in np.flatnonzero(empty & ~free):
-            split[i] = pinned[int(group[i])]
-        fractions = {"train": 1.0 - val_fraction - test_fraction, "valid": val_fraction, "test": test_fraction}
-        split[free] = _assign(group[free], labels[free], fractions, rng)
-        method = f"{how}, seed {seed}" if not present else f"official + rest {how}, seed {seed}"
-    else:
-        missing = [s for s in ("valid", "test") if s not in present]
-        wanted = {"valid": val_fraction, "test": test_fraction}
-        missing = [s for s in missing if wanted[s] > 0]
-        if not missing or "train" not in present:
-            method = "official"
-        else:
-            touches_other = np.zeros(group.max() + 1, dtype=bool)
-            touches_other[group[split != "train"]] = True
-            movable = (split == "train") & ~touches_other[group]
-            fractions = {"train": 1.0 - sum(wanted[s] for s in missing), **{s: wanted[s] for s in missing}}
-            split[movable] = _assign(group[movable], labels[movable], fractions, rng)
-            method = f"official + {' and '.join(missing)} carved from train, {how}, seed {seed}"
-    out["split"] = pd.Series(split, index=out.index, dtype=object).astype(out["split"].dtype)
-    out.attrs["split_method"] = method
-    return out
+    pinned: dict[int, str] = {}
+    for g, s in zip(group[~empty], split[~empty]):
+        pinned.setdefault(int(g), s)
+    free = np.array([int(g) not in pinned for g in group]) & empty
+    for i in np.flatnonzero(empty & ~free):
+        split[i] = pinned[int(group[i])]
+    fractions = {"train": 1.0 - val_fraction - test_fraction, "valid": val_fraction, "test": test_fraction}
+    split[free] = _assign(group[free], labels[free], fractions, rng)
+
+
+def _carve_from_train(split: np.ndarray, group: np.ndarray, labels: np.ndarray, wanted: dict[str, float],
+                      rng: np.random.Generator) -> None:
+    """Move the ``wanted`` shares of train into the missing splits, in place, never a group that touches
+    another split."""
+    touches_other = np.zeros(group.max() + 1, dtype=bool)
+    touches_other[group[split != "train"]] = True
+    movable = (split == "train") & ~touches_other[group]
+    fractions = {"train": 1.0 - sum(wanted.values()), **wanted}
+    split[movable] = _assign(group[movable], labels[movable], fractions, rng)
 
 
 def _assign(group: np.ndarray, labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator) -> np.ndarray:

@@ -187,7 +187,7 @@ def read_fracture_lines(root: str | Path) -> Any:
 
     ``root`` may be the folder above ``MURA-v1.1`` or that folder itself.
     """
-    import pandas as pd
+    import pandas as pd  # here, not at import: xrai.data loads this module pandas-free (see xrai.data)
 
     base = Path(root)
     if base.name != MURA_DIR:

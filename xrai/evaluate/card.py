@@ -7,13 +7,15 @@ with intervals per body part, the explanation scores, the intended use and the k
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from xrai.fileio import atomic_write_text
+from xrai import __version__
+from xrai.config import TrainConfig
+from xrai.data.download import DATASETS
+from xrai.runs.layout import AUDIT_CSV, RunFolder, read_json
 
 __all__ = ["INTENDED_USE", "model_card", "write_model_card"]
 
@@ -22,10 +24,6 @@ _DATA_NAMES = {"mura": "MURA v1.1 (Stanford AIMI)", "fracatlas": "FracAtlas (Abe
                "synthetic": "X-RAI's synthetic phantoms (generated; not real X-rays)",
                "folder": "class folders", "multiregion": "Kaggle multi-region bone fracture set",
                "bonefracture": "Kaggle bone fracture detection set"}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -40,18 +38,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _data_section(run_dir: Path, reports: dict[str, dict], meta: dict[str, Any], source: str) -> list[str]:
-    from xrai.data.download import DATASETS
-
+def _data_section(run: RunFolder, reports: dict[str, dict], meta: dict[str, Any], source: str) -> list[str]:
     lines = ["## Data", "",
              f"- Source: {_DATA_NAMES.get(source, source or 'unknown')}"
              + (f"; Kaggle dataset `{DATASETS[source]}`" if source in DATASETS else ""),
              f"- Split: {meta.get('split_method') or 'unknown'}"]
-    if (run_dir / "manifest.csv").is_file():
+    if run.manifest_csv.is_file():
         # only the counts: four columns read as read_manifest reads them ("" for none), without
         # looking for the images (the card does not need them)
         ids = ("split", "study_id", "patient_id")
-        manifest = pd.read_csv(run_dir / "manifest.csv", usecols=[*ids, "label"],
+        manifest = pd.read_csv(run.manifest_csv, usecols=[*ids, "label"],
                                dtype=dict.fromkeys(ids, str)).fillna(dict.fromkeys(ids, ""))
         rows = []
         for split, frame in manifest.groupby("split", sort=False):
@@ -62,7 +58,7 @@ def _data_section(run_dir: Path, reports: dict[str, dict], meta: dict[str, Any],
         lines += ["", *_table(["split", "images", "studies", "patients", "abnormal"], rows)]
     audit = next((r.get("audit") for r in reports.values() if r.get("audit")), None) or {}
     if audit.get("cross_split_groups") is None:
-        lines += ["", "- Leakage audit: not run (no audit.csv); `python -m xrai audit` fills it"]
+        lines += ["", f"- Leakage audit: not run (no {AUDIT_CSV}); `python -m xrai audit` fills it"]
     else:
         lines += ["", f"- Leakage audit (exact and near duplicates): {audit['cross_split_groups']} duplicate groups "
                   f"cross a split, {audit['cross_label_groups']} carry both labels"]
@@ -70,16 +66,14 @@ def _data_section(run_dir: Path, reports: dict[str, dict], meta: dict[str, Any],
 
 
 def _image_size(config: dict[str, Any]) -> str:
-    from xrai.config import TrainConfig
-
     try:
         return str(TrainConfig.from_dict(config).image_size)
     except (TypeError, ValueError):  # a config.json from another version: say what it holds
         return str(config.get("img_size") or "default")
 
 
-def _recipe_section(run_dir: Path, reports: dict[str, dict]) -> list[str]:
-    config = _read_json(run_dir / "config.json") or {}
+def _recipe_section(run: RunFolder, reports: dict[str, dict]) -> list[str]:
+    config = run.read_config()
     lines = ["## Model and training recipe", ""]
     if config:
         lines += [f"- Architecture: {config.get('model')} with a {config.get('head')} one-logit head "
@@ -94,9 +88,8 @@ def _recipe_section(run_dir: Path, reports: dict[str, dict]) -> list[str]:
                   f"{config.get('patience')} on validation {config.get('monitor')}), seed {config.get('seed')}"]
         if config.get("prune_sparsity"):
             lines.append(f"- SynFlow pruning at init to {config['prune_sparsity']:.0%} sparsity")
-    history = run_dir / "history.csv"
-    if history.is_file():
-        h = pd.read_csv(history)
+    h = run.read_history()
+    if h is not None:
         if len(h) and "val_auroc" in h and h["val_auroc"].notna().any():
             best = h.loc[h["val_auroc"].idxmax()]
             lines.append(f"- Trained {len(h)} epochs; best validation AUROC {best['val_auroc']:.4f} at epoch "
@@ -222,17 +215,16 @@ def _limits(reports: dict[str, dict], source: str) -> list[str]:
 def model_card(run_dir: str | Path) -> str:
     """The model card of a run, as Markdown, from the reports and files present."""
     run_dir = Path(run_dir)
-    reports = {s: r for s in ("valid", "oof", "test") if (r := _read_json(run_dir / f"report_{s}.json"))}
-    from xrai.runs.layout import RunFolder
-
+    run = RunFolder(run_dir)
+    reports = {s: r for s in ("valid", "oof", "test") if (r := run.read_report(s))}
     # a CV run's operating point is its out-of-fold report's; a final fit's, the one its CV gave it
-    point = reports.get("valid") or _read_json(RunFolder(run_dir).operating_point_file)
-    meta = _read_json(run_dir / "manifest.json") or {}
+    point = reports.get("valid") or read_json(run.operating_point_file)
+    meta = read_json(run.manifest_json) or {}
     source = meta.get("source") or next((r.get("source") for r in reports.values() if r.get("source")), "") or ""
     lines = [f"# Model card: {run_dir.name}", "",
              f"**Intended use: {INTENDED_USE}.** Not a medical device; no output of this model may inform the "
              "care of a patient.", ""]
-    lines += _recipe_section(run_dir, reports) + _data_section(run_dir, reports, meta, source)
+    lines += _recipe_section(run, reports) + _data_section(run, reports, meta, source)
     lines += _operating_section(point)
     if reports:
         lines += _metrics_section(reports) + _explain_section(reports)
@@ -241,15 +233,10 @@ def model_card(run_dir: str | Path) -> str:
               "trained, evaluated and explained, and research on methods.",
               "- Out of scope: any clinical decision, triage or screening of real patients.", ""]
     lines += _limits(reports, source)
-    from xrai import __version__
-
     lines.append(f"_Written by X-RAI {__version__} from the run folder's reports._")
     return "\n".join(lines) + "\n"
 
 
 def write_model_card(run_dir: str | Path) -> Path:
     """Write run_dir/model_card.md atomically; returns its path."""
-    run_dir = Path(run_dir)
-    path = run_dir / "model_card.md"
-    atomic_write_text(path, model_card(run_dir))
-    return path
+    return RunFolder(run_dir).write_model_card(model_card(run_dir))

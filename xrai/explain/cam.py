@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 from torch import nn
+from tqdm.auto import tqdm
 
 from xrai.data.augment import preprocess
 from xrai.data.decode.images import ImageError, read_image
@@ -42,8 +44,6 @@ class EconomyEigenCAM(EigenCAM):
     """
 
     def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
-        from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-
         batch = np.nan_to_num(np.asarray(activations, dtype=np.float32), nan=0.0)
         maps = []
         # One BLAS thread: for a 16 x 1280 matrix, waking more costs more than the SVD (0.7 ms vs 12 ms
@@ -187,17 +187,10 @@ def explain_paths(
         one dict per path, in order: path, probability, label (predicted, at threshold), threshold,
         cam (float32 on the original image's pixels), overlay (Path or None), error (None or str).
     """
-    from tqdm.auto import tqdm
-
     paths = [str(p) for p in paths]
-    if out_dir is not None and not with_cam:
-        raise ValueError("overlays need the CAM: pass with_cam=True (or no out_dir)")
-    if labels is not None and len(labels) != len(paths):
-        raise ValueError(f"labels has {len(labels)} values for {len(paths)} paths")
-    results: list[dict[str, Any]] = [
-        {"path": p, "probability": None, "label": None, "threshold": float(threshold), "cam": None,
-         "overlay": None, "error": None} for p in paths
-    ]
+    _check_request(paths, out_dir=out_dir, with_cam=with_cam, labels=labels)
+    results: list[dict[str, Any]] = [{"path": p, "probability": None, "label": None, "threshold": float(threshold),
+                                      "cam": None, "overlay": None, "error": None} for p in paths]
     out = Path(out_dir) if out_dir is not None else None
     used: set[str] = set()
     device = next(model.parameters()).device
@@ -205,39 +198,70 @@ def explain_paths(
     forward = functools.partial(one_logit, model)  # no autocast: the logits the CAM pass gives
     with (CamExplainer(model, method=method) if with_cam else contextlib.nullcontext()) as explainer:
         for start in tqdm(range(0, len(paths), batch_size), desc="grad-cam", unit="batch", disable=not progress):
-            batch, images = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    images.append(read_image(paths[i]))
-                except (ImageError, OSError) as e:  # one bad file must not stop the others
-                    results[i]["error"] = str(e)
-                    warnings.warn(f"skipping {paths[i]}: {e}", UserWarning, stacklevel=2)
-                    continue
-                batch.append(i)
+            batch, images = _read_batch(paths, range(start, min(start + batch_size, len(paths))), results)
             if not batch:
                 continue
-            x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
-                           resize=config.resize)
-            if explainer is None:
-                logits = forward(x).cpu().numpy()
-                cams: Any = [None] * len(batch)
-            else:
-                cams, logits = explainer(x, target_class=target_class), explainer.logits
-            if getattr(config, "tta", False):  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
-                logits = flip_tta_logits(forward, x, torch.as_tensor(np.asarray(logits))).cpu().numpy()
-            probs = apply_temperature(logits, temperature)
+            cams, probs = _cams_and_probabilities(explainer, forward, images, config, device, target_class, temperature)
             for i, image, cam, prob in zip(batch, images, cams, probs):
                 r = results[i]
                 r["probability"], r["label"] = float(prob), int(prob >= threshold)
                 if cam is not None:
                     r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size, resize=config.resize)
                 if out is not None:
-                    name = names[i] if names is not None else _file_stem(paths[i])
-                    while name in used:
-                        name += "_"
-                    used.add(name)
-                    actual = None if labels is None or labels[i] is None else int(labels[i])
-                    rgb = overlay(image, r["cam"], label=actual, probability=r["probability"], threshold=threshold,
-                                  names=class_names)
-                    r["overlay"] = save_png(rgb, out / f"{name}.png")
+                    name = _unique_name(names[i] if names is not None else _file_stem(paths[i]), used)
+                    actual = None if labels is None else labels[i]
+                    r["overlay"] = _save_overlay(out / f"{name}.png", image, r, actual, threshold, class_names)
     return results
+
+
+def _check_request(paths: list[str], *, out_dir: Any, with_cam: bool, labels: Sequence | None) -> None:
+    if out_dir is not None and not with_cam:
+        raise ValueError("overlays need the CAM: pass with_cam=True (or no out_dir)")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"labels has {len(labels)} values for {len(paths)} paths")
+
+
+def _save_overlay(path: Path, image: np.ndarray, result: dict[str, Any], actual: int | None, threshold: float,
+                  class_names: tuple[str, str]) -> Path:
+    """The overlay of one result (its map over the image, with the text band) written as PNG."""
+    rgb = overlay(image, result["cam"], label=None if actual is None else int(actual),
+                  probability=result["probability"], threshold=threshold, names=class_names)
+    return save_png(rgb, path)
+
+
+def _cams_and_probabilities(explainer: CamExplainer | None, forward: Any, images: list[np.ndarray], config: Any,
+                            device: torch.device, target_class: int, temperature: float) -> tuple[Any, np.ndarray]:
+    """(maps in the model's input frame, or Nones without an explainer; calibrated probabilities) of a batch."""
+    x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
+                   resize=config.resize)
+    if explainer is None:
+        logits = forward(x).cpu().numpy()
+        cams: Any = [None] * x.shape[0]
+    else:
+        cams, logits = explainer(x, target_class=target_class), explainer.logits
+    if getattr(config, "tta", False):  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
+        logits = flip_tta_logits(forward, x, torch.as_tensor(np.asarray(logits))).cpu().numpy()
+    return cams, apply_temperature(logits, temperature)
+
+
+def _read_batch(paths: list[str], indices: range, results: list[dict[str, Any]]) -> tuple[list[int], list]:
+    """(indices read, their images); a file that cannot be read gets its ``error`` set and a warning
+    naming explain_paths's caller (stacklevel 3), and the others go on."""
+    batch, images = [], []
+    for i in indices:
+        try:
+            images.append(read_image(paths[i]))
+        except (ImageError, OSError) as e:  # one bad file must not stop the others
+            results[i]["error"] = str(e)
+            warnings.warn(f"skipping {paths[i]}: {e}", UserWarning, stacklevel=3)
+            continue
+        batch.append(i)
+    return batch, images
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    """``name``, with "_" appended until no earlier overlay of this call has it; recorded in ``used``."""
+    while name in used:
+        name += "_"
+    used.add(name)
+    return name

@@ -15,6 +15,7 @@ from xrai.labels import CLASS_NAMES, DEFAULT_THRESHOLD
 
 __all__ = ["cam_to_image", "overlay", "save_png", "text_band", "tile", "tile_row"]
 
+
 def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int,
                  resize: str = "letterbox") -> np.ndarray:
     """Map a CAM from the model's input frame back onto the original image's pixels.
@@ -115,6 +116,13 @@ def overlay(
         predicted = int(probability >= threshold)
     if label is None and predicted is None and probability is None:
         return out
+    lines, colour = _band_text(label, predicted, probability, threshold, names)
+    return np.concatenate([text_band(w, lines, colour), out], axis=0)
+
+
+def _band_text(label: int | None, predicted: int | None, probability: float | None, threshold: float,
+               names: tuple[str, str]) -> tuple[list[str], tuple[int, int, int]]:
+    """The text band's lines and colour: green when the prediction is right, red when wrong, else white."""
     lines = []
     if label is not None:
         lines.append(f"actual: {names[int(label)]}")
@@ -125,7 +133,7 @@ def overlay(
     colour = (255, 255, 255)
     if label is not None and predicted is not None:
         colour = (90, 220, 90) if int(label) == int(predicted) else (255, 90, 90)
-    return np.concatenate([text_band(w, lines, colour), out], axis=0)
+    return lines, colour
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from xrai.config import PRE_RECIPE_VALUES
+from xrai.config import PRE_RECIPE_VALUES, TrainConfig
 from xrai.errors import UserError
 from xrai.fileio import atomic_torch_save
+from xrai.runs.layout import CHECKPOINTS_DIR, CONFIG_JSON, RunFolder
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -151,8 +152,6 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], *, epochs
 
     Returns lines like "lr: 0.001 in the checkpoint, 0.01 now"; empty when the resume is fine.
     """
-    from xrai.config import TrainConfig
-
     # A setting newer than the checkpoint's xrai ran at its value then: the recipe fields at what xrai
     # did before they existed (PRE_RECIPE_VALUES), any other at its default (TrainConfig.from_dict alike).
     then = {**TrainConfig().to_dict(), **PRE_RECIPE_VALUES}
@@ -183,7 +182,7 @@ def resume_state(config: dict[str, Any], last_path: Path, *, resume: bool) -> di
     run_dir = last_path.parent.parent
     if not resume:
         if last_path.is_file():
-            raise FileExistsError(f"{run_dir} already holds a run (checkpoints/last.pt); pass resume=True "
+            raise FileExistsError(f"{run_dir} already holds a run ({CHECKPOINTS_DIR}/last.pt); pass resume=True "
                                   "(CLI: --resume) to continue it, or choose a new run folder")
         return None
     if not last_path.is_file():
@@ -193,10 +192,10 @@ def resume_state(config: dict[str, Any], last_path: Path, *, resume: bool) -> di
     recorded, wanted = state["config"].get("input_path", "auto"), config.get("input_path", "auto")
     if "auto" not in (recorded, wanted) and recorded != wanted:
         raise ValueError(f"cannot resume {run_dir} with input_path={wanted!r}: it trained on the {recorded!r} path "
-                         f"(see its config.json); resume with input_path='auto' or {recorded!r}")
+                         f"(see its {CONFIG_JSON}); resume with input_path='auto' or {recorded!r}")
     problems = config_differences(state["config"], config, epochs_done=state["epoch"])
     if problems:
         raise ValueError(f"cannot resume {run_dir} with a different config:\n  " + "\n  ".join(problems)
-                         + f"\nResume with the config in {run_dir / 'config.json'} (epochs may be raised), "
+                         + f"\nResume with the config in {RunFolder(run_dir).config_json} (epochs may be raised), "
                          "or start a new run folder")
     return state

@@ -141,21 +141,64 @@ def prune_synflow(
     linear = _linearised_copy(model)
     modules = dict(linear.named_modules())
     weights = [modules[name].weight for name, _ in layers]
+    ones = torch.ones(input_shape, dtype=torch.float64, device=device)
+    flat_mask = _initial_mask(layers, weights, device)
     sizes = [w.numel() for w in weights]
-    total = sum(sizes)
-    flat_mask = torch.cat(
+    _synflow_rounds(linear, weights, flat_mask, ones, sparsity=sparsity, iterations=iterations, progress=progress)
+    masks = [m.view_as(w) for m, w in zip(torch.split(flat_mask, sizes), weights)]
+    _check_connected(linear, weights, masks, ones, sparsity)
+
+    report_layers = _apply_masks(layers, masks)
+    remaining, counted = count_nonzero(model)
+    report = SynFlowReport(remaining=remaining, total=counted, sparsity=sparsity, iterations=iterations,
+                           seconds=time.perf_counter() - start, layers=report_layers)
+    if report.empty_layers:
+        _warn_empty(report)
+    return report
+
+
+def _apply_masks(layers: list[tuple[str, nn.Module]], masks: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Put each mask on its layer (``prune.custom_from_mask``); name -> (kept, total) per layer."""
+    report_layers = {}
+    for (name, module), mask in zip(layers, masks):
+        prune.custom_from_mask(module, "weight", mask.to(device=module.weight.device, dtype=module.weight.dtype))
+        report_layers[name] = (int(mask.sum().item()), mask.numel())
+    return report_layers
+
+
+def _warn_empty(report: SynFlowReport) -> None:
+    """Warn (naming prune_synflow's caller) about the layers pruning emptied.
+
+    Seen on ResNet's 1x1 downsample shortcuts: a parallel branch that carries little flow beside the
+    main path can be emptied; the network stays connected (prune_synflow checked it)."""
+    warnings.warn(
+        f"SynFlow at sparsity {report.sparsity} emptied {len(report.empty_layers)} layer(s) on parallel "
+        f"paths: {', '.join(report.empty_layers)}; the input still reaches the output",
+        stacklevel=3,
+    )
+
+
+def _initial_mask(layers: list[tuple[str, nn.Module]], weights: list[torch.Tensor],
+                  device: torch.device) -> torch.Tensor:
+    """The flat float64 mask of every prunable weight: an already-pruned layer's mask, ones elsewhere."""
+    return torch.cat(
         [
             (module.weight_mask.detach().flatten().to(device) > 0).double()
             if hasattr(module, "weight_mask")
-            else torch.ones(size, dtype=torch.float64, device=device)
-            for (_, module), size in zip(layers, sizes)
+            else torch.ones(weight.numel(), dtype=torch.float64, device=device)
+            for (_, module), weight in zip(layers, weights)
         ]
     )
+
+
+def _synflow_rounds(linear: nn.Module, weights: list[torch.Tensor], flat_mask: torch.Tensor, ones: torch.Tensor,
+                    *, sparsity: float, iterations: int, progress: bool) -> None:
+    """The iterative schedule: each round scores the surviving weights and zeroes the lowest in ``flat_mask``."""
+    sizes = [w.numel() for w in weights]
+    total = sum(sizes)
     # Flat positions of the surviving weights: selecting among them alone, and removing only the
     # lowest, is several times cheaper than re-ranking every weight at every step.
     alive = torch.nonzero(flat_mask, as_tuple=True)[0]
-    ones = torch.ones(input_shape, dtype=torch.float64, device=device)
-
     for step in tqdm(range(1, iterations + 1), desc="SynFlow", disable=not progress, leave=False):
         keep = round(total * (1.0 - sparsity) ** (step / iterations))
         n_remove = alive.numel() - keep
@@ -177,31 +220,6 @@ def prune_synflow(
             survivors = torch.ones_like(alive, dtype=torch.bool)
             survivors[lowest] = False
             alive = alive[survivors]
-    masks = [m.view_as(w) for m, w in zip(torch.split(flat_mask, sizes), weights)]
-    _check_connected(linear, weights, masks, ones, sparsity)
-
-    report_layers = {}
-    for (name, module), mask in zip(layers, masks):
-        prune.custom_from_mask(module, "weight", mask.to(device=module.weight.device, dtype=module.weight.dtype))
-        report_layers[name] = (int(mask.sum().item()), mask.numel())
-    remaining, counted = count_nonzero(model)
-    report = SynFlowReport(
-        remaining=remaining,
-        total=counted,
-        sparsity=sparsity,
-        iterations=iterations,
-        seconds=time.perf_counter() - start,
-        layers=report_layers,
-    )
-    if report.empty_layers:
-        # Seen on ResNet's 1x1 downsample shortcuts: a parallel branch that carries little flow
-        # beside the main path can be emptied; the network stays connected (checked above).
-        warnings.warn(
-            f"SynFlow at sparsity {sparsity} emptied {len(report.empty_layers)} layer(s) on parallel "
-            f"paths: {', '.join(report.empty_layers)}; the input still reaches the output",
-            stacklevel=2,
-        )
-    return report
 
 
 @torch.no_grad()

@@ -21,12 +21,13 @@ import io
 import struct
 
 import numpy as np
+from PIL import Image
 
-from xrai.data.decode.images import (  # _STRIP_ROWS: rows windowed at a time, as images converts them
-    _STRIP_ROWS,
+from xrai.data.decode.limits import (  # STRIP_ROWS: rows windowed at a time, as images converts them
     DATASET_REMEDY,
     MAX_DECODED_BYTES,
     MAX_PIXELS,
+    STRIP_ROWS,
     ImageError,
     check_decode_budget,
 )
@@ -119,6 +120,7 @@ def decode_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS, max_by
 
 def _read(data: bytes, name: str):
     """Parse the image tags (never the patient's); a dataset without preamble is read as pydicom can."""
+    # pydicom (~0.3 s to import) only once a DICOM arrives: every importer of the decoder would pay it
     import pydicom
     from pydicom.uid import (
         ExplicitVRBigEndian,
@@ -169,7 +171,7 @@ def _check_image(ds, name: str) -> None:
 
 def _check_decoder(ds, name: str) -> None:
     """Fail in one line, naming the extra, when no installed plugin decodes the transfer syntax."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # pydicom on first DICOM only (see _read)
 
     uid = ds.file_meta.TransferSyntaxUID
     try:
@@ -182,7 +184,7 @@ def _check_decoder(ds, name: str) -> None:
 
 def _display_grey(pixels: np.ndarray, ds) -> np.ndarray:
     """Modality LUT, VOI LUT, then the VOI output range (else the image's own range) to 0..255."""
-    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+    from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing  # pydicom on first DICOM only
 
     voi = _voi_kind(ds)
     apply = {"lut": apply_voi, "window": apply_windowing}.get(voi)
@@ -210,16 +212,16 @@ def _display_grey(pixels: np.ndarray, ds) -> np.ndarray:
         lo, hi = sorted(float(v) for v in ends)
     else:  # the same with a modality LUT table (not monotone) or float pixels: every strip's range
         lo, hi = np.inf, -np.inf
-        for top in range(0, pixels.shape[0], _STRIP_ROWS):
-            v = values(pixels[top : top + _STRIP_ROWS])
+        for top in range(0, pixels.shape[0], STRIP_ROWS):
+            v = values(pixels[top : top + STRIP_ROWS])
             lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
     out = np.zeros(pixels.shape, dtype=np.uint8)
     if hi == lo:
         return out
     scale = 255.0 / (hi - lo)  # negative when a rescale slope flips the range: the mapping still holds
-    for top in range(0, pixels.shape[0], _STRIP_ROWS):
-        v = values(pixels[top : top + _STRIP_ROWS])
-        out[top : top + _STRIP_ROWS] = np.clip(np.rint((v - lo) * scale), 0, 255).astype(np.uint8)
+    for top in range(0, pixels.shape[0], STRIP_ROWS):
+        v = values(pixels[top : top + STRIP_ROWS])
+        out[top : top + STRIP_ROWS] = np.clip(np.rint((v - lo) * scale), 0, 255).astype(np.uint8)
     return out
 
 
@@ -246,8 +248,6 @@ def _plain_8bit(ds) -> bool:
 
 def _colour_to_grey(pixels: np.ndarray, ds, name: str) -> np.ndarray:
     """RGB (pydicom turns YBR into RGB) -> PIL's ITU-R 601-2 luma, as a colour PNG would be read."""
-    from PIL import Image
-
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ImageError(f"{name}: colour DICOM with pixel array of shape {pixels.shape} is not supported")
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)

@@ -18,6 +18,18 @@ from PIL import (
 )
 
 from xrai.config import RESIZES
+from xrai.data.decode.dicom import HEAD_BYTES, decode_dicom, looks_like_dicom
+from xrai.data.decode.limits import (  # shared with the DICOM decoder; importable from here as before
+    DATASET_REMEDY,
+    MAX_DECODED_BYTES,
+    MAX_PIXELS,
+    STRIP_ROWS,
+    UPLOAD_MAX_DECODED_BYTES,
+    UPLOAD_REMEDY,
+    ImageError,
+    ImageTooLargeError,
+    check_decode_budget,
+)
 from xrai.errors import first_lines
 
 __all__ = [
@@ -42,32 +54,10 @@ __all__ = [
 # Part of every decoded-image cache key: bump it whenever read_image or letterbox can return other pixels.
 DECODER_VERSION = "2"  # 2: DICOM
 
-# 64 MiPixels: ~8000 x 8000, far beyond any radiograph (MURA and FracAtlas are <= ~3000 px a side), and
-# below PIL's own MAX_IMAGE_PIXELS (~89 M), so our header check always fires before PIL's would.
-MAX_PIXELS = 64 * 2**20
-# Decoded bytes = pixels x channels x bytes per sample, checked from the header before decoding. The
-# pixel limit alone lets an 8000 x 8000 RGBA PNG (249 KB on disk) cost 256 MB decoded and ~1.5 GB on
-# its way to grey. Datasets: 64 Mpx of 16-bit or 8-bit RGBA still pass. Uploads: a 4096 x 4096 RGBA or
-# a 12 Mpx phone photo (RGB) passes; a decode then peaks at about 1.5x its decoded size (the image, the
-# grey output, strips of temporaries).
-MAX_DECODED_BYTES = 256 * 2**20
-UPLOAD_MAX_DECODED_BYTES = 64 * 2**20
-DATASET_REMEDY = "pass larger max_pixels / max_bytes to read_image if the image is genuine"
-UPLOAD_REMEDY = "send a smaller or greyscale image (a radiograph needs one 8- or 16-bit channel)"
-_STRIP_ROWS = 256  # rows converted at a time: float temporaries stay a few MB whatever the image size
-
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _EXIF_ORIENTATION = 0x0112
-
-
-class ImageError(ValueError):
-    """A file that cannot be read as an image; the message names the file and what is wrong."""
-
-
-class ImageTooLargeError(ImageError):
-    """An image over the pixel or decoded-byte limit, refused from its header before decoding."""
 
 
 class TruncatedImageWarning(UserWarning):
@@ -87,43 +77,6 @@ def decoded_layout(mode: str, info: dict | None = None) -> tuple[int, int]:
     if mode in ("I", "F") or mode.startswith(("I;32", "F;")):
         return 1, 4
     return Image.getmodebands(mode), 1
-
-
-def check_decode_budget(name: str, *, width: int, height: int, channels: int = 1, bytes_per_sample: int = 1,
-                        max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_DECODED_BYTES,
-                        remedy: str = DATASET_REMEDY) -> int:
-    """Refuse an image whose header promises too many pixels or decoded bytes; return the decoded bytes.
-
-    Call it with the header's numbers before decoding anything (any format: PNG, JPEG, DICOM...).
-
-    Args:
-        name: the file (or upload) name for the message.
-        width, height: from the header.
-        channels, bytes_per_sample: as decoded (``decoded_layout`` for PIL images).
-        max_pixels, max_bytes: the limits (``UPLOAD_MAX_DECODED_BYTES`` for uploads).
-        remedy: what the reader of the message can do about it (``UPLOAD_REMEDY`` for uploads).
-    Raises:
-        ImageError: no pixels. ImageTooLargeError: over either limit; the message states the limit.
-    """
-    if width < 1 or height < 1:
-        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
-    pixels = width * height
-    if pixels > max_pixels:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} = {pixels:,} pixels exceeds max_pixels={max_pixels:,} "
-            f"(a decompression bomb or not a radiograph); {remedy}"
-        )
-    decoded = pixels * channels * bytes_per_sample
-    if decoded > max_bytes:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} pixels x {channels} channel(s) x {bytes_per_sample} byte(s) = "
-            f"{_size(decoded)} decoded, over the limit of {_size(max_bytes)}; {remedy}"
-        )
-    return decoded
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _open(data: bytes, name: str) -> ImageFile.ImageFile:
@@ -202,9 +155,9 @@ def _to_grey_uint8(img: Image.Image) -> np.ndarray:
             return np.zeros(a.shape, dtype=np.uint8)
         scale = 255.0 / (hi - lo)
         out = np.empty(a.shape, dtype=np.uint8)
-        for top in range(0, a.shape[0], _STRIP_ROWS):
-            strip = a[top : top + _STRIP_ROWS].astype(np.float64)
-            out[top : top + _STRIP_ROWS] = np.clip(np.rint((strip - lo) * scale), 0, 255).astype(np.uint8)
+        for top in range(0, a.shape[0], STRIP_ROWS):
+            strip = a[top : top + STRIP_ROWS].astype(np.float64)
+            out[top : top + STRIP_ROWS] = np.clip(np.rint((strip - lo) * scale), 0, 255).astype(np.uint8)
         return out
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -214,12 +167,12 @@ def _to_grey_uint8(img: Image.Image) -> np.ndarray:
         # Strip by strip, so no full-size grey, alpha or float copy is ever made next to the image.
         width, height = img.size
         out = np.empty((height, width), dtype=np.uint8)
-        for top in range(0, height, _STRIP_ROWS):
-            strip = img.crop((0, top, width, min(height, top + _STRIP_ROWS)))
+        for top in range(0, height, STRIP_ROWS):
+            strip = img.crop((0, top, width, min(height, top + STRIP_ROWS)))
             rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
             grey = np.asarray(rgba.convert("L"), dtype=np.float32)
             weight = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
-            out[top : top + _STRIP_ROWS] = np.rint(grey * weight).astype(np.uint8)
+            out[top : top + STRIP_ROWS] = np.rint(grey * weight).astype(np.uint8)
         return out
     # RGB, CMYK, YCbCr, 1, ...: PIL's ITU-R 601-2 luma.
     return np.asarray(img.convert("L"), dtype=np.uint8)
@@ -246,8 +199,6 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     if not data.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
-        from xrai.data.decode.dicom import HEAD_BYTES, decode_dicom, looks_like_dicom
-
         if looks_like_dicom(data[:HEAD_BYTES]):  # by content: before PIL, which takes a TIFF+DICOM file as TIFF
             return decode_dicom(data, name=name, max_pixels=max_pixels, max_bytes=max_bytes, remedy=remedy), []
     img, note = _decode(data, name, max_pixels, max_bytes, remedy)
@@ -349,7 +300,7 @@ def scan_images(
     Returns:
         (good paths, [(bad path, reason), ...]), in input order.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # not at import: the ONNX server imports this decoder and has no tqdm
 
     paths = [os.fspath(p) for p in paths]
     good: list[str] = []
