@@ -53,6 +53,7 @@ from xrai.data.split import group_ids
 from xrai.evaluate.predictions import predict
 from xrai.evaluate.report import choose_selection
 from xrai.evaluate.run import evaluate_run, score_predictions
+from xrai.labels import CLASS_NAMES
 from xrai.runs.layout import CHECKPOINTS_DIR, CV_JSON, FOLDS_DIR, RunFolder, read_json, write_json
 from xrai.runs.load import load_model
 from xrai.runs.operating import apply_temperature, checkpoint_sha256, folds_sha256
@@ -115,7 +116,7 @@ def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: p
         grouping = "duplicate-group"
     ids = group_ids(rows, groups)
     labels = rows["label"].to_numpy(dtype=np.int64)
-    for label, name in ((0, "normal"), (1, "abnormal")):
+    for label, name in enumerate(CLASS_NAMES):
         n_groups = len(np.unique(ids[labels == label]))
         if n_groups < folds:
             raise ValueError(f"{folds} folds need at least {folds} {grouping} groups with {name} images in the "
