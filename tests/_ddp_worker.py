@@ -72,8 +72,10 @@ def main() -> int:
 
         sys.addaudithook(audit)
 
-        def dump() -> None:
-            Path(hooks.write_log, f"rank{rank}.json").write_text(json.dumps({"writes": writes, "served": served}))
+        def dump() -> None:  # atomically: torchrun may end this rank while it writes (it then keeps the last)
+            path = Path(hooks.write_log, f"rank{rank}.json")
+            path.with_suffix(".tmp").write_text(json.dumps({"writes": writes, "served": served}))
+            os.replace(path.with_suffix(".tmp"), path)
 
         atexit.register(dump)  # a rank that torchrun terminates skips it: dumped after each run as well
     else:

@@ -9,10 +9,13 @@ everything else (data, model, epochs, machinery) comes from the caller or TrainC
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 from xrai.config import TrainConfig
+from xrai.runs.layout import RunFolder, read_json
 
 __all__ = ["CPU_BUDGET", "DEFAULT_RECIPE", "QUICK_BUDGET", "RECIPE_FIELDS", "RECIPES", "bench_recipe", "cv_recipe", "recipe_config",
            "recipe_of"]
@@ -79,21 +82,20 @@ def cv_recipe(recipe: str, *, out: str | Path, data: str = "fracatlas", root: st
         {"cv_auroc": {mean, std, min, max, values}, "oof_auroc", "epochs", "train_seconds",
          "recipe": recipe_of(config), "budget", "machine"[, "variants"]}.
     """
+    # deliberate: the CLI imports this module at start-up (DEFAULT_RECIPE); data and training load when used
     from xrai.data import load
-    from xrai.runs.layout import CV_JSON
     from xrai.train.cv import cross_validate, score_folds
 
     config = recipe_config(recipe, **{**dict(data=data, root=None if root is None else str(root), model=model,
                                              pretrained=False, img_size=img_size, epochs=epochs, seed=seed,
                                              device="cpu", input_path="cached"), **(changes or {})})
     out = Path(out)
-    if (out / CV_JSON).is_file():
-        import json
-
-        summary = json.loads((out / CV_JSON).read_text(encoding="utf-8"))
+    folder = RunFolder(out)
+    if folder.is_cv:
+        summary = read_json(folder.cv_json)
     else:
         manifest = load(data, root=root, seed=seed, progress=progress)
-        summary = cross_validate(config, manifest, out, folds=folds, resume=(out / "manifest.csv").is_file(),
+        summary = cross_validate(config, manifest, out, folds=folds, resume=folder.manifest_csv.is_file(),
                                  progress=progress).summary
     auroc = summary["summary"]["image"]["auroc"]
     figures: dict[str, Any] = {
@@ -124,9 +126,6 @@ def bench_recipe(recipe: str, *, data: str = "fracatlas", root: str | Path | Non
     The run folder (default runs/bench_recipe/<recipe>_<folds>f<img>px<epochs>e_seed<seed>) is resumed
     when it exists, and read back when finished, so the figure is measured once and reprinted after.
     """
-    import json
-    import os
-
     budget = QUICK_BUDGET if quick else CPU_BUDGET
     tag = f"{recipe}_{budget['folds']}f{budget['img_size']}px{budget['epochs']}e_seed{seed}"
     out = Path(out) if out is not None else Path("runs") / "bench_recipe" / tag

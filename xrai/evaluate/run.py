@@ -48,7 +48,6 @@ from xrai.evaluate.report import (
 )
 from xrai.evaluate.scores import EXPLAIN_IMAGES, measure_explanations
 from xrai.runs.layout import (
-    THRESHOLD_JSON,
     RunFolder,
     read_json,
     read_predictions,
@@ -202,6 +201,35 @@ def score_predictions(pred: pd.DataFrame, selection: Selection, *, split: str, t
     return report
 
 
+def _given_valid_report(run_dir: Path) -> dict[str, Any] | None:
+    """A CV run's "valid": its out-of-fold report, as the CV wrote it; None for a run with a valid split.
+
+    Raises:
+        ValueError: a final fit (its operating point is given in threshold.json; it has no valid split).
+    """
+    folder = RunFolder(run_dir)
+    given = folder.operating_point_file
+    if given == folder.report_json("oof"):  # a CV run's validation
+        return read_json(given)
+    if given == folder.threshold_json:
+        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from {given}); "
+                         f"score the test split or an external set")
+    return None
+
+
+def _calibrate(pred: pd.DataFrame, selection: Selection | None, *, method: str,
+               target: float) -> tuple[Selection, str]:
+    """The predictions' probabilities at the selection's temperature; valid (selection None) chooses its own.
+    Returns (the selection, the report's threshold_from)."""
+    if selection is None:  # valid chooses its own; its source says whether that succeeded
+        selection = choose_selection(pred, method=method, target=target)
+        threshold_from = selection.source
+    else:
+        threshold_from = _threshold_from(selection)
+    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
+    return selection, threshold_from
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -237,18 +265,13 @@ def evaluate_run(
 
     Returns:
         the report dict (as written).
-
     Raises:
         ValueError: split "valid" of a final fit (it has none).
     """
     run_dir = Path(run_dir)
     tta = run_tta(run_dir) if tta is None else bool(tta)
-    given = RunFolder(run_dir).operating_point_file
-    if split == "valid" and given.name == "report_oof.json":  # a CV run's validation
-        return read_json(given)
-    if split == "valid" and given.name == THRESHOLD_JSON:
-        raise ValueError(f"{run_dir} has no validation split of its own (its threshold comes from {given}); "
-                         f"score the test split or an external set")
+    if split == "valid" and (given := _given_valid_report(run_dir)) is not None:
+        return given
     # valid evaluated first only for its thresholds: its explanation scores are not what was asked for
     options = dict(progress=progress, threshold_method=threshold_method, target_sensitivity=target_sensitivity,
                    n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size, device=device, explain_images=0)
@@ -256,12 +279,7 @@ def evaluate_run(
     selection = None if split == "valid" else _valid_selection(run, tta=tta, **options)
     rows = _split_rows(run_dir, split, run.config)
     pred = predict(run, rows, temperature=1.0, batch_size=batch_size, tta=tta, progress=progress)
-    if selection is None:  # valid chooses its own; its source says whether that succeeded
-        selection = choose_selection(pred, method=threshold_method, target=target_sensitivity)
-        threshold_from = selection.source
-    else:
-        threshold_from = _threshold_from(selection)
-    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
+    selection, threshold_from = _calibrate(pred, selection, method=threshold_method, target=target_sensitivity)
     RunFolder(run_dir).write_predictions(split, pred)
     report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
                     audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)

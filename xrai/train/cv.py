@@ -31,7 +31,6 @@ threshold and temperature are taken from them (the ensemble has no held-out imag
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -42,11 +41,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from xrai.config import TrainConfig
-from xrai.fileio import atomic_write_csv
-from xrai.runs.layout import CV_JSON, RunFolder
+from xrai.data import audit, audit_summary, duplicate_groups, filter_body_parts, read_manifest, save_manifest
+from xrai.data.audit import image_hashes, with_splits
+from xrai.data.split import group_ids
+from xrai.evaluate.predictions import predict
+from xrai.evaluate.report import choose_selection
+from xrai.evaluate.run import evaluate_run, score_predictions
+from xrai.labels import CLASS_NAMES
+from xrai.runs.layout import CHECKPOINTS_DIR, CV_JSON, FOLDS_DIR, RunFolder, read_json, write_json
+from xrai.runs.load import load_model
+from xrai.runs.operating import apply_temperature, checkpoint_sha256, folds_sha256
 from xrai.train.trainer import fit
 
 __all__ = ["CVResult", "POOL_SPLITS", "assign_folds", "cross_validate", "fit_final", "fold_manifest",
@@ -91,10 +101,6 @@ def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: p
     Raises:
         ValueError: k < 2, or too few groups of either label for k folds (the message says how many).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    from xrai.data.split import group_ids
-
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     pool = manifest["split"].isin(POOL_SPLITS).to_numpy()
@@ -105,14 +111,12 @@ def assign_folds(manifest: pd.DataFrame, *, folds: int, seed: int = 0, groups: p
     elif has_patients:
         grouping = "patient"
     else:
-        from xrai.data import duplicate_groups
-
         pool_hashes = None if hashes is None else hashes[pool].reset_index(drop=True)
         groups = duplicate_groups(rows, hashes=pool_hashes, progress=progress)
         grouping = "duplicate-group"
     ids = group_ids(rows, groups)
     labels = rows["label"].to_numpy(dtype=np.int64)
-    for label, name in ((0, "normal"), (1, "abnormal")):
+    for label, name in enumerate(CLASS_NAMES):
         n_groups = len(np.unique(ids[labels == label]))
         if n_groups < folds:
             raise ValueError(f"{folds} folds need at least {folds} {grouping} groups with {name} images in the "
@@ -138,9 +142,6 @@ def fold_manifest(table: pd.DataFrame, fold: int) -> pd.DataFrame:
 def _prepare(config: TrainConfig, manifest: pd.DataFrame, *, folds: int, groups: pd.Series | None,
              progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(manifest with folds: pool rows "train", test "test"; its audit table), both for config's body parts."""
-    from xrai.data import audit, filter_body_parts
-    from xrai.data.audit import image_hashes
-
     if groups is not None:  # aligned to the manifest's index, which the body-part filter renumbers
         manifest = manifest.assign(_cv_group=groups)
     table = filter_body_parts(manifest, config.body_parts())
@@ -180,51 +181,63 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
         FileExistsError: run_dir already holds a CV and resume is False.
         ValueError: too few groups for k folds; a fold without both labels; resuming with another k.
     """
-    from xrai.data import read_manifest, save_manifest
-    from xrai.evaluate.run import evaluate_run
-
     run_dir = Path(run_dir)
     say = tqdm.write if progress else logger.info
-    if not resume and (RunFolder(run_dir).is_cv or (run_dir / "manifest.csv").is_file()):
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (CLI: --resume) to continue it, "
-                              "or choose a new run folder")
     start = time.perf_counter()
-    if resume and (run_dir / "manifest.csv").is_file():
-        table = read_manifest(run_dir)
-        if "fold" not in table.columns or int(table["fold"].max()) + 1 != folds:
-            raise ValueError(f"{run_dir / 'manifest.csv'} is not a {folds}-fold CV manifest; resume with the "
-                             "same --folds, or choose a new run folder")
-        audit_table = _read_audit(run_dir)
-    else:
-        table, audit_table = _prepare(config, manifest, folds=folds, groups=groups, progress=progress)
-        save_manifest(table, run_dir)
-        atomic_write_csv(run_dir / "audit.csv", audit_table)
-    per_fold = []
-    for k in range(folds):
-        rows = fold_manifest(table, k)
-        fold_dir = run_dir / "folds" / str(k)
-        _write_fold_audit(audit_table, rows, fold_dir)
-        n_train, n_valid = int((rows["split"] == "train").sum()), int((rows["split"] == "valid").sum())
-        say(f"fold {k + 1}/{folds}: {n_train} train / {n_valid} valid images -> {fold_dir}")
-        result = fit(config, rows, fold_dir, resume=resume, progress=progress)
-        began = time.perf_counter()
-        report = _fold_report(fold_dir) if resume else None
-        if report is None:
-            report = evaluate_run(fold_dir, split="valid", progress=progress, seed=config.seed, explain_images=0)
-        per_fold.append(_fold_summary(k, rows, result, report, eval_seconds=time.perf_counter() - began))
-        say(f"fold {k + 1}/{folds}: valid AUROC {_fmt(report['image']['auroc'])} (epoch {result.best_epoch} handed on)")
+    table, audit_table = _pool_with_folds(config, manifest, RunFolder(run_dir), folds=folds, groups=groups,
+                                          resume=resume, progress=progress)
+    per_fold = [_run_fold(config, table, audit_table, RunFolder(run_dir), k, folds=folds, resume=resume,
+                          progress=progress, say=say) for k in range(folds)]
     oof, threshold = _write_oof(run_dir, config, table, audit_table, folds)
     summary = _cv_summary(config, table, per_fold, oof, threshold, folds=folds, wall=time.perf_counter() - start)
-    config.to_json(run_dir / "config.json")
-    from xrai.runs.layout import write_json
-
-    write_json(summary, run_dir / CV_JSON)  # last: its presence marks a finished CV run
+    config.to_json(RunFolder(run_dir).config_json)
+    write_json(summary, RunFolder(run_dir).cv_json)  # last: its presence marks a finished CV run
     image = summary["summary"]["image"]["auroc"]
     say(f"{folds}-fold CV AUROC {_fmt(image['mean'])} +- {_fmt(image['std'])} (fold std); OOF AUROC "
         f"{_fmt(summary['oof']['auroc'])}, OOF threshold {summary['oof']['threshold']:.3f}; "
         f"{summary['wall_seconds'] / 60:.1f} min")
     fitted = fit_final(run_dir, resume=resume, progress=progress) if final else None
     return CVResult(run_dir=run_dir, summary=summary, oof=oof, final=fitted)
+
+
+def _pool_with_folds(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, *, folds: int,
+                     groups: pd.Series | None, resume: bool,
+                     progress: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(the CV manifest with its folds, its audit table): read back on resume, else made and saved.
+
+    Raises:
+        FileExistsError: the folder holds a run and resume is False. ValueError: resuming with another k.
+    """
+    if not resume and (folder.is_cv or folder.manifest_csv.is_file()):
+        raise FileExistsError(f"{folder.path} already holds a run; pass resume=True (CLI: --resume) to continue "
+                              "it, or choose a new run folder")
+    if resume and folder.manifest_csv.is_file():
+        table = read_manifest(folder.path)
+        if "fold" not in table.columns or int(table["fold"].max()) + 1 != folds:
+            raise ValueError(f"{folder.manifest_csv} is not a {folds}-fold CV manifest; resume with the "
+                             "same --folds, or choose a new run folder")
+        return table, folder.read_audit()
+    table, audit_table = _prepare(config, manifest, folds=folds, groups=groups, progress=progress)
+    save_manifest(table, folder.path)
+    folder.write_audit(audit_table)
+    return table, audit_table
+
+
+def _run_fold(config: TrainConfig, table: pd.DataFrame, audit_table: pd.DataFrame | None, folder: RunFolder,
+              k: int, *, folds: int, resume: bool, progress: bool, say) -> dict[str, Any]:
+    """Train fold k (or resume it), score it on its valid rows once; its entry of cv.json "per_fold"."""
+    rows = fold_manifest(table, k)
+    fold_dir = folder.fold(k).path
+    _write_fold_audit(audit_table, rows, fold_dir)
+    n_train, n_valid = int((rows["split"] == "train").sum()), int((rows["split"] == "valid").sum())
+    say(f"fold {k + 1}/{folds}: {n_train} train / {n_valid} valid images -> {fold_dir}")
+    result = fit(config, rows, fold_dir, resume=resume, progress=progress)
+    began = time.perf_counter()
+    report = _fold_report(fold_dir) if resume else None
+    if report is None:
+        report = evaluate_run(fold_dir, split="valid", progress=progress, seed=config.seed, explain_images=0)
+    say(f"fold {k + 1}/{folds}: valid AUROC {_fmt(report['image']['auroc'])} (epoch {result.best_epoch} handed on)")
+    return _fold_summary(k, rows, result, report, eval_seconds=time.perf_counter() - began)
 
 
 def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: bool = False,
@@ -243,16 +256,13 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
         FileNotFoundError: run_dir is not a finished CV run.
         ValueError: the recipe uses the plateau scheduler (it needs validation).
     """
-    from xrai.data import read_manifest
-    from xrai.runs.layout import THRESHOLD_JSON, RunFolder, write_json
-    from xrai.runs.operating import checkpoint_sha256
-
     run_dir = Path(run_dir)
-    if not RunFolder(run_dir).is_cv:
+    folder = RunFolder(run_dir)
+    if not folder.is_cv:
         raise FileNotFoundError(f"no {CV_JSON} in {run_dir}: a final fit follows a finished cross-validation "
                                 f"(`python -m xrai cv ... --out {run_dir}`)")
-    summary = json.loads((run_dir / CV_JSON).read_text(encoding="utf-8"))
-    config = TrainConfig.from_json(run_dir / "config.json")
+    summary = read_json(folder.cv_json)
+    config = TrainConfig.from_json(folder.config_json)
     if config.scheduler == "plateau":
         raise ValueError("a final fit has no validation, so it cannot use scheduler 'plateau'; rerun the CV "
                          "with another scheduler")
@@ -261,18 +271,20 @@ def fit_final(run_dir: str | os.PathLike, *, epochs: int | None = None, resume: 
     table = read_manifest(run_dir)
     rows = table.assign(split=np.where(table["fold"] >= 0, "train", "test"))
     rows.attrs = {**table.attrs, "split_method": f"final fit on every CV pool image: {table.attrs['split_method']}"}
-    final_dir = run_dir / "final"
-    _write_fold_audit(_read_audit(run_dir), rows, final_dir)
+    final = RunFolder(run_dir / "final")
+    final_dir = final.path
+    _write_fold_audit(folder.read_audit(), rows, final_dir)
     final_dir.mkdir(parents=True, exist_ok=True)
     fitted = fit(final_config, rows, final_dir, resume=resume, progress=progress)
-    oof = json.loads((run_dir / "report_oof.json").read_text(encoding="utf-8"))
+    oof = folder.read_report("oof")
     given = {key: oof.get(key) for key in OPERATING_POINT_KEYS}
     given.update({"threshold_from": "oof",
-                  "checkpoint": {"file": "checkpoints/best.pt",
-                                 "sha256": checkpoint_sha256(RunFolder(final_dir).checkpoint("best"))},
+                  "checkpoint": {"file": final.checkpoint("best").relative_to(final_dir).as_posix(),
+                                 "sha256": checkpoint_sha256(final.checkpoint("best"))},
                   "chosen_on": f"the out-of-fold predictions of the {summary['folds']}-fold CV in "
-                               f"{run_dir.name}/ (predictions_oof.csv, report_oof.json)"})
-    write_json(given, final_dir / THRESHOLD_JSON)
+                               f"{run_dir.name}/ ({folder.predictions_csv('oof').name}, "
+                               f"{folder.report_json('oof').name})"})
+    write_json(given, final.threshold_json)
     return fitted
 
 
@@ -282,15 +294,9 @@ def score_folds(run_dir: str | os.PathLike, *, tta: bool | None = None, which: s
     the last checkpoint), as {mean, std, min, max, values}: the same weights, scored again, nothing
     written. Compares evaluation choices without training anything.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from xrai.data import read_manifest
-    from xrai.evaluate.predictions import predict
-    from xrai.runs.load import load_model
-
     run_dir = Path(run_dir)
     values = []
-    for fold_dir in sorted((run_dir / "folds").iterdir(), key=lambda p: int(p.name)):
+    for fold_dir in sorted((run_dir / FOLDS_DIR).iterdir(), key=lambda p: int(p.name)):
         model, config = load_model(fold_dir, which=which)
         rows = read_manifest(fold_dir)
         rows = rows[rows["split"] == "valid"]
@@ -321,31 +327,22 @@ def summarise_metrics(blocks: list[dict[str, Any] | None]) -> dict[str, dict[str
     return {name: summarise_values([b.get(name) for b in blocks if b]) for name in SUMMARY_METRICS}
 
 
-def _read_audit(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "audit.csv"
-    return pd.read_csv(path, dtype={"path": str, "crosses": str}, keep_default_na=False) if path.is_file() else None
-
-
 def _write_fold_audit(audit_table: pd.DataFrame | None, rows: pd.DataFrame, run_dir: Path) -> None:
     """run_dir/audit.csv: the CV's duplicate groups with the crossings under this run's splits."""
-    from xrai.data.audit import with_splits
-
     if audit_table is None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     splits = pd.Series(rows["split"].to_numpy(), index=rows["path"].to_numpy())
-    atomic_write_csv(run_dir / "audit.csv", with_splits(audit_table, splits))
+    RunFolder(run_dir).write_audit(with_splits(audit_table, splits))
 
 
 def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
     """A resumed fold's report_valid.json when it was made with the fold's current checkpoint, else None."""
-    from xrai.runs.layout import RunFolder
-    from xrai.runs.operating import checkpoint_sha256
-
-    best, path = RunFolder(fold_dir).checkpoint("best"), fold_dir / "report_valid.json"
-    if not (best.is_file() and path.is_file() and (fold_dir / "predictions_valid.csv").is_file()):
+    folder = RunFolder(fold_dir)
+    best, path = folder.checkpoint("best"), folder.report_json("valid")
+    if not (best.is_file() and path.is_file() and folder.predictions_csv("valid").is_file()):
         return None
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = read_json(path)
     return report if (report.get("checkpoint") or {}).get("sha256") == checkpoint_sha256(best) else None
 
 
@@ -371,39 +368,30 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
     """predictions_oof.csv and report_oof.json from the folds' valid predictions: the temperature is
     fitted and the thresholds chosen on the OOF logits, as evaluate does on a valid split; returns
     (the OOF predictions, the OOF threshold)."""
-    from xrai.data import audit_summary
-    from xrai.data.audit import with_splits
-    from xrai.evaluate.report import choose_selection
-    from xrai.evaluate.run import score_predictions
-    from xrai.runs.layout import read_predictions, write_json
-    from xrai.runs.operating import apply_temperature, folds_sha256
-
+    folder = RunFolder(run_dir)
     parts = []
     for k in range(folds):
-        pred = read_predictions(run_dir / "folds" / str(k) / "predictions_valid.csv")
+        pred = folder.fold(k).read_predictions("valid")
         parts.append(pred.assign(fold=k))
     oof = pd.concat(parts, ignore_index=True)
     selection = choose_selection(oof, method="youden")  # on the logits, never a fold's own temperature
     oof["probability"] = apply_temperature(oof["logit"], selection.temperature)
-    atomic_write_csv(run_dir / "predictions_oof.csv", oof)
+    folder.write_predictions("oof", oof)
     folds_of = pd.Series(table["fold"].map(lambda f: f"fold{f}" if f >= 0 else "test").to_numpy(),
                          index=table["path"].to_numpy())
     counts = audit_summary(with_splits(audit_table, folds_of)) if audit_table is not None else \
         {"cross_split_groups": None, "cross_label_groups": None}
-    checkpoint = {"file": "folds/*/checkpoints/best.pt", "sha256": folds_sha256(run_dir, folds, "best")}
+    checkpoint = {"file": f"{FOLDS_DIR}/*/{CHECKPOINTS_DIR}/best.pt", "sha256": folds_sha256(run_dir, folds, "best")}
     attrs = {"split_method": table.attrs.get("split_method"), "source": table.attrs.get("source", config.data)}
     report = score_predictions(oof.drop(columns="fold"), selection, split="oof", threshold_from="oof",
                                checkpoint=checkpoint, rows_attrs=attrs, audit=counts, tta=config.tta,
                                n_bootstrap=1000, seed=config.seed)
-    write_json(report, run_dir / "report_oof.json")
+    folder.write_report("oof", report)
     return oof, selection.threshold
 
 
 def _cv_summary(config: TrainConfig, table: pd.DataFrame, per_fold: list[dict], oof: pd.DataFrame,
                 threshold: float, *, folds: int, wall: float) -> dict[str, Any]:
-    import torch
-    from sklearn.metrics import roc_auc_score
-
     keep_last = config.keep == "last"
     per_epoch = [f["epochs_run"] if keep_last else f["best_epoch"] for f in per_fold]
     chosen = max(1, int(round(float(np.median(per_epoch)))))
@@ -423,7 +411,8 @@ def _cv_summary(config: TrainConfig, table: pd.DataFrame, per_fold: list[dict], 
         "oof": {"n": int(len(oof)), "auroc": float(roc_auc_score(oof["label"], oof["probability"]))
                 if oof["label"].nunique() == 2 else None,
                 "threshold": threshold, "threshold_from": "oof", "threshold_method": "youden",
-                "report": "report_oof.json", "predictions": "predictions_oof.csv"},
+                "report": RunFolder(".").report_json("oof").name,
+                "predictions": RunFolder(".").predictions_csv("oof").name},
         "epochs": {"per_fold": per_epoch, "chosen": chosen, "rule": rule},
         "wall_seconds": float(wall),
         "train_seconds": float(sum(f["train_seconds"] for f in per_fold)),

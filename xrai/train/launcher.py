@@ -29,7 +29,15 @@ import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from torch.distributed import run as torch_run
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from xrai.data import load, read_manifest, save_manifest
+from xrai.data.batches import per_rank_batch
+from xrai.env import gpu_count
 from xrai.errors import UserError
+from xrai.runs.layout import CONFIG_JSON, RunFolder
+from xrai.train.distributed import world_size_from_env
 from xrai.train.trainer import FitResult, fit, load_result
 
 if TYPE_CHECKING:
@@ -58,8 +66,6 @@ def resolve_nproc(nproc: int | str, device: str = "auto") -> int:
     Raises:
         ValueError: not "auto" nor a positive integer, or more processes than GPUs for a CUDA device.
     """
-    from xrai.env import gpu_count
-
     gpus = gpu_count()
     on_gpu = (device or "auto") in ("auto", "cuda") and gpus > 0
     if isinstance(nproc, str) and nproc.strip().lower() == "auto":
@@ -175,15 +181,10 @@ def launch(config: TrainConfig, run_dir: str | os.PathLike, *, nproc: int | str 
         LaunchError: a rank failed (one line: which rank, its exit code, its error); the others were stopped.
         ValueError: nproc or batch_size that cannot be used; whatever `fit` raises with one process.
     """
-    from xrai.data.batches import per_rank_batch
-    from xrai.train.distributed import world_size_from_env
-
     run_dir = Path(run_dir)
     count = resolve_nproc(nproc, config.device)
     if count == 1 or world_size_from_env() > 1:  # one process, or already one rank of a torchrun
-        from xrai.data import load, read_manifest
-    
-        if manifest is None and (run_dir / "manifest.csv").is_file():
+        if manifest is None and RunFolder(run_dir).manifest_csv.is_file():
             manifest = read_manifest(run_dir)
         elif manifest is None:
             manifest = load(config.data, root=config.root, seed=config.seed, val_fraction=config.val_fraction,
@@ -192,12 +193,10 @@ def launch(config: TrainConfig, run_dir: str | os.PathLike, *, nproc: int | str 
     per_rank_batch(config.batch_size, count)  # refused here, before any process starts
 
     with tempfile.TemporaryDirectory(prefix="xrai-launch-") as tmp:
-        config_path = Path(tmp) / "config.json"
+        config_path = Path(tmp) / CONFIG_JSON
         config_path.write_text(config.to_json() + "\n", encoding="utf-8")
         args = ["-m", "xrai", "train", "--config", str(config_path), "--out", str(run_dir)]
-        if manifest is not None and not (run_dir / "manifest.csv").is_file():
-            from xrai.data import save_manifest
-
+        if manifest is not None and not RunFolder(run_dir).manifest_csv.is_file():
             save_manifest(manifest, Path(tmp) / "manifest")  # the workers read it; fit() copies it into run_dir
             args += ["--manifest", str(Path(tmp) / "manifest")]
         if resume:
@@ -213,14 +212,11 @@ def torchrun_main(argv: list[str]) -> int:
     (or signal), and status 2 when that rank exited with 2 (a user's error), else 1; torchrun has
     stopped the other workers by then.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
     head, script_args = split_torchrun_argv(argv)
-    args = parse_args(head)
+    args = torch_run.parse_args(head)
     args.training_script_args = script_args
     try:
-        run(args)
+        torch_run.run(args)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         code = failure.exitcode

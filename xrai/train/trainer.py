@@ -1,7 +1,9 @@
 """fit(): train a classifier on a manifest: AMP, schedulers, early stopping, atomic checkpoints, exact resume.
 
 The shape follows torchvision's references/classification/train.py: `train_one_epoch`, `validate`
-(its `evaluate`; renamed so it never shadows the `xrai.evaluate.run` module) and `fit` on top.
+(its `evaluate`; renamed so it never shadows the `xrai.evaluate.run` module) and `fit` on top, whose
+body reads like the reference's `main`: set up (`_set_up`: model, data, optimiser, scheduler), restore
+(`_restore`: a resume), then the epoch loop (`_train`: `_train_and_validate`, `_record`, `_save`).
 Learning-rate schedules: "cosine" steps per optimizer step (a linear warm-up over `warmup_epochs`,
 then a half cosine down towards 0 at the last step: smooth even for 3-epoch runs); "onecycle" too
 (torch's OneCycleLR, peak `lr`; its length is fixed, so a resume may not raise `epochs`);
@@ -33,13 +35,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -47,10 +50,13 @@ from xrai.config import TrainConfig
 from xrai.data import filter_body_parts, require_columns, save_manifest
 from xrai.data.augment import augment_options
 from xrai.data.batches import per_rank_batch
+from xrai.data.cache import build_cache, cache_fits, find_cache
 from xrai.data.dataset import ClassicBatches
+from xrai.data.loader import CachedBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError
 from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_csv
+from xrai.labels import DEFAULT_THRESHOLD
 from xrai.models.checkpoint import (
     atomic_save,
     load_checkpoint,
@@ -62,6 +68,7 @@ from xrai.models.checkpoint import (
 from xrai.models.factory import create_model
 from xrai.models.logits import flip_tta_logits
 from xrai.models.pruning import prune_synflow, restore_pruning
+from xrai.runs.layout import RunFolder
 from xrai.train import distributed
 from xrai.train.regularise import build_criterion, make_ema
 from xrai.train.tracking import open_trackers
@@ -199,15 +206,13 @@ def train_one_epoch(model, source, criterion, optimizer, scaler, *, epoch: int, 
 
 def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch.dtype | None,
              tta: bool = False, progress: bool = True, gather=None) -> dict[str, float]:
-    """Loss, AUROC (NaN with one class) and accuracy at 0.5 over every batch of an eval source.
+    """Loss, AUROC (NaN with one class) and accuracy at DEFAULT_THRESHOLD (0.5) over every batch of an eval source.
 
     With ``tta`` each image is also scored flipped left-right and the two probabilities are averaged
     (``xrai.runs.load.flip_tta_logits``, as predict does); the loss is taken on the logit of that mean.
     gather: with several processes, a function (logits, labels) -> (logits, labels) of the whole split
     (`xrai.train.distributed.Distributed.gather_rows`), so the figures are those of one process.
     """
-    from sklearn.metrics import roc_auc_score
-
     model.eval()
     logits, labels = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]
     with torch.inference_mode():
@@ -223,7 +228,8 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
     loss = criterion(logit, label).item()
     prob, label = torch.sigmoid(logit).cpu().numpy(), label.cpu().numpy()
     auroc = float(roc_auc_score(label, prob)) if len(np.unique(label)) == 2 else float("nan")
-    return {"val_loss": loss, "val_auroc": auroc, "val_accuracy": float(np.mean((prob >= 0.5) == (label >= 0.5)))}
+    accuracy = float(np.mean((prob >= DEFAULT_THRESHOLD) == (label >= 0.5)))
+    return {"val_loss": loss, "val_auroc": auroc, "val_accuracy": accuracy}
 
 
 def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
@@ -241,8 +247,6 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
     path = config.input_path
     cache = None
     if path in ("auto", "cached"):
-        from xrai.data.cache import build_cache, cache_fits, find_cache
-
         size = config.resize_size
         train_and_valid = pd.concat([train_rows, valid_rows])
         cache = find_cache(train_and_valid, size=size, resize=config.resize)  # its own, or a superset's
@@ -260,8 +264,6 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
                   world_size=world_size,
                   augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
     if path == "cached":
-        from xrai.data.loader import CachedBatches
-
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
     classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress,
@@ -303,29 +305,84 @@ def fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike,
         return _fit(config, manifest, run_dir, resume=resume, progress=progress)
 
 
+@dataclass(kw_only=True)
+class _Run:
+    """What fit() set up, handed to every step of its epoch loop."""
+
+    config: TrainConfig
+    ctx: distributed.Distributed
+    folder: RunFolder
+    model: nn.Module  # what trains: DistributedDataParallel with several processes
+    net: nn.Module  # the model itself: checkpoints and validation
+    train_src: Any
+    valid_src: Any  # None in a final fit (no valid rows)
+    gather: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    criterion: nn.Module
+    val_criterion: nn.Module
+    ema: Any
+    monitor: str
+    say: Any
+    progress: bool
+
+
+@dataclass(kw_only=True)
+class _Book:
+    """Where the run stands after each epoch: what a checkpoint records and a resume restores."""
+
+    done: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop: bool = False
+
+
 def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike, *, resume: bool,
          progress: bool) -> FitResult:
-    """fit()'s body, under the backend settings of config.deterministic."""
-    run_dir = Path(run_dir)
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    """fit()'s body, under the backend settings of config.deterministic: set up, restore, train, save."""
+    folder = RunFolder(run_dir)
     ctx = distributed.init(config.device)  # torchrun's ranks, or this process alone (world size 1)
     config = config.replace(world_size=ctx.world_size)
     per_rank_batch(config.batch_size, ctx.world_size)  # the global batch must split evenly
-    state = resume_state(config.to_dict(), last_path, resume=resume)
+    state = resume_state(config.to_dict(), folder.checkpoint("last"), resume=resume)
     if state is not None and (state["epoch"] >= config.epochs or state["stopped_early"]):
-        return _result(run_dir, state)
-    if state is not None and config.input_path == "auto":  # a resume keeps the input path it trained with
-        config = config.replace(input_path=state["config"].get("input_path", "auto"))
-    if state is not None and ctx.is_main and state["config"].get("world_size", 1) != ctx.world_size:
-        warnings.warn(f"resuming {run_dir} (trained by {state['config'].get('world_size', 1)} processes) with "
-                      f"{ctx.world_size}: the data order changes from epoch {state['epoch'] + 1} on, so the run will "
-                      "not repeat an uninterrupted one bit for bit", stacklevel=3)
+        return _result(folder.path, state)
+    config = _resumed_config(config, state, ctx, folder.path)
     progress = progress and ctx.is_main  # rank 0 alone shows progress
     say = (tqdm.write if progress else logger.info) if ctx.is_main else logger.debug
+    run = _set_up(config, manifest, folder, ctx, state, say, progress)
+    trackers = open_trackers(run.config.loggers, run.config.to_dict(), folder.path, experiment=run.config.experiment,
+                             resume=state is not None) if ctx.is_main else []
+    book = _restore(run, state)
+    _train(run, book, trackers)
+    return FitResult(run_dir=folder.path, best_epoch=book.best_epoch, best_metric=float(book.best),
+                     history=pd.DataFrame(book.history, columns=HISTORY_COLUMNS), stopped_early=book.stop)
+
+
+def _resumed_config(config: TrainConfig, state: dict[str, Any] | None, ctx: distributed.Distributed,
+                    run_dir: Path) -> TrainConfig:
+    """A resume keeps the input path it trained with ("auto"); warn when the world size changed."""
+    if state is None:
+        return config
+    if config.input_path == "auto":
+        config = config.replace(input_path=state["config"].get("input_path", "auto"))
+    if ctx.is_main and state["config"].get("world_size", 1) != ctx.world_size:
+        warnings.warn(f"resuming {run_dir} (trained by {state['config'].get('world_size', 1)} processes) with "
+                      f"{ctx.world_size}: the data order changes from epoch {state['epoch'] + 1} on, so the run will "
+                      "not repeat an uninterrupted one bit for bit", stacklevel=4)
+    return config
+
+
+def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx: distributed.Distributed,
+            state: dict[str, Any] | None, say, progress: bool) -> _Run:
+    """Model, data, optimiser, scheduler, loss and EMA (torchvision's set-up), the run folder prepared."""
     # Config, data and model are checked before anything is written to run_dir: a failed start
     # (a bad model name, a split with one label, no network for pretrained weights) leaves it as it was.
     require_columns(manifest.columns, where="the manifest passed to fit()", needed=FIT_COLUMNS)
-    device = ctx.device
     if state is None:
         seed_everything(config.seed)
     train_rows, valid_rows = _split_rows(manifest, config)
@@ -338,113 +395,162 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
         share=lambda built: built[1][2])
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
     if ctx.is_main:  # rank 0 alone writes
-        config.to_json(run_dir / "config.json")
-        # Left by a process killed while saving.
-        for torn in run_dir.glob(f"checkpoints/{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
-            torn.unlink()
-        if not (run_dir / "manifest.csv").is_file():
-            save_manifest(manifest, run_dir)
+        _prepare_folder(folder, config, manifest)
     model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
-    net = ctx.unwrap(model)  # the model itself: checkpoints and validation
+    net = ctx.unwrap(model)
     # each rank validates its shard; the logits are gathered (no valid source in a final fit)
     gather = ctx.gatherer(valid_src.batch_positions(0)) if valid_src is not None else None
     optimizer = build_optimizer(net, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(train_src), monitor=monitor)
-    amp_dtype = autocast_dtype(device) if config.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
+    amp_dtype = autocast_dtype(ctx.device) if config.amp else None
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)  # bf16 needs no scaling
     pos_weight = pos_weight_from_labels(train_rows["label"]) if config.pos_weighting else None
-    criterion, val_criterion = build_criterion(config, pos_weight, device)
-    ema = make_ema(net, config)
-    say(f"{config.model} on {device} (AMP {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
-        f"channels_last {config.channels_last}), input path {input_path}: {len(train_rows)} train / "
-        f"{len(valid_rows)} valid images at {config.image_size} px, pos_weight "
-        f"{'off' if pos_weight is None else f'{pos_weight:.2f}'}, monitor {monitor}")
+    criterion, val_criterion = build_criterion(config, pos_weight, ctx.device)
+    run = _Run(config=config, ctx=ctx, folder=folder, model=model, net=net, train_src=train_src,
+               valid_src=valid_src, gather=gather, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               amp_dtype=amp_dtype, criterion=criterion, val_criterion=val_criterion, ema=make_ema(net, config),
+               monitor=monitor, say=say, progress=progress)
+    _announce(run, len(train_rows), len(valid_rows), pos_weight)
+    return run
+
+
+def _prepare_folder(folder: RunFolder, config: TrainConfig, manifest: pd.DataFrame) -> None:
+    """config.json (input path resolved), no torn checkpoint, manifest.csv when absent (rank 0 only)."""
+    config.to_json(folder.config_json)
+    # Left by a process killed while saving.
+    for torn in folder.checkpoints.glob(f"{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
+        torn.unlink()
+    if not folder.manifest_csv.is_file():
+        save_manifest(manifest, folder.path)
+
+
+def _announce(run: _Run, n_train: int, n_valid: int, pos_weight: float | None) -> None:
+    config, ctx, amp_dtype = run.config, run.ctx, run.amp_dtype
+    run.say(f"{config.model} on {ctx.device} (AMP {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, "
+            f"channels_last {config.channels_last}), input path {config.input_path}: {n_train} train / "
+            f"{n_valid} valid images at {config.image_size} px, pos_weight "
+            f"{'off' if pos_weight is None else f'{pos_weight:.2f}'}, monitor {run.monitor}")
     if ctx.world_size > 1:
-        say(f"{ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), global batch "
-            f"{config.batch_size} = {ctx.world_size} x {config.batch_size // ctx.world_size}, SyncBatchNorm "
-            f"{'on' if config.sync_bn else 'off'}")
-    done, best, best_epoch, bad, history = 0, (math.inf if monitor == "loss" else -math.inf), 0, 0, []
-    trackers = open_trackers(config.loggers, config.to_dict(), run_dir, experiment=config.experiment,
-                             resume=state is not None) if ctx.is_main else []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and scaler.is_enabled():  # {} when saved without scaling (CPU, bf16)
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        done, best, best_epoch, bad = state["epoch"], state["best_metric"], state["best_epoch"], state["bad_epochs"]
-        history = list(state["history"])
-        set_rng_state(ctx.own_rng_state(state))  # last: nothing may draw from the RNGs before epoch done+1 starts
-        say(f"resumed {run_dir} after epoch {done}")
-    stop, failed = False, True
-    bar = tqdm(total=config.epochs, initial=done, desc="training", unit="epoch", disable=not progress)
+        run.say(f"{ctx.world_size} processes ({'NCCL' if ctx.device.type == 'cuda' else 'gloo'}), global batch "
+                f"{config.batch_size} = {ctx.world_size} x {config.batch_size // ctx.world_size}, SyncBatchNorm "
+                f"{'on' if config.sync_bn else 'off'}")
+
+
+def _restore(run: _Run, state: dict[str, Any] | None) -> _Book:
+    """A new run's book, or the resumed one with the optimiser, scheduler, scaler, EMA and RNGs restored."""
+    if state is None:
+        return _Book(best=math.inf if run.monitor == "loss" else -math.inf)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] and run.scaler.is_enabled():  # {} when saved without scaling (CPU, bf16)
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    book = _Book(done=state["epoch"], best=state["best_metric"], best_epoch=state["best_epoch"],
+                 bad=state["bad_epochs"], history=list(state["history"]))
+    set_rng_state(run.ctx.own_rng_state(state))  # last: nothing may draw from the RNGs before epoch done+1 starts
+    run.say(f"resumed {run.folder.path} after epoch {book.done}")
+    return book
+
+
+def _train(run: _Run, book: _Book, trackers: list) -> None:
+    """The epoch loop: train, validate, record, save; early stopping; the trackers finished either way."""
+    config, failed = run.config, True
+    bar = tqdm(total=config.epochs, initial=book.done, desc="training", unit="epoch", disable=not run.progress)
     try:
-        for epoch in range(done + 1, config.epochs + 1):
+        for epoch in range(book.done + 1, config.epochs + 1):
             start = time.perf_counter()
-            try:
-                stats = train_one_epoch(model, train_src, criterion, optimizer, scaler, epoch=epoch, device=device,
-                                        amp_dtype=amp_dtype, progress=progress, ema=ema,
-                                        step_scheduler=scheduler if config.scheduler in STEPWISE_SCHEDULERS else None)
-                stats = ctx.reduce_train_stats(stats)  # over every rank's images
-                ctx.sync_buffers(net)  # rank 0's BatchNorm statistics: those the checkpoint holds
-                scored = net if ema is None else ema.module  # the weights validated and handed on
-                metrics = dict(NO_VALIDATION) if valid_src is None else validate(
-                    scored, valid_src, val_criterion, device=device, amp_dtype=amp_dtype, tta=config.tta,
-                    progress=progress, gather=gather)
-                metrics = ctx.broadcast(metrics)  # every rank decides on rank 0's figures
-                _check_finite(net, None if valid_src is None else metrics["val_loss"], epoch)
-            except TrainingDivergedError as err:
-                kept = f"{last_path} still holds epoch {done}" if done else "no checkpoint was written"
-                raise TrainingDivergedError(f"{err}. {kept}. Start a new run with a lower lr (now {config.lr}) "
-                                            f"or with amp=False.") from None
-            value = metrics[{"auroc": "val_auroc", "accuracy": "val_accuracy", "loss": "val_loss"}[monitor]]
-            improved = value < best if monitor == "loss" else value > best  # NaN never improves
-            best, best_epoch, bad = (value, epoch, 0) if improved else (best, best_epoch, bad + 1)
-            stop = config.patience > 0 and bad >= config.patience
-            if config.scheduler in ("step", "exponential"):
-                scheduler.step()
-            elif config.scheduler == "plateau":
-                scheduler.step(value)
-            row = {"epoch": epoch, "train_loss": stats["train_loss"], **metrics, "lr": stats["lr"],
-                   "seconds": time.perf_counter() - start, "images_per_s": stats["images"] / stats["seconds"],
-                   "world_size": ctx.world_size}
-            history.append(row)
-            ckpt = {"model": to_cpu(net.state_dict()), "optimizer": to_cpu(optimizer.state_dict()),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": to_cpu(scaler.state_dict()), "epoch": epoch, "best_metric": best,
-                    "best_epoch": best_epoch, "bad_epochs": bad, "stopped_early": stop, "monitor": monitor,
-                    "history": history, "rng": rng_state(), "config": config.to_dict(), "model_name": config.model,
-                    "ema": to_cpu(ema.state_dict()) if ema is not None else None}
-            if ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
-                ckpt["rng_ranks"] = ctx.rng_states(ckpt["rng"])
-            if ctx.is_main:  # rank 0 alone writes
-                if improved or config.keep == "last":  # best.pt holds the weights the run hands on
-                    handed_on = ckpt["model"] if ema is None else to_cpu(ema.module.state_dict())
-                    atomic_save({**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}, best_path)
-                atomic_save(ckpt, last_path)
-                _write_history(history, run_dir / "history.csv")
-            done = epoch
+            stats, metrics = _train_and_validate(run, epoch, book.done)
+            improved, row = _record(run, book, epoch, stats, metrics, time.perf_counter() - start)
+            _save(run, book, epoch, improved)
+            book.done = epoch
             for tracker in trackers:
                 tracker.log_epoch(row, epoch=epoch)
             bar.update(1)
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_auroc=f"{row['val_auroc']:.3f}",
                             img_s=f"{row['images_per_s']:.0f}")
-            say(_summary(row, config.epochs, improved))
-            if stop:
-                say(f"early stop: {monitor} did not improve for {bad} epochs; best {best:.4f} at epoch {best_epoch}")
+            run.say(_summary(row, config.epochs, improved))
+            if book.stop:
+                run.say(f"early stop: {run.monitor} did not improve for {book.bad} epochs; best {book.best:.4f} at "
+                        f"epoch {book.best_epoch}")
                 break
-        if best_path.is_file():
+        if run.folder.checkpoint("best").is_file():
             for tracker in trackers:
-                tracker.log_artifact(best_path)
+                tracker.log_artifact(run.folder.checkpoint("best"))
         failed = False
     finally:
         bar.close()
         for tracker in trackers:
             tracker.finish(failed=failed)
-    return FitResult(run_dir=run_dir, best_epoch=best_epoch, best_metric=float(best),
-                     history=pd.DataFrame(history, columns=HISTORY_COLUMNS), stopped_early=stop)
+
+
+def _train_and_validate(run: _Run, epoch: int, done: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One epoch's training figures (over every rank) and validation metrics (rank 0's, on every rank).
+
+    Raises:
+        TrainingDivergedError: NaN or inf in the loss or a weight; the message says what was kept.
+    """
+    config = run.config
+    try:
+        stats = train_one_epoch(run.model, run.train_src, run.criterion, run.optimizer, run.scaler, epoch=epoch,
+                                device=run.ctx.device, amp_dtype=run.amp_dtype, progress=run.progress, ema=run.ema,
+                                step_scheduler=run.scheduler if config.scheduler in STEPWISE_SCHEDULERS else None)
+        stats = run.ctx.reduce_train_stats(stats)  # over every rank's images
+        run.ctx.sync_buffers(run.net)  # rank 0's BatchNorm statistics: those the checkpoint holds
+        scored = run.net if run.ema is None else run.ema.module  # the weights validated and handed on
+        metrics = dict(NO_VALIDATION) if run.valid_src is None else validate(
+            scored, run.valid_src, run.val_criterion, device=run.ctx.device, amp_dtype=run.amp_dtype,
+            tta=config.tta, progress=run.progress, gather=run.gather)
+        metrics = run.ctx.broadcast(metrics)  # every rank decides on rank 0's figures
+        _check_finite(run.net, None if run.valid_src is None else metrics["val_loss"], epoch)
+    except TrainingDivergedError as err:
+        kept = f"{run.folder.checkpoint('last')} still holds epoch {done}" if done else "no checkpoint was written"
+        raise TrainingDivergedError(f"{err}. {kept}. Start a new run with a lower lr (now {config.lr}) "
+                                    f"or with amp=False.") from None
+    return stats, metrics
+
+
+def _record(run: _Run, book: _Book, epoch: int, stats: dict[str, float], metrics: dict[str, float],
+            seconds: float) -> tuple[bool, dict[str, Any]]:
+    """Best epoch, patience and the per-epoch schedulers from the monitor; the epoch's history row.
+    Returns (whether the monitor improved, the row)."""
+    value = metrics[{"auroc": "val_auroc", "accuracy": "val_accuracy", "loss": "val_loss"}[run.monitor]]
+    improved = value < book.best if run.monitor == "loss" else value > book.best  # NaN never improves
+    if improved:
+        book.best, book.best_epoch, book.bad = value, epoch, 0
+    else:
+        book.bad += 1
+    book.stop = run.config.patience > 0 and book.bad >= run.config.patience
+    if run.config.scheduler in ("step", "exponential"):
+        run.scheduler.step()
+    elif run.config.scheduler == "plateau":
+        run.scheduler.step(value)
+    row = {"epoch": epoch, "train_loss": stats["train_loss"], **metrics, "lr": stats["lr"], "seconds": seconds,
+           "images_per_s": stats["images"] / stats["seconds"], "world_size": run.ctx.world_size}
+    book.history.append(row)
+    return improved, row
+
+
+def _save(run: _Run, book: _Book, epoch: int, improved: bool) -> None:
+    """checkpoints/last.pt (everything a resume needs), best.pt (the weights handed on) and history.csv,
+    atomically, by rank 0 alone; every rank builds the checkpoint (its RNG states are gathered)."""
+    net, ema, scheduler = run.net, run.ema, run.scheduler
+    ckpt = {"model": to_cpu(net.state_dict()), "optimizer": to_cpu(run.optimizer.state_dict()),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": to_cpu(run.scaler.state_dict()), "epoch": epoch, "best_metric": book.best,
+            "best_epoch": book.best_epoch, "bad_epochs": book.bad, "stopped_early": book.stop, "monitor": run.monitor,
+            "history": book.history, "rng": rng_state(), "config": run.config.to_dict(),
+            "model_name": run.config.model, "ema": to_cpu(ema.state_dict()) if ema is not None else None}
+    if run.ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
+        ckpt["rng_ranks"] = run.ctx.rng_states(ckpt["rng"])
+    if not run.ctx.is_main:  # rank 0 alone writes
+        return
+    if improved or run.config.keep == "last":  # best.pt holds the weights the run hands on
+        handed_on = ckpt["model"] if ema is None else to_cpu(ema.module.state_dict())
+        atomic_save({**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}, run.folder.checkpoint("best"))
+    atomic_save(ckpt, run.folder.checkpoint("last"))
+    _write_history(book.history, run.folder.history_csv)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -457,7 +563,7 @@ def load_result(run_dir: str | os.PathLike) -> FitResult:
         FileNotFoundError: no checkpoints/last.pt there. CheckpointError: the file cannot be read.
     """
     run_dir = Path(run_dir)
-    return _result(run_dir, load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    return _result(run_dir, load_checkpoint(RunFolder(run_dir).checkpoint("last")))
 
 
 def _result(run_dir: Path, state: dict[str, Any]) -> FitResult:
@@ -490,7 +596,7 @@ def _needs_validation(config: TrainConfig) -> bool:
 def _monitor(config: TrainConfig, valid_rows: pd.DataFrame) -> str:
     if config.monitor == "auroc" and len(valid_rows) and valid_rows["label"].nunique() < 2:
         warnings.warn("the valid split holds one label only, so AUROC is undefined; monitoring val loss instead",
-                      stacklevel=3)
+                      stacklevel=4)
         return "loss"
     return config.monitor
 
