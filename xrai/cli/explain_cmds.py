@@ -17,10 +17,8 @@ __all__ = ["cmd_explain", "cmd_predict", "run_class_names"]
 
 
 def run_class_names(run_dir) -> tuple[str, str]:
-    """The words for label 0 and 1 of a run's source (manifest.json "source", else config.json "data")."""
-    folder = RunFolder(run_dir)
-    source = (read_json(folder.manifest_json) or {}).get("source") or folder.read_config().get("data")
-    return class_names(source)
+    """The words for label 0 and 1 of a run's source (manifest.json "source")."""
+    return class_names((read_json(RunFolder(run_dir).manifest_json) or {}).get("source"))
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
