@@ -29,14 +29,17 @@ def test_help_lists_every_subcommand():
     assert "cv" in COMMANDS
 
 
-def test_help_and_the_torch_free_commands_import_no_torch():
+def test_help_and_the_torch_free_commands_import_no_torch(tmp_path):
     # The parser alone, and the commands that must work where torch (or pandas) is not installed: --help of
-    # every command, and bench --markdown (a saved JSON to a table).
-    env = child_env(block=("torch", "torchvision", "sklearn"))
+    # every command, and serve --onnx (the Dockerfile's onnx image has neither).
+    env = child_env(block=("torch", "torchvision", "pandas", "sklearn"))
     for args in (["--help"], *([name, "--help"] for name in COMMANDS)):
         proc = subprocess.run([sys.executable, "-m", "xrai", *args], capture_output=True, text=True, env=env,
                               timeout=120)
         assert proc.returncode == 0 and "usage: python -m xrai" in proc.stdout, (args, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "xrai", "serve", "--onnx", str(tmp_path / "model.onnx")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("xrai serve: no exported model"), proc.stderr
     code = "import sys\nfrom xrai.cli.commands import build_parser\nbuild_parser().parse_args(['train'])\n" \
            "heavy = [m for m in ('torch', 'pandas', 'sklearn') if m in sys.modules]\nassert not heavy, heavy\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
