@@ -139,6 +139,16 @@ def test_api_predict(client):
     assert "overlay_png_base64" not in body
 
 
+def test_label_names_are_the_runs_sources(tmp_path):
+    # A FracAtlas run (manifest.json "source") says fractured / not fractured, MURA's abnormal / normal.
+    from xrai.deploy.app import create_app
+
+    run = build_fake_run(tmp_path)
+    (run / "manifest.json").write_text(json.dumps({"source": "fracatlas"}))
+    body = upload(create_app(run).test_client(), xray_bytes()).get_json()
+    assert body["label_name"] == ("fractured" if body["label"] else "not fractured")
+
+
 @pytest.mark.parametrize("how", ["query", "form"])
 def test_api_predict_overlay(client, how):
     url, form = ("/api/predict?overlay=1", {}) if how == "query" else ("/api/predict", {"overlay": "true"})

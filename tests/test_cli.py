@@ -9,7 +9,7 @@ import sys
 
 import pandas as pd
 import pytest
-from _checks import assert_picture
+from _checks import assert_picture, child_env
 from PIL import Image
 
 from xrai.cli.commands import COMMANDS, build_parser, main
@@ -27,6 +27,32 @@ def test_help_lists_every_subcommand():
     for name in COMMANDS:
         assert name in proc.stdout
     assert "cv" in COMMANDS
+
+
+def test_help_and_the_torch_free_commands_import_no_torch(tmp_path):
+    # The parser alone, and the commands that must work where torch (or pandas) is not installed: --help of
+    # every command, and serve --onnx (the Dockerfile's onnx image has neither).
+    env = child_env(block=("torch", "torchvision", "pandas", "sklearn"))
+    for args in (["--help"], *([name, "--help"] for name in COMMANDS)):
+        proc = subprocess.run([sys.executable, "-m", "xrai", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 0 and "usage: python -m xrai" in proc.stdout, (args, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "xrai", "serve", "--onnx", str(tmp_path / "model.onnx")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("xrai serve: no exported model"), proc.stderr
+    code = "import sys\nfrom xrai.cli.commands import build_parser\nbuild_parser().parse_args(['train'])\n" \
+           "heavy = [m for m in ('torch', 'pandas', 'sklearn') if m in sys.modules]\nassert not heavy, heavy\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
+    assert done.returncode == 0, done.stderr
+
+
+def test_bench_markdown_needs_no_torch(tmp_path):
+    from _checks import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "xrai", "bench", "--markdown", str(REPO / "docs" / "bench" /
+                                                                                      "cpu-2core.json")],
+                          capture_output=True, text=True, env=child_env(block=("torch", "torchvision")), timeout=120)
+    assert proc.returncode == 0 and "| What | Figure |" in proc.stdout, proc.stderr
 
 
 def test_train_flags_map_onto_the_config():

@@ -119,6 +119,26 @@ def test_serve_with_a_torn_checkpoint_fails_at_start_in_one_line(run_with_checkp
     assert line.startswith("xrai serve: cannot read the checkpoint") and str(best) in line
 
 
+@pytest.mark.parametrize("command", ["serve", "export", "predict", "explain"])
+def test_a_stale_operating_point_is_one_line_naming_evaluate(run_with_checkpoint, tmp_path, image, capsys, command):
+    # Loading a run only reads: an operating point chosen with another checkpoint is refused in one line that
+    # names the command choosing it again, and the run folder is left as it was.
+    run = _copy_run(run_with_checkpoint, tmp_path / "run")
+    (run / "report_valid.json").write_text(json.dumps({
+        "split": "valid", "threshold": 0.73, "study_threshold": None, "threshold_from": "valid",
+        "calibration": {"temperature": 1.0, "applied": True}, "checkpoint": {"sha256": "0" * 64}}))
+    before = _snapshot(run)
+    args = {"serve": ["serve", "--run", str(run), "--port", "0"],
+            "export": ["export", "--run", str(run), "--format", "torchscript", "--out", str(tmp_path / "model.pt")],
+            "predict": ["predict", "--run", str(run), str(image)],
+            "explain": ["explain", "--run", str(run), str(image), "--out", str(tmp_path / "cams")]}[command]
+    assert main(args) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"xrai {command}: ") and "python -m xrai evaluate" in line, line
+    assert _snapshot(run) == before
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "cams").exists()
+
+
 def test_verbose_shows_the_traceback(run_with_checkpoint, tmp_path, image):
     from xrai.models.checkpoint import CheckpointError
 

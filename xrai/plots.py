@@ -8,7 +8,6 @@ Figure. Called by the notebooks and the CLI only: nothing in the core imports th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,19 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from PIL import Image
 from scipy.special import expit
 from sklearn import metrics as skm
 
+from xrai.data import ImageError, read_image
 from xrai.evaluate.calibration import (
     ECE_BINS,
     expected_calibration_error,
     reliability_bins,
 )
 from xrai.evaluate.run import MURA_BASELINE
-from xrai.runs.layout import read_predictions
+from xrai.labels import CLASS_NAMES, class_names
+from xrai.runs.layout import RunFolder, read_json
 
 __all__ = [
     "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",
@@ -33,7 +35,6 @@ __all__ = [
     "save_run_figures",
 ]
 
-CLASS_NAMES = ("normal", "abnormal")
 CLASS_COLOURS = ("#4C72B0", "#DD8452")
 
 
@@ -191,13 +192,14 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
     reliability_<split>.png (and curves.png from history.csv when present) from the split's report and
     predictions."""
     run_dir = Path(run_dir)
-    report_path = run_dir / f"report_{split}.json"
-    if not report_path.is_file():
-        raise FileNotFoundError(f"no {report_path.name} in {run_dir}: run `python -m xrai evaluate --run {run_dir} "
-                                f"--split {split}` (or notebooks/04_evaluate.ipynb) first")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
-    pred = read_predictions(run_dir / f"predictions_{split}.csv")
+    folder = RunFolder(run_dir)
+    report = folder.read_report(split)
+    if report is None:
+        raise FileNotFoundError(f"no {folder.report_json(split).name} in {run_dir}: run `python -m xrai evaluate "
+                                f"--run {run_dir} --split {split}` (or notebooks/04_evaluate.ipynb) first")
+    pred = folder.read_predictions(split)
     y, p, thr = pred["label"], pred["probability"], report["threshold"]
+    names = class_names(report.get("source") or (read_json(folder.manifest_json) or {}).get("source"))
     out = {
         "confusion_matrix": run_dir / f"confusion_matrix_{split}.png",
         "roc": run_dir / f"roc_{split}.png",
@@ -209,22 +211,31 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
     plot_reliability(y, p, out["reliability"], raw_prob=raw, title=f"reliability ({split})")
     where = f"{split}, threshold {thr:.3f} from {report['threshold_from']}"
     plot_confusion_matrix(report["image"]["confusion_matrix"], out["confusion_matrix"],
-                          title=f"confusion matrix ({where})")
+                          title=f"confusion matrix ({where})", labels=names)
     plot_roc(y, p, out["roc"], threshold=thr, auroc_ci=report["image"].get("auroc_ci"), title=f"ROC ({split})")
     plot_pr(y, p, out["pr"], threshold=thr, title=f"precision-recall ({split})")
     plot_per_body_part(report, out["per_body_part"])
-    if (run_dir / "history.csv").is_file():
+    history = folder.read_history()
+    if history is not None:
         out["curves"] = run_dir / "curves.png"
-        plot_history(pd.read_csv(run_dir / "history.csv"), out["curves"])
+        plot_history(history, out["curves"])
     return out
 
 
 # ---- EDA ----------------------------------------------------------------------------------------
 
 
+def _manifest_names(manifest: pd.DataFrame) -> tuple[str, str]:
+    """The words for label 0 and 1 of the manifest's source (its attrs, else its "source" column)."""
+    source = manifest.attrs.get("source")
+    if not source and "source" in manifest.columns and len(manifest):
+        source = manifest["source"].iloc[0]
+    return class_names(source)
+
+
 def _counts(manifest: pd.DataFrame) -> pd.DataFrame:
     table = manifest.groupby(["body_part", "label"]).size().unstack(fill_value=0)
-    return table.reindex(columns=[0, 1], fill_value=0).rename(columns=dict(enumerate(CLASS_NAMES)))
+    return table.reindex(columns=[0, 1], fill_value=0).rename(columns=dict(enumerate(_manifest_names(manifest))))
 
 
 def plot_class_balance(manifest: pd.DataFrame, path: str | Path | None = None) -> Figure:
@@ -244,8 +255,6 @@ def plot_class_balance(manifest: pd.DataFrame, path: str | Path | None = None) -
 
 
 def _thumb(ax: Any, path: str, caption: str) -> None:
-    from xrai.data import ImageError, read_image
-
     try:
         ax.imshow(read_image(path), cmap="gray")
     except (ImageError, OSError) as e:  # a thumbnail grid must not die on one bad file
@@ -257,6 +266,7 @@ def _thumb(ax: Any, path: str, caption: str) -> None:
 def plot_sample_grid(manifest: pd.DataFrame, path: str | Path | None = None, *, n: int = 6, seed: int = 0) -> Figure:
     """A row of ``n`` random images per class (seeded), captioned with body part."""
     fig = Figure(figsize=(1.8 * n, 4.2), layout="constrained")
+    names = _manifest_names(manifest)
     axes = np.atleast_2d(fig.subplots(2, n))
     for label, row_axes in enumerate(axes):
         rows = manifest[manifest["label"] == label]
@@ -264,7 +274,7 @@ def plot_sample_grid(manifest: pd.DataFrame, path: str | Path | None = None, *, 
         for ax in row_axes:
             ax.axis("off")
         for ax, (_, r) in zip(row_axes, rows.iterrows()):
-            _thumb(ax, r["path"], f"{CLASS_NAMES[label]} - {r['body_part']}")
+            _thumb(ax, r["path"], f"{names[label]} - {r['body_part']}")
     return _finish(fig, path)
 
 
@@ -272,8 +282,6 @@ def plot_image_sizes(
     manifest: pd.DataFrame, path: str | Path | None = None, *, sample: int = 1000, seed: int = 0
 ) -> Figure:
     """Width against height (read from file headers, no decoding) of up to ``sample`` images."""
-    from PIL import Image
-
     rows = manifest.sample(min(sample, len(manifest)), random_state=seed)
     sizes = []
     for _, r in rows.iterrows():
@@ -310,9 +318,13 @@ _CROSS_RANK = {"split+label": 3, "label": 2, "split": 1, "": 0}
 
 
 def plot_audit_groups(
-    audit: pd.DataFrame, path: str | Path | None = None, *, groups: int = 5, per_group: int = 4
+    audit: pd.DataFrame, path: str | Path | None = None, *, groups: int = 5, per_group: int = 4,
+    names: tuple[str, str] = CLASS_NAMES,
 ) -> Figure:
-    """Thumbnails of the worst duplicate groups: crossing split and label first, then the largest."""
+    """Thumbnails of the worst duplicate groups: crossing split and label first, then the largest.
+
+    ``names``: the words for label 0 and 1 (``xrai.labels.class_names`` of the manifest's source).
+    """
     fig = Figure(figsize=(2.2 * per_group, 2.4 * max(1, groups)), layout="constrained")
     if audit.empty:
         fig.subplots().text(0.5, 0.5, "no duplicate groups found", ha="center", va="center")
@@ -328,5 +340,5 @@ def plot_audit_groups(
             ax.axis("off")
         for ax, (_, m) in zip(row_axes, members.iterrows()):
             _thumb(ax, m["path"], f"group {group} [{m['crosses'] or 'ok'}, {m['kind']}]\n{m['split']}, "
-                   f"{CLASS_NAMES[int(m['label'])]}")
+                   f"{names[int(m['label'])]}")
     return _finish(fig, path)

@@ -17,16 +17,25 @@ only the static form is shown.
 
 from __future__ import annotations
 
+import base64
 import io
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import ipywidgets as widgets
 import pandas as pd
+from IPython import display as ipython_display  # looked up when called: tests (and IPython) may replace it
+from matplotlib.figure import Figure
+from PIL import Image
 
+import xrai.data
 from xrai.env import detect_platform
+from xrai.explain.cam import explain_paths
+from xrai.labels import CLASS_NAMES, class_names
+from xrai.models.registry import list_models
+from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.load import load_run
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -67,8 +76,6 @@ def mimebundle(widget: widgets.Widget, *, text: str, png: bytes | None = None) -
     A live front end renders the widget view; a static renderer (a saved version) the PNG or the text.
     Without a front end the widget view is left out.
     """
-    import base64
-
     bundle: dict = {"text/plain": text}
     if png:
         bundle["image/png"] = base64.b64encode(png).decode("ascii")
@@ -79,11 +86,9 @@ def mimebundle(widget: widgets.Widget, *, text: str, png: bytes | None = None) -
 
 def show(*items: widgets.Widget) -> None:
     """Display widgets each with its static form: a picker as the line of its current choice."""
-    from IPython.display import display
-
     for item in items:
         bundle = item._repr_mimebundle_() if isinstance(item, GradCamBrowser) else mimebundle(item, text=describe(item))
-        display(bundle, raw=True)
+        ipython_display.display(bundle, raw=True)
 
 
 def describe(widget: widgets.Widget) -> str:
@@ -174,8 +179,6 @@ def model_picker(*, default: str = "mobilenet_v2", description: str = "Model") -
     Raises:
         ValueError: ``default`` is not a registered model.
     """
-    from xrai.models.registry import list_models
-
     enable_colab_widgets()
     names = list_models()
     if default not in names:
@@ -214,20 +217,24 @@ def browse_rows(table: pd.DataFrame, *, body_part: str = ALL, outcome: str = "TP
 
 
 def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
-    path = run_dir / f"predictions_{split}.csv"
-    report = run_dir / f"report_{split}.json"
+    folder = RunFolder(run_dir)
+    path, report = folder.predictions_csv(split), folder.report_json(split)
     if not path.is_file() or not report.is_file():
         raise FileNotFoundError(
             f"{path.name} and {report.name} are not in {run_dir}; run notebooks/04_evaluate.ipynb "
             f"(or: python -m xrai evaluate --run {run_dir} --split {split}) first"
         )
-    predictions = pd.read_csv(path, dtype={"patient_id": str, "study_id": str}, keep_default_na=False)
-    if (run_dir / "manifest.csv").is_file():  # written on another machine: its paths, found again on this one
-        from xrai.data import read_manifest, relocate_paths
-
-        predictions["path"] = relocate_paths(predictions["path"].astype(str), read_manifest(run_dir))
-    threshold = float(json.loads(report.read_text())["threshold"])
+    predictions = folder.read_predictions(split)
+    if folder.manifest_csv.is_file():  # written on another machine: its paths, found again on this one
+        predictions["path"] = xrai.data.relocate_paths(predictions["path"].astype(str),
+                                                       xrai.data.read_manifest(run_dir))
+    threshold = float(folder.read_report(split)["threshold"])
     return predictions, threshold
+
+
+def run_class_names(run_dir: str | Path) -> tuple[str, str]:
+    """The words for label 0 and 1 of a run's source (manifest.json "source"; MURA's without one)."""
+    return class_names((read_json(RunFolder(run_dir).manifest_json) or {}).get("source"))
 
 
 def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradcam") -> Explain:
@@ -236,19 +243,17 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
     Overlays are written once under ``RUN_DIR/gradcam/browser/`` and read back on later visits.
     """
     run_dir = Path(run_dir)
-    out_dir = run_dir / "gradcam" / "browser"
+    out_dir = RunFolder(run_dir).gradcam / "browser"
+    names = run_class_names(run_dir)
     loaded: dict[str, object] = {}
 
     def explain(path: str, label: int) -> bytes:
-        from xrai.explain.cam import explain_paths
-        from xrai.runs.load import load_run
-
         if "run" not in loaded:
             loaded["run"] = load_run(run_dir)  # the calibration the report's probabilities were made with
         run = loaded["run"]
         (result,) = explain_paths(
             run.model, run.config, [path], threshold=threshold, out_dir=out_dir, labels=[label],
-            method=method, temperature=run.temperature,
+            method=method, temperature=run.temperature, class_names=names,
         )
         if result.get("error"):
             raise ValueError(f"cannot explain {path}: {result['error']}")
@@ -267,8 +272,10 @@ class GradCamBrowser(widgets.VBox):
         table: the split's predictions with ``outcome`` added.
     """
 
-    def __init__(self, table: pd.DataFrame, *, threshold: float, explain: Explain, split: str = "test") -> None:
+    def __init__(self, table: pd.DataFrame, *, threshold: float, explain: Explain, split: str = "test",
+                 names: tuple[str, str] = CLASS_NAMES) -> None:
         self.table = table
+        self.names = names  # the words for label 0 and 1 (xrai.labels.class_names of the run's source)
         self.threshold = threshold
         self.split = split
         self._explain = explain
@@ -301,9 +308,6 @@ class GradCamBrowser(widgets.VBox):
 
     def static_grid(self) -> bytes:
         """A PNG of the browser's first overlay for each outcome present: what a saved notebook shows."""
-        from matplotlib.figure import Figure
-        from PIL import Image
-
         firsts = [(o, rows.iloc[0]) for o in OUTCOMES if len(rows := browse_rows(self.table, outcome=o))]
         fig = Figure(figsize=(3.2 * max(1, len(firsts)), 3.6), dpi=100)
         for i, (outcome, row) in enumerate(firsts, start=1):
@@ -327,9 +331,7 @@ class GradCamBrowser(widgets.VBox):
 
     def _ipython_display_(self) -> None:
         # IPython asks this before _repr_mimebundle_; ipywidgets 7 defines it, so it must be overridden too.
-        from IPython.display import display
-
-        display(self._repr_mimebundle_(), raw=True)
+        ipython_display.display(self._repr_mimebundle_(), raw=True)
 
     def rows(self) -> pd.DataFrame:
         """The images the current body part and outcome select, in the slider's order."""
@@ -363,8 +365,7 @@ class GradCamBrowser(widgets.VBox):
             self.image.value = b""
             return
         row = self._rows.iloc[self.index.value]
-        label = "abnormal" if int(row["label"]) == 1 else "normal"
-        called = "abnormal" if int(row["predicted"]) == 1 else "normal"
+        label, called = self.names[int(row["label"])], self.names[int(row["predicted"])]
         self.caption.value = (
             f"<b>{self.outcome.value} {self.index.value + 1} of {len(self._rows)}</b> · {row['body_part']} · "
             f"label {label}, called {called} (p = {float(row['probability']):.3f}, threshold "
@@ -392,4 +393,5 @@ def gradcam_browser(
     predictions, threshold = _read_predictions(run_dir, split)
     if explain is None:
         explain = run_explainer(run_dir, threshold=threshold, method=method)
-    return GradCamBrowser(outcome_table(predictions, threshold), threshold=threshold, explain=explain, split=split)
+    return GradCamBrowser(outcome_table(predictions, threshold), threshold=threshold, explain=explain, split=split,
+                          names=run_class_names(run_dir))

@@ -8,13 +8,18 @@ the same number of intra-op threads.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import copy
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from xrai.bench.timing import timed_ms
+from xrai.data.augment import preprocess
+from xrai.data.contract import InputContract, prepare
+from xrai.deploy.export import CalibratedModel, example_batch, onnx_available, onnx_bytes
+from xrai.deploy.onnx_runtime import cpu_session
 
 __all__ = ["cpu_predict_latency", "timed_ms"]
 
@@ -33,18 +38,6 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
     Returns:
         {"torch_cpu": {"median", "p90"}, "onnxruntime_cpu": {"median", "p90"} or None}.
     """
-    import copy
-
-    from xrai.data.augment import preprocess
-    from xrai.data.contract import InputContract, prepare
-    from xrai.deploy.export import (
-        CalibratedModel,
-        example_batch,
-        onnx_available,
-        onnx_bytes,
-    )
-    from xrai.deploy.onnx_runtime import cpu_session
-
     cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
     wrapped = CalibratedModel(cpu_model).eval()
 
@@ -67,15 +60,3 @@ def cpu_predict_latency(model: nn.Module, *, image: np.ndarray, image_size: int,
         out["onnxruntime_cpu"] = timed_ms(onnx_once, runs)
     return out
 
-
-def timed_ms(predict: Callable[[], float], runs: int) -> dict:
-    """Median and p90 ms of ``predict()`` after 3 warm-up calls; checks it returns a probability."""
-    times = []
-    for i in range(3 + runs):
-        start = time.perf_counter()
-        probability = predict()
-        if i >= 3:
-            times.append((time.perf_counter() - start) * 1000)
-    if not 0.0 <= probability <= 1.0:
-        raise RuntimeError(f"the latency probe gave a probability of {probability}")
-    return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}

@@ -15,6 +15,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from xrai.data.cache import complete_cache_folder, default_cache_dir
+from xrai.data.loader import CachedBatches
 
 __all__ = ["memory_check"]
 
@@ -41,12 +46,6 @@ def memory_check(*, gb: float = 3.5, size: int = 256, image_size: int = 224, bat
     Returns:
         cache_gb, images, batches, and RssAnon / RssFile in MiB: start, peak, growth.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from xrai.data.cache import complete_cache_folder, default_cache_dir
-    from xrai.data.loader import CachedBatches
-
     n = int(gb * 1e9) // (size * size)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base.mkdir(parents=True, exist_ok=True)

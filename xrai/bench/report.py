@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["LOADER_WORKERS", "format_table", "markdown_table"]
+__all__ = ["LOADER_WORKERS", "format_table", "load_average", "markdown_table", "scaling_lines"]
 
 LOADER_WORKERS = 2  # Colab's and Kaggle's 2 vCPUs; the classic path and the seeds' loader both get them
 
 
-def _load_average() -> float | None:
+def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none): how busy the machine was."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
@@ -44,10 +44,22 @@ def format_table(result: dict) -> str:
     if result.get("predict_ms"):
         lines.append(f"predict, one image, CPU: {_cpu_predict(result['predict_ms'])}")
     if "scaling" in result:
-        from xrai.bench.scaling import scaling_lines
-
         lines += scaling_lines(result["scaling"], ceiling=train["ceiling"], device=result["device"])
     return "\n".join(lines)
+
+
+def scaling_lines(scaling: dict, *, ceiling: float | None = None, device: str = "cuda") -> list[str]:
+    """The bench table's lines for the scaling figures (``xrai.bench.scaling.measure_scaling``'s)."""
+    n = scaling["nproc"]
+    lines = [f"{'training, 1 process':<28}{scaling['img_s_1']:>10,.1f}   (batch {scaling['per_process_batch']})",
+             f"{f'training, {n} processes':<28}{scaling['img_s_n']:>10,.1f}   "
+             f"(batch {scaling['per_process_batch']} each, {n * scaling['per_process_batch']} in all)",
+             f"{'scaling efficiency':<28}{scaling['efficiency']:>10.2f}   "
+             + ("(processes share this CPU's cores: reported, not judged)" if device == "cpu"
+                else "(the target on two T4s: >= 0.85)")]
+    if ceiling:
+        lines.append(f"{'single-device ceiling':<28}{ceiling:>10,.1f}   (model alone, batch already on the device)")
+    return lines
 
 
 def _cpu_predict(cpu: dict) -> str:

@@ -36,24 +36,34 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image, ImageFile
 from torch import nn
+from torchvision import transforms
 
+from xrai.bench.latency import cpu_predict_latency
+from xrai.bench.memcheck import main as memcheck_main
 from xrai.bench.memcheck import memory_check
-from xrai.bench.report import (
-    LOADER_WORKERS,
-    _load_average,
-    format_table,
-    markdown_table,
-)
-from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from xrai.env import autocast_dtype, backend_settings, cpu_count, get_device, list_gpus
+from xrai.bench.report import LOADER_WORKERS, format_table, load_average, markdown_table
+from xrai.bench.scaling import measure_scaling
+from xrai.bench.timing import noop, rate, sync, timed_ms, train_step
+from xrai.config import TrainConfig
+from xrai.data import load
+from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from xrai.data.cache import ImageCache, build_cache, default_cache_dir
+from xrai.data.dataset import ClassicBatches
+from xrai.data.decode.images import TruncatedImageWarning, letterbox, read_image
+from xrai.data.loader import CachedBatches
+from xrai.env import backend_settings, cpu_count, get_device, list_gpus
+from xrai.explain.cam import CamExplainer
+from xrai.models.factory import create_model
 
 __all__ = ["BenchSetup", "format_table", "machine_info", "markdown_table", "measure_latency", "measure_ready",
            "measure_training", "memory_check", "run_bench", "seeds_loader", "train_step"]
@@ -78,8 +88,6 @@ class _SeedDataset(torch.utils.data.Dataset):
     """The input path as the seed notebooks built it: PIL, RGB, torchvision transforms, per image."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, img_size: int, resize: int) -> None:
-        from torchvision import transforms
-
         self.paths, self.labels = paths, labels.astype(np.float32)
         self.transform = transforms.Compose([
             transforms.Resize((resize, resize)), transforms.RandomCrop(img_size), transforms.RandomHorizontalFlip(),
@@ -89,8 +97,6 @@ class _SeedDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         with Image.open(self.paths[i]) as im:
             return self.transform(im.convert("RGB")), torch.tensor(self.labels[i])
 
@@ -98,8 +104,6 @@ class _SeedDataset(torch.utils.data.Dataset):
 def _allow_truncated(_worker_id: int) -> None:
     # The seeds set PIL's global switch to read truncated JPEGs (FracAtlas has 30); here it is set in the
     # loader's worker processes only, never in the caller's.
-    from PIL import ImageFile
-
     ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
@@ -110,58 +114,6 @@ def seeds_loader(paths: list[str], labels: np.ndarray, *, img_size: int, resize:
                                        shuffle=True, num_workers=LOADER_WORKERS, worker_init_fn=_allow_truncated,
                                        drop_last=True, persistent_workers=True,
                                        generator=torch.Generator().manual_seed(0))
-
-
-# ---- timing helpers ---------------------------------------------------------------------------------
-
-
-def _batches(make_epoch: Callable[[int], Iterator], n: int) -> Iterator:
-    """n batches, running through as many epochs as that takes."""
-    epoch, count = 0, 0
-    while count < n:
-        got = False
-        for batch in make_epoch(epoch):
-            got = True
-            yield batch
-            count += 1
-            if count == n:
-                return
-        if not got:
-            raise ValueError("the benchmark's data gives no batch; use a smaller batch_size")
-        epoch += 1
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_images(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device: torch.device,
-                  warmup: int) -> tuple[int, float]:
-    """(images, seconds) of `step` over n batches after `warmup` untimed ones (worker start-up, allocator,
-    autotuning)."""
-    images, start = 0, None
-    for i, (x, y) in enumerate(_batches(make_epoch, warmup + n)):
-        if i == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        step(x, y)
-        if i >= warmup:
-            images += len(y)
-    _sync(device)
-    if start is None or images == 0:
-        raise ValueError("too few batches to time; lower batch_size or raise n_batches")
-    return images, time.perf_counter() - start
-
-
-def _rate(make_epoch: Callable[[int], Iterator], n: int, step: Callable, device: torch.device, warmup: int) -> float:
-    """Images/s over n batches after `warmup` untimed ones."""
-    images, seconds = _timed_images(make_epoch, n, step, device, warmup)
-    return images / seconds
-
-
-def _noop(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Consume nothing: the loader's rate alone."""
 
 
 # ---- the set-up every measurement shares ------------------------------------------------------------
@@ -195,30 +147,12 @@ def measure_ready(bench: BenchSetup) -> dict:
     """ready_img_s (cached, classic, seeds) and feed_img_s (cached, classic: host side only)."""
     warm = LOADER_WORKERS + 1  # past the batches the workers decoded while starting up
     n, dev = bench.n_feed, bench.device
-    ready = {"cached": _rate(bench.cached.epoch, n, _noop, dev, warm),
-             "classic": _rate(bench.classic.epoch, n, _noop, dev, warm),
-             "seeds": _rate(lambda e: bench.on_device(iter(bench.seeds)), n, _noop, dev, warm)}
-    feed = {"cached": _rate(bench.cached.host_batches, n, _noop, dev, warm),
-            "classic": _rate(bench.classic.host_batches, n, _noop, dev, warm)}
+    ready = {"cached": rate(bench.cached.epoch, n, noop, dev, warm),
+             "classic": rate(bench.classic.epoch, n, noop, dev, warm),
+             "seeds": rate(lambda e: bench.on_device(iter(bench.seeds)), n, noop, dev, warm)}
+    feed = {"cached": rate(bench.cached.host_batches, n, noop, dev, warm),
+            "classic": rate(bench.classic.host_batches, n, noop, dev, warm)}
     return {"ready_img_s": ready, "feed_img_s": feed}
-
-
-def train_step(model: nn.Module, device: torch.device) -> Callable:
-    """step(x, y): one AdamW step of `model` on a batch (AMP on CUDA), as the bench times training."""
-    dtype = autocast_dtype(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(x).reshape(-1).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
 
 
 def measure_training(bench: BenchSetup) -> dict:
@@ -237,18 +171,13 @@ def measure_training(bench: BenchSetup) -> dict:
     rates = {name: 0.0 for name in sources}
     for _ in range(2):
         for name, make in sources.items():
-            rates[name] = max(rates[name], _rate(make, n, step, dev, warm))
+            rates[name] = max(rates[name], rate(make, n, step, dev, warm))
     return {"train_img_s": rates}
 
 
 def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
     """predict_gradcam_ms: the probe image file to probability + Grad-CAM (decode, letterbox, crop, forward,
     backward), median and p90 of `runs` after 3 warm-up runs (allocator, cuDNN autotune, grad-cam's hooks)."""
-    from xrai.bench.latency import timed_ms
-    from xrai.data.augment import preprocess
-    from xrai.data.decode.images import read_image
-    from xrai.explain.cam import CamExplainer
-
     model, device, last = bench.model.eval(), bench.device, {}
     with CamExplainer(model) as explainer:
 
@@ -257,10 +186,10 @@ def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
                            device=device)
             last["cam"] = explainer(x, target_class=1)
             probability = float(explainer.probabilities[0])
-            _sync(device)
+            sync(device)
             return probability
 
-        _sync(device)  # each call ends synced, so every timed call starts with the device idle
+        sync(device)  # each call ends synced, so every timed call starts with the device idle
         ms = timed_ms(once, runs)
     if last["cam"].shape[0] != 1:
         raise RuntimeError(f"Grad-CAM gave an unexpected result: cam {last['cam'].shape}")
@@ -269,9 +198,6 @@ def measure_latency(bench: BenchSetup, *, runs: int = 20) -> dict:
 
 def measure_cpu_predict(bench: BenchSetup, *, runs: int = 20, onnx: bool = True) -> dict:
     """predict_ms: the probe image to its probability on the CPU, PyTorch and onnxruntime."""
-    from xrai.bench.latency import cpu_predict_latency
-    from xrai.data.decode.images import read_image
-
     image = read_image(bench.probe)
     return {"predict_ms": cpu_predict_latency(bench.model, image=image, image_size=bench.img_size,
                                               resize_size=bench.resize, runs=runs, onnx=onnx)}
@@ -306,23 +232,13 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
     Returns:
         The dict of docs/design.md's bench JSON.
     """
-    from PIL import Image
-
-    from xrai.config import TrainConfig
-    from xrai.data import load
-    from xrai.data.cache import build_cache, default_cache_dir
-    from xrai.data.dataset import ClassicBatches
-    from xrai.data.decode.images import TruncatedImageWarning, letterbox, read_image
-    from xrai.data.loader import CachedBatches
-    from xrai.models.factory import create_model
-
     dev = get_device(device)
     resize = TrainConfig(data=data, img_size=img_size).resize_size
     n_train = n_batches or (30 if dev.type == "cuda" else 3)
     manifest = load(data, root=root, progress=progress)
     result: dict = {"machine": machine_info(), "model": model, "img_size": img_size, "device": dev.type,
                     "data": f"{data}:{manifest.attrs.get('root', root)}", "batch_size": batch_size,
-                    "images": len(manifest), "load_average": {"start": _load_average()}}
+                    "images": len(manifest), "load_average": {"start": load_average()}}
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base.mkdir(parents=True, exist_ok=True)
     with (tempfile.TemporaryDirectory(prefix="bench-", dir=base) as tmp, warnings.catch_warnings(),
@@ -333,35 +249,38 @@ def run_bench(*, data: str = "synthetic", root: str | os.PathLike | None = None,
         cache = build_cache(manifest, size=resize, cache_dir=tmp, progress=progress)
         result["cache_build_img_s"] = len(cache) / (time.perf_counter() - start)
         rows = manifest[~manifest["path"].isin(set(cache.bad["path"]))]  # every loader serves these
-        probe = Path(tmp) / "probe512.png"  # the latency measurements' input: the first image, letterboxed
-        Image.fromarray(letterbox(read_image(rows["path"].iloc[0]), 512)).save(probe)
-        common = dict(image_size=img_size, batch_size=batch_size, train=True, seed=0, device=dev, channels_last=True)
-        bench = BenchSetup(
-            probe=probe, cached=CachedBatches(cache, rows, **common),
-            classic=ClassicBatches(rows, resize_size=resize, num_workers=LOADER_WORKERS, progress=progress, **common),
-            seeds=seeds_loader(rows["path"].tolist(), rows["label"].to_numpy(), img_size=img_size, resize=resize,
-                               batch_size=batch_size),
-            model=create_model(model, pretrained=False).to(dev).to(memory_format=torch.channels_last),
-            device=dev, img_size=img_size, resize=resize, batch_size=batch_size, n_train=n_train,
-            n_feed=max(n_train, feed_batches), tmp=Path(tmp))
+        bench = _setup(cache, rows, Path(tmp), model=model, device=dev, img_size=img_size, resize=resize,
+                       batch_size=batch_size, n_train=n_train, n_feed=max(n_train, feed_batches), progress=progress)
         result.update(measure_ready(bench))
         result.update(measure_training(bench))
         result.update(measure_latency(bench, runs=latency_runs))
         result.update(measure_cpu_predict(bench, runs=latency_runs, onnx=onnx))
         if nproc:  # several processes, on the same cache
-            from xrai.bench.scaling import measure_scaling
-
             result["scaling"] = measure_scaling(cache.path, rows, nproc=nproc, model=model, img_size=img_size,
                                                 batch_size=batch_size, n_batches=n_train, device=dev.type)
         del bench, cache  # the memmap must be closed before its folder goes
-    result["load_average"]["end"] = _load_average()  # other jobs on the machine: the figures' context
+    result["load_average"]["end"] = load_average()  # other jobs on the machine: the figures' context
     print(format_table(result))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-if __name__ == "__main__":  # the memory check (no timed test): python -m xrai.bench.run --memory-gb 3.5
-    from xrai.bench.memcheck import main
+def _setup(cache: ImageCache, rows: pd.DataFrame, tmp: Path, *, model: str, device: torch.device, img_size: int,
+           resize: int, batch_size: int, n_train: int, n_feed: int, progress: bool) -> BenchSetup:
+    """The three loaders over `rows`, the model and the probe image (the first image, letterboxed to 512 px)."""
+    probe = tmp / "probe512.png"  # the latency measurements' input
+    Image.fromarray(letterbox(read_image(rows["path"].iloc[0]), 512)).save(probe)
+    common = dict(image_size=img_size, batch_size=batch_size, train=True, seed=0, device=device, channels_last=True)
+    return BenchSetup(
+        probe=probe, cached=CachedBatches(cache, rows, **common),
+        classic=ClassicBatches(rows, resize_size=resize, num_workers=LOADER_WORKERS, progress=progress, **common),
+        seeds=seeds_loader(rows["path"].tolist(), rows["label"].to_numpy(), img_size=img_size, resize=resize,
+                           batch_size=batch_size),
+        model=create_model(model, pretrained=False).to(device).to(memory_format=torch.channels_last),
+        device=device, img_size=img_size, resize=resize, batch_size=batch_size, n_train=n_train, n_feed=n_feed,
+        tmp=tmp)
 
-    main()
+
+if __name__ == "__main__":  # the memory check (no timed test): python -m xrai.bench.run --memory-gb 3.5
+    memcheck_main()

@@ -28,6 +28,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from xrai.bench.report import scaling_lines
+from xrai.bench.timing import timed_images, train_step
+from xrai.data.cache import ImageCache
+from xrai.data.loader import CachedBatches
+from xrai.env import backend_settings
+from xrai.models.factory import create_model
+from xrai.train import distributed
+from xrai.train.launcher import run_torchrun, torchrun_command
+
 __all__ = ["measure_scaling", "scaling_lines", "train_rate"]
 
 
@@ -43,13 +52,6 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
         batch_size: images per process and step.
         n_batches: timed steps after `warmup` untimed ones.
     """
-    from xrai.bench.run import _timed_images, train_step
-    from xrai.data.cache import ImageCache
-    from xrai.data.loader import CachedBatches
-    from xrai.env import backend_settings
-    from xrai.models.factory import create_model
-    from xrai.train import distributed
-
     ctx = distributed.init(device)
     source = CachedBatches(ImageCache.open(cache_path), rows, image_size=img_size,
                            batch_size=batch_size * ctx.world_size, train=True, seed=0, device=ctx.device,
@@ -65,7 +67,7 @@ def train_rate(cache_path: str | os.PathLike, rows: pd.DataFrame, *, model: str,
         torch.set_num_threads(1)
     try:
         with backend_settings(ctx.device):  # cuDNN autotuning, as fit() and the rest of the bench train
-            images, seconds = _timed_images(source.epoch, n_batches, step, ctx.device, warmup)
+            images, seconds = timed_images(source.epoch, n_batches, step, ctx.device, warmup)
     finally:  # the 1-process run is the caller's own process: give its threads back, whatever happened
         torch.set_num_threads(threads)
     totals = ctx.reduce_train_stats({"train_loss": 0.0, "images": images, "seconds": seconds})
@@ -82,8 +84,6 @@ def measure_scaling(cache_path: str | os.PathLike, rows: pd.DataFrame, *, nproc:
     Raises:
         LaunchError: the torchrun run failed (one line).
     """
-    from xrai.train.launcher import run_torchrun, torchrun_command
-
     one = train_rate(cache_path, rows, model=model, img_size=img_size, batch_size=batch_size, n_batches=n_batches,
                      device=device)
     with tempfile.TemporaryDirectory(prefix="xrai-scaling-") as tmp:
@@ -98,20 +98,6 @@ def measure_scaling(cache_path: str | os.PathLike, rows: pd.DataFrame, *, nproc:
             "efficiency": many["img_s"] / (nproc * one["img_s"])}
 
 
-def scaling_lines(scaling: dict, *, ceiling: float | None = None, device: str = "cuda") -> list[str]:
-    """The bench table's lines for the scaling figures."""
-    n = scaling["nproc"]
-    lines = [f"{'training, 1 process':<28}{scaling['img_s_1']:>10,.1f}   (batch {scaling['per_process_batch']})",
-             f"{f'training, {n} processes':<28}{scaling['img_s_n']:>10,.1f}   "
-             f"(batch {scaling['per_process_batch']} each, {n * scaling['per_process_batch']} in all)",
-             f"{'scaling efficiency':<28}{scaling['efficiency']:>10.2f}   "
-             + ("(processes share this CPU's cores: reported, not judged)" if device == "cpu"
-                else "(the target on two T4s: >= 0.85)")]
-    if ceiling:
-        lines.append(f"{'single-device ceiling':<28}{ceiling:>10,.1f}   (model alone, batch already on the device)")
-    return lines
-
-
 def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m xrai.bench.scaling", description="one rank of the scaling bench")
     parser.add_argument("--cache", required=True)
@@ -124,8 +110,6 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     rows = pd.read_csv(args.rows, dtype={"path": str})
-    from xrai.train import distributed
-
     rate = train_rate(args.cache, rows, model=args.model, img_size=args.img_size, batch_size=args.batch_size,
                       n_batches=args.n_batches, device=args.device)
     if distributed.init(args.device).is_main:  # the context train_rate ran in (torchrun's RANK, checked)

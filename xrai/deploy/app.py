@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -40,12 +40,14 @@ from xrai.data.decode.images import (
     ImageTooLargeError,
     decode_image,
 )
+from xrai.deploy.onnx_runtime import load_export
+from xrai.labels import CLASS_NAMES, class_names
+from xrai.runs.layout import RunFolder, read_json
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 PARALLEL_DECODES = 2  # uploads decoded at once: peak decode memory is about this x 1.5 x the budget
 RESEARCH_NOTICE = "For research and teaching only: not a medical device, not for diagnosis."
 DISPLAY_SIDE = 1024  # longest side of the overlay sent back: a 3000 px one would be megabytes
-LABEL_NAMES = {0: "normal", 1: "abnormal"}
 UPLOAD_FORMATS = "PNG, JPEG or DICOM"
 UPLOAD_ACCEPT = "image/png,image/jpeg,application/dicom,.dcm,.dicom"  # DICOM without an extension: "All files"
 NO_CAM_NOTE = ("No Grad-CAM overlay: this server runs an ONNX export, which carries no gradients, and Grad-CAM "
@@ -75,21 +77,23 @@ class Prediction:
     threshold: float
     overlay_png: bytes | None = None
     notes: list[str] = field(default_factory=list)
+    names: tuple[str, str] = CLASS_NAMES  # the words for label 0 and 1 (xrai.labels.class_names of the source)
 
     @property
     def label_name(self) -> str:
-        return LABEL_NAMES[self.label]
+        return self.names[self.label]
 
 
 class BasePredictor:
     """What both predictors share: upload decoding under the budget, the threshold, one inference at a time.
 
-    Subclasses set run, run_dir, which, model_name, threshold, threshold_note and ``backend``, and
-    implement ``_infer``; ``cam_note`` says why there is no overlay where a backend cannot draw one.
+    Subclasses set run, run_dir, which, model_name, threshold, threshold_note, class_names and ``backend``,
+    and implement ``_infer``; ``cam_note`` says why there is no overlay where a backend cannot draw one.
     """
 
     backend = ""
     cam_note = ""
+    class_names: tuple[str, str] = CLASS_NAMES
     run: str
     run_dir: Path
     which: str
@@ -116,7 +120,7 @@ class BasePredictor:
         label = int(probability >= self.threshold)
         overlay_png = self._draw(image, cam, label=label, probability=probability) if with_overlay else None
         return Prediction(probability=probability, label=label, threshold=self.threshold,
-                          overlay_png=overlay_png, notes=notes)
+                          overlay_png=overlay_png, notes=notes, names=self.class_names)
 
     def decode(self, data: bytes, *, filename: str) -> tuple[np.ndarray, list[str]]:
         """The upload as a grey uint8 image and notes for the user, within the upload budget.
@@ -157,12 +161,13 @@ class Predictor(BasePredictor):
     backend = "pytorch"
 
     def __init__(self, run_dir: str | Path, *, which: str = "best", device: str = "cpu") -> None:
-        from xrai.runs.load import load_run
+        from xrai.runs.load import load_run  # deliberate: torch, which the ONNX mode must not import
 
         super().__init__()
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.which = which
+        self.class_names = class_names((read_json(RunFolder(self.run_dir).manifest_json) or {}).get("source"))
         # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed); the
         # device resolved by load_run, the model in eval mode (load_model's).
         self.loaded = load_run(self.run_dir, which=which, device=device)
@@ -177,6 +182,7 @@ class Predictor(BasePredictor):
 
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, np.ndarray | None]:
         """Probability of "abnormal" and, if asked, the Grad-CAM in the model's input frame."""
+        # deliberate: torch (and grad-cam), which the ONNX mode must not import
         from xrai.data.augment import preprocess
         from xrai.explain.cam import CamExplainer
 
@@ -192,11 +198,12 @@ class Predictor(BasePredictor):
         return probability, cam
 
     def _draw(self, image: np.ndarray, cam: np.ndarray, *, label: int, probability: float) -> bytes:
-        from xrai.explain.overlays import overlay
+        from xrai.explain.overlays import overlay  # deliberate: cv2 and grad-cam (torch), not in the ONNX image
 
         # Drawn on a display-sized copy: a 60 Mpx upload would need gigabytes at full size.
         rgb = overlay(_shrink(image, DISPLAY_SIDE), cam, predicted=label, probability=probability,
-                      threshold=self.threshold, resize_size=self.config.resize_size, resize=self.config.resize)
+                      threshold=self.threshold, resize_size=self.config.resize_size, resize=self.config.resize,
+                      names=self.class_names)
         return _png_bytes(rgb)
 
 
@@ -212,8 +219,6 @@ class OnnxPredictor(BasePredictor):
     cam_note = NO_CAM_NOTE
 
     def __init__(self, model_path: str | Path, *, threads: int | None = None) -> None:
-        from xrai.deploy.onnx_runtime import load_export
-
         super().__init__()
         self.export = load_export(model_path, threads=threads)
         self.run_dir = self.export.path.parent.resolve()
@@ -223,6 +228,8 @@ class OnnxPredictor(BasePredictor):
         self.threshold = self.export.threshold
         point = str(self.export.sidecar.get("threshold_from", ""))
         self.threshold_note = "" if point.startswith("valid") or point.startswith("oof") else point
+        labels = self.export.sidecar.get("labels") or {}
+        self.class_names = (str(labels.get("0", CLASS_NAMES[0])), str(labels.get("1", CLASS_NAMES[1])))
 
     def _infer(self, image: np.ndarray, *, with_cam: bool) -> tuple[float, None]:
         return float(self.export.probabilities([image])[0]), None
@@ -255,68 +262,96 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
     app.extensions["xrai_predictor"] = predictor
+    _add_pages(app)
+    _add_api(app)
+    _add_error_handlers(app)
+    return app
 
-    def wants_json() -> bool:
-        return request.path.startswith("/api/") or request.path == "/healthz"
 
-    def page(status: int = 200, **values: Any):
-        html = render_template("index.html", run=predictor.run, model=predictor.model_name,
-                               threshold=predictor.threshold, threshold_note=predictor.threshold_note,
-                               notice=RESEARCH_NOTICE, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
-                               formats=UPLOAD_FORMATS, accept=UPLOAD_ACCEPT, backend=predictor.backend,
-                               cam_note=predictor.cam_note, **values)
-        return html, status
+# ---- routes -----------------------------------------------------------------------------------
 
-    def error(status: int, message: str):
-        logger.warning("%s %s -> %d: %s", request.method, request.path, status, message)
-        if wants_json():
-            return jsonify(error=message, status=status), status
-        return page(status, error=message)
 
-    def run_upload(*, with_overlay: bool) -> tuple[str, Prediction, float]:
-        upload = request.files.get("file")
-        if upload is None or not upload.filename:
-            raise UploadError("no file uploaded: send the image in the multipart form field 'file'")
-        filename = _clean_name(_raw_filename(upload))
-        start = time.perf_counter()
-        result = predictor.predict(upload.read(), filename=filename, with_overlay=with_overlay)
-        ms = (time.perf_counter() - start) * 1000
-        logger.info("%s: p=%.4f label=%s (%.0f ms)", filename, result.probability, result.label_name, ms)
-        return filename, result, ms
+def _predictor() -> BasePredictor:
+    """The app's predictor (``create_app`` puts it in ``app.extensions``)."""
+    return current_app.extensions["xrai_predictor"]
 
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok", model=predictor.model_name, run=predictor.run, backend=predictor.backend,
-                       threshold=predictor.threshold, threshold_note=predictor.threshold_note)
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path == "/healthz"
+
+
+def _page(status: int = 200, **values: Any):
+    predictor = _predictor()
+    html = render_template("index.html", run=predictor.run, model=predictor.model_name,
+                           threshold=predictor.threshold, threshold_note=predictor.threshold_note,
+                           notice=RESEARCH_NOTICE, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
+                           formats=UPLOAD_FORMATS, accept=UPLOAD_ACCEPT, backend=predictor.backend,
+                           cam_note=predictor.cam_note, **values)
+    return html, status
+
+
+def _error(status: int, message: str):
+    logger.warning("%s %s -> %d: %s", request.method, request.path, status, message)
+    if _wants_json():
+        return jsonify(error=message, status=status), status
+    return _page(status, error=message)
+
+
+def _run_upload(*, with_overlay: bool) -> tuple[str, Prediction, float]:
+    """The request's uploaded file through the predictor: (clean file name, prediction, ms)."""
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise UploadError("no file uploaded: send the image in the multipart form field 'file'")
+    filename = _clean_name(_raw_filename(upload))
+    start = time.perf_counter()
+    result = _predictor().predict(upload.read(), filename=filename, with_overlay=with_overlay)
+    ms = (time.perf_counter() - start) * 1000
+    logger.info("%s: p=%.4f label=%s (%.0f ms)", filename, result.probability, result.label_name, ms)
+    return filename, result, ms
+
+
+def _add_pages(app: Flask) -> None:
+    """GET / (the upload page), POST / (its form), GET /model_card."""
 
     @app.get("/")
     def index():
-        return page()
+        return _page()
 
     @app.get("/model_card")
     def model_card():
-        path = predictor.run_dir / "model_card.md"
+        predictor = _predictor()
+        path = RunFolder(predictor.run_dir).model_card
         if not path.is_file():
-            return error(404, f"run {predictor.run} has no model_card.md: `python -m xrai evaluate --run "
-                              f"{predictor.run_dir}` writes it")
+            return _error(404, f"run {predictor.run} has no {path.name}: `python -m xrai evaluate --run "
+                               f"{predictor.run_dir}` writes it")
         return Response(path.read_text(encoding="utf-8"), mimetype="text/markdown")
 
     @app.post("/")
     def upload_page():
         try:
-            filename, result, ms = run_upload(with_overlay=True)
+            filename, result, ms = _run_upload(with_overlay=True)
         except UploadError as exc:
-            return error(_status(exc), str(exc))
-        return page(filename=filename, result=result, ms=ms,
-                    overlay_b64=_b64(result.overlay_png))
+            return _error(_status(exc), str(exc))
+        return _page(filename=filename, result=result, ms=ms, overlay_b64=_b64(result.overlay_png))
+
+
+def _add_api(app: Flask) -> None:
+    """GET /healthz and POST /api/predict (JSON)."""
+
+    @app.get("/healthz")
+    def healthz():
+        predictor = _predictor()
+        return jsonify(status="ok", model=predictor.model_name, run=predictor.run, backend=predictor.backend,
+                       threshold=predictor.threshold, threshold_note=predictor.threshold_note)
 
     @app.post("/api/predict")
     def api_predict():
+        predictor = _predictor()
         with_overlay = (request.args.get("overlay", "") or request.form.get("overlay", "")).lower() in _TRUE
         try:
-            filename, result, ms = run_upload(with_overlay=with_overlay)
+            filename, result, ms = _run_upload(with_overlay=with_overlay)
         except UploadError as exc:
-            return error(_status(exc), str(exc))
+            return _error(_status(exc), str(exc))
         body: dict[str, Any] = {
             "probability": result.probability, "label": result.label, "label_name": result.label_name,
             "threshold": result.threshold, "threshold_note": predictor.threshold_note,
@@ -330,22 +365,26 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
                 body["overlay_note"] = predictor.cam_note
         return jsonify(body)
 
+
+def _add_error_handlers(app: Flask) -> None:
+    """HTTP errors as the user's message (JSON or the page), anything else a logged 500; security headers."""
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         # 413 over MAX_CONTENT_LENGTH, 404, 405, a malformed multipart body (400): the user's message.
         message = exc.description or exc.name
         if exc.code == 413:
             message = f"the upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"
-        return error(exc.code or 500, message)
+        return _error(exc.code or 500, message)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         # A bug, not bad input: log it with its traceback, answer 500, and keep serving.
         logger.exception("unexpected error on %s %s", request.method, request.path)
         message = "internal error while processing the image; the server log has the details"
-        if wants_json():
+        if _wants_json():
             return jsonify(error=message, status=500), 500
-        return page(500, error=message)
+        return _page(500, error=message)
 
     @app.after_request
     def security_headers(response):
@@ -353,8 +392,6 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
         if response.mimetype == "text/html":
             response.headers.setdefault("Content-Security-Policy", _CSP)
         return response
-
-    return app
 
 
 # ---- helpers ----------------------------------------------------------------------------------

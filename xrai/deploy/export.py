@@ -17,6 +17,7 @@ against PyTorch, within ``PARITY_TOLERANCE``.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import time
 from dataclasses import dataclass
@@ -27,12 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from xrai.data.contract import InputContract
-from xrai.deploy.onnx_runtime import cpu_session, sidecar_path
+from xrai import __version__
+from xrai.data.contract import InputContract, prepare
+from xrai.deploy.app import RESEARCH_NOTICE
+from xrai.deploy.onnx_runtime import SIDECAR_VERSION, cpu_session, sidecar_path
 from xrai.errors import UserError, first_lines
 from xrai.fileio import atomic_write_bytes, atomic_write_json
+from xrai.labels import class_names
 from xrai.models.logits import flip_tta_logits
-from xrai.runs.layout import RunFolder
+from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.load import load_run
 
 __all__ = ["FORMATS", "ONNX_EXTRA", "OPSET", "PARITY_TOLERANCE", "CalibratedModel", "ExportError", "ExportResult",
            "example_batch", "export_run", "onnx_bytes", "onnx_available"]
@@ -43,7 +48,6 @@ OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logit", "probability")
 PARITY_TOLERANCE = 1e-4  # largest |probability| difference an export may show against PyTorch
-SIDECAR_VERSION = 1
 
 
 class ExportError(UserError, RuntimeError):
@@ -98,8 +102,6 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
         the run's operating point was chosen with another checkpoint (export reads only; the message
         names the command that chooses it again).
     """
-    from xrai.runs.load import load_run
-
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -127,8 +129,6 @@ def onnx_available() -> bool:
 
 
 def _require_onnx() -> None:
-    import importlib.util
-
     if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
         raise ExportError(f"ONNX export needs torch >= 2.5 (torch.export with dynamic shapes); this is "
                           f"{torch.__version__}: upgrade torch")
@@ -139,8 +139,6 @@ def _require_onnx() -> None:
 
 def example_batch(contract: InputContract, *, batch: int, seed: int = 0) -> torch.Tensor:
     """A normalised input batch with the contract's shape (random pixels: the trace needs no real image)."""
-    from xrai.data.contract import prepare
-
     rng = np.random.default_rng(seed)
     side = contract.resize_size
     images = [rng.integers(0, 256, (side, max(1, side - 7 * i)), dtype=np.uint8) for i in range(batch)]
@@ -150,7 +148,7 @@ def example_batch(contract: InputContract, *, batch: int, seed: int = 0) -> torc
 def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     """The ONNX bytes of ``model`` (a CalibratedModel), exported by torch.export (dynamo) with a dynamic
     batch axis and checked by onnx's checker; ``example`` is a normalised input batch."""
-    import onnx
+    import onnx  # deliberate: an optional extra (xrai[onnx]); _require_onnx says so before this runs
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
@@ -191,10 +189,8 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
 
 
 def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, difference: float) -> dict[str, Any]:
-    from xrai import __version__
-    from xrai.deploy.app import LABEL_NAMES, RESEARCH_NOTICE
-
     config = run.config
+    names = class_names((read_json(RunFolder(run.run_dir).manifest_json) or {}).get("source"))
     cv = _cv_summary(run.run_dir)
     return {
         "xrai_export": SIDECAR_VERSION,
@@ -218,8 +214,8 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "threshold": run.threshold,
         "study_threshold": run.study_threshold,
         "threshold_from": run.threshold_from,
-        "labels": {str(label): name for label, name in LABEL_NAMES.items()},
-        "decision": "abnormal when probability >= threshold",
+        "labels": {str(label): name for label, name in enumerate(names)},
+        "decision": f"{names[1]} when probability >= threshold",
         "parity_max_difference": difference,
         "research_only": RESEARCH_NOTICE,
     }

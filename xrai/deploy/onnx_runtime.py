@@ -22,11 +22,12 @@ import numpy as np
 from xrai.data.contract import InputContract, prepare
 from xrai.errors import UserError, first_lines
 
-__all__ = ["ONNX_RUNTIME_EXTRA", "ExportFileError", "ExportedModel", "cpu_session", "load_export", "read_sidecar",
-           "sidecar_path"]
+__all__ = ["ONNX_RUNTIME_EXTRA", "SIDECAR_VERSION", "SIDECAR_VERSIONS", "ExportFileError", "ExportedModel",
+           "cpu_session", "load_export", "read_sidecar", "sidecar_path"]
 
 ONNX_RUNTIME_EXTRA = 'pip install onnxruntime (or "xrai[onnx]")'
-SIDECAR_VERSIONS = (1,)
+SIDECAR_VERSION = 1  # the sidecar format ``python -m xrai export`` writes ("xrai_export")
+SIDECAR_VERSIONS = (SIDECAR_VERSION,)  # the ones this xrai reads
 
 
 class ExportFileError(UserError, ValueError):
