@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny synthetic MURA tree, the real FracAtlas subset when present, an isolated XRAI_HOME."""
+"""Shared fixtures: a tiny synthetic MURA tree, the real FracAtlas subset when present, an isolated XRAI_HOME,
+a headless Chromium for the browser tests (skipped without one, a failure under CI=true)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REAL_FRACATLAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas-dev"
 
@@ -90,3 +94,68 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- real browser (tests/test_*_browser.py) -------------------------------------------------------
+
+BROWSER_INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
+BROWSER_WINDOW = (1280, 1000)
+
+
+def in_ci() -> bool:
+    """True under CI (CI=true, as .ci/run exports it): there a missing browser fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it under CI, where everything a browser test needs must be there."""
+    if in_ci():
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium and chromedriver, or skip (fail under CI) naming the apt-get line that installs them."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromedriver = shutil.which("chromedriver")
+    missing = [name for name, path in (("chromium", chromium), ("chromedriver", chromedriver)) if not path]
+    if missing:
+        skip_or_fail(f"{' and '.join(missing)} not on PATH (Debian, as root: {BROWSER_INSTALL})")
+    return chromium, chromedriver
+
+
+@pytest.fixture()
+def chromium(monkeypatch):
+    """A headless Chromium driven by selenium through the system chromedriver, quit after the test.
+
+    Skipped where chromium, chromedriver or selenium is missing; under CI=true that is a failure.
+    selenium-manager never runs (the driver's path is given, SE_OFFLINE is set), so nothing is downloaded.
+    """
+    chromium_path, chromedriver = chromium_paths()
+    try:  # imported here, not at the top: conftest loads for every test, selenium is for these only
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        skip_or_fail("selenium is not installed (pip install -e '.[test]')")
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium_path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size={},{}".format(*BROWSER_WINDOW), "--no-first-run", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot_colours(path: Path) -> tuple[float, int]:
+    """The standard deviation of a screenshot's grey levels and its number of distinct colours (blank: 0, 1)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    colours = len(np.unique(rgb.reshape(-1, 3), axis=0))
+    return float(rgb.mean(axis=2).std()), colours
