@@ -27,7 +27,7 @@ from xrai.evaluate.calibration import (
 )
 from xrai.evaluate.run import MURA_BASELINE
 from xrai.labels import CLASS_NAMES, class_names
-from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.layout import RunFolder
 
 __all__ = [
     "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",
@@ -199,7 +199,7 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
                                 f"--run {run_dir} --split {split}` (or notebooks/04_evaluate.ipynb) first")
     pred = folder.read_predictions(split)
     y, p, thr = pred["label"], pred["probability"], report["threshold"]
-    names = class_names(report.get("source") or (read_json(folder.manifest_json) or {}).get("source"))
+    names = class_names(report.get("source") or folder.source)
     out = {
         "confusion_matrix": run_dir / f"confusion_matrix_{split}.png",
         "roc": run_dir / f"roc_{split}.png",

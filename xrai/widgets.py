@@ -32,9 +32,9 @@ from PIL import Image
 import xrai.data
 from xrai.env import detect_platform
 from xrai.explain.cam import explain_paths
-from xrai.labels import CLASS_NAMES, class_names
+from xrai.labels import CLASS_NAMES
 from xrai.models.registry import list_models
-from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.layout import RunFolder
 from xrai.runs.load import load_run
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -234,7 +234,7 @@ def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
 
 def run_class_names(run_dir: str | Path) -> tuple[str, str]:
     """The words for label 0 and 1 of a run's source (manifest.json "source"; MURA's without one)."""
-    return class_names((read_json(RunFolder(run_dir).manifest_json) or {}).get("source"))
+    return RunFolder(run_dir).class_names()
 
 
 def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradcam") -> Explain:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 
 from xrai.explain.cam import explain_paths
-from xrai.labels import class_names
-from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.layout import RunFolder
 from xrai.runs.load import load_run
 
 __all__ = ["cmd_explain", "cmd_predict", "run_class_names"]
@@ -18,7 +17,7 @@ __all__ = ["cmd_explain", "cmd_predict", "run_class_names"]
 
 def run_class_names(run_dir) -> tuple[str, str]:
     """The words for label 0 and 1 of a run's source (manifest.json "source")."""
-    return class_names((read_json(RunFolder(run_dir).manifest_json) or {}).get("source"))
+    return RunFolder(run_dir).class_names()
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:

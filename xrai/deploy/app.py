@@ -41,8 +41,8 @@ from xrai.data.decode.images import (
     decode_image,
 )
 from xrai.deploy.onnx_runtime import load_export
-from xrai.labels import CLASS_NAMES, class_names
-from xrai.runs.layout import RunFolder, read_json
+from xrai.labels import CLASS_NAMES
+from xrai.runs.layout import RunFolder
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 PARALLEL_DECODES = 2  # uploads decoded at once: peak decode memory is about this x 1.5 x the budget
@@ -167,7 +167,7 @@ class Predictor(BasePredictor):
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.which = which
-        self.class_names = class_names((read_json(RunFolder(self.run_dir).manifest_json) or {}).get("source"))
+        self.class_names = RunFolder(self.run_dir).class_names()
         # The threshold and temperature chosen on valid for this checkpoint (re-chosen if it changed); the
         # device resolved by load_run, the model in eval mode (load_model's).
         self.loaded = load_run(self.run_dir, which=which, device=device)

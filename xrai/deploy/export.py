@@ -34,9 +34,8 @@ from xrai.deploy.app import RESEARCH_NOTICE
 from xrai.deploy.onnx_runtime import SIDECAR_VERSION, cpu_session, sidecar_path
 from xrai.errors import UserError, first_lines
 from xrai.fileio import atomic_write_bytes, atomic_write_json
-from xrai.labels import class_names
 from xrai.models.logits import flip_tta_logits
-from xrai.runs.layout import RunFolder, read_json
+from xrai.runs.layout import RunFolder
 from xrai.runs.load import load_run
 
 __all__ = ["FORMATS", "ONNX_EXTRA", "OPSET", "PARITY_TOLERANCE", "CalibratedModel", "ExportError", "ExportResult",
@@ -190,7 +189,7 @@ def _check(fmt: str, data: bytes, model: nn.Module, x: torch.Tensor) -> float:
 
 def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, difference: float) -> dict[str, Any]:
     config = run.config
-    names = class_names((read_json(RunFolder(run.run_dir).manifest_json) or {}).get("source"))
+    names = RunFolder(run.run_dir).class_names()
     cv = _cv_summary(run.run_dir)
     return {
         "xrai_export": SIDECAR_VERSION,

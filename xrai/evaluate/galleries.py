@@ -12,7 +12,6 @@ from xrai.data import read_manifest, relocate_paths
 from xrai.evaluate.run import evaluate_run
 from xrai.explain.cam import explain_paths
 from xrai.explain.overlays import save_png, text_band, tile, tile_row
-from xrai.labels import class_names
 from xrai.runs.layout import RunFolder, read_json
 from xrai.runs.load import load_run
 from xrai.runs.operating import operating_point
@@ -66,7 +65,7 @@ def gallery(
     if folder.manifest_csv.is_file():  # predicted on another machine (a fresh runtime): find its images here
         pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir))
     threshold, model, config = run.threshold, run.model, run.config
-    names = class_names(read_json(folder.manifest_json).get("source") if folder.manifest_json.is_file() else None)
+    names = folder.class_names()
     out_dir = folder.gradcam
     written: dict[str, Path] = {}
     for kind, title in GALLERY_KINDS.items():

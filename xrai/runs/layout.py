@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from xrai.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
+from xrai.labels import class_names
 
 __all__ = [
     "AUDIT_CSV",
@@ -174,6 +175,15 @@ class RunFolder:
         return self.report_json("valid")
 
     # ---- readers ----
+    @property
+    def source(self) -> str | None:
+        """The dataset the run's manifest came from (manifest.json "source"), or None."""
+        return (read_json(self.manifest_json) or {}).get("source")
+
+    def class_names(self) -> tuple[str, str]:
+        """The words for label 0 and 1 of this run's dataset (``xrai.labels.class_names``)."""
+        return class_names(self.source)
+
     def read_config(self) -> dict[str, Any]:
         """config.json as a dict ({} when the run has none yet)."""
         return read_json(self.config_json) or {}
