@@ -375,10 +375,12 @@ def _headline(report: dict) -> str:
 
 def _extras(report: dict) -> list[str]:
     """Calibration, the screening operating point and the explanation scores of a report, as lines."""
+    from xrai.evaluate.report import calibration_words  # lazy: the CLI's start-up time
+
     lines = []
     cal = report.get("calibration")
     if cal:
-        lines.append(f"  calibration: T={cal['temperature']:.3f} (fitted on valid); ECE ({cal['bins']} equal-width "
+        lines.append(f"  calibration: {calibration_words(cal)}; ECE ({cal['bins']} equal-width "
                      f"bins) {cal['ece']['uncalibrated']:.3f} uncalibrated -> {cal['ece']['calibrated']:.3f}")
     point = (report.get("operating_points") or {}).get("sensitivity")
     if point:
@@ -440,7 +442,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
                                 f"`python -m xrai evaluate --run {run} --split valid` first")
     threshold = loaded.threshold
     results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
-                            with_cam=out is not None, temperature=loaded.temperature)
+                            with_cam=out is not None, calibration=loaded.calibration)
     failures = 0
     for r in results:
         if r.get("error"):
@@ -448,7 +450,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
             print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
-                "threshold": threshold, "temperature": round(loaded.temperature, 6)}
+                "threshold": threshold, "calibration": loaded.calibration.to_dict()}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
         print(json.dumps(line), flush=True)

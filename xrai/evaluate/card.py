@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from xrai.evaluate.report import calibration_words
 from xrai.fileio import atomic_write_text
 
 __all__ = ["INTENDED_USE", "model_card", "write_model_card"]
@@ -123,9 +124,7 @@ def _operating_section(valid: dict[str, Any] | None) -> list[str]:
         lines.append(f"- Screening operating point (sensitivity >= {p['target']:.2f} on {short}): image threshold "
                      f"{_f(p['threshold'])}, study threshold {_f(p.get('study_threshold'))}")
     if cal:
-        lines.append(f"- Temperature scaling: T = {cal['temperature']:.3f} fitted on {short}"
-                     + ("" if cal.get("applied") else " (not applied: valid had one class)")
-                     + f"; ECE over {cal['bins']} {cal['binning']}")
+        lines.append(f"- {calibration_words(cal, short)}; ECE over {cal['bins']} {cal['binning']}")
     return lines + [""]
 
 

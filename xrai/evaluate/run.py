@@ -55,7 +55,6 @@ from xrai.runs.layout import (
     write_json,
 )
 from xrai.runs.load import RunModel, StaleThresholdWarning, load_run, run_tta
-from xrai.runs.operating import apply_temperature
 
 __all__ = [
     "MURA_BASELINE",
@@ -261,7 +260,7 @@ def evaluate_run(
         threshold_from = selection.source
     else:
         threshold_from = _threshold_from(selection)
-    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
+    pred["probability"] = selection.calibration.apply(pred["logit"])
     RunFolder(run_dir).write_predictions(split, pred)
     report = _score(run, pred, selection, split=split, threshold_from=threshold_from, rows_attrs=rows.attrs,
                     audit=_audit_counts(run_dir), tta=tta, n_bootstrap=n_bootstrap, seed=seed)
@@ -300,7 +299,7 @@ def evaluate_external(
     run = load_run(run_dir, which=which, device=device, stale="default")
     selection = _valid_selection(run, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
                                  seed=seed, batch_size=batch_size, device=device, explain_images=0)
-    pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
+    pred = predict(run, manifest, calibration=selection.calibration, batch_size=batch_size, tta=tta,
                    progress=progress)
     RunFolder(run_dir).write_predictions(name, pred)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")

@@ -376,7 +376,7 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
     from xrai.evaluate.report import choose_selection
     from xrai.evaluate.run import score_predictions
     from xrai.runs.layout import read_predictions, write_json
-    from xrai.runs.operating import apply_temperature, folds_sha256
+    from xrai.runs.operating import folds_sha256
 
     parts = []
     for k in range(folds):
@@ -384,7 +384,7 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
         parts.append(pred.assign(fold=k))
     oof = pd.concat(parts, ignore_index=True)
     selection = choose_selection(oof, method="youden")  # on the logits, never a fold's own temperature
-    oof["probability"] = apply_temperature(oof["logit"], selection.temperature)
+    oof["probability"] = selection.calibration.apply(oof["logit"])
     atomic_write_csv(run_dir / "predictions_oof.csv", oof)
     folds_of = pd.Series(table["fold"].map(lambda f: f"fold{f}" if f >= 0 else "test").to_numpy(),
                          index=table["path"].to_numpy())
