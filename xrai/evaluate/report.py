@@ -156,8 +156,9 @@ def choose_selection(predictions: pd.DataFrame, *, method: str = "youden",
                 found_all &= t is not None
                 chosen.setdefault((scale, level), {})[name] = 0.5 if t is None else t
     study = chosen.get(("calibrated", "study"))
-    return Selection(calibration=applied, calibrated=calibrated, fitted=fitted, cross_fitted=cross_fitted, method=method, target_sensitivity=target,
-                     image=chosen[("calibrated", "image")], study=study, raw_image=chosen[("raw", "image")][method],
+    return Selection(calibration=applied, calibrated=calibrated, fitted=fitted, cross_fitted=cross_fitted,
+                     method=method, target_sensitivity=target, image=chosen[("calibrated", "image")], study=study,
+                     raw_image=chosen[("raw", "image")][method],
                      raw_study=None if study is None else chosen[("raw", "study")][method],
                      source="valid" if found_all else "default")
 
