@@ -92,10 +92,11 @@ def test_run_folder_oof_and_summary(cv_run):
     oof_report = json.loads((run_dir / "report_oof.json").read_text())
     assert oof_report["split"] == "oof" and oof_report["threshold"] == summary["oof"]["threshold"]
     # the OOF operating point is bound to the folds' checkpoints, and chosen on their logits
-    from xrai.runs.operating import apply_temperature, folds_sha256
+    from xrai.runs.operating import calibration_from_report, folds_sha256
 
     assert oof_report["checkpoint"]["sha256"] == folds_sha256(run_dir, FOLDS)
-    np.testing.assert_allclose(oof["probability"], apply_temperature(oof["logit"], oof_report["calibration"]["temperature"]))
+    calibration, _ = calibration_from_report(oof_report)  # the OOF report's calibrator (raw where not applied)
+    np.testing.assert_allclose(oof["probability"], calibration.apply(oof["logit"]))
     assert result.summary == summary
 
 
@@ -127,7 +128,7 @@ def test_load_run_gives_the_ensemble_at_the_oof_operating_point(cv_run):
     oof_report = json.loads((run_dir / "report_oof.json").read_text())
     assert isinstance(run.model, FoldEnsemble) and len(run.model.members) == FOLDS
     assert run.point.source == "oof" and run.threshold == result.summary["oof"]["threshold"]
-    assert run.temperature == oof_report["calibration"]["temperature"]
+    assert run.calibration.slope == (oof_report["calibration"]["slope"] if run.calibrated else 1.0)
     assert run.checkpoint_sha256 == oof_report["checkpoint"]["sha256"] and "report_oof.json" in run.threshold_from
     rows = read_manifest(run_dir).head(4)
     pred = predict(run, rows, progress=False)

@@ -124,7 +124,8 @@ def test_test_split_reads_valid_threshold_and_never_chooses(run, monkeypatch):
     for key in ("study_threshold", "operating_points"):
         assert test_report[key] is not None
     assert test_report["study_threshold"] == valid_report["study_threshold"]
-    assert test_report["calibration"]["temperature"] == valid_report["calibration"]["temperature"]
+    for key in ("method", "slope", "intercept", "applied"):  # the calibration fitted on valid, never on test
+        assert test_report["calibration"][key] == valid_report["calibration"][key]
     assert test_report["checkpoint"] == valid_report["checkpoint"]
     assert test_report["threshold"] == valid_report["threshold"]
     assert test_report["threshold_from"] == "valid"
@@ -173,14 +174,14 @@ def test_probabilities_are_calibrated_on_valid_and_the_raw_kept(run):
     valid = _quiet(evaluate_run, run, split="valid", progress=False, n_bootstrap=0)
     test = _quiet(evaluate_run, run, split="test", progress=False, n_bootstrap=0)
     cal = valid["calibration"]
-    assert cal["fitted_on"] == "valid" and cal["temperature"] > 0 and cal["applied"]
-    assert test["calibration"]["temperature"] == cal["temperature"]  # test never fits its own
+    assert cal["fitted_on"] == "valid" and cal["slope"] > 0 and cal["applied"] and cal["method"] == "platt"
+    assert (test["calibration"]["slope"], test["calibration"]["intercept"]) == (cal["slope"], cal["intercept"])
     for report in (valid, test):
         c = report["calibration"]
         assert set(c["ece"]) == {"uncalibrated", "calibrated"} and c["bins"] == 15
         assert c["uncalibrated"]["threshold"] is not None and c["uncalibrated"]["image"]["auroc"] is not None
     pred = ev.read_predictions(run / "predictions_test.csv")
-    np.testing.assert_allclose(pred["probability"], expit(pred["logit"] / cal["temperature"]), rtol=1e-6)
+    np.testing.assert_allclose(pred["probability"], expit(cal["slope"] * pred["logit"] + cal["intercept"]), rtol=1e-6)
     assert cal["nll"]["calibrated"] <= cal["nll"]["uncalibrated"] + 1e-9  # fitted to minimise it on valid
 
 
@@ -207,7 +208,7 @@ def test_a_changed_checkpoint_is_noticed_by_evaluate_and_predict(run):
         test = _quiet(evaluate_run, run, split="test", progress=False, n_bootstrap=0)
     valid = json.loads((run / "report_valid.json").read_text())
     assert valid["checkpoint"]["sha256"] == checkpoint_sha256(best) == test["checkpoint"]["sha256"]
-    assert valid["calibration"]["temperature"] != first["calibration"]["temperature"]
+    assert valid["calibration"]["intercept"] != first["calibration"]["intercept"]  # fitted again
     assert test["threshold"] == valid["threshold"]
 
     retrain(0.5)
@@ -336,7 +337,7 @@ def test_evaluate_writes_a_model_card_that_states_the_reports(run):
     assert "mobilenet_v2" in card and "adamw" in card  # the recipe
     assert f"Image threshold {valid['threshold']:.3f}" in card
     assert f"study threshold {valid['study_threshold']:.3f}" in card
-    assert f"T = {valid['calibration']['temperature']:.3f}" in card
+    assert f"sigmoid({valid['calibration']['slope']:.3f} * logit {valid['calibration']['intercept']:+.3f})" in card
     assert f"{test['image']['auroc']:.3f} [{test['image']['auroc_ci'][0]:.3f}" in card  # metrics with intervals
     assert "Per body part (test)" in card and "| wrist |" in card
     assert "ROAD" in card and "gradcam++" in card and "Spearman" in card

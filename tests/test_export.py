@@ -86,7 +86,32 @@ def test_onnx_export_matches_pytorch_on_the_synthetic_test_split(run_dir, export
     assert np.abs(1 / (1 + np.exp(-onnx_logit)) - torch_raw).max() <= 1e-4
     assert np.abs(onnx_p - torch_p).max() <= 1e-4 and np.abs(singles - torch_p[:4]).max() <= 1e-4
     logit, probability = model.outputs(prepare(images[:3], model.contract))
-    assert np.allclose(probability, 1 / (1 + np.exp(-logit / sidecar["temperature"])), atol=1e-6)
+    cal = sidecar["calibration"]
+    assert np.allclose(probability, 1 / (1 + np.exp(-(cal["slope"] * logit + cal["intercept"]))), atol=1e-6)
+
+
+def test_the_export_computes_the_calibrator_in_the_graph_and_the_sidecar_states_it(run_dir, exported):
+    import torch
+
+    from xrai.deploy.export import CalibratedModel
+    from xrai.deploy.onnx_runtime import load_export
+    from xrai.runs.load import load_run
+    from xrai.runs.operating import Calibration
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
+    x = torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        logit, p = CalibratedModel(net, Calibration("platt", 0.7, -1.4)).eval()(x)
+        assert torch.allclose(p, torch.sigmoid(0.7 * logit - 1.4))  # the shift Platt fits is in the graph
+        logit, p = CalibratedModel(net, 2.0).eval()(x)  # a temperature, as before
+        assert torch.allclose(p, torch.sigmoid(logit / 2.0))
+    run = load_run(run_dir)
+    sidecar = json.loads(exported.sidecar.read_text())
+    assert sidecar["calibration"] == run.calibration.to_dict() and sidecar["calibrated"] == run.calibrated
+    model = load_export(exported.path)
+    assert model.calibration == sidecar["calibration"]
+    model.sidecar = {k: v for k, v in sidecar.items() if k != "calibration"}  # an older sidecar: T only
+    assert model.calibration == {"method": "temperature", "slope": 1.0 / model.temperature, "intercept": 0.0}
 
 
 def test_torchscript_export_matches_and_is_refused_by_the_onnx_server(run_dir, test_split):

@@ -253,7 +253,7 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
         run = loaded["run"]
         (result,) = explain_paths(
             run.model, run.config, [path], threshold=threshold, out_dir=out_dir, labels=[label],
-            method=method, temperature=run.temperature, class_names=names,
+            method=method, calibration=run.calibration, class_names=names,
         )
         if result.get("error"):
             raise ValueError(f"cannot explain {path}: {result['error']}")

@@ -27,7 +27,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
                                 f"`python -m xrai evaluate --run {run} --split valid` first")
     threshold = loaded.threshold
     results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
-                            with_cam=out is not None, temperature=loaded.temperature,
+                            with_cam=out is not None, calibration=loaded.calibration,
                             class_names=run_class_names(run))
     failures = 0
     for r in results:
@@ -36,7 +36,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
             print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
-                "threshold": threshold, "temperature": round(loaded.temperature, 6)}
+                "threshold": threshold, "calibration": loaded.calibration.to_dict()}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
         print(json.dumps(line), flush=True)

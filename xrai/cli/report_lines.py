@@ -1,7 +1,9 @@
 """The lines the commands print about a report: the headline figures, calibration, the screening point and the
-explanation scores. Formatting only: no torch, no pandas."""
+explanation scores. Formatting only (the words for a calibration are xrai.evaluate.report's)."""
 
 from __future__ import annotations
+
+from xrai.evaluate.report import calibration_words
 
 __all__ = ["ci", "extras", "fmt", "headline", "print_report"]
 
@@ -37,7 +39,7 @@ def extras(report: dict) -> list[str]:
     lines = []
     cal = report.get("calibration")
     if cal:
-        lines.append(f"  calibration: T={cal['temperature']:.3f} (fitted on valid); ECE ({cal['bins']} equal-width "
+        lines.append(f"  calibration: {calibration_words(cal)}; ECE ({cal['bins']} equal-width "
                      f"bins) {cal['ece']['uncalibrated']:.3f} uncalibrated -> {cal['ece']['calibrated']:.3f}")
     point = (report.get("operating_points") or {}).get("sensitivity")
     if point:

@@ -1,14 +1,15 @@
 """``python -m xrai export``: a run's model as ONNX or TorchScript, with its preprocessing contract.
 
 The exported graph takes the normalised input batch (B, 3, S, S), float32, B free (a dynamic batch
-axis), and returns ``logit`` (B,) and ``probability`` (B,) = sigmoid(logit / temperature), the run's
+axis), and returns ``logit`` (B,) and ``probability`` (B,) = sigmoid(a * logit + b), the run's
 calibrated P(abnormal). What it exports is what ``xrai.runs.load.load_run`` loads: the run's
 checkpoint (``best`` by default), or, for a cross-validation run, its fold ensemble (probabilities
 averaged), at the operating point chosen on validation for that very checkpoint.
 
 Beside the model, ``<model file>.json`` (the sidecar) holds everything needed to use it without
 xrai's training code: the preprocessing contract (``xrai.data.contract``: input size, resize size
-and mode, normalisation), the temperature, the image and study thresholds and where they came
+and mode, normalisation), the calibration (method, slope a, intercept b; ``temperature`` = 1/a for
+older readers), the image and study thresholds and where they came
 from, the checkpoint's sha256, and the output names. ``xrai.deploy.onnx_runtime`` reads it back (without torch)
 and the app serves it (``serve --onnx``). Every export is checked before it is written: onnx's
 checker, then onnxruntime (or the TorchScript module) on a batch of another size than the one traced,
@@ -37,6 +38,7 @@ from xrai.fileio import atomic_write_bytes, atomic_write_json
 from xrai.models.logits import flip_tta_logits
 from xrai.runs.layout import RunFolder
 from xrai.runs.load import load_run
+from xrai.runs.operating import Calibration
 
 __all__ = ["FORMATS", "ONNX_EXTRA", "OPSET", "PARITY_TOLERANCE", "CalibratedModel", "ExportError", "ExportResult",
            "example_batch", "export_run", "onnx_bytes", "onnx_available"]
@@ -54,18 +56,18 @@ class ExportError(UserError, RuntimeError):
 
 
 class CalibratedModel(nn.Module):
-    """A one-logit model with its temperature: (B, 3, S, S) -> (logit (B,), sigmoid(logit / T) (B,)).
+    """A one-logit model with its calibration: (B, 3, S, S) -> (logit (B,), sigmoid(a * logit + b) (B,)).
 
     With ``tta`` (the run's recipe scores each image with its mirror) the logit is the run's flip-TTA
     logit (``xrai.runs.load.flip_tta_logits``), so the export decides as the run does.
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, *, tta: bool = False) -> None:
+    def __init__(self, model: nn.Module, temperature: float | Calibration = 1.0, *, tta: bool = False) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        calibration = temperature if isinstance(temperature, Calibration) else Calibration.from_temperature(temperature)
         self.model = model
-        self.temperature = float(temperature)
+        self.slope, self.intercept = float(calibration.slope), float(calibration.intercept)
+        self.temperature = calibration.temperature
         self.tta = bool(tta)
 
     def _logit(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,7 @@ class CalibratedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logit = flip_tta_logits(self._logit, x) if self.tta else self._logit(x)
-        return logit, torch.sigmoid(logit / self.temperature)
+        return logit, torch.sigmoid(logit * self.slope + self.intercept)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def export_run(run_dir: str | Path, *, fmt: str = "onnx", which: str = "best", o
     run_dir = Path(run_dir)
     run = load_run(run_dir, which=which, device="cpu")
     contract = InputContract.from_config(run.config)
-    wrapped = CalibratedModel(run.model, run.temperature, tta=bool(getattr(run.config, "tta", False))).eval()
+    wrapped = CalibratedModel(run.model, run.calibration, tta=bool(getattr(run.config, "tta", False))).eval()
     path = Path(out) if out is not None else run_dir / FORMATS[fmt]
     example = example_batch(contract, batch=2)
     data = onnx_bytes(wrapped, example) if fmt == "onnx" else _torchscript_bytes(wrapped, example)
@@ -207,7 +209,8 @@ def _sidecar(run: Any, contract: InputContract, *, fmt: str, path: Path, differe
         "input": {"name": INPUT_NAME, **contract.to_dict()},
         "tta": bool(getattr(config, "tta", False)),
         "outputs": {"logit": "the model's logit for 'abnormal' (with flip TTA inside the graph when tta), shape (batch,)",
-                    "probability": "sigmoid(logit / temperature): calibrated P(abnormal), shape (batch,)"},
+                    "probability": "sigmoid(slope * logit + intercept): calibrated P(abnormal), shape (batch,)"},
+        "calibration": run.calibration.to_dict(),
         "temperature": run.temperature,
         "calibrated": bool(run.calibrated),
         "threshold": run.threshold,

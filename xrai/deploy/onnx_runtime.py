@@ -84,6 +84,13 @@ class ExportedModel:
         return float(self.sidecar["temperature"])
 
     @property
+    def calibration(self) -> dict[str, Any]:
+        """method, slope, intercept: the graph's probability is sigmoid(slope * logit + intercept) (an older
+        sidecar's temperature T: slope 1/T, intercept 0)."""
+        return self.sidecar.get("calibration") or {"method": "temperature", "slope": 1.0 / self.temperature,
+                                                   "intercept": 0.0}
+
+    @property
     def model_name(self) -> str:
         return str(self.sidecar.get("model") or self.sidecar.get("architecture") or self.path.stem)
 

@@ -15,6 +15,7 @@ import pandas as pd
 from xrai import __version__
 from xrai.config import TrainConfig
 from xrai.data.download import DATASETS
+from xrai.evaluate.report import calibration_words
 from xrai.runs.layout import AUDIT_CSV, RunFolder, read_json
 
 __all__ = ["INTENDED_USE", "model_card", "write_model_card"]
@@ -116,9 +117,7 @@ def _operating_section(valid: dict[str, Any] | None) -> list[str]:
         lines.append(f"- Screening operating point (sensitivity >= {p['target']:.2f} on {short}): image threshold "
                      f"{_f(p['threshold'])}, study threshold {_f(p.get('study_threshold'))}")
     if cal:
-        lines.append(f"- Temperature scaling: T = {cal['temperature']:.3f} fitted on {short}"
-                     + ("" if cal.get("applied") else " (not applied: valid had one class)")
-                     + f"; ECE over {cal['bins']} {cal['binning']}")
+        lines.append(f"- {calibration_words(cal, short)}; ECE over {cal['bins']} {cal['binning']}")
     return lines + [""]
 
 

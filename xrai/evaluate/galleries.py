@@ -47,7 +47,7 @@ def gallery(
     """Galleries of the most confident true positives, false positives and false negatives.
 
     Reads predictions_<split>.csv (evaluating the split first when it is missing) and the run's
-    validation threshold and temperature (``xrai.runs.load.load_run``); writes under run_dir/gradcam/: ``<kind>_<split>.png`` (one row of overlays;
+    validation threshold and calibration (``xrai.runs.load.load_run``); writes under run_dir/gradcam/: ``<kind>_<split>.png`` (one row of overlays;
     a short note when there is no such case) and ``<split>_<kind>_<rank>.png`` per image shown.
 
     Returns:
@@ -73,7 +73,7 @@ def gallery(
         stems = [f"{split}_{kind}_{rank}" for rank in range(1, len(rows) + 1)]
         results = explain_paths(
             model, config, rows["path"].tolist(), threshold=threshold, out_dir=out_dir,
-            labels=rows["label"].astype(int).tolist(), method=method, names=stems, temperature=run.temperature,
+            labels=rows["label"].astype(int).tolist(), method=method, names=stems, calibration=run.calibration,
             class_names=names,
         )
         tiles = []

@@ -22,7 +22,7 @@ from xrai.data.decode.images import ImageError, read_image
 from xrai.env import autocast_dtype, get_device
 from xrai.models.logits import flip_tta_logits, one_logit
 from xrai.runs.load import RunModel
-from xrai.runs.operating import apply_temperature
+from xrai.runs.operating import NO_CALIBRATION, Calibration
 
 __all__ = ["PREDICTION_COLUMNS", "PREDICTION_EXTRA_COLUMNS", "predict"]
 
@@ -39,20 +39,20 @@ def _read(path: str) -> tuple[np.ndarray | None, str | None]:
         return None, str(e)
 
 
-def _forward(model: nn.Module | RunModel, config: Any, temperature: float | None, device: str | torch.device,
-             source: str) -> tuple[Callable, torch.device, Any, float]:
-    """(logits of a batch, device, config, temperature): a RunModel's own, else the model's on ``device``."""
+def _forward(model: nn.Module | RunModel, config: Any, calibration: Calibration | None, device: str | torch.device,
+             source: str) -> tuple[Callable, torch.device, Any, Calibration]:
+    """(logits of a batch, device, config, calibration): a RunModel's own, else the model's on ``device``."""
     if isinstance(model, RunModel):
         # through RunModel.logits, so whatever stands behind a run (one model, a fold ensemble) predicts
         config = model.config if config is None else config
-        temperature = model.temperature if temperature is None else temperature
+        calibration = model.point.calibration if calibration is None else calibration
         dev, forward = model.device, model.logits
     else:
         dev = get_device(device) if isinstance(device, str) else torch.device(device)
         amp = autocast_dtype(dev) if dev.type == "cuda" else None
         forward = functools.partial(one_logit, model.to(dev).eval(), amp=amp)
     config = TrainConfig(data=source) if config is None else config
-    return forward, dev, config, 1.0 if temperature is None else float(temperature)
+    return forward, dev, config, NO_CALIBRATION if calibration is None else calibration
 
 
 def _logits(forward: Callable, paths: list[str], config: Any, dev: torch.device, *, tta: bool, batch_size: int,
@@ -85,6 +85,7 @@ def predict(
     *,
     config: Any = None,
     temperature: float | None = None,
+    calibration: Calibration | None = None,
     batch_size: int = 64,
     tta: bool | None = None,
     device: str | torch.device = "auto",
@@ -97,13 +98,15 @@ def predict(
     dropped with a warning.
 
     Args:
-        model: a one-logit classifier, or a RunModel (its logits, device, config and temperature are then
+        model: a one-logit classifier, or a RunModel (its logits, device, config and calibration are then
             used; ``device`` is ignored).
         manifest: rows with at least ``path``; label, body_part, patient_id, study_id (and ``group``)
             are carried over when present (label -1 and "" otherwise).
         config: the run's TrainConfig (image_size, resize_size); None uses the RunModel's, else
             TrainConfig's defaults for the manifest's source.
-        temperature: probability = sigmoid(logit / temperature); None: the RunModel's, else 1.
+        temperature: probability = sigmoid(logit / temperature), where no ``calibration`` is given.
+        calibration: probability = ``calibration.apply(logit)``; None (and no temperature): the
+            RunModel's, else the raw sigmoid(logit).
         tta: also score the horizontally flipped image and average the two probabilities (the logit
             of their mean, ``xrai.models.logits.flip_tta_logits``); None: as the run's config says
             (``config.tta``, the flip test-time augmentation of its recipe).
@@ -116,7 +119,9 @@ def predict(
     if "path" not in manifest.columns:
         raise ValueError(f"predict needs a manifest with a 'path' column, got {list(manifest.columns)}")
     source = str(manifest["source"].iloc[0]) if "source" in manifest.columns and len(manifest) else "synthetic"
-    forward, dev, config, temperature = _forward(model, config, temperature, device, source)
+    if calibration is None and temperature is not None:  # temperature scaling, as before calibrators
+        calibration = Calibration.from_temperature(float(temperature))
+    forward, dev, config, calibration = _forward(model, config, calibration, device, source)
     tta = bool(getattr(config, "tta", False)) if tta is None else bool(tta)
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
@@ -125,7 +130,7 @@ def predict(
         listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
         warnings.warn(f"dropped {len(bad)} unreadable image(s) from the predictions: {listed}"
                       + (" ..." if len(bad) > 5 else ""), UserWarning, stacklevel=2)
-    out = pd.DataFrame({"path": paths, "probability": apply_temperature(np.nan_to_num(logits), temperature)})
+    out = pd.DataFrame({"path": paths, "probability": calibration.apply(np.nan_to_num(logits))})
     out["label"] = table["label"].astype(int) if "label" in table.columns else -1
     for col in ("body_part", "patient_id", "study_id"):
         out[col] = table[col].fillna("").astype(str) if col in table.columns else ""

@@ -1,7 +1,8 @@
 """report_<split>.json: docs/design.md's blocks, and what each figure was made with.
 
-The operating point is chosen on validation only (:func:`choose_selection`): a temperature fitted on
-valid's logits, then on the calibrated probabilities an image threshold (on images) and a study
+The operating point is chosen on validation only (:func:`choose_selection`): a calibration (Platt by
+default, or a temperature) fitted on valid's logits and applied only where it lowers valid's
+cross-fitted NLL, then on the calibrated probabilities an image threshold (on images) and a study
 threshold (on the study means, MURA's protocol), each by Youden's J and by a target sensitivity.
 Every other split reads the same :class:`Selection` back from report_valid.json
 (:func:`selection_from_report`). The report says which threshold made which figure: ``threshold``
@@ -20,7 +21,13 @@ import pandas as pd
 from scipy.special import expit
 from sklearn import metrics as skm
 
-from xrai.evaluate.calibration import calibration_summary, fit_temperature
+from xrai.evaluate.calibration import (
+    DEFAULT_CALIBRATION,
+    ECE_BINNING,
+    ECE_BINS,
+    calibration_summary,
+    choose_calibration,
+)
 from xrai.evaluate.metrics import (
     bootstrap_ci,
     choose_threshold,
@@ -32,7 +39,7 @@ from xrai.evaluate.metrics import (
     resampling_groups,
     study_level,
 )
-from xrai.runs.operating import apply_temperature
+from xrai.runs.operating import NO_CALIBRATION, Calibration, calibration_from_report
 
 __all__ = [
     "DEFAULT_TARGET_SENSITIVITY",
@@ -42,6 +49,7 @@ __all__ = [
     "build_report",
     "calibration_block",
     "calibration_table",
+    "calibration_words",
     "choose_selection",
     "operating_points",
     "per_body_part",
@@ -64,15 +72,21 @@ DEFAULT_TARGET_SENSITIVITY = 0.95  # a screening tool misses few abnormal studie
 
 @dataclass(frozen=True, kw_only=True)
 class Selection:
-    """Everything chosen on valid for one checkpoint: the temperature and the thresholds.
+    """Everything chosen on valid for one checkpoint: the calibration and the thresholds.
 
+    ``calibration`` is what every probability is made with (none where the fit did not lower valid's
+    cross-fitted NLL: ``calibrated`` is then False); ``fitted`` is the calibrator fitted on valid, applied
+    or not. ``cross_fitted`` holds valid's ECE / NLL / Brier uncalibrated and cross-fitted, only on the
+    Selection chosen on valid (one read back from a report has None: other splits report plain figures).
     ``image`` and ``study`` map each of OPERATING_POINTS to a threshold on calibrated probabilities
     (``study`` is None without study ids); ``raw_image`` / ``raw_study`` are the primary method's
     thresholds chosen the same way on the uncalibrated probabilities, for the figures kept beside.
     """
 
-    temperature: float = 1.0
+    calibration: Calibration = NO_CALIBRATION
     calibrated: bool = False
+    fitted: Calibration | None = None
+    cross_fitted: dict[str, Any] | None = None
     method: str = "youden"
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
     image: dict[str, float] = field(default_factory=lambda: {k: 0.5 for k in OPERATING_POINTS})
@@ -80,6 +94,11 @@ class Selection:
     raw_image: float = 0.5
     raw_study: float | None = None
     source: str = "valid"
+
+    @property
+    def temperature(self) -> float:
+        """The calibration's 1 / slope (the temperature for temperature scaling; 1.0 when uncalibrated)."""
+        return self.calibration.temperature
 
     @property
     def threshold(self) -> float:
@@ -99,28 +118,35 @@ def _choose(y: Any, p: Any, method: str, target: float, what: str) -> float | No
 
 
 def choose_selection(predictions: pd.DataFrame, *, method: str = "youden",
-                     target: float = DEFAULT_TARGET_SENSITIVITY) -> Selection:
-    """Fit the temperature and choose every threshold on VALIDATION predictions (never on test).
+                     target: float = DEFAULT_TARGET_SENSITIVITY,
+                     calibration: str = DEFAULT_CALIBRATION) -> Selection:
+    """Fit the calibration and choose every threshold on VALIDATION predictions (never on test).
 
     Args:
         predictions: valid's predictions with ``logit`` and ``label`` (study_id for the study level).
         method: the primary operating point, "youden" or "sensitivity".
         target: the sensitivity the "sensitivity" operating point must reach on valid.
+        calibration: "platt" (sigmoid(a * logit + b)) or "temperature" (sigmoid(logit / T)); applied only
+            where it lowers valid's cross-fitted NLL (``xrai.evaluate.calibration.choose_calibration``).
     """
     if method not in OPERATING_POINTS:
         raise ValueError(f"unknown threshold method {method!r}; choose one of: {', '.join(OPERATING_POINTS)}")
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     y, z = predictions["label"].to_numpy(int), predictions["logit"].to_numpy(float)
+    fitted, cross_fitted = None, None
     try:
-        temperature, calibrated = fit_temperature(z, y), True
+        fitted, calibrated, cross_fitted = choose_calibration(z, y, calibration)
     except ValueError as e:
-        warnings.warn(f"{e}; probabilities left uncalibrated (temperature 1)", UserWarning, stacklevel=2)
-        temperature, calibrated = 1.0, False
+        if "unknown calibration" in str(e):
+            raise
+        warnings.warn(f"{e}; probabilities left uncalibrated", UserWarning, stacklevel=2)
+        calibrated = False
+    applied = fitted if calibrated and fitted is not None else NO_CALIBRATION
     chosen: dict[str, Any] = {}
     found_all = True
-    for scale, temp in (("calibrated", temperature), ("raw", 1.0)):
-        frame = predictions.assign(probability=apply_temperature(z, temp))
+    for scale, calibrator in (("calibrated", applied), ("raw", NO_CALIBRATION)):
+        frame = predictions.assign(probability=calibrator.apply(z))
         studies = study_level(frame) if has_study_ids(frame) else None
         for level, table in (("image", frame), ("study", studies)):
             if table is None:
@@ -130,14 +156,17 @@ def choose_selection(predictions: pd.DataFrame, *, method: str = "youden",
                 found_all &= t is not None
                 chosen.setdefault((scale, level), {})[name] = 0.5 if t is None else t
     study = chosen.get(("calibrated", "study"))
-    return Selection(temperature=temperature, calibrated=calibrated, method=method, target_sensitivity=target,
-                     image=chosen[("calibrated", "image")], study=study, raw_image=chosen[("raw", "image")][method],
+    return Selection(calibration=applied, calibrated=calibrated, fitted=fitted, cross_fitted=cross_fitted,
+                     method=method, target_sensitivity=target, image=chosen[("calibrated", "image")], study=study,
+                     raw_image=chosen[("raw", "image")][method],
                      raw_study=None if study is None else chosen[("raw", "study")][method],
                      source="valid" if found_all else "default")
 
 
 def selection_from_report(report: dict[str, Any]) -> Selection:
-    """The Selection a report_valid.json was made with (written by :func:`build_report` and evaluate)."""
+    """The Selection a report_valid.json was made with (written by :func:`build_report` and evaluate).
+
+    Reads the calibration's slope and intercept, or an older report's temperature alone."""
     points = report.get("operating_points") or {}
     calibration = report.get("calibration") or {}
     uncal = calibration.get("uncalibrated") or {}
@@ -149,8 +178,11 @@ def selection_from_report(report: dict[str, Any]) -> Selection:
     if report.get("study_threshold") is not None:
         study[method] = float(report["study_threshold"])
     target = (points.get("sensitivity") or {}).get("target", DEFAULT_TARGET_SENSITIVITY)
+    applied, calibrated = calibration_from_report(report, "report_valid.json")
+    fitted = (Calibration(calibration["method"], float(calibration["slope"]), float(calibration["intercept"]))
+              if "slope" in calibration else applied)
     return Selection(
-        temperature=float(calibration.get("temperature", 1.0)), calibrated=bool(calibration.get("applied", False)),
+        calibration=applied, calibrated=calibrated, fitted=fitted,
         method=method, target_sensitivity=float(target), image=image, study=study or None,
         raw_image=float(uncal.get("threshold", image[method])), raw_study=uncal.get("study_threshold"),
         source=report.get("threshold_from", "valid"),
@@ -267,11 +299,15 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def calibration_block(predictions: pd.DataFrame, selection: Selection) -> dict[str, Any]:
-    """Temperature, ECE / NLL / Brier before and after it, and the uncalibrated figures beside.
+    """The calibration (method, slope, intercept, applied), ECE / NLL / Brier before and after it, and
+    the uncalibrated figures beside.
 
-    The uncalibrated figures use thresholds chosen the same way on valid's uncalibrated probabilities.
-    Image-level ranking and decisions are the same either way (scaling is monotonic); the study level
-    can differ, because a mean of calibrated probabilities is not a monotonic function of the raw mean.
+    On the predictions the selection was chosen on (valid) the after figures are cross-fitted
+    (``figures`` says so, ``in_sample`` holds the fit's own); on other splits they are plain. Not
+    applied: the after figures are the raw ones. The uncalibrated figures use thresholds chosen the same
+    way on valid's uncalibrated probabilities. Image-level ranking and decisions are the same either way
+    (a > 0 keeps the order); the study level can differ, because a mean of calibrated probabilities is
+    not a monotonic function of the raw mean.
     """
     y, z = predictions["label"].to_numpy(int), predictions["logit"].to_numpy(float)
     raw = predictions.assign(probability=expit(z))
@@ -287,15 +323,63 @@ def calibration_block(predictions: pd.DataFrame, selection: Selection) -> dict[s
         cal = study_level(predictions)
         calibrated_study = _auroc(cal["label"].to_numpy(int), cal["probability"].to_numpy(float))
     return {
-        "method": "temperature scaling (one T on the logit, NLL minimised on valid by a bounded 1-D search)",
-        "temperature": float(selection.temperature),
-        "applied": bool(selection.calibrated),
-        "fitted_on": "valid",
-        **calibration_summary(y, z, selection.temperature),
+        **_calibration_keys(predictions, selection, y, z),
         "study_auroc": {"uncalibrated": None if uncal["study"] is None else uncal["study"]["auroc"],
                         "calibrated": calibrated_study},
         "uncalibrated": uncal,
     }
+
+
+CALIBRATION_DESCRIPTIONS = {
+    "platt": "Platt scaling: sigmoid(slope * logit + intercept), NLL minimised on valid (Platt's smoothed targets)",
+    "temperature": "temperature scaling: sigmoid(logit / T), NLL minimised on valid by a bounded 1-D search",
+    "none": "none: sigmoid(logit)",
+}
+
+
+def calibration_words(section: dict[str, Any], where: str = "valid") -> str:
+    """A report's calibration in words: "Platt scaling: sigmoid(a * logit + b) fitted on valid", or
+    "Temperature scaling: T = ... fitted on valid" (an older report's too), and whether it is applied."""
+    if "slope" not in section or section.get("method") == "temperature":
+        t = section.get("temperature")
+        words = "Temperature scaling: " + ("T = 1" if t is None else f"T = {float(t):.3f}") + f" fitted on {where}"
+        if not section.get("applied"):
+            words += " (not applied: valid had one class)" if "slope" not in section else f" ({_NOT_APPLIED})"
+        return words
+    if section.get("method") == "none":
+        return f"Not calibrated ({_NOT_APPLIED})"
+    words = (f"Platt scaling: sigmoid({section['slope']:.3f} * logit {section['intercept']:+.3f}) fitted on {where}")
+    return words if section.get("applied") else f"Not calibrated: {words} but {_NOT_APPLIED}"
+
+
+_NOT_APPLIED = "not applied: it did not lower valid's cross-fitted NLL; probabilities are the raw sigmoid(logit)"
+
+
+def _calibration_keys(predictions: pd.DataFrame, selection: Selection, y: np.ndarray,
+                      z: np.ndarray) -> dict[str, Any]:
+    """The calibration section's head: what was fitted, whether applied, and the before / after figures
+    (valid: cross-fitted, when ``selection`` was chosen on these predictions; other splits: plain)."""
+    fitted = selection.fitted or selection.calibration
+    head: dict[str, Any] = {**fitted.to_dict(), "description": CALIBRATION_DESCRIPTIONS[fitted.method],
+                            "applied": bool(selection.calibrated), "fitted_on": "valid"}
+    plain = calibration_summary(y, z, selection.calibration)
+    cross = selection.cross_fitted
+    if cross is not None and cross.get("n") == len(y):  # the images the selection was chosen on
+        head.update({"bins": ECE_BINS, "binning": ECE_BINNING,
+                     "figures": (f"cross-fitted: {cross['folds']}-fold within valid (each image calibrated by a fit "
+                                 f"on the other folds, pooled); the fit on all of valid is what is applied")})
+        for key in ("ece", "nll", "brier"):
+            after = cross[key]["calibrated"] if selection.calibrated else cross[key]["uncalibrated"]
+            head[key] = {"uncalibrated": cross[key]["uncalibrated"], "calibrated": after}
+        head["in_sample"] = {k: plain[k]["calibrated"] for k in ("ece", "nll", "brier")}
+        head["cross_fitted_candidate"] = {k: cross[k]["calibrated"] for k in ("ece", "nll", "brier")}
+    else:
+        head.update(plain)
+        head["figures"] = "plain: the calibration chosen on valid, applied to these images"
+    if not selection.calibrated:
+        head["note"] = ("not calibrated: the fit did not lower valid's cross-fitted NLL (or could not be made); "
+                        "probabilities are the raw sigmoid(logit)")
+    return head
 
 
 # ---- tables for the notebooks -------------------------------------------------------------------
@@ -324,12 +408,16 @@ def thresholds_table(report: dict[str, Any]) -> pd.DataFrame:
 
 
 def calibration_table(*reports: dict[str, Any]) -> pd.DataFrame:
-    """Temperature (fitted on valid) and ECE, NLL and Brier score before and after it, one row per report."""
+    """The calibration (fitted on valid) and ECE, NLL and Brier score before and after it, one row per
+    report (valid's after figures cross-fitted; an older report's method is its temperature's)."""
     rows = {}
     for r in reports:
         c = r.get("calibration")
         if c:
-            rows[r["split"]] = {"temperature": c["temperature"], "ECE uncalibrated": c["ece"]["uncalibrated"],
+            slope = c.get("slope", 1.0 / c["temperature"] if c.get("temperature") else 1.0)
+            rows[r["split"]] = {"method": c["method"] if "slope" in c else "temperature",
+                                "applied": c.get("applied"), "slope": slope, "intercept": c.get("intercept", 0.0),
+                                "temperature": c.get("temperature"), "ECE uncalibrated": c["ece"]["uncalibrated"],
                                 "ECE calibrated": c["ece"]["calibrated"], "NLL uncalibrated": c["nll"]["uncalibrated"],
                                 "NLL calibrated": c["nll"]["calibrated"], "Brier uncalibrated": c["brier"]["uncalibrated"],
                                 "Brier calibrated": c["brier"]["calibrated"]}

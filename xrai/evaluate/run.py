@@ -54,7 +54,6 @@ from xrai.runs.layout import (
     write_json,
 )
 from xrai.runs.load import RunModel, StaleThresholdWarning, load_run, run_tta
-from xrai.runs.operating import apply_temperature
 
 __all__ = [
     "MURA_BASELINE",
@@ -219,14 +218,14 @@ def _given_valid_report(run_dir: Path) -> dict[str, Any] | None:
 
 def _calibrate(pred: pd.DataFrame, selection: Selection | None, *, method: str,
                target: float) -> tuple[Selection, str]:
-    """The predictions' probabilities at the selection's temperature; valid (selection None) chooses its own.
+    """The predictions' probabilities through the selection's calibration; valid (selection None) chooses its own.
     Returns (the selection, the report's threshold_from)."""
     if selection is None:  # valid chooses its own; its source says whether that succeeded
         selection = choose_selection(pred, method=method, target=target)
         threshold_from = selection.source
     else:
         threshold_from = _threshold_from(selection)
-    pred["probability"] = apply_temperature(pred["logit"], selection.temperature)
+    pred["probability"] = selection.calibration.apply(pred["logit"])
     return selection, threshold_from
 
 
@@ -318,7 +317,7 @@ def evaluate_external(
     run = load_run(run_dir, which=which, device=device, stale="default")
     selection = _valid_selection(run, tta=tta, progress=progress, n_bootstrap=n_bootstrap,
                                  seed=seed, batch_size=batch_size, device=device, explain_images=0)
-    pred = predict(run, manifest, temperature=selection.temperature, batch_size=batch_size, tta=tta,
+    pred = predict(run, manifest, calibration=selection.calibration, batch_size=batch_size, tta=tta,
                    progress=progress)
     RunFolder(run_dir).write_predictions(name, pred)
     source = manifest.attrs.get("source") or (manifest["source"].iloc[0] if "source" in manifest.columns else "")

@@ -29,7 +29,7 @@ from xrai.explain.overlays import cam_to_image, overlay, save_png
 from xrai.labels import CLASS_NAMES
 from xrai.models.factory import gradcam_layers
 from xrai.models.logits import flip_tta_logits, one_logit
-from xrai.runs.operating import apply_temperature
+from xrai.runs.operating import Calibration
 
 __all__ = ["CAM_METHODS", "CamExplainer", "EconomyEigenCAM", "explain_paths"]
 
@@ -167,6 +167,7 @@ def explain_paths(
     with_cam: bool = True,
     progress: bool = False,
     temperature: float = 1.0,
+    calibration: Calibration | None = None,
     class_names: tuple[str, str] = CLASS_NAMES,
 ) -> list[dict[str, Any]]:
     """Probability, label at the threshold and Grad-CAM for image files; overlays written to out_dir.
@@ -179,8 +180,9 @@ def explain_paths(
         target_class: which class the maps explain (1 abnormal: where the model sees abnormality).
         names: file names (without .png) for the overlays; derived from the paths when None.
         with_cam: False only predicts (no Grad-CAM, no overlays; ``cam`` stays None), for ``predict``.
-        temperature: the run's calibration; probability = sigmoid(logit / temperature) (see
-            ``xrai.runs.load.RunModel``), the number ``threshold`` was chosen on.
+        temperature: probability = sigmoid(logit / temperature) when no ``calibration`` is given.
+        calibration: the run's calibration (``xrai.runs.load.RunModel.calibration``); probability =
+            ``calibration.apply(logit)``, the number ``threshold`` was chosen on.
         class_names: the words for label 0 and 1 in the overlays' text band.
 
     Returns:
@@ -201,7 +203,8 @@ def explain_paths(
             batch, images = _read_batch(paths, range(start, min(start + batch_size, len(paths))), results)
             if not batch:
                 continue
-            cams, probs = _cams_and_probabilities(explainer, forward, images, config, device, target_class, temperature)
+            cams, probs = _cams_and_probabilities(explainer, forward, images, config, device, target_class,
+                                                  temperature, calibration)
             for i, image, cam, prob in zip(batch, images, cams, probs):
                 r = results[i]
                 r["probability"], r["label"] = float(prob), int(prob >= threshold)
@@ -230,7 +233,8 @@ def _save_overlay(path: Path, image: np.ndarray, result: dict[str, Any], actual:
 
 
 def _cams_and_probabilities(explainer: CamExplainer | None, forward: Any, images: list[np.ndarray], config: Any,
-                            device: torch.device, target_class: int, temperature: float) -> tuple[Any, np.ndarray]:
+                            device: torch.device, target_class: int, temperature: float,
+                            calibration: Calibration | None = None) -> tuple[Any, np.ndarray]:
     """(maps in the model's input frame, or Nones without an explainer; calibrated probabilities) of a batch."""
     x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
                    resize=config.resize)
@@ -241,7 +245,7 @@ def _cams_and_probabilities(explainer: CamExplainer | None, forward: Any, images
         cams, logits = explainer(x, target_class=target_class), explainer.logits
     if getattr(config, "tta", False):  # the run's flip TTA, as its threshold was chosen with; the map is the unflipped image's
         logits = flip_tta_logits(forward, x, torch.as_tensor(np.asarray(logits))).cpu().numpy()
-    return cams, apply_temperature(logits, temperature)
+    return cams, (calibration or Calibration.from_temperature(temperature)).apply(logits)
 
 
 def _read_batch(paths: list[str], indices: range, results: list[dict[str, Any]]) -> tuple[list[int], list]:

@@ -24,6 +24,7 @@ from xrai.models.logits import flip_tta_logits, one_logit
 from xrai.models.pruning import fold_pruning
 from xrai.runs.layout import RunFolder
 from xrai.runs.operating import (
+    Calibration,
     OperatingPoint,
     StaleOperatingPointError,
     evaluate_command,
@@ -167,6 +168,11 @@ class RunModel:
         return self.point.temperature
 
     @property
+    def calibration(self) -> Calibration:
+        """sigmoid(slope * logit + intercept): what ``calibrate`` applies."""
+        return self.point.calibration
+
+    @property
     def calibrated(self) -> bool:
         return self.point.calibrated
 
@@ -201,7 +207,7 @@ class RunModel:
         return one_logit(self.model, x.to(self.device), amp=amp)
 
     def calibrate(self, logits: Any) -> np.ndarray:
-        """Calibrated probabilities sigmoid(logit / T) for logits (any array-like)."""
+        """Calibrated probabilities sigmoid(slope * logit + intercept) for logits (any array-like)."""
         return self.point.calibrate(logits)
 
     def probabilities(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,7 @@ from xrai.evaluate.run import evaluate_run, score_predictions
 from xrai.labels import CLASS_NAMES
 from xrai.runs.layout import CHECKPOINTS_DIR, CV_JSON, FOLDS_DIR, RunFolder, read_json, write_json
 from xrai.runs.load import load_model
-from xrai.runs.operating import apply_temperature, checkpoint_sha256, folds_sha256
+from xrai.runs.operating import checkpoint_sha256, folds_sha256
 from xrai.train.trainer import fit
 
 __all__ = ["CVResult", "POOL_SPLITS", "assign_folds", "cross_validate", "fit_final", "fold_manifest",
@@ -375,7 +375,7 @@ def _write_oof(run_dir: Path, config: TrainConfig, table: pd.DataFrame, audit_ta
         parts.append(pred.assign(fold=k))
     oof = pd.concat(parts, ignore_index=True)
     selection = choose_selection(oof, method="youden")  # on the logits, never a fold's own temperature
-    oof["probability"] = apply_temperature(oof["logit"], selection.temperature)
+    oof["probability"] = selection.calibration.apply(oof["logit"])
     folder.write_predictions("oof", oof)
     folds_of = pd.Series(table["fold"].map(lambda f: f"fold{f}" if f >= 0 else "test").to_numpy(),
                          index=table["path"].to_numpy())
