@@ -417,7 +417,7 @@ def nb04() -> list:
         ),
         *run_folder(),
         md(
-            "## Validation, then test\n\nOn validation only: a temperature that calibrates the probabilities, then "
+            "## Validation, then test\n\nOn validation only: a calibration of the probabilities (Platt scaling, used only where it helps), then "
             "an image threshold (on images) and a study threshold (on study means), each at Youden's J and at a "
             "screening sensitivity of 0.95. Test uses them unchanged."
         ),
@@ -432,7 +432,7 @@ def nb04() -> list:
         code(CLASS_REPORT),
         md("## Study level (MURA's protocol: a study's probability is the mean of its images')"),
         code(STUDY_TABLE),
-        md("## Thresholds and calibration\n\nWhich threshold made which figure, and ECE before and after the temperature."),
+        md("## Thresholds and calibration\n\nWhich threshold made which figure, and ECE before and after calibration."),
         code("xrai.evaluate.thresholds_table(report_test)"),
         code("xrai.evaluate.calibration_table(report_valid, report_test)"),
         md("## Figures (test)"),
