@@ -180,9 +180,8 @@ def explain_paths(
         target_class: which class the maps explain (1 abnormal: where the model sees abnormality).
         names: file names (without .png) for the overlays; derived from the paths when None.
         with_cam: False only predicts (no Grad-CAM, no overlays; ``cam`` stays None), for ``predict``.
-        temperature: probability = sigmoid(logit / temperature) when no ``calibration`` is given.
-        calibration: the run's calibration (``xrai.runs.load.RunModel.calibration``); probability =
-            ``calibration.apply(logit)``, the number ``threshold`` was chosen on.
+        temperature, calibration: probability = ``calibration.apply(logit)`` (the run's, the number
+            ``threshold`` was chosen on), or sigmoid(logit / temperature) without one.
         class_names: the words for label 0 and 1 in the overlays' text band.
 
     Returns:
@@ -193,9 +192,7 @@ def explain_paths(
     _check_request(paths, out_dir=out_dir, with_cam=with_cam, labels=labels)
     results: list[dict[str, Any]] = [{"path": p, "probability": None, "label": None, "threshold": float(threshold),
                                       "cam": None, "overlay": None, "error": None} for p in paths]
-    out = Path(out_dir) if out_dir is not None else None
-    used: set[str] = set()
-    device = next(model.parameters()).device
+    out, used, device = (Path(out_dir) if out_dir is not None else None), set(), next(model.parameters()).device
     model.eval()
     forward = functools.partial(one_logit, model)  # no autocast: the logits the CAM pass gives
     with (CamExplainer(model, method=method) if with_cam else contextlib.nullcontext()) as explainer:
