@@ -123,15 +123,13 @@ DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 
 def _explicit_le(ds) -> bytes:
     """A dataset's elements in Explicit VR Little Endian, without preamble or file meta."""
-    import io
-
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, ds)
-    return io.BytesIO(fp.getvalue()).getvalue()
+    return fp.getvalue()
 
 
 def write_deflated_bomb(path: str | Path, *, filler: int, size: int = 64) -> Path:
@@ -193,4 +191,33 @@ def write_j2k_liar(path: str | Path, *, rows: int, columns: int, codestream: byt
     ds["PixelData"].VR = "OB"
     path = Path(path)
     ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_damaged(path: str | Path, damage: str) -> Path:
+    """A small 8-bit DICOM with one header fault: ``frames`` (NumberOfFrames is IS "abc"), ``vr`` (a
+    flipped byte makes Rows' VR the unknown "UQ") or ``photometric`` (a PhotometricInterpretation of
+    control characters and 300 letters)."""
+    import pydicom
+
+    path = write_dicom(path, np.zeros((8, 8), np.uint8))
+    if damage == "photometric":
+        settings = pydicom.config.settings
+        checking = settings.reading_validation_mode, settings.writing_validation_mode
+        settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE  # the point
+        try:
+            ds = pydicom.dcmread(path)
+            ds["PhotometricInterpretation"].value = "\x1b[31mEVIL\r\n" + "X" * 300
+            ds.save_as(path)
+        finally:
+            settings.reading_validation_mode, settings.writing_validation_mode = checking
+        return path
+    if damage == "frames":
+        ds = pydicom.dcmread(path)
+        ds.NumberOfFrames = 1000
+        ds.save_as(path)
+    old, new = {"frames": (b"IS\x04\x001000", b"IS\x04\x00abc "), "vr": (b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00UQ")}[damage]
+    data = path.read_bytes()
+    assert data.count(old) == 1, damage
+    path.write_bytes(data.replace(old, new))
     return path
