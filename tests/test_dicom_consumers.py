@@ -19,7 +19,16 @@ from PIL import Image
 
 pytest.importorskip("pydicom")
 
-from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
+from dicom_files import (  # noqa: E402
+    assert_no_secrets,
+    j2k_header,
+    window_8bit,
+    write_damaged,
+    write_deflated_bomb,
+    write_dicom,
+    write_j2k_liar,
+    write_report,
+)
 from test_app import upload  # noqa: E402
 
 from xrai.cli.commands import main  # noqa: E402
@@ -155,3 +164,47 @@ def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run,
         assert message.startswith(name) and "\n" not in message
         assert_no_secrets(message, "an error message")
     assert_no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+
+
+def _faulty_dicoms(folder: Path) -> dict[str, Path]:
+    """The DICOM faults of issue 25, one file each (all small on disk)."""
+    return {"frames.dcm": write_damaged(folder / "frames.dcm", "frames"),
+            "vr.dcm": write_damaged(folder / "vr.dcm", "vr"),
+            "photometric.dcm": write_damaged(folder / "photometric.dcm", "photometric"),
+            "bomb.dcm": write_deflated_bomb(folder / "bomb.dcm", filler=300 * 2**20),  # over 256 MiB: the CLI too
+            "j2k.dcm": write_j2k_liar(folder / "j2k.dcm", rows=256, columns=256, codestream=j2k_header(16000, 16000))}
+
+
+def test_one_bad_dicom_does_not_lose_the_batch(evaluated_run, test_images, tmp_path, capsys):
+    good = tmp_path / "good.dcm"
+    write_dicom(good, _as_monochrome1(np.asarray(Image.open(test_images[0]).convert("L"))), photometric="MONOCHROME1",
+                window=(CENTRE, WIDTH))
+    bad = _faulty_dicoms(tmp_path)
+    assert main(["predict", "--run", str(evaluated_run), str(good), *map(str, bad.values())]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert len(lines) == 1 + len(bad)
+    assert "probability" in lines[0] and Path(lines[0]["path"]) == good
+    errors = {Path(line["path"]).name: line["error"] for line in lines[1:]}
+    assert set(errors) == set(bad)
+    assert "NumberOfFrames is not a number" in errors["frames.dcm"]
+    assert "Unknown Value Representation" in errors["vr.dcm"]
+    assert "inflates to more than" in errors["bomb.dcm"] and "16000x16000" in errors["j2k.dcm"]
+    assert "\x1b" not in errors["photometric.dcm"] and len(errors["photometric.dcm"]) < 300
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) <= len(bad)
+    assert_no_secrets(captured.out + captured.err, "the CLI's output")
+
+
+def test_faulty_dicom_uploads_are_one_line_4xx_not_500(evaluated_run, tmp_path, caplog):
+    from xrai.deploy.app import create_app
+
+    client = create_app(evaluated_run).test_client()
+    caplog.set_level(logging.DEBUG)
+    for name, path in _faulty_dicoms(tmp_path).items():
+        response = upload(client, path.read_bytes(), filename=name)
+        expected = 413 if name in ("bomb.dcm", "j2k.dcm") else 400  # over the decode budget: 413, as a PNG bomb
+        assert response.status_code == expected, (name, response.get_data(as_text=True))
+        message = response.get_json()["error"]
+        assert message.startswith(name) and "\n" not in message and "\x1b" not in message
+        assert_no_secrets(message, "an error message")
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith(("pydicom", "xrai.data")))
