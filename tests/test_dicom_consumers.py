@@ -208,3 +208,41 @@ def test_faulty_dicom_uploads_are_one_line_4xx_not_500(evaluated_run, tmp_path, 
         assert message.startswith(name) and "\n" not in message and "\x1b" not in message
         assert_no_secrets(message, "an error message")
     assert not any(r.exc_info for r in caplog.records if r.name.startswith(("pydicom", "xrai.data")))
+
+
+def test_evaluate_says_one_line_about_truncated_and_unreadable_images(evaluated_run, test_images, tmp_path, capsys,
+                                                                        caplog, recwarn):
+    from xrai.data.decode.images import TruncatedImageWarning
+    from xrai.runs.layout import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    dataset = tmp_path / "ward"
+    cut = []
+    for label, source in zip(("normal", "abnormal"), test_images):
+        (dataset / label).mkdir(parents=True)
+        image = Image.open(source).convert("L")
+        for i in range(3):
+            whole = dataset / label / f"whole{i}.jpg"
+            image.save(whole, quality=90)
+            if i:  # two of three cut short: decoded as far as they go
+                data = whole.read_bytes()
+                (dataset / label / f"cut{i}.jpg").write_bytes(data[: len(data) * 2 // 3])
+                cut.append(f"cut{i}.jpg")
+    (dataset / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))  # unreadable: dropped
+    caplog.set_level(logging.DEBUG, logger="xrai")
+    assert main(["-v", "evaluate", "--run", str(run), "--data", "folder", "--root", str(dataset)]) == 0
+
+    assert not [w for w in recwarn if issubclass(w.category, TruncatedImageWarning)]
+    said = [str(w.message) for w in recwarn if "truncated or unreadable" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("5 image(s) were truncated or unreadable (dropped 1 unreadable, 4 truncated")
+    listing = RunFolder(run).damaged_csv
+    assert f"listed in {listing}" in said[0]
+    table = pd.read_csv(listing)
+    assert sorted(Path(p).name for p in table["path"]) == sorted([*cut, "broken.png"])
+    assert set(table["problem"]) == {"truncated", "unreadable"}
+    each = [r.getMessage() for r in caplog.records if r.name == "xrai.data.decode" and r.levelno == logging.DEBUG]
+    assert sum("truncated JPEG" in m for m in each) == 4  # -v shows each one
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("truncated") <= 1
