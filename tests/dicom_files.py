@@ -177,12 +177,27 @@ def j2k_header(width: int, height: int, *, components: int = 1, bits: int = 8) -
     return b"\xff\x4f\xff\x51" + struct.pack(">H", len(siz) + 2) + siz
 
 
-def write_j2k_liar(path: str | Path, *, rows: int, columns: int, codestream: bytes) -> Path:
-    """A JPEG 2000 Lossless DICOM whose header says rows x columns (8-bit grey) around ``codestream``."""
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless
+def jpeg_saying(width: int, height: int) -> bytes:
+    """A real 64x64 baseline JPEG whose SOF marker is patched to say width x height."""
+    import io
+    import struct
 
-    ds = _base(DX_FOR_PRESENTATION, JPEG2000Lossless)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, height, width)
+    return bytes(data)
+
+
+def write_j2k_liar(path: str | Path, *, rows: int, columns: int, codestream: bytes,
+                   syntax: str = "1.2.840.10008.1.2.4.90") -> Path:
+    """A compressed DICOM (JPEG 2000 Lossless unless ``syntax`` says another) whose header says
+    rows x columns (8-bit grey) around ``codestream``."""
+    from pydicom.encaps import encapsulate
+
+    ds = _base(DX_FOR_PRESENTATION, syntax)
     ds.Modality, ds.Rows, ds.Columns = "DX", rows, columns
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 8

@@ -17,6 +17,7 @@ pydicom = pytest.importorskip("pydicom")
 from dicom_files import (  # noqa: E402
     assert_no_secrets,
     j2k_header,
+    jpeg_saying,
     window_8bit,
     write_damaged,
     write_deflated_bomb,
@@ -241,6 +242,28 @@ def test_a_jpeg2000_codestream_is_checked_against_the_header_before_decoding(tmp
     message = str(info.value)
     assert message.startswith(str(path)) and expected in message and "\n" not in message, message
     assert isinstance(info.value, ImageTooLargeError) == (siz == (16000, 16000))
+
+
+@pytest.mark.parametrize("width, expected", [
+    (64, None),
+    (30000, "30000x30000 = 900,000,000 pixels exceeds max_pixels"),  # +4.3 GB before this check
+    (65, "JPEG codestream is 65x65 x 1 component(s) but the DICOM header says 64x64 x 1"),
+])
+def test_a_jpeg_codestream_is_checked_against_the_header_before_decoding(tmp_path, width, expected):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if not get_decoder(JPEGBaseline8Bit).is_available:
+        pytest.skip("no JPEG decoder plugin installed")
+    path = write_j2k_liar(tmp_path / "liar.dcm", rows=64, columns=64, codestream=jpeg_saying(width, width),
+                          syntax=JPEGBaseline8Bit)
+    if expected is None:
+        assert read_image(path).shape == (64, 64)
+        return
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("damage, expected", [

@@ -59,11 +59,18 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the 
 # header later), and the image tags read are a few KB; a 1000:1 zeros bomb is refused at this size.
 DATASET_MARGIN = 4 * 2**20
 _INFLATE_CHUNK = 2**16  # compressed bytes fed to zlib at a time
-# JPEG 2000 family (Part 1, Part 2, HTJ2K): pixel data is a codestream whose SIZ marker gives its own size.
+# Compressed pixel data carries its own size, from which the decoder sizes its buffers: the JPEG 2000
+# family (Part 1, Part 2, HTJ2K) in its SIZ marker, the JPEG family (baseline, extended, lossless,
+# JPEG-LS) in its SOF marker. Both are checked against the header and the budget before decoding.
 _J2K = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
                   "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
                   "1.2.840.10008.1.2.4.203"})
+_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                   "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 _SOC_SIZ = b"\xff\x4f\xff\x51"
+# JPEG start-of-frame markers (all processes, and JPEG-LS's SOF55), and those without a length field.
+_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())  # 4-byte length in explicit VR
 _SHOWN = 64  # characters of a file's own text a message may quote
 _FAR = 1e30  # beyond any stored value: probing the window with +-_FAR gives its output range
@@ -142,7 +149,7 @@ def _decode(data: bytes, name: str, max_pixels: int, max_bytes: int, remedy: str
     check_decode_budget(name, width=columns, height=rows, channels=samples, bytes_per_sample=max(1, -(-bits // 8)),
                         max_pixels=max_pixels, max_bytes=max_bytes, remedy=remedy)
     _check_decoder(ds, name)
-    if str(ds.file_meta.TransferSyntaxUID) in _J2K:
+    if str(ds.file_meta.TransferSyntaxUID) in _J2K | _JPEG:
         _check_codestream(ds, name, rows=rows, columns=columns, samples=samples, max_pixels=max_pixels,
                           max_bytes=max_bytes, remedy=remedy)
     try:
@@ -178,7 +185,7 @@ class _PerFile(logging.Handler):
         if said is None:
             logging.getLogger().callHandlers(record)
         else:
-            said.append(_shown(first_lines(record.getMessage(), 1), quote=False))
+            said.append(_shown(first_lines(record.getMessage(), 1), quote=False, limit=200))
 
 
 def _install_quiet_pydicom() -> contextvars.ContextVar:
@@ -204,10 +211,10 @@ def _log_said(name: str, said: list[str], level: int) -> None:
         _LOG.log(level, "%s: pydicom: %s%s", name, said[0], more)
 
 
-def _shown(value, quote: bool = True) -> str:
-    """A file's own text made safe to quote: printable ASCII only, at most _SHOWN characters."""
+def _shown(value, quote: bool = True, limit: int = _SHOWN) -> str:
+    """A file's own text made safe to quote: printable ASCII only, at most ``limit`` characters."""
     text = "".join(c if " " <= c <= "~" else "?" for c in str(value))
-    text = text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return repr(text) if quote else text
 
 
@@ -328,29 +335,61 @@ def _check_image(ds, name: str) -> None:
 
 def _check_codestream(ds, name: str, *, rows: int, columns: int, samples: int, max_pixels: int, max_bytes: int,
                       remedy: str) -> None:
-    """Refuse a JPEG 2000 codestream whose own size (its SIZ marker) is over the budget or is not the
-    header's Rows x Columns x SamplesPerPixel: the decoder sizes its buffers from the codestream."""
+    """Refuse a JPEG or JPEG 2000 codestream whose own size (its SOF or SIZ marker) is over the budget or
+    is not the header's Rows x Columns x SamplesPerPixel: the decoder sizes its buffers from the codestream."""
     fragment = _first_fragment(ds.PixelData, name)
-    at = fragment.find(_SOC_SIZ)  # at 0 in a bare codestream; inside the jp2c box of a JP2 file
+    j2k = str(ds.file_meta.TransferSyntaxUID) in _J2K
+    kind, marker = ("JPEG 2000", "SIZ") if j2k else ("JPEG", "SOF")
     try:
-        if at < 0:
-            raise struct.error
-        # SIZ: Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, Ssiz per component
-        xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", fragment, at + 8)
-        (components,) = struct.unpack_from(">H", fragment, at + 40)
-        depths = fragment[at + 42 : at + 42 + 3 * components : 3]
-        if components < 1 or len(depths) != components:
-            raise struct.error
+        width, height, components, bits = _j2k_size(fragment) if j2k else _jpeg_size(fragment)
     except struct.error as error:
-        raise ImageError(f"{name}: JPEG 2000 pixel data without a readable codestream size (SIZ marker): "
+        raise ImageError(f"{name}: {kind} pixel data without a readable codestream size ({marker} marker): "
                          "damaged") from error
-    width, height = xsiz - xosiz, ysiz - yosiz
-    bits = max((d & 0x7F) + 1 for d in depths)
     check_decode_budget(name, width=width, height=height, channels=components, bytes_per_sample=-(-bits // 8),
                         max_pixels=max_pixels, max_bytes=max_bytes, remedy=remedy)
     if (width, height, components) != (columns, rows, samples):
-        raise ImageError(f"{name}: JPEG 2000 codestream is {width}x{height} x {components} component(s) but the "
+        raise ImageError(f"{name}: {kind} codestream is {width}x{height} x {components} component(s) but the "
                          f"DICOM header says {columns}x{rows} x {samples}: damaged or forged, refused")
+
+
+def _j2k_size(fragment: bytes) -> tuple[int, int, int, int]:
+    """(width, height, components, bits) from a JPEG 2000 codestream's SIZ; struct.error if there is none."""
+    at = fragment.find(_SOC_SIZ)  # at 0 in a bare codestream; inside the jp2c box of a JP2 file
+    if at < 0:
+        raise struct.error("no SIZ")
+    # SIZ: Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, Ssiz per component
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", fragment, at + 8)
+    (components,) = struct.unpack_from(">H", fragment, at + 40)
+    depths = fragment[at + 42 : at + 42 + 3 * components : 3]
+    if components < 1 or len(depths) != components:
+        raise struct.error("short SIZ")
+    return xsiz - xosiz, ysiz - yosiz, components, max((d & 0x7F) + 1 for d in depths)
+
+
+def _jpeg_size(fragment: bytes) -> tuple[int, int, int, int]:
+    """(width, height, components, bits) from a JPEG codestream's first SOF marker (any process, and
+    JPEG-LS); struct.error if there is none before the scan starts."""
+    if not fragment.startswith(b"\xff\xd8"):
+        raise struct.error("no SOI")
+    pos = 2
+    while True:
+        while fragment[pos : pos + 1] != b"\xff":  # (garbage between segments: skipped, as decoders do)
+            if pos >= len(fragment):
+                raise struct.error("no SOF")
+            pos += 1
+        while fragment[pos : pos + 1] == b"\xff":  # fill bytes
+            pos += 1
+        marker = struct.unpack_from(">B", fragment, pos)[0]
+        pos += 1
+        if marker in _NO_LENGTH:
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            raise struct.error("no SOF")
+        (length,) = struct.unpack_from(">H", fragment, pos)
+        if marker in _SOF:
+            bits, height, width, components = struct.unpack_from(">BHHB", fragment, pos + 2)
+            return width, height, components, bits
+        pos += length
 
 
 def _first_fragment(pixel_data: bytes, name: str) -> bytes:

@@ -123,17 +123,18 @@ class DamagedImages:
         if not entries:
             return None
         truncated = sum(problem == "truncated" for _, problem, _ in entries)
-        counts = (f"{len(entries)} image(s) were truncated or unreadable (dropped {len(entries) - truncated} "
-                  f"unreadable, {truncated} truncated and decoded as far as their data goes)")
-        more = " ..." if len(entries) > 5 else ""
+        parts = ([f"dropped {len(entries) - truncated} unreadable"] if truncated < len(entries) else []) + (
+            [f"{truncated} truncated, decoded as far as their data goes"] if truncated else [])
+        counts = f"{len(entries)} image(s) were truncated or unreadable ({', '.join(parts)})"
+        more = " ..." if len(entries) > 3 else ""
         if listing is not None:
             try:
                 self.write_csv(listing)
-                named = ", ".join(p for p, _, _ in entries[:5])
+                named = ", ".join(p for p, _, _ in entries[:3])
                 return f"{counts}; listed in {os.fspath(listing)} ({named}{more})"
             except OSError as error:  # a read-only run folder: the line names them instead
                 _LOG.debug("cannot write %s: %s", listing, error)
-        named = "; ".join(reason for _, _, reason in entries[:5])
+        named = "; ".join(reason for _, _, reason in entries[:3])
         return f"{counts}: {named}{more}"
 
 
