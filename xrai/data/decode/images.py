@@ -127,14 +127,15 @@ class DamagedImages:
             [f"{truncated} truncated, decoded as far as their data goes"] if truncated else [])
         counts = f"{len(entries)} image(s) were truncated or unreadable ({', '.join(parts)})"
         more = " ..." if len(entries) > 3 else ""
+        first = sorted(entries, key=lambda e: e[1] != "unreadable")[:3]  # the dropped ones first
         if listing is not None:
             try:
                 self.write_csv(listing)
-                named = ", ".join(p for p, _, _ in entries[:3])
+                named = ", ".join(p for p, _, _ in first)
                 return f"{counts}; listed in {os.fspath(listing)} ({named}{more})"
             except OSError as error:  # a read-only run folder: the line names them instead
                 _LOG.debug("cannot write %s: %s", listing, error)
-        named = "; ".join(reason for _, _, reason in entries[:3])
+        named = "; ".join(reason for _, _, reason in first)
         return f"{counts}: {named}{more}"
 
 
