@@ -116,3 +116,123 @@ def window_8bit(values: np.ndarray, centre: float, width: float) -> np.ndarray:
     y = ((x - c) / w + 0.5) * 255
     y = np.where(x <= c - w / 2, 0, np.where(x > c + w / 2, 255, y))
     return np.rint(y).astype(np.uint8)
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _explicit_le(ds) -> bytes:
+    """A dataset's elements in Explicit VR Little Endian, without preamble or file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def write_deflated_bomb(path: str | Path, *, filler: int, size: int = 64) -> Path:
+    """A Deflated Explicit VR Little Endian file: a size x size 8-bit image behind a private element of
+    ``filler`` zero bytes. The deflated stream is written in chunks (small on disk and in memory: zeros
+    deflate about 1000:1)."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    ds = _base(DX_FOR_PRESENTATION, DEFLATED)
+    ds.Modality, ds.Rows, ds.Columns = "DX", size, size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    creator = b"XRAI TEST "
+    head = (_explicit_le(ds) + struct.pack("<HH2sH", 0x7FDF, 0x0010, b"LO", len(creator)) + creator
+            + struct.pack("<HH2sHI", 0x7FDF, 0x1000, b"OB", 0, filler))
+    pixels = (np.arange(size * size) % 256).astype(np.uint8).tobytes()
+    tail = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, len(pixels)) + pixels
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        f.write(deflate.compress(head))
+        chunk = b"\0" * 2**22
+        for start in range(0, filler, len(chunk)):
+            f.write(deflate.compress(chunk[: min(len(chunk), filler - start)]))
+        f.write(deflate.compress(tail) + deflate.flush())
+    return path
+
+
+def j2k_header(width: int, height: int, *, components: int = 1, bits: int = 8) -> bytes:
+    """The start of a JPEG 2000 codestream: SOC, then a SIZ marker segment saying width x height (no
+    tile data: enough for a decoder to size its buffers, not to decode)."""
+    import struct
+
+    siz = struct.pack(">HIIIIIIIIH", 0, width, height, 0, 0, width, height, 0, 0, components)
+    siz += bytes([bits - 1, 1, 1]) * components
+    return b"\xff\x4f\xff\x51" + struct.pack(">H", len(siz) + 2) + siz
+
+
+def jpeg_saying(width: int, height: int) -> bytes:
+    """A real 64x64 baseline JPEG whose SOF marker is patched to say width x height."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, height, width)
+    return bytes(data)
+
+
+def write_j2k_liar(path: str | Path, *, rows: int, columns: int, codestream: bytes,
+                   syntax: str = "1.2.840.10008.1.2.4.90") -> Path:
+    """A compressed DICOM (JPEG 2000 Lossless unless ``syntax`` says another) whose header says
+    rows x columns (8-bit grey) around ``codestream``."""
+    from pydicom.encaps import encapsulate
+
+    ds = _base(DX_FOR_PRESENTATION, syntax)
+    ds.Modality, ds.Rows, ds.Columns = "DX", rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    path = Path(path)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_damaged(path: str | Path, damage: str) -> Path:
+    """A small 8-bit DICOM with one header fault: ``frames`` (NumberOfFrames is IS "abc"), ``vr`` (a
+    flipped byte makes Rows' VR the unknown "UQ") or ``photometric`` (a PhotometricInterpretation of
+    control characters and 300 letters)."""
+    import pydicom
+
+    path = write_dicom(path, np.zeros((8, 8), np.uint8))
+    if damage == "photometric":
+        settings = pydicom.config.settings
+        checking = settings.reading_validation_mode, settings.writing_validation_mode
+        settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE  # the point
+        try:
+            ds = pydicom.dcmread(path)
+            ds["PhotometricInterpretation"].value = "\x1b[31mEVIL\r\n" + "X" * 300
+            ds.save_as(path)
+        finally:
+            settings.reading_validation_mode, settings.writing_validation_mode = checking
+        return path
+    if damage == "frames":
+        ds = pydicom.dcmread(path)
+        ds.NumberOfFrames = 1000
+        ds.save_as(path)
+    old, new = {"frames": (b"IS\x04\x001000", b"IS\x04\x00abc "), "vr": (b"\x28\x00\x10\x00US", b"\x28\x00\x10\x00UQ")}[damage]
+    data = path.read_bytes()
+    assert data.count(old) == 1, damage
+    path.write_bytes(data.replace(old, new))
+    return path

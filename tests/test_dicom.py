@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,17 @@ from _checks import child_env
 
 pydicom = pytest.importorskip("pydicom")
 
-from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
+from dicom_files import (  # noqa: E402
+    assert_no_secrets,
+    j2k_header,
+    jpeg_saying,
+    window_8bit,
+    write_damaged,
+    write_deflated_bomb,
+    write_dicom,
+    write_j2k_liar,
+    write_report,
+)
 
 from xrai.data.decode.dicom import DICOM_JPEG_EXTRA, looks_like_dicom  # noqa: E402
 from xrai.data.decode.images import (  # noqa: E402
@@ -186,3 +198,123 @@ def test_class_folders_take_dcm_and_extensionless_dicom_by_content(tmp_path):
     assert (manifest["patient_id"] == "").all()
     for path in manifest["path"]:
         np.testing.assert_array_equal(read_image(path), pixels)
+
+
+def test_a_deflated_file_decodes_and_a_deflated_bomb_is_refused_before_it_is_inflated(tmp_path):
+    small = write_deflated_bomb(tmp_path / "small.dcm", filler=1000)
+    assert read_image(small).shape == (64, 64)
+    inflated = 200 * 2**20  # zeros behind a 64x64 image: ~200 KB on disk
+    bomb = write_deflated_bomb(tmp_path / "bomb.dcm", filler=inflated).read_bytes()
+    assert len(bomb) < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match="deflated DICOM dataset inflates to more than 5 MiB") as info:
+            decode_image(bomb, name="bomb.dcm", max_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak:,} bytes while refusing"  # the cap (budget + 4 MiB), not 200 MiB
+    assert str(info.value).startswith("bomb.dcm") and "\n" not in str(info.value)
+    with pytest.raises(ImageError, match="damaged deflated"):  # a corrupt stream is one line too
+        decode_image(bomb[:400] + b"\xff" * 64 + bomb[464:], name="bad.dcm")
+
+
+def _needs_j2k_decoder():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    if not get_decoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 decoder plugin installed")
+
+
+@pytest.mark.parametrize("siz, expected", [
+    ((16000, 16000), "16000x16000 = 256,000,000 pixels exceeds max_pixels"),  # ImageTooLargeError
+    ((300, 256), "codestream is 300x256 x 1 component(s) but the DICOM header says 256x256 x 1"),
+    ((256, 256, 3), "codestream is 256x256 x 3 component(s)"),
+    (None, "without a readable codestream size (SIZ marker)"),
+])
+def test_a_jpeg2000_codestream_is_checked_against_the_header_before_decoding(tmp_path, siz, expected):
+    _needs_j2k_decoder()
+    codestream = j2k_header(*siz[:2], components=(siz[2:] or (1,))[0]) if siz else b"\xff\x4f\xff\x90" + bytes(40)
+    path = write_j2k_liar(tmp_path / "liar.dcm", rows=256, columns=256, codestream=codestream)
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message, message
+    assert isinstance(info.value, ImageTooLargeError) == (siz == (16000, 16000))
+
+
+@pytest.mark.parametrize("width, expected", [
+    (64, None),
+    (30000, "30000x30000 = 900,000,000 pixels exceeds max_pixels"),  # +4.3 GB before this check
+    (65, "JPEG codestream is 65x65 x 1 component(s) but the DICOM header says 64x64 x 1"),
+])
+def test_a_jpeg_codestream_is_checked_against_the_header_before_decoding(tmp_path, width, expected):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGBaseline8Bit
+
+    if not get_decoder(JPEGBaseline8Bit).is_available:
+        pytest.skip("no JPEG decoder plugin installed")
+    path = write_j2k_liar(tmp_path / "liar.dcm", rows=64, columns=64, codestream=jpeg_saying(width, width),
+                          syntax=JPEGBaseline8Bit)
+    if expected is None:
+        assert read_image(path).shape == (64, 64)
+        return
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("frames", "DICOM NumberOfFrames is not a number ('abc')"),
+    ("vr", "not a readable DICOM file (damaged header: NotImplementedError"),
+])
+def test_damaged_header_values_are_one_line_errors_naming_the_file(tmp_path, damage, expected, capsys):
+    path = write_damaged(tmp_path / f"{damage}.dcm", damage)
+    with pytest.raises(ImageError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_file_s_own_text_is_sanitised_in_messages(tmp_path):
+    path = write_damaged(tmp_path / "evil.dcm", "photometric")
+    with pytest.raises(ImageError, match="photometric interpretation") as info:
+        read_image(path)
+    message = str(info.value)
+    assert "\x1b" not in message and "\r" not in message and "\n" not in message
+    assert "X" * 60 not in message and len(message) < 250, message
+
+
+def test_pydicoms_log_becomes_one_line_per_file_without_tracebacks(tmp_path, capsys, caplog):
+    _needs_j2k_decoder()
+    caplog.set_level(logging.DEBUG)  # (pytest's caplog also hooks pydicom's logger itself: not what a user sees)
+    root = logging.getLogger()
+    stream = logging.StreamHandler(sys.stderr)  # as the CLI's basicConfig: what reaches stderr
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    seen: list[logging.LogRecord] = []
+    handlers = (stream, Seen())
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        broken = write_j2k_liar(tmp_path / "broken.dcm", rows=256, columns=256,
+                                codestream=j2k_header(256, 256) + bytes(100))  # right size, no tiles
+        for _ in range(3):
+            with pytest.raises(ImageError, match="cannot decode the DICOM pixel data") as info:
+                read_image(broken)
+            assert "\n" not in str(info.value)
+        assert not [r for r in seen if r.name.startswith("pydicom")] and not any(r.exc_info for r in seen)
+        assert "Traceback" not in capsys.readouterr().err
+        said = [r.getMessage() for r in seen if r.name == "xrai.data.decode"]
+        assert said and all(m.startswith(str(broken)) and "\n" not in m for m in said)  # at DEBUG, per file
+        logging.getLogger("pydicom").warning("outside a decode")  # pydicom used elsewhere: passed on
+        assert "outside a decode" in capsys.readouterr().err
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)

@@ -19,7 +19,16 @@ from PIL import Image
 
 pytest.importorskip("pydicom")
 
-from dicom_files import assert_no_secrets, window_8bit, write_dicom, write_report  # noqa: E402
+from dicom_files import (  # noqa: E402
+    assert_no_secrets,
+    j2k_header,
+    window_8bit,
+    write_damaged,
+    write_deflated_bomb,
+    write_dicom,
+    write_j2k_liar,
+    write_report,
+)
 from test_app import upload  # noqa: E402
 
 from xrai.cli.commands import main  # noqa: E402
@@ -155,3 +164,85 @@ def test_bad_dicom_uploads_are_one_line_400s_without_patient_data(evaluated_run,
         assert message.startswith(name) and "\n" not in message
         assert_no_secrets(message, "an error message")
     assert_no_secrets("\n".join(r.getMessage() for r in caplog.records), "the logs")
+
+
+def _faulty_dicoms(folder: Path) -> dict[str, Path]:
+    """The DICOM faults of issue 25, one file each (all small on disk)."""
+    return {"frames.dcm": write_damaged(folder / "frames.dcm", "frames"),
+            "vr.dcm": write_damaged(folder / "vr.dcm", "vr"),
+            "photometric.dcm": write_damaged(folder / "photometric.dcm", "photometric"),
+            "bomb.dcm": write_deflated_bomb(folder / "bomb.dcm", filler=300 * 2**20),  # over 256 MiB: the CLI too
+            "j2k.dcm": write_j2k_liar(folder / "j2k.dcm", rows=256, columns=256, codestream=j2k_header(16000, 16000))}
+
+
+def test_one_bad_dicom_does_not_lose_the_batch(evaluated_run, test_images, tmp_path, capsys):
+    good = tmp_path / "good.dcm"
+    write_dicom(good, _as_monochrome1(np.asarray(Image.open(test_images[0]).convert("L"))), photometric="MONOCHROME1",
+                window=(CENTRE, WIDTH))
+    bad = _faulty_dicoms(tmp_path)
+    assert main(["predict", "--run", str(evaluated_run), str(good), *map(str, bad.values())]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert len(lines) == 1 + len(bad)
+    assert "probability" in lines[0] and Path(lines[0]["path"]) == good
+    errors = {Path(line["path"]).name: line["error"] for line in lines[1:]}
+    assert set(errors) == set(bad)
+    assert "NumberOfFrames is not a number" in errors["frames.dcm"]
+    assert "Unknown Value Representation" in errors["vr.dcm"]
+    assert "inflates to more than" in errors["bomb.dcm"] and "16000x16000" in errors["j2k.dcm"]
+    assert "\x1b" not in errors["photometric.dcm"] and len(errors["photometric.dcm"]) < 300
+    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) <= len(bad)
+    assert_no_secrets(captured.out + captured.err, "the CLI's output")
+
+
+def test_faulty_dicom_uploads_are_one_line_4xx_not_500(evaluated_run, tmp_path, caplog):
+    from xrai.deploy.app import create_app
+
+    client = create_app(evaluated_run).test_client()
+    caplog.set_level(logging.DEBUG)
+    for name, path in _faulty_dicoms(tmp_path).items():
+        response = upload(client, path.read_bytes(), filename=name)
+        expected = 413 if name in ("bomb.dcm", "j2k.dcm") else 400  # over the decode budget: 413, as a PNG bomb
+        assert response.status_code == expected, (name, response.get_data(as_text=True))
+        message = response.get_json()["error"]
+        assert message.startswith(name) and "\n" not in message and "\x1b" not in message
+        assert_no_secrets(message, "an error message")
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith(("pydicom", "xrai.data")))
+
+
+def test_evaluate_says_one_line_about_truncated_and_unreadable_images(evaluated_run, test_images, tmp_path, capsys,
+                                                                        caplog, recwarn):
+    from xrai.data.decode.images import TruncatedImageWarning
+    from xrai.runs.layout import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    dataset = tmp_path / "ward"
+    cut = []
+    for label, source in zip(("normal", "abnormal"), test_images):
+        (dataset / label).mkdir(parents=True)
+        image = Image.open(source).convert("L")
+        for i in range(3):
+            whole = dataset / label / f"whole{i}.jpg"
+            image.save(whole, quality=90)
+            if i:  # two of three cut short: decoded as far as they go
+                data = whole.read_bytes()
+                (dataset / label / f"cut{i}.jpg").write_bytes(data[: len(data) * 2 // 3])
+                cut.append(f"cut{i}.jpg")
+    (dataset / "normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))  # unreadable: dropped
+    caplog.set_level(logging.DEBUG, logger="xrai")
+    assert main(["-v", "evaluate", "--run", str(run), "--data", "folder", "--root", str(dataset)]) == 0
+
+    assert not [w for w in recwarn if issubclass(w.category, TruncatedImageWarning)]
+    said = [str(w.message) for w in recwarn if "truncated or unreadable" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("5 image(s) were truncated or unreadable (dropped 1 unreadable, 4 truncated")
+    listing = RunFolder(run).damaged_csv
+    assert f"listed in {listing}" in said[0]
+    table = pd.read_csv(listing)
+    assert sorted(Path(p).name for p in table["path"]) == sorted([*cut, "broken.png"])
+    assert set(table["problem"]) == {"truncated", "unreadable"}
+    each = [r.getMessage() for r in caplog.records if r.name == "xrai.data.decode" and r.levelno == logging.DEBUG]
+    assert sum("truncated JPEG" in m for m in each) == 4  # -v shows each one
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("truncated") <= 1

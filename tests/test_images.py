@@ -311,3 +311,32 @@ def test_large_alpha_and_sixteen_bit_images_are_converted_in_strips(tmp_path):
     a = deep.astype(np.float64)
     expected = np.clip(np.rint((a - a.min()) * (255.0 / (a.max() - a.min()))), 0, 255).astype(np.uint8)
     assert np.array_equal(read_image(path), expected)
+
+
+def test_truncated_images_can_be_counted_quietly_and_said_in_one_line(tmp_path):
+    from xrai.data.decode.images import DamagedImages
+
+    cuts = [_truncated_jpeg(tmp_path / f"cut{i}.jpg") for i in range(3)]
+    damaged = DamagedImages()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counted, not warned
+        threads = [threading.Thread(target=read_image, args=(p,), kwargs={"damaged": damaged}) for p in cuts * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    damaged.add(tmp_path / "bad.png", "unreadable", "bad.png: not an image")
+    assert len(damaged) == 4  # each image once, whichever thread met it
+    assert {p for p, _, _ in damaged.entries()} == {str(p) for p in [*cuts, tmp_path / "bad.png"]}
+    listing = tmp_path / "damaged.csv"
+    line = damaged.summary(listing)
+    assert line.startswith("4 image(s) were truncated or unreadable (dropped 1 unreadable, 3 truncated")
+    assert f"listed in {listing}" in line and "\n" not in line
+    rows = listing.read_text().splitlines()
+    assert rows[0] == "path,problem,reason" and len(rows) == 5
+    again = DamagedImages()
+    again.add(tmp_path / "other.jpg", "truncated", "other.jpg: truncated JPEG")
+    again.summary(listing)  # a second pass (test after valid) adds to the list
+    assert len(listing.read_text().splitlines()) == 6
+    assert DamagedImages().summary(listing) is None
+    assert "bad.png: not an image" in damaged.summary()  # no listing: the line names them

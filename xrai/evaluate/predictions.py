@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from xrai.config import TrainConfig
 from xrai.data.augment import preprocess
-from xrai.data.decode.images import ImageError, read_image
+from xrai.data.decode.images import DamagedImages, ImageError, read_image
 from xrai.env import autocast_dtype, get_device
 from xrai.models.logits import flip_tta_logits, one_logit
+from xrai.runs.layout import RunFolder
 from xrai.runs.load import RunModel
 from xrai.runs.operating import NO_CALIBRATION, Calibration
 
@@ -32,10 +33,11 @@ PREDICTION_COLUMNS = ["path", "probability", "label", "body_part", "patient_id",
 PREDICTION_EXTRA_COLUMNS = ["logit", "group"]
 
 
-def _read(path: str) -> tuple[np.ndarray | None, str | None]:
+def _read(path: str, damaged: DamagedImages) -> tuple[np.ndarray | None, str | None]:
     try:
-        return read_image(path), None
+        return read_image(path, damaged=damaged), None  # a truncated file: counted, said once by predict
     except (ImageError, OSError) as e:  # one bad file is dropped, not fatal
+        damaged.add(path, "unreadable", str(e))
         return None, str(e)
 
 
@@ -56,18 +58,18 @@ def _forward(model: nn.Module | RunModel, config: Any, calibration: Calibration 
 
 
 def _logits(forward: Callable, paths: list[str], config: Any, dev: torch.device, *, tta: bool, batch_size: int,
-            progress: bool) -> tuple[np.ndarray, list[tuple[str, str]]]:
+            progress: bool, damaged: DamagedImages) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Every image's logit (NaN where unreadable) and the unreadable (path, error); files are decoded in a
     thread pool one batch ahead of the model."""
     batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     logits = np.full(len(paths), np.nan)
     bad: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        pending = [pool.submit(_read, paths[i]) for i in batches[0]] if batches else []
+        pending = [pool.submit(_read, paths[i], damaged) for i in batches[0]] if batches else []
         for b, rows in enumerate(tqdm(batches, desc="predict", unit="batch", disable=not progress)):
             decoded = [f.result() for f in pending]
             if b + 1 < len(batches):  # decode the next batch while this one runs
-                pending = [pool.submit(_read, paths[i]) for i in batches[b + 1]]
+                pending = [pool.submit(_read, paths[i], damaged) for i in batches[b + 1]]
             keep = [(i, img) for i, (img, err) in zip(rows, decoded) if img is not None]
             bad += [(paths[i], err) for i, (img, err) in zip(rows, decoded) if img is None]
             if not keep:
@@ -95,7 +97,7 @@ def predict(
 
     Images go through ``xrai.data.augment.preprocess`` (letterbox + the eval branch of the training
     augmentation: a centre crop), so prediction and training see the same pixels. Unreadable images are
-    dropped with a warning.
+    dropped; they and truncated ones are said in one warning (listed in the run's damaged_images.csv).
 
     Args:
         model: a one-logit classifier, or a RunModel (its logits, device, config and calibration are then
@@ -125,11 +127,11 @@ def predict(
     tta = bool(getattr(config, "tta", False)) if tta is None else bool(tta)
     table = manifest.reset_index(drop=True)
     paths = table["path"].astype(str).tolist()
-    logits, bad = _logits(forward, paths, config, dev, tta=tta, batch_size=batch_size, progress=progress)
-    if bad:
-        listed = "; ".join(f"{p}: {e}" for p, e in bad[:5])
-        warnings.warn(f"dropped {len(bad)} unreadable image(s) from the predictions: {listed}"
-                      + (" ..." if len(bad) > 5 else ""), UserWarning, stacklevel=2)
+    damaged = DamagedImages()  # truncated and unreadable images: one line for the whole call
+    logits, _ = _logits(forward, paths, config, dev, tta=tta, batch_size=batch_size, progress=progress,
+                        damaged=damaged)
+    if line := damaged.summary(RunFolder(model.run_dir).damaged_csv if isinstance(model, RunModel) else None):
+        warnings.warn(line, UserWarning, stacklevel=2)
     out = pd.DataFrame({"path": paths, "probability": calibration.apply(np.nan_to_num(logits))})
     out["label"] = table["label"].astype(int) if "label" in table.columns else -1
     for col in ("body_part", "patient_id", "study_id"):

@@ -35,6 +35,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG_JSON",
     "CV_JSON",
+    "DAMAGED_CSV",
     "FOLDS_DIR",
     "GRADCAM_DIR",
     "HISTORY_CSV",
@@ -62,6 +63,7 @@ FOLDS_DIR = "folds"
 # Where a run without a validation split of its own (a final fit on all of a CV's pool) keeps the
 # operating point it was given: the CV's out-of-fold one, {"threshold_from": "oof", ...}.
 THRESHOLD_JSON = "threshold.json"
+DAMAGED_CSV = "damaged_images.csv"  # images evaluate found truncated or unreadable (xrai.data.decode.DamagedImages)
 # Columns of a predictions or manifest table read as strings ("" for none), never as numbers.
 ID_COLUMNS = ("path", "body_part", "patient_id", "study_id", "group")
 
@@ -138,6 +140,10 @@ class RunFolder:
     @property
     def threshold_json(self) -> Path:
         return self.path / THRESHOLD_JSON
+
+    @property
+    def damaged_csv(self) -> Path:
+        return self.path / DAMAGED_CSV
 
     def checkpoint(self, which: str = "best") -> Path:
         """checkpoints/<which>.pt ("best" or "last")."""

@@ -11,6 +11,7 @@ from xrai.data.decode.images import (
     MAX_DECODED_BYTES,
     MAX_PIXELS,
     UPLOAD_MAX_DECODED_BYTES,
+    DamagedImages,
     ImageError,
     ImageTooLargeError,
     TruncatedImageWarning,
@@ -22,5 +23,5 @@ from xrai.data.decode.images import (
 )
 
 __all__ = ["DECODER_VERSION", "DICOM_EXTENSIONS", "DICOM_JPEG_EXTRA", "MAX_DECODED_BYTES", "MAX_PIXELS",
-           "UPLOAD_MAX_DECODED_BYTES", "ImageError", "ImageTooLargeError", "TruncatedImageWarning", "decode_dicom",
-           "decode_image", "fit_square", "letterbox", "looks_like_dicom", "read_image", "scan_images"]
+           "UPLOAD_MAX_DECODED_BYTES", "DamagedImages", "ImageError", "ImageTooLargeError", "TruncatedImageWarning",
+           "decode_dicom", "decode_image", "fit_square", "letterbox", "looks_like_dicom", "read_image", "scan_images"]

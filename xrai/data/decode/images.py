@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterable
 
@@ -35,6 +38,7 @@ from xrai.errors import first_lines
 __all__ = [
     "DECODER_VERSION",
     "MAX_DECODED_BYTES",
+    "DamagedImages",
     "MAX_PIXELS",
     "UPLOAD_MAX_DECODED_BYTES",
     "UPLOAD_REMEDY",
@@ -60,8 +64,79 @@ _JPEG_EOI = b"\xff\xd9"
 _EXIF_ORIENTATION = 0x0112
 
 
+_LOG = logging.getLogger("xrai.data.decode")
+_DAMAGED_COLUMNS = ("path", "problem", "reason")
+
+
 class TruncatedImageWarning(UserWarning):
     """A truncated JPEG was decoded as far as its data goes (the rest of the picture is grey)."""
+
+
+class DamagedImages:
+    """The images of one run that decoded only partly (``truncated``) or not at all (``unreadable``),
+    counted quietly so that the run says ONE line about them (``summary``) instead of a warning each.
+
+    Thread-safe: decoding threads ``add`` to it. Each image is logged at DEBUG on
+    ``xrai.data.decode`` (the CLI's ``-v`` shows them).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, str]] = {}  # path -> (problem, reason), first seen order
+
+    def add(self, path: str | os.PathLike, problem: str, reason: str) -> None:
+        path = os.fspath(path)
+        with self._lock:
+            self._entries.setdefault(path, (problem, reason))
+        _LOG.debug("%s image: %s", problem, reason)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def entries(self) -> list[tuple[str, str, str]]:
+        """[(path, problem, reason), ...] in the order first met."""
+        with self._lock:
+            return [(p, problem, reason) for p, (problem, reason) in self._entries.items()]
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """List them (path, problem, reason) in ``path``, with the rows already there for other images
+        (the valid and the test pass of one evaluate share the file)."""
+        rows = {}
+        try:
+            with open(path, newline="") as f:
+                rows = {r["path"]: (r["problem"], r["reason"]) for r in csv.DictReader(f) if r.get("path")}
+        except (OSError, KeyError, csv.Error):
+            rows = {}
+        rows.update({p: (problem, reason) for p, problem, reason in self.entries()})
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(_DAMAGED_COLUMNS)
+            writer.writerows((p, problem, reason) for p, (problem, reason) in rows.items())
+        os.replace(tmp, path)
+
+    def summary(self, listing: str | os.PathLike | None = None) -> str | None:
+        """The one line for the run (None if nothing was damaged); with ``listing``, the list is written
+        there first and the line says where. Without, the line names the first few."""
+        entries = self.entries()
+        if not entries:
+            return None
+        truncated = sum(problem == "truncated" for _, problem, _ in entries)
+        parts = ([f"dropped {len(entries) - truncated} unreadable"] if truncated < len(entries) else []) + (
+            [f"{truncated} truncated, decoded as far as their data goes"] if truncated else [])
+        counts = f"{len(entries)} image(s) were truncated or unreadable ({', '.join(parts)})"
+        more = " ..." if len(entries) > 3 else ""
+        first = sorted(entries, key=lambda e: e[1] != "unreadable")[:3]  # the dropped ones first
+        if listing is not None:
+            try:
+                self.write_csv(listing)
+                named = ", ".join(p for p, _, _ in first)
+                return f"{counts}; listed in {os.fspath(listing)} ({named}{more})"
+            except OSError as error:  # a read-only run folder: the line names them instead
+                _LOG.debug("cannot write %s: %s", listing, error)
+        named = "; ".join(reason for _, _, reason in first)
+        return f"{counts}: {named}{more}"
 
 
 def decoded_layout(mode: str, info: dict | None = None) -> tuple[int, int]:
@@ -208,7 +283,7 @@ def decode_image(data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXE
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS,
-               max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
+               max_bytes: int = MAX_DECODED_BYTES, damaged: DamagedImages | None = None) -> np.ndarray:
     """Read a radiograph as a uint8 (H, W) grey array.
 
     PNG and JPEG, 8 or 16 bit, modes L/LA/RGB/RGBA/P/I;16/I/F (16-bit is stretched by its own range);
@@ -220,12 +295,14 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS,
         path: the image file.
         max_pixels: refuse images larger than this (checked from the header, before decoding).
         max_bytes: refuse images whose decoded size (pixels x channels x bytes per sample) is larger.
+        damaged: where a truncated image is counted, quietly, instead of warned about (the caller then
+            says one line for all of them: ``DamagedImages.summary``).
     Returns:
         np.ndarray uint8 of shape (H, W).
     Raises:
         ImageError: empty file, non-image, undecodable data; ImageTooLargeError: over a limit.
     Warns:
-        TruncatedImageWarning: a truncated JPEG was decoded as far as it goes.
+        TruncatedImageWarning: a truncated JPEG was decoded as far as it goes (without ``damaged``).
     """
     path = os.fspath(path)
     try:
@@ -235,7 +312,10 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS,
         raise ImageError(f"{path}: is a directory, not an image") from e
     image, notes = decode_image(data, name=path, max_pixels=max_pixels, max_bytes=max_bytes)
     for note in notes:
-        warnings.warn(note, TruncatedImageWarning, stacklevel=2)
+        if damaged is None:
+            warnings.warn(note, TruncatedImageWarning, stacklevel=2)
+        else:
+            damaged.add(path, "truncated", note)
     return image
 
 
