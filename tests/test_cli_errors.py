@@ -163,6 +163,7 @@ def test_manifest_missing_a_column_names_the_column_and_the_file(synthetic_manif
 
 
 @pytest.mark.parametrize("flags, field", [(["--lr", "-1"], "lr"), (["--img-size", "7"], "img_size"),
+                                          (["--img-size", "3000"], "img_size"),  # issue 25, fault 11
                                           (["--batch-size", "0"], "batch_size"), (["--dropout", "1.5"], "dropout")])
 def test_out_of_range_settings_are_one_line(tmp_path, capsys, flags, field):
     out = tmp_path / "run"
