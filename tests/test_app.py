@@ -309,6 +309,21 @@ def test_oversize_upload_is_a_413(client):
     assert "10 MB" in page.get_data(as_text=True) and 'name="file"' in page.get_data(as_text=True)
 
 
+def test_a_form_of_2000_parts_is_too_many_parts_not_too_large(client):
+    """Issue 25, fault 11: 2,000 small parts (well under 10 MB) were answered "larger than 10 MB"."""
+    from xrai.deploy.app import MAX_FORM_PARTS
+
+    boundary = "xraiboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(2000)]
+    body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+    assert len(body) < MB
+    response = client.post("/api/predict", data=body, content_type=f"multipart/form-data; boundary={boundary}")
+    assert response.status_code == 413
+    error = response.get_json()["error"]
+    assert f"too many parts (more than {MAX_FORM_PARTS})" in error and "10 MB" not in error
+    assert "\n" not in error
+
+
 def test_missing_file_field_is_a_400(client):
     response = client.post("/api/predict", data={"image": (io.BytesIO(xray_bytes()), "x.png")},
                            content_type="multipart/form-data")

@@ -163,6 +163,7 @@ def test_manifest_missing_a_column_names_the_column_and_the_file(synthetic_manif
 
 
 @pytest.mark.parametrize("flags, field", [(["--lr", "-1"], "lr"), (["--img-size", "7"], "img_size"),
+                                          (["--img-size", "3000"], "img_size"),  # issue 25, fault 11
                                           (["--batch-size", "0"], "batch_size"), (["--dropout", "1.5"], "dropout")])
 def test_out_of_range_settings_are_one_line(tmp_path, capsys, flags, field):
     out = tmp_path / "run"
@@ -293,3 +294,50 @@ def test_manifest_columns_are_checked_where_a_manifest_is_read(synthetic_manifes
     (tmp_path / "manifest.csv").write_text("")
     with pytest.raises(ManifestError, match=r"manifest.csv is not a readable CSV"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+@pytest.mark.parametrize("field, value, says", [
+    # issue 25, fault 4: a NaN or out-of-range threshold, a temperature or slope of 0 or NaN
+    ("threshold", float("nan"), "threshold is nan, outside [0.0, 1.0]"),
+    ("threshold", -5, "threshold is -5.0, outside [0.0, 1.0]"),
+    ("threshold", 2.0, "threshold is 2.0, outside [0.0, 1.0]"),
+    ("temperature", 0, "temperature is 0.0, outside (0.0, inf]"),
+    ("temperature", float("nan"), "temperature is nan"),
+    ("slope", 0.0, "slope is 0.0, outside (0.0, inf]"),
+    ("slope", float("nan"), "slope is nan"),
+])
+def test_a_damaged_operating_point_is_refused_in_one_line_naming_the_file_and_field(
+        run_with_checkpoint, tmp_path, image, capsys, command, field, value, says):
+    from xrai.runs.operating import run_checkpoint_sha256
+
+    run = _copy_run(run_with_checkpoint, tmp_path / "run")
+    calibration = {"temperature": 1.5, "applied": True}
+    if field == "slope":
+        calibration = {"method": "platt", "slope": value, "intercept": 0.1, "applied": True}
+    elif field == "temperature":
+        calibration["temperature"] = value
+    report = {"split": "valid", "threshold": value if field == "threshold" else 0.5, "study_threshold": None,
+              "threshold_from": "valid", "calibration": calibration,
+              "checkpoint": {"sha256": run_checkpoint_sha256(run)}}
+    (run / "report_valid.json").write_text(json.dumps(report))  # NaN written as Python's json does
+    args = {"serve": ["serve", "--run", str(run), "--port", "0"],
+            "predict": ["predict", "--run", str(run), str(image)]}[command]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    line = _one_line(captured.err)
+    assert str(run / "report_valid.json") in line and says in line, line
+    assert captured.out == ""  # nothing printed, above all no `"threshold": NaN`
+
+
+def test_predict_never_prints_a_bare_nan(run_with_checkpoint, tmp_path, image, capsys):
+    """stdout is JSON lines: a NaN anywhere in a line is refused rather than printed as `NaN`."""
+    run = _copy_run(run_with_checkpoint, tmp_path / "run")
+    from xrai.runs.operating import run_checkpoint_sha256
+
+    (run / "report_valid.json").write_text(json.dumps({
+        "split": "valid", "threshold": 0.5, "study_threshold": None, "threshold_from": "valid",
+        "calibration": {"temperature": 1.0, "applied": True}, "checkpoint": {"sha256": run_checkpoint_sha256(run)}}))
+    assert main(["predict", "--run", str(run), str(image)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["threshold"] == 0.5 and "NaN" not in out

@@ -117,3 +117,13 @@ def test_every_switch_must_be_a_bool(field):
     """Each field declared bool is checked (tta, pos_weighting and deterministic once slipped through)."""
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: "yes"})
+
+
+@pytest.mark.parametrize("size", [1025, 3000, 10**9])
+def test_img_size_has_an_upper_bound(size):
+    """Issue 25, fault 11: a huge img_size failed late in a MemoryError traceback; now one ValueError line."""
+    from xrai.config import MAX_IMG_SIZE
+
+    with pytest.raises(ValueError, match=rf"img_size must be an integer in \[32, {MAX_IMG_SIZE}\].*got {size}$"):
+        TrainConfig(img_size=size)
+    assert TrainConfig(img_size=MAX_IMG_SIZE).image_size == MAX_IMG_SIZE

@@ -284,3 +284,53 @@ def test_export_failures_are_one_line(run_dir, tmp_path, capsys):
     shutil.copy(run_dir / "model.onnx", tmp_path / "model.onnx")  # no sidecar beside it
     assert main(["serve", "--onnx", str(tmp_path / "model.onnx")]) == 2
     assert "no sidecar" in capsys.readouterr().err
+
+
+def _tampered(exported, tmp_path, change) -> Path:
+    """A copy of the export whose sidecar ``change(sidecar)`` edited (or replaced: it returns ("replace", new))."""
+    shutil.copy(exported.path, tmp_path / "model.onnx")
+    sidecar = json.loads(exported.sidecar.read_text())
+    changed = change(sidecar)
+    (tmp_path / "model.onnx.json").write_text(json.dumps(changed[1] if isinstance(changed, tuple) else sidecar))
+    return tmp_path / "model.onnx"
+
+
+@pytest.mark.parametrize("change, message", [
+    # issue 25, fault 9: a tampered sidecar
+    (lambda s: s["input"].pop("image_size"), r"input.image_size is None, not an integer in \[1, 1024\]"),
+    (lambda s: ("replace", 1), "holds int 1, not a JSON object"),
+    (lambda s: s["input"].update(image_size=100), r"input.image_size is 100, but the graph takes \[.*64, 64\]"),
+    (lambda s: s["input"].update(image_size=3000), r"input.image_size is 3000, not an integer in \[1, 1024\]"),
+    (lambda s: s["input"].update(name="pixels"), r"input.name is 'pixels', but the graph's inputs are \['input'\]"),
+    (lambda s: s.update(input=[1]), r"input is \[1\], not an object"),
+    # issue 25, fault 4: NaN or out-of-range threshold, temperature or slope 0 or NaN
+    (lambda s: s.update(threshold=float("nan")), "threshold is nan, not a finite number"),
+    (lambda s: s.update(threshold=-5), r"threshold is -5, outside \[0, 1\]"),
+    (lambda s: s.update(threshold=2.0), r"threshold is 2.0, outside \[0, 1\]"),
+    (lambda s: s.update(threshold="0.5"), "threshold is '0.5', not a finite number"),
+    (lambda s: s.update(study_threshold=float("nan")), "study_threshold is nan"),
+    (lambda s: s.update(temperature=0), "temperature is 0, not > 0"),
+    (lambda s: s.update(temperature=float("nan")), "temperature is nan, not a finite number"),
+    (lambda s: s["calibration"].update(slope=0.0), "calibration.slope is 0.0, not > 0"),
+    (lambda s: s["calibration"].update(slope=float("nan")), "calibration.slope is nan"),
+    (lambda s: s["calibration"].update(intercept=float("inf")), "calibration.intercept is inf"),
+])
+def test_a_tampered_sidecar_is_refused_at_load_in_one_line_naming_the_file(exported, tmp_path, capsys, change,
+                                                                          message):
+    import re
+
+    from xrai.deploy.onnx_runtime import ExportFileError, load_export
+
+    model = _tampered(exported, tmp_path, change)
+    with pytest.raises(ExportFileError, match=re.escape(str(model) + ".json") + ".*" + message):
+        load_export(model)
+    assert main(["serve", "--onnx", str(model), "--port", "0"]) == 2  # refused before serving
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(model) + ".json" in err and "Traceback" not in err
+
+
+def test_the_untampered_sidecar_still_loads(exported, tmp_path):
+    from xrai.deploy.onnx_runtime import load_export
+
+    model = load_export(_tampered(exported, tmp_path, lambda s: None))
+    assert model.contract.image_size == json.loads(exported.sidecar.read_text())["input"]["image_size"]

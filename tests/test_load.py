@@ -247,3 +247,47 @@ def test_real_fracatlas_audit_finds_duplicates_under_both_labels(real_manifest):
 
 def test_image_error_is_exported():
     assert issubclass(ImageError, ValueError)
+
+
+@pytest.mark.parametrize("bad", ["../../../../etc/passwd", "/etc/passwd", "images/../../../outside.png",
+                                 "C:\\Windows\\x.png"])
+def test_a_manifest_path_leading_outside_the_dataset_is_refused(synthetic_manifest, tmp_path, bad):
+    """Issue 25, fault 3: a manifest travels with its run folder; a path out of the dataset root is refused
+    when the manifest is read, naming the file and the first such row, before any image is looked at."""
+    from xrai.data import ManifestError
+
+    save_manifest(synthetic_manifest, tmp_path)
+    table = pd.read_csv(tmp_path / "manifest.csv", dtype=str)
+    table.loc[3, "path"] = bad
+    table.loc[5, "path"] = "../second-bad.png"
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match=r"manifest.csv: row 5 has path .*leads outside the dataset folder "
+                                            r"\(2 such row"):
+        read_manifest(tmp_path)
+
+
+def test_the_synthetic_manifest_reads_back_with_every_path_under_its_root(synthetic_manifest, tmp_path):
+    save_manifest(synthetic_manifest, tmp_path)
+    back = read_manifest(tmp_path)
+    root = Path(back.attrs["root"]).resolve()
+    assert all(Path(p).resolve().is_relative_to(root) for p in back["path"])
+
+
+def test_evaluate_refuses_a_run_whose_manifest_climbs_out_in_one_line(evaluated_run, tmp_path, capsys):
+    import shutil
+
+    from xrai.cli.commands import main
+
+    run = Path(shutil.copytree(evaluated_run, tmp_path / "run"))
+    secret = tmp_path / "secret.png"
+    _xray(7).save(secret)
+    table = pd.read_csv(run / "manifest.csv", dtype=str)
+    row = int(table.index[table["split"] == "valid"][0])
+    table.loc[row, "path"] = "../" * 12 + str(secret).lstrip("/")
+    table.to_csv(run / "manifest.csv", index=False)
+    before = {p.name: p.read_bytes() for p in run.glob("*_valid.*")}
+    assert main(["evaluate", "--run", str(run), "--split", "valid"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("xrai ")]
+    assert len(lines) == 1 and f"row {row + 2} has path" in lines[0] and "outside the dataset" in lines[0], lines
+    assert {p.name: p.read_bytes() for p in run.glob("*_valid.*")} == before  # nothing scored
+    assert "secret.png" not in (run / "predictions_valid.csv").read_text()

@@ -6,6 +6,7 @@ import io
 import socket
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -50,6 +51,10 @@ def test_defaults_are_the_documented_limits(app):
                                                                               CONNECTION_LIMIT)
         assert MAX_UPLOAD_BYTES < adj.max_request_body_size <= 4 * MAX_UPLOAD_BYTES
         assert adj.ident is None and adj.expose_tracebacks is False
+        # Issue 25, fault 11: a stalled upload is closed CHANNEL_TIMEOUT_S (30 s, docs/serving.md) after
+        # its last byte, give or take the cleanup interval (it was 30 s too: closed after up to 60 s).
+        assert CHANNEL_TIMEOUT_S == 30 and adj.cleanup_interval <= 2
+        assert "closed within 32 s" in (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
     finally:
         server.close()
 

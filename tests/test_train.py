@@ -377,3 +377,118 @@ def test_pruned_run_keeps_its_masks_through_resume(synthetic_manifest, tmp_path)
     assert state["epoch"] == 2 and masks
     kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     assert kept == pytest.approx(0.5, abs=0.01)
+
+
+# ---- a full disk and a busy run folder (issue 25, faults 7 and 8) ---------------------------------------
+
+
+def _cli_train(tmp_path, synthetic_root, out, *extra) -> list[str]:
+    """`python -m xrai train` arguments for a seconds-long run (the settings of _config, via --config)."""
+    config = tmp_path / "fast.json"
+    _config().to_json(config)
+    return ["train", "--config", str(config), "--root", str(synthetic_root), "--out", str(out), *extra]
+
+
+def _error_line(err: str) -> str:
+    """The CLI's one error line (stderr also holds progress bars); no traceback anywhere."""
+    lines = [line for line in err.splitlines() if line.startswith("xrai ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _full_disk_save(obj, f, *args, **kwargs):
+    """torch.save on a full disk: part of the file lands, then torch's writer raises its own RuntimeError
+    with the OSError (errno 28) only chained inside (as __context__)."""
+    f.write(b"\0" * 4096)
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4032") from None
+
+
+def test_a_full_disk_while_saving_is_one_line_exit_2_and_leaves_out_as_it_was(synthetic_root, tmp_path, capsys,
+                                                                               monkeypatch):
+    from xrai.cli.commands import main
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", _full_disk_save)
+    assert main(_cli_train(tmp_path, synthetic_root, out)) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert f"no space left in {out / 'checkpoints'}" in err and "free" in err and "needed" in err, err
+    # a fresh run whose first checkpoint could not be written leaves --out as it was: not there
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+def test_the_error_chain_is_searched_for_a_full_disk():
+    from xrai.errors import disk_full_cause, is_user_error, one_line
+
+    try:
+        _full_disk_save(None, open(os.devnull, "wb"))
+    except RuntimeError as error:
+        wrapped = error
+    assert disk_full_cause(wrapped).errno == 28 and is_user_error(wrapped)
+    assert one_line(wrapped) == "no space left on device (free some disk space or choose a folder on a larger disk)"
+    assert not is_user_error(RuntimeError("unexpected pos 1 vs 2"))
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_anything_is_written(synthetic_root, tmp_path,
+                                                                                    capsys, monkeypatch):
+    import xrai.fileio
+    from xrai.cli.commands import main
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(xrai.fileio, "free_bytes", lambda folder: 1_000_000)
+    assert main(_cli_train(tmp_path, synthetic_root, out)) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert f"not enough space in {out}" in err and "1.0 MB free" in err, err
+    assert not out.exists()
+
+
+def test_a_failed_last_pt_never_leaves_best_pt_alone(tmp_path, monkeypatch):
+    from xrai.errors import DiskFullError
+    from xrai.runs.layout import RunFolder
+
+    folder = RunFolder(tmp_path)
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj["epoch"])
+        if len(calls) == 2:  # best.pt lands, last.pt does not
+            _full_disk_save(obj, f)
+        f.write(b"ok")
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(DiskFullError, match="no space left in .*checkpoints for last.pt"):
+        train._save_checkpoints(folder, {"epoch": 1}, {"epoch": 1}, 1)
+    assert not folder.checkpoints.exists() or sorted(p.name for p in folder.checkpoints.iterdir()) == []
+
+
+def test_a_second_train_into_a_busy_folder_fails_at_once_naming_the_holder(synthetic_root, tmp_path):
+    import subprocess
+    import sys
+
+    from _checks import child_env
+
+    from xrai.fileio import held_lock
+    from xrai.runs.layout import RunFolder
+
+    out = tmp_path / "run"
+    lock = RunFolder(out).train_lock
+    with held_lock(lock):  # a `train` running in this process
+        proc = subprocess.run([sys.executable, "-m", "xrai", *_cli_train(tmp_path, synthetic_root, out)],
+                              capture_output=True, text=True, timeout=300, env=child_env())
+        assert lock.read_text() == f"{os.getpid()}\n"  # the holder's lock untouched by the refused one
+    assert proc.returncode == 2, proc.stderr
+    line = _error_line(proc.stderr)
+    assert f"{out} is being trained into by process {os.getpid()}" in line, line
+    assert list(out.iterdir()) == []  # the lock went with its holder; the refused run wrote nothing
+
+
+def test_a_stale_lock_file_does_not_block(synthetic_root, synthetic_manifest, tmp_path):
+    from xrai.runs.layout import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.train_lock.write_text("999999\n")  # left by a killed process: no live flock on it
+    fit(_config(), synthetic_manifest, folder.path, progress=False)
+    assert folder.checkpoint("last").is_file() and not folder.train_lock.exists()

@@ -25,6 +25,9 @@ KEEPS = ("best", "last")
 PRE_RECIPE_VALUES = {"resize": "letterbox", "crop_scale": 0.7, "aug_strength": 1.0, "label_smoothing": 0.0,
                      "ema_decay": 0.0, "pos_weighting": True, "tta": False, "keep": "best"}
 MIN_IMG_SIZE = 32  # the total stride of every registered backbone (see TrainConfig.validate)
+# The largest input side: one 1024 px image is 12 MB as float32 (x3 channels), a batch of 32 with its
+# activations already tens of GB; larger sides only fail later, in a MemoryError far from the setting.
+MAX_IMG_SIZE = 1024
 
 # (field, low, low excluded, high, high excluded); high None: unbounded.
 _FLOAT_RANGES = (
@@ -159,7 +162,7 @@ class TrainConfig:
             raise ValueError(f"val_fraction + test_fraction must be < 1 (some images must be left to train on), "
                              f"got {self.val_fraction} + {self.test_fraction}")
         if self.img_size is not None:
-            _integer("img_size", self.img_size, MIN_IMG_SIZE,
+            _integer("img_size", self.img_size, MIN_IMG_SIZE, high=MAX_IMG_SIZE,
                      why=" (every model downsamples by 32; 224 is the usual size, 128 on the synthetic set)")
         if self.cache_size is not None:
             _integer("cache_size", self.cache_size, self.image_size,
@@ -242,10 +245,12 @@ def _in_range(name: str, value: Any, low: float, low_open: bool, high: float | N
         raise ValueError(f"{name} must be a number {interval}, got {value!r}")
 
 
-def _integer(name: str, value: Any, low: int, *, why: str = "") -> None:
-    """Raise ValueError unless value is an int >= low."""
+def _integer(name: str, value: Any, low: int, *, high: int | None = None, why: str = "") -> None:
+    """Raise ValueError unless value is an int >= low (and <= high when given)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]{why}, got {value!r}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

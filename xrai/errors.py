@@ -11,11 +11,16 @@ from __future__ import annotations
 import errno
 import re
 
-__all__ = ["USER_ERRORS", "UserError", "first_lines", "is_user_error", "one_line"]
+__all__ = ["USER_ERRORS", "DiskFullError", "UserError", "disk_full_cause", "first_lines", "is_user_error", "one_line"]
 
 
 class UserError(Exception):
     """A failure the user can fix; the message names the file or setting and what to do."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space (or quota) left where a file was being written; the message names the folder, the free
+    space and about how much is needed."""
 
 
 # Built-in errors that reach a user from their own input: ValueError is how every xrai check (and
@@ -36,19 +41,50 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPE
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and every exception behind it (``__cause__``, else ``__context__``), each once."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The OSError with errno ENOSPC or EDQUOT in ``error``'s chain, if any.
+
+    A library's writer often wraps it: torch.save raises ``RuntimeError: ... unexpected pos ...`` with
+    the ``OSError: [Errno 28]`` only as its ``__context__``.
+    """
+    return next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS), None)
+
+
 def is_user_error(error: BaseException) -> bool:
-    """Whether ``error`` is a failure the user can fix (one line, exit 2) rather than a bug."""
+    """Whether ``error`` is a failure the user can fix (one line, exit 2) rather than a bug.
+
+    A full disk or quota anywhere in the exception chain counts (see ``disk_full_cause``).
+    """
     if isinstance(error, USER_ERRORS):
         return True
-    return isinstance(error, OSError) and error.errno in _USER_ERRNOS
+    if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+        return True
+    return disk_full_cause(error) is not None
 
 
 def one_line(error: BaseException | str) -> str:
     """The error's message on one line, with any ``<... object at 0x...>`` repr replaced by "the data".
 
-    Multi-line messages (a resume's list of differing settings) are joined with "; ".
+    Multi-line messages (a resume's list of differing settings) are joined with "; ". An error with a full
+    disk behind it (a library's wrapper) reads as that OSError.
     """
-    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
+    if isinstance(error, BaseException) and not isinstance(error, (UserError, OSError)):
+        error = disk_full_cause(error) or error
+    if isinstance(error, OSError) and not isinstance(error, UserError) and (
+            error.filename is not None or error.errno in _DISK_FULL_ERRNOS):
         return first_lines(_os_error_text(error), None)
     return first_lines(error, None)
 
@@ -66,7 +102,8 @@ def first_lines(error: BaseException | str, n: int | None = 1) -> str:
 
 def _os_error_text(error: OSError) -> str:
     """'permission denied: /x/y (check who owns it ...)' instead of "[Errno 13] Permission denied: '/x/y'"."""
-    where = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    where = "" if error.filename is None else str(error.filename)
+    where += f" -> {error.filename2}" if error.filename2 is not None else ""
     reason = (error.strerror or type(error).__name__).lower()
     hint = {
         errno.EACCES: "check the file's owner and permissions, or choose another path",
@@ -75,4 +112,4 @@ def _os_error_text(error: OSError) -> str:
         errno.EDQUOT: "free some space in your quota or choose another folder",
         errno.EROFS: "choose a folder on a writable disk",
     }.get(error.errno)
-    return f"{reason}: {where}" + (f" ({hint})" if hint else "")
+    return reason + (f": {where}" if where else "") + (f" ({hint})" if hint else "")

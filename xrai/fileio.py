@@ -14,11 +14,14 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from xrai.errors import DiskFullError, disk_full_cause
 
 __all__ = [
     "atomic_torch_save",
@@ -28,7 +31,13 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
+    "disk_full_message",
+    "LockHeldError",
     "exclusive_lock",
+    "free_bytes",
+    "held_lock",
+    "require_free_space",
+    "tensor_bytes",
     "try_lock",
 ]
 
@@ -37,15 +46,20 @@ TMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
+                 size_hint: int | None = None) -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
 
     Args:
         path: the file to write; its folder is created if missing.
         mode: "w" (text) or "wb" (bytes).
         encoding: for text mode.
+        size_hint: about how many bytes the file will take, for the message when the disk is full.
     Yields:
         The open file. On an exception the temporary file is removed and ``path`` is left as it was.
+    Raises:
+        DiskFullError: no space or quota left (ENOSPC/EDQUOT anywhere in the error's chain, as torch's
+            writer wraps it); one line naming the folder, its free space and about what is needed.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
@@ -62,23 +76,72 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        written = 0
         with contextlib.suppress(OSError):
+            written = tmp.stat().st_size
             os.unlink(tmp)
+        if disk_full_cause(error) is not None and not isinstance(error, DiskFullError):
+            raise DiskFullError(disk_full_message(path, max(size_hint or 0, written))) from error
         raise
     _fsync_dir(path.parent)
 
 
+def _size(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as df -H and file managers show them)."""
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the disk of ``folder`` (its nearest existing parent); None where that cannot be read."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_message(path: str | os.PathLike, needed: int | None = None) -> str:
+    """'no space left in FOLDER for NAME: 3.1 MB free, about 45.0 MB needed; free some ...' (one line)."""
+    path = Path(path)
+    free = free_bytes(path.parent)
+    room = "" if free is None else f"{_size(free)} free"
+    if needed:
+        room += (", " if room else "") + f"about {_size(needed)} needed"
+    return (f"no space left in {path.parent} for {path.name}" + (f": {room}" if room else "") +
+            f"; free some disk space or choose a folder on a larger disk ({path.name} was left as it was)")
+
+
+def require_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise DiskFullError (nothing written) when ``folder``'s disk has less than ``needed`` bytes free.
+
+    ``what`` says what needs them ("this run's checkpoints"). Where the free space cannot be read, nothing
+    is checked (the writes then fail, if they do, with the same one line).
+    """
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise DiskFullError(f"not enough space in {folder} for {what}: {_size(free)} free, about {_size(needed)} "
+                            "needed; free some disk space or choose a folder on a larger disk (nothing was written)")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns the path."""
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=len(data)) as f:
         f.write(data)
     return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically; returns the path."""
-    with atomic_write(path, "w") as f:
+    with atomic_write(path, "w", size_hint=len(text)) as f:
         f.write(text)
     return Path(path)
 
@@ -91,11 +154,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) ->
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically; returns the path."""
-    import torch
+    import torch  # deliberate: the ground floor stays torch-free at import
 
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", size_hint=tensor_bytes(obj)) as f:
         torch.save(obj, f)
     return Path(path)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors (and numpy arrays) in a nested dict/list/tuple: about its torch.save size."""
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return int(obj.numel()) * int(obj.element_size())
+    return int(getattr(obj, "nbytes", 0) or 0)
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[IO], Any], mode: str = "w") -> Path:
@@ -208,3 +282,62 @@ def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
                 handle.truncate()
                 handle.flush()
         handle.close()  # releases the lock
+
+
+class LockHeldError(RuntimeError):
+    """Another live process holds the lock; ``holder`` is its pid as it recorded it ("?" if unknown)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by process {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def held_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the ``with`` block without waiting; the file is removed after.
+
+    Unlike ``exclusive_lock`` it does not wait: a lock held by a live process raises LockHeldError at
+    once (naming its pid). A lock file left by a killed process holds no lock (the operating system
+    dropped it) and is taken over. The file is created (its folder too) and removed on leaving, so a
+    folder holds it only while the block runs; a process that locked the file just as it was removed
+    notices (the path no longer names its file) and tries again.
+
+    Yields:
+        True when held; False when the file system cannot lock (the block then runs unlocked).
+    Raises:
+        LockHeldError: another process holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        handle = open(path, "a+b")  # noqa: SIM115 - closed below; "a" never truncates the holder's pid
+        try:
+            locked = try_lock(handle)
+        except OSError:
+            handle.close()
+            yield False
+            return
+        if not locked:
+            handle.seek(0)
+            holder = handle.read(32).decode("ascii", "replace").strip() or "?"
+            handle.close()
+            raise LockHeldError(path, holder)
+        try:
+            same = os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
+        except OSError:  # removed by the holder that just let go
+            same = False
+        if same:
+            break
+        handle.close()  # locked a file the last holder had already removed: lock the new one
+    else:
+        raise LockHeldError(path, "?")
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked: a newcomer either saw it locked or makes a new file
+        handle.close()

@@ -33,13 +33,13 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
     for r in results:
         if r.get("error"):
             failures += 1
-            print(json.dumps({"path": r["path"], "error": r["error"]}), flush=True)
+            print(json.dumps({"path": r["path"], "error": r["error"]}, allow_nan=False), flush=True)
             continue
         line = {"path": r["path"], "probability": round(float(r["probability"]), 6), "label": int(r["label"]),
                 "threshold": threshold, "calibration": loaded.calibration.to_dict()}
         if r.get("overlay"):
             line["overlay"] = str(r["overlay"])
-        print(json.dumps(line), flush=True)
+        print(json.dumps(line, allow_nan=False), flush=True)  # never a bare NaN: stdout is JSON lines
     return 1 if failures == len(results) else 0
 
 

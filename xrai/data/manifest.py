@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     found = None
     if len(manifest):
         if meta["paths"] == "relative":
+            _refuse_paths_outside_the_root(manifest["path"], csv_path)  # before any is looked at
             found = _find_relative(manifest, meta, root, csv_path)
         else:
             found = _find_absolute(manifest, meta, root, csv_path)
@@ -124,6 +126,30 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
         if meta["paths"] == "relative" and str(found.root) != meta["root"]:
             _record_root(run_dir, str(found.root))
     return manifest
+
+
+def _outside(path: str) -> bool:
+    """Whether a manifest's relative path leads out of the dataset folder: absolute (``/x``, ``C:x``,
+    ``\\server``) or climbing above it (``../x``, ``a/../../x``)."""
+    path = path.replace("\\", "/")
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        return True
+    normal = posixpath.normpath(path)
+    return normal == ".." or normal.startswith("../")
+
+
+def _refuse_paths_outside_the_root(paths: pd.Series, csv_path: Path) -> None:
+    """ManifestError naming the first row whose path is not inside the dataset folder.
+
+    A manifest travels with its run folder (Google Drive, a Kaggle output): a path such as
+    ``../../../../etc/passwd`` would have evaluate read (and score) any file this machine holds.
+    """
+    outside = paths.map(_outside)
+    if outside.any():
+        row = int(np.flatnonzero(outside.to_numpy())[0])
+        raise ManifestError(f"{csv_path}: row {row + 2} has path {paths.iloc[row]!r}, which leads outside the dataset "
+                            f"folder ({int(outside.sum())} such row(s)); paths there are relative to the dataset root. "
+                            f"The file was edited or damaged: make it again with {_MAKES_MANIFEST}")
 
 
 def _find_relative(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> Found:

@@ -45,6 +45,9 @@ from xrai.labels import CLASS_NAMES
 from xrai.runs.layout import RunFolder
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# Multipart parts in one request: the form has two (file, overlay); werkzeug would parse up to 1,000,
+# each with its own headers and buffers, before the app saw any. Over it: 413, "too many parts".
+MAX_FORM_PARTS = 16
 PARALLEL_DECODES = 2  # uploads decoded at once: peak decode memory is about this x 1.5 x the budget
 RESEARCH_NOTICE = "For research and teaching only: not a medical device, not for diagnosis."
 DISPLAY_SIDE = 1024  # longest side of the overlay sent back: a 3000 px one would be megabytes
@@ -261,6 +264,7 @@ def create_app(run_dir: str | Path | None = None, *, onnx: str | Path | None = N
                                 else OnnxPredictor(onnx, threads=threads))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     app.extensions["xrai_predictor"] = predictor
     _add_pages(app)
     _add_api(app)
@@ -374,7 +378,7 @@ def _add_error_handlers(app: Flask) -> None:
         # 413 over MAX_CONTENT_LENGTH, 404, 405, a malformed multipart body (400): the user's message.
         message = exc.description or exc.name
         if exc.code == 413:
-            message = f"the upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"
+            message = _too_large_message()
         return _error(exc.code or 500, message)
 
     @app.errorhandler(Exception)
@@ -395,6 +399,21 @@ def _add_error_handlers(app: Flask) -> None:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+def _too_large_message() -> str:
+    """Why a 413 from werkzeug: the body over MAX_UPLOAD_BYTES, or (a body within it) the form's parts.
+
+    werkzeug raises the same RequestEntityTooLarge for a body over MAX_CONTENT_LENGTH, a form with more
+    than MAX_FORM_PARTS parts and a text field over Flask's MAX_FORM_MEMORY_SIZE (500 KB); the body's
+    declared length tells the first from the other two.
+    """
+    length = request.content_length
+    if length is not None and length <= MAX_UPLOAD_BYTES:
+        field_kb = int(current_app.config.get("MAX_FORM_MEMORY_SIZE") or 0) // 1000
+        return (f"the form has too many parts (more than {MAX_FORM_PARTS}) or a text field over {field_kb} KB: "
+                "send one image in the field 'file'")
+    return f"the upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"
 
 
 def _status(exc: UploadError) -> int:

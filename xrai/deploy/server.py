@@ -9,7 +9,7 @@ runs only with ``serve(debug=True)`` (``python -m xrai serve --debug``).
 Limits (README "Serve a model"): uploads up to ``app.MAX_UPLOAD_BYTES`` (10 MB, else 413); decoded
 size up to ``data.images.UPLOAD_MAX_DECODED_BYTES`` (64 MiB, else 413); request bodies over
 ``MAX_REQUEST_BODY_BYTES`` are refused by waitress before they are read; a connection idle or stalled
-for ``CHANNEL_TIMEOUT_S`` is closed; at most ``CONNECTION_LIMIT`` connections are open at once.
+for ``CHANNEL_TIMEOUT_S`` is closed (within ``CLEANUP_INTERVAL_S`` more); at most ``CONNECTION_LIMIT`` connections are open at once.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ from werkzeug.serving import make_server as make_dev_server
 from xrai.deploy.app import MAX_UPLOAD_BYTES, BasePredictor, create_app
 from xrai.env import cpu_count
 
-__all__ = ["CHANNEL_TIMEOUT_S", "CONNECTION_LIMIT", "MAX_REQUEST_BODY_BYTES", "SERVER_THREADS", "available_cores",
+__all__ = ["CHANNEL_TIMEOUT_S", "CLEANUP_INTERVAL_S", "CONNECTION_LIMIT", "MAX_REQUEST_BODY_BYTES", "SERVER_THREADS", "available_cores",
            "make_server", "serve", "serve_in_thread", "set_torch_threads"]
 
 logger = logging.getLogger(__name__)
 
 SERVER_THREADS = 4  # requests handled at once: inference is serialised, these overlap reading, decoding, replies
 CHANNEL_TIMEOUT_S = 30  # a connection that sends nothing for this long is closed (slow or idle clients)
+# How often waitress looks for such connections: one is closed between CHANNEL_TIMEOUT_S and
+# CHANNEL_TIMEOUT_S + this after its last byte (with 30 here, a stalled upload lasted up to 60 s).
+CLEANUP_INTERVAL_S = 2
 CONNECTION_LIMIT = 100  # open connections; further clients wait in the listen backlog
 # Waitress reads a whole body before the app sees it; past this it answers 413 without reading. Above
 # MAX_UPLOAD_BYTES, so an ordinary oversize upload still gets the app's own 413 page with the limit.
@@ -104,7 +107,7 @@ def make_server(app, *, host: str = "127.0.0.1", port: int = 5000, threads: int 
     """
     return create_server(
         app, map=socket_map, host=host, port=port, threads=threads, channel_timeout=channel_timeout,
-        cleanup_interval=max(1, min(channel_timeout, 30)), connection_limit=connection_limit,
+        cleanup_interval=max(1, min(channel_timeout, CLEANUP_INTERVAL_S)), connection_limit=connection_limit,
         max_request_body_size=MAX_REQUEST_BODY_BYTES, max_request_header_size=MAX_REQUEST_HEADER_BYTES,
         ident="", expose_tracebacks=False, clear_untrusted_proxy_headers=True,
     )

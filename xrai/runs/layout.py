@@ -14,6 +14,7 @@ A run folder (docs/design.md, "The run folder")::
       model_card.md                 written by evaluate
       gradcam/                      galleries
       cv.json, folds/<k>/, report_oof.json, predictions_oof.csv   a cross-validation run
+      .train.lock                   held (and holding its pid) while a `train` writes the folder
 
 Reading this module needs neither torch nor pandas (pandas is imported by the table readers only), so
 the torch-free paths (``xrai.data``, the ONNX server) can use the names.
@@ -44,6 +45,7 @@ __all__ = [
     "MANIFEST_JSON",
     "MODEL_CARD_MD",
     "THRESHOLD_JSON",
+    "TRAIN_LOCK",
     "RunFolder",
     "read_json",
     "read_predictions",
@@ -64,6 +66,9 @@ FOLDS_DIR = "folds"
 # operating point it was given: the CV's out-of-fold one, {"threshold_from": "oof", ...}.
 THRESHOLD_JSON = "threshold.json"
 DAMAGED_CSV = "damaged_images.csv"  # images evaluate found truncated or unreadable (xrai.data.decode.DamagedImages)
+# Held by the training process (rank 0) for the whole run, so a second `train` into the same folder
+# fails at once instead of replacing the first's checkpoints; removed when training ends.
+TRAIN_LOCK = ".train.lock"
 # Columns of a predictions or manifest table read as strings ("" for none), never as numbers.
 ID_COLUMNS = ("path", "body_part", "patient_id", "study_id", "group")
 
@@ -120,6 +125,10 @@ class RunFolder:
     @property
     def history_csv(self) -> Path:
         return self.path / HISTORY_CSV
+
+    @property
+    def train_lock(self) -> Path:
+        return self.path / TRAIN_LOCK
 
     @property
     def checkpoints(self) -> Path:

@@ -54,8 +54,16 @@ from xrai.data.cache import build_cache, cache_fits, find_cache
 from xrai.data.dataset import ClassicBatches
 from xrai.data.loader import CachedBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
-from xrai.errors import UserError
-from xrai.fileio import TMP_PREFIX, TMP_SUFFIX, atomic_write_csv
+from xrai.errors import UserError, disk_full_cause
+from xrai.fileio import (
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    LockHeldError,
+    atomic_write_csv,
+    held_lock,
+    require_free_space,
+    tensor_bytes,
+)
 from xrai.labels import DEFAULT_THRESHOLD
 from xrai.models.checkpoint import (
     atomic_save,
@@ -90,6 +98,13 @@ NO_VALIDATION = {"val_loss": math.nan, "val_auroc": math.nan, "val_accuracy": ma
 
 class TrainingDivergedError(UserError, RuntimeError):
     """The loss (or a weight) became NaN or infinite; the last good checkpoint was left as it was."""
+
+
+class RunFolderBusyError(UserError, RuntimeError):
+    """Another process is training into the run folder (it holds the folder's lock)."""
+
+
+CHECKPOINT_SLACK_BYTES = 1_000_000  # pickle framing, history and config on top of the tensors
 
 
 @dataclass(kw_only=True)
@@ -327,6 +342,7 @@ class _Run:
     monitor: str
     say: Any
     progress: bool
+    written: list[Path] = field(default_factory=list)  # files a fresh run created before its first epoch
 
 
 @dataclass(kw_only=True)
@@ -346,6 +362,34 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
     """fit()'s body, under the backend settings of config.deterministic: set up, restore, train, save."""
     folder = RunFolder(run_dir)
     ctx = distributed.init(config.device)  # torchrun's ranks, or this process alone (world size 1)
+    with contextlib.ExitStack() as held:
+        # Rank 0 holds the folder's lock for the whole run (a second `train` into it fails at once); a
+        # refusal reaches the other ranks through main_first, so none of them waits for rank 0 forever.
+        ctx.main_first(lambda _: held.enter_context(_run_folder_lock(folder)) if ctx.is_main else None)
+        return _fit_locked(config, folder, ctx, manifest, resume=resume, progress=progress)
+
+
+@contextlib.contextmanager
+def _run_folder_lock(folder: RunFolder):
+    """Hold ``folder``'s TRAIN_LOCK; a folder this made and the run left empty is removed again."""
+    existed = folder.path.exists()
+    try:
+        with held_lock(folder.train_lock):
+            yield
+    except LockHeldError as error:
+        busy = error.path.parent
+        who = "another process" if error.holder == "?" else f"process {error.holder}"
+        raise RunFolderBusyError(f"{busy} is being trained into by {who} (it holds {error.path.name}); wait for it "
+                                 "to finish or choose another --out") from None
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.path.rmdir()  # only when empty: a failed start leaves no folder behind
+
+
+def _fit_locked(config: TrainConfig, folder: RunFolder, ctx: distributed.Distributed, manifest: pd.DataFrame, *,
+                resume: bool, progress: bool) -> FitResult:
+    """_fit's body, the run folder locked."""
     config = config.replace(world_size=ctx.world_size)
     per_rank_batch(config.batch_size, ctx.world_size)  # the global batch must split evenly
     state = resume_state(config.to_dict(), folder.checkpoint("last"), resume=resume)
@@ -358,7 +402,12 @@ def _fit(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | os.PathLike
     trackers = open_trackers(run.config.loggers, run.config.to_dict(), folder.path, experiment=run.config.experiment,
                              resume=state is not None) if ctx.is_main else []
     book = _restore(run, state)
-    _train(run, book, trackers)
+    try:
+        _train(run, book, trackers)
+    except BaseException as error:
+        if state is None and disk_full_cause(error) is not None and not folder.checkpoint("last").is_file():
+            _undo_start(folder, run.written)  # no epoch was saved: leave --out as it was before this run
+        raise
     return FitResult(run_dir=folder.path, best_epoch=book.best_epoch, best_metric=float(book.best),
                      history=pd.DataFrame(book.history, columns=HISTORY_COLUMNS), stopped_early=book.stop)
 
@@ -394,8 +443,12 @@ def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx:
                                           state, train_rows, valid_rows, manifest, say, progress),
         share=lambda built: built[1][2])
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
+    written: list[Path] = []
     if ctx.is_main:  # rank 0 alone writes
-        _prepare_folder(folder, config, manifest)
+        if state is None:  # nothing written yet: a disk too small for the checkpoints leaves the folder as it was
+            require_free_space(folder.path, _checkpoint_bytes_estimate(model, config),
+                               f"{config.model}'s checkpoints (best.pt and last.pt)")
+        written = _prepare_folder(folder, config, manifest)
     model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
     net = ctx.unwrap(model)
     # each rank validates its shard; the logits are gathered (no valid source in a final fit)
@@ -409,19 +462,42 @@ def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx:
     run = _Run(config=config, ctx=ctx, folder=folder, model=model, net=net, train_src=train_src,
                valid_src=valid_src, gather=gather, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                amp_dtype=amp_dtype, criterion=criterion, val_criterion=val_criterion, ema=make_ema(net, config),
-               monitor=monitor, say=say, progress=progress)
+               monitor=monitor, say=say, progress=progress, written=written)
     _announce(run, len(train_rows), len(valid_rows), pos_weight)
     return run
 
 
-def _prepare_folder(folder: RunFolder, config: TrainConfig, manifest: pd.DataFrame) -> None:
-    """config.json (input path resolved), no torn checkpoint, manifest.csv when absent (rank 0 only)."""
+def _checkpoint_bytes_estimate(model: nn.Module, config: TrainConfig) -> int:
+    """About what best.pt and last.pt take together: the weights in best.pt; in last.pt the weights, the
+    optimizer's per-parameter state (AdamW/Adam two tensors, SGD with momentum one) and the EMA's copy."""
+    weights = tensor_bytes(model.state_dict())
+    slots = 2 if config.optimizer in ("adamw", "adam") else int(config.momentum > 0)
+    ema = int(config.ema_decay > 0)
+    return weights * (1 + 1 + slots + ema) + 2 * CHECKPOINT_SLACK_BYTES
+
+
+def _prepare_folder(folder: RunFolder, config: TrainConfig, manifest: pd.DataFrame) -> list[Path]:
+    """config.json (input path resolved), no torn checkpoint, manifest.csv when absent (rank 0 only).
+
+    Returns the files it created (not those it replaced), for ``_undo_start``.
+    """
+    created = [p for p in (folder.config_json, folder.manifest_csv, folder.manifest_json) if not p.exists()]
     config.to_json(folder.config_json)
     # Left by a process killed while saving.
     for torn in folder.checkpoints.glob(f"{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
         torn.unlink()
     if not folder.manifest_csv.is_file():
         save_manifest(manifest, folder.path)
+    return created
+
+
+def _undo_start(folder: RunFolder, created: list[Path]) -> None:
+    """Remove what a fresh run wrote before its first checkpoint failed (a full disk): the folder as it was."""
+    for path in [*created, folder.history_csv, folder.checkpoint("best")]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.checkpoints.rmdir()  # only when empty
 
 
 def _announce(run: _Run, n_train: int, n_valid: int, pos_weight: float | None) -> None:
@@ -546,11 +622,36 @@ def _save(run: _Run, book: _Book, epoch: int, improved: bool) -> None:
         ckpt["rng_ranks"] = run.ctx.rng_states(ckpt["rng"])
     if not run.ctx.is_main:  # rank 0 alone writes
         return
+    best = None
     if improved or run.config.keep == "last":  # best.pt holds the weights the run hands on
         handed_on = ckpt["model"] if ema is None else to_cpu(ema.module.state_dict())
-        atomic_save({**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}, run.folder.checkpoint("best"))
-    atomic_save(ckpt, run.folder.checkpoint("last"))
+        best = {**{k: ckpt[k] for k in BEST_KEYS}, "model": handed_on}
+    _save_checkpoints(run.folder, best, ckpt, epoch)
     _write_history(book.history, run.folder.history_csv)
+
+
+def _save_checkpoints(folder: RunFolder, best: dict[str, Any] | None, last: dict[str, Any], epoch: int) -> None:
+    """best.pt (when given), then last.pt, each atomically; both or neither as far as a full disk goes.
+
+    The free space is checked first (each new file is written beside the old one it replaces: best.pt
+    needs its own size, last.pt its own plus what best.pt grew by); should last.pt still fail on a run
+    that had none, the best.pt just written is removed, so the folder never holds one without the other.
+    """
+    best_path, last_path = folder.checkpoint("best"), folder.checkpoint("last")
+    best_bytes = tensor_bytes(best) + CHECKPOINT_SLACK_BYTES if best is not None else 0
+    grown = best_bytes - (best_path.stat().st_size if best is not None and best_path.is_file() else 0)
+    needed = max(best_bytes, grown + tensor_bytes(last) + CHECKPOINT_SLACK_BYTES)
+    require_free_space(folder.checkpoints, needed, f"epoch {epoch}'s checkpoints (the previous ones were kept)")
+    had_last = last_path.is_file()
+    if best is not None:
+        atomic_save(best, best_path)
+    try:
+        atomic_save(last, last_path)
+    except BaseException:
+        if best is not None and not had_last:
+            with contextlib.suppress(OSError):
+                best_path.unlink()
+        raise
 
 
 # ---- helpers -------------------------------------------------------------------------------------
