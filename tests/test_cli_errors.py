@@ -341,3 +341,13 @@ def test_predict_never_prints_a_bare_nan(run_with_checkpoint, tmp_path, image, c
     assert main(["predict", "--run", str(run), str(image)]) == 0
     out = capsys.readouterr().out
     assert json.loads(out)["threshold"] == 0.5 and "NaN" not in out
+
+
+def test_a_warning_is_one_line_without_source_lines(tmp_path):
+    # Python prints a warning as two lines, the second a line of xrai's own source; the CLI says it in one
+    code = ("import sys, warnings\nimport xrai.cli.commands as c\n"
+            "c.COMMANDS['audit'] = lambda args: (warnings.warn('4 images were truncated\\nlisted in x.csv'), 0)[1]\n"
+            f"sys.exit(c.main(['audit', '--data', 'synthetic', '--out', {str(tmp_path)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "xrai audit: warning: 4 images were truncated listed in x.csv\n"

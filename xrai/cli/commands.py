@@ -12,10 +12,12 @@ traceback. Anything else is a bug: a traceback and exit 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     # ~70 INFO lines per export), everything with -v.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("xrai").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    shown = warnings.formatwarning
+    if not args.verbose:  # a warning is one line, without the package's source line under it (-v: Python's own)
+        warnings.formatwarning = functools.partial(_one_line_warning, args.command)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -328,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         # A user's mistake (a taken run folder, a torn checkpoint, no network, a bad option) reads as one line.
         print(f"xrai {args.command}{_rank_tag()}: {one_line(error)} (-v shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+def _one_line_warning(command: str, message, category, filename, lineno, line=None) -> str:
+    return f"xrai {command}: warning: {' '.join(str(message).split())}\n"
 
 
 if __name__ == "__main__":
