@@ -291,6 +291,7 @@ def test_the_file_s_own_text_is_sanitised_in_messages(tmp_path):
 def test_pydicoms_log_becomes_one_line_per_file_without_tracebacks(tmp_path, capsys, caplog):
     _needs_j2k_decoder()
     caplog.set_level(logging.DEBUG)  # (pytest's caplog also hooks pydicom's logger itself: not what a user sees)
+    caplog.set_level(logging.DEBUG, logger="xrai.data.decode")  # as -v does, whatever an earlier main() set on "xrai"
     root = logging.getLogger()
     stream = logging.StreamHandler(sys.stderr)  # as the CLI's basicConfig: what reaches stderr
 
