@@ -213,13 +213,14 @@ def test_a_failed_download_becomes_a_pretrained_weights_error(monkeypatch, tmp_p
         create_model("resnet18")
 
 
-def _wheelhouse_weights(tmp_path, monkeypatch, model="mobilenet_v2", file="mobilenet_v2-7ebf99e0.pth", seed=3):
+def _wheelhouse_weights(tmp_path, monkeypatch, model="mobilenet_v2", file="mobilenet_v2-7ebf99e0.pth", seed=3,
+                        sub="weights"):
     """A Kaggle-like input folder holding a wheelhouse dataset with one fake weights file and its SHA256SUMS;
     torch.hub's cache empty (in tmp_path)."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("XRAI_KAGGLE_INPUT", str(tmp_path / "input"))
     monkeypatch.delenv(models.WEIGHTS_DIR_ENV, raising=False)
-    folder = tmp_path / "input" / "datasets" / "me" / "xrai-wheelhouse" / "weights"
+    folder = tmp_path / "input" / "datasets" / "me" / "xrai-wheelhouse" / sub
     folder.mkdir(parents=True)
     torch.manual_seed(seed)
     reference = getattr(torchvision.models, model)()
@@ -228,8 +229,9 @@ def _wheelhouse_weights(tmp_path, monkeypatch, model="mobilenet_v2", file="mobil
     return folder, reference
 
 
-def test_pretrained_offline_takes_the_weights_from_an_attached_wheelhouse(monkeypatch, tmp_path):
-    folder, reference = _wheelhouse_weights(tmp_path, monkeypatch)
+@pytest.mark.parametrize("sub", ["weights", ""])  # "": the dataset's files uploaded flat
+def test_pretrained_offline_takes_the_weights_from_an_attached_wheelhouse(monkeypatch, tmp_path, sub):
+    folder, reference = _wheelhouse_weights(tmp_path, monkeypatch, sub=sub)
     model = create_model("mobilenet_v2")  # _no_network fails any connectivity check or download
     for name, tensor in reference.features.state_dict().items():
         assert torch.equal(model.backbone.features.state_dict()[name], tensor), name

@@ -120,8 +120,9 @@ def write_sums(folder: str | os.PathLike) -> Path:
 
 def wheelhouse_weights_dirs() -> list[Path]:
     """Weights folders holding a SHA256SUMS, in the order they are searched: $XRAI_WEIGHTS_DIR (the folder
-    itself or its ``weights/``), then ``*/weights/`` under Kaggle's input folder ($XRAI_KAGGLE_INPUT), up
-    to the depth where the notebooks' install cell looks for the wheelhouse's wheels."""
+    itself or its ``weights/``), then every folder under Kaggle's input folder ($XRAI_KAGGLE_INPUT) holding
+    a SHA256SUMS (the wheelhouse's ``weights/``, or a dataset whose files were uploaded flat), down to the
+    depth where the notebooks' install cell looks for the wheelhouse's wheels."""
     candidates: list[Path] = []
     if os.environ.get(WEIGHTS_DIR_ENV):
         given = Path(os.environ[WEIGHTS_DIR_ENV])
@@ -129,8 +130,8 @@ def wheelhouse_weights_dirs() -> list[Path]:
     root = kaggle_input_dir()
     if root.is_dir():
         for depth in range(1, _SEARCH_DEPTH + 1):
-            candidates += sorted(root.glob("/".join(["*"] * depth + [WEIGHTS_DIR])))
-    return [c for c in candidates if (c / SUMS_FILE).is_file()]
+            candidates += sorted(p.parent for p in root.glob("/".join(["*"] * depth + [SUMS_FILE])))
+    return [c for c in dict.fromkeys(candidates) if (c / SUMS_FILE).is_file()]
 
 
 def install_wheelhouse_weights(weights: torchvision.models.WeightsEnum) -> Path | None:
