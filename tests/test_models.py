@@ -213,6 +213,63 @@ def test_a_failed_download_becomes_a_pretrained_weights_error(monkeypatch, tmp_p
         create_model("resnet18")
 
 
+def _wheelhouse_weights(tmp_path, monkeypatch, model="mobilenet_v2", file="mobilenet_v2-7ebf99e0.pth", seed=3,
+                        sub="weights"):
+    """A Kaggle-like input folder holding a wheelhouse dataset with one fake weights file and its SHA256SUMS;
+    torch.hub's cache empty (in tmp_path)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("XRAI_KAGGLE_INPUT", str(tmp_path / "input"))
+    monkeypatch.delenv(models.WEIGHTS_DIR_ENV, raising=False)
+    folder = tmp_path / "input" / "datasets" / "me" / "xrai-wheelhouse" / sub
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    reference = getattr(torchvision.models, model)()
+    torch.save(reference.state_dict(), folder / file)
+    models.write_sums(folder)
+    return folder, reference
+
+
+@pytest.mark.parametrize("sub", ["weights", ""])  # "": the dataset's files uploaded flat
+def test_pretrained_offline_takes_the_weights_from_an_attached_wheelhouse(monkeypatch, tmp_path, sub):
+    folder, reference = _wheelhouse_weights(tmp_path, monkeypatch, sub=sub)
+    model = create_model("mobilenet_v2")  # _no_network fails any connectivity check or download
+    for name, tensor in reference.features.state_dict().items():
+        assert torch.equal(model.backbone.features.state_dict()[name], tensor), name
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    assert cached.read_bytes() == (folder / cached.name).read_bytes()
+    assert models.weights_record(MODELS["mobilenet_v2"]) == {
+        "weights": "MobileNet_V2_Weights.IMAGENET1K_V2", "file": cached.name,
+        "sha256": models.read_sums(folder)[cached.name]}
+
+
+def test_weights_dir_env_points_at_a_wheelhouse(monkeypatch, tmp_path):
+    folder, reference = _wheelhouse_weights(tmp_path, monkeypatch, "resnet18", "resnet18-f37072fd.pth")
+    monkeypatch.setenv("XRAI_KAGGLE_INPUT", str(tmp_path / "nothing"))
+    monkeypatch.setenv(models.WEIGHTS_DIR_ENV, str(folder.parent))  # the wheelhouse; its weights/ is found
+    model = create_model("resnet18")
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_a_wheelhouse_weights_file_with_a_wrong_hash_fails_in_one_line(monkeypatch, tmp_path):
+    folder, _ = _wheelhouse_weights(tmp_path, monkeypatch)
+    (folder / "mobilenet_v2-7ebf99e0.pth").write_bytes(b"truncated")
+    with pytest.raises(PretrainedWeightsError) as error:
+        create_model("mobilenet_v2")
+    message = str(error.value)
+    assert "\n" not in message and str(folder / "mobilenet_v2-7ebf99e0.pth") in message and "sha256" in message
+    assert not (tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth").exists()
+
+
+def test_a_model_missing_from_the_wheelhouse_fails_offline_naming_its_file(monkeypatch, tmp_path):
+    folder, _ = _wheelhouse_weights(tmp_path, monkeypatch, "resnet18", "resnet18-f37072fd.pth")
+    monkeypatch.setattr(models, "_can_reach", lambda url, timeout=3.0: False)
+    with pytest.raises(PretrainedWeightsError) as error:
+        create_model("mobilenet_v2")
+    message = str(error.value)
+    assert "\n" not in message and "mobilenet_v2-7ebf99e0.pth is not in the wheelhouse's weights folder" in message
+    assert str(folder) in message and "python -m xrai wheelhouse --weights mobilenet_v2" in message
+
+
 def test_connectivity_check_is_bounded(monkeypatch):
     # The real check, with no proxy in the way.
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):

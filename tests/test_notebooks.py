@@ -383,21 +383,26 @@ def _writable(folder: Path) -> None:
 
 
 def _kaggle_series(tmp: Path, guard: dict, *, dataset: str, data: Path, mount: str, names: list[str],
-                   extra: dict) -> tuple[dict, dict, Path]:
+                   extra: dict, attach: dict[str, Path] | None = None, environ_extra: dict | None = None,
+                   ) -> tuple[dict, dict, Path]:
     """One Kaggle notebook per step: its own working folder and input folder, the data attached at ``mount``
-    (a symlink), the previous notebook's output attached read-only; the input folder must not change."""
+    (a symlink), the previous notebook's output attached read-only; the input folder must not change.
+    ``attach`` ({mount: folder}) attaches more datasets to every notebook (copies)."""
     executed, seconds, previous = {}, {}, None
     for i, name in enumerate(names):
         inputs, work, home = tmp / f"input{i}", tmp / f"working{i}", tmp / f"home{i}"
         (inputs / mount).parent.mkdir(parents=True)
         (inputs / mount).symlink_to(data, target_is_directory=True)
+        for where, folder in (attach or {}).items():
+            shutil.copytree(folder, inputs / where)
         if previous is not None and name != "00_quickstart":
             shutil.copytree(previous, inputs / "notebooks" / "tester" / f"xrai-{names[i - 1]}")
         _read_only(inputs)
         work.mkdir()
         before = _tree_state(inputs)
         environ = {**guard, "XRAI_HOME": str(home), "XRAI_KAGGLE_INPUT": str(inputs), "KAGGLE_KERNEL_RUN_TYPE": "Batch",
-                   "KAGGLE_URL_BASE": "https://www.kaggle.com", "KAGGLE_DATA_PROXY_URL": "http://127.0.0.1:9"}
+                   "KAGGLE_URL_BASE": "https://www.kaggle.com", "KAGGLE_DATA_PROXY_URL": "http://127.0.0.1:9",
+                   **(environ_extra or {})}
         parameters = {"DATASET": dataset, "ROOT": None, "RUN_DIR": "runs/ci", "ALLOW_CPU": True, **FAST, **extra}
         start = time.perf_counter()
         executed[name] = _execute(name, tmp, work, parameters, environ)
@@ -439,6 +444,35 @@ def test_kaggle_like_one_notebook_per_step_internet_off(tmp_path, guard):
     _check_artifacts(tmp_path / "working5" / "runs" / "ci", body_part="wrist", quickstart=True)
     print(f"\nkaggle-like notebook seconds: {seconds}, total {sum(seconds.values()):.0f} s; "
           f"seconds finding the images again: {resolving}")
+
+
+@pytest.mark.slow
+def test_kaggle_like_pretrained_weights_from_the_attached_wheelhouse_internet_off(tmp_path, guard):
+    """03 with PRETRAINED = True and the Internet off: the ImageNet weights come from the wheelhouse dataset."""
+    import torch
+    import torchvision
+
+    from xrai.data import make_synthetic
+    from xrai.models.registry import MODELS
+    from xrai.models.weights import WEIGHTS_DIR, weights_file_name, write_sums
+    from xrai.runs.layout import RunFolder
+
+    data = make_synthetic(tmp_path / "mura-v11-copy", **TINY)
+    weights_dir = tmp_path / "xrai-wheelhouse" / WEIGHTS_DIR  # what `python -m xrai wheelhouse --weights` writes
+    weights_dir.mkdir(parents=True)
+    file = weights_file_name(torchvision.models.get_weight(MODELS["mobilenet_v2"].weights))
+    torch.manual_seed(5)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights_dir / file)  # a fake of the right shapes
+    write_sums(weights_dir)
+    torch_home = tmp_path / "torch-home"  # torch.hub's cache, empty: the weights must come from the dataset
+    names = ["01_download", "03_train"]
+    executed, _, last = _kaggle_series(
+        tmp_path, guard, dataset="mura", data=data, mount="datasets/cjinny/mura-v11", names=names,
+        extra={"BODY_PART": "wrist", "PRETRAINED": True},
+        attach={"datasets/tester/xrai-wheelhouse": weights_dir.parent}, environ_extra={"TORCH_HOME": str(torch_home)})
+    assert RunFolder(last / "runs" / "ci").checkpoint("best").is_file()
+    assert (torch_home / "hub" / "checkpoints" / file).read_bytes() == (weights_dir / file).read_bytes()
+    assert _network_calls(guard) == ""
 
 
 @pytest.mark.slow

@@ -49,6 +49,79 @@ def test_a_pip_failure_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsy
         main(["-v", "wheelhouse", "--xrai-only", "--out", str(tmp_path / "wheels")])
 
 
+def _fake_pip(out_wheel: str):
+    """A pip that 'builds' xrai's wheel into the -w folder, without network or build."""
+
+    def pip(*args):
+        folder = Path(args[args.index("-w") + 1])
+        (folder / out_wheel).write_bytes(b"not a real wheel")
+        return subprocess.CompletedProcess(["pip", *args], 0, stdout="", stderr="")
+
+    return pip
+
+
+def test_wheelhouse_weights_writes_the_files_and_their_sums_without_network(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    import torch
+    import torchvision
+
+    import xrai.deploy.wheelhouse
+    from xrai.cli.commands import main
+    from xrai.models.weights import read_sums
+
+    monkeypatch.setattr(xrai.deploy.wheelhouse, "_pip", _fake_pip("xrai-0-py3-none-any.whl"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"  # taken from the cache as it is
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), cached)
+    downloads = []
+
+    def download(url, dst, hash_prefix=None, progress=True):  # resnet18 is not cached: "downloaded"
+        downloads.append((url, hash_prefix))
+        torch.save(torchvision.models.resnet18().state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    out = tmp_path / "wheels"
+    assert main(["wheelhouse", "--xrai-only", "--out", str(out), "--weights", "mobilenet_v2,resnet18"]) == 0
+    assert downloads == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd")]
+    names = ["mobilenet_v2-7ebf99e0.pth", "resnet18-f37072fd.pth"]
+    assert sorted(p.name for p in (out / "weights").iterdir()) == ["SHA256SUMS", *names]
+    assert (out / "weights" / names[0]).read_bytes() == cached.read_bytes()
+    sums = read_sums(out / "weights")
+    assert sums == {n: hashlib.sha256((out / "weights" / n).read_bytes()).hexdigest() for n in names}
+    assert "2 weights files" in capsys.readouterr().out
+
+    # --weights without a list: the notebooks' default model; --xrai-only still gives only xrai's wheel
+    fresh = tmp_path / "default"
+    assert main(["wheelhouse", "--xrai-only", "--weights", "--out", str(fresh)]) == 0
+    assert sorted(p.name for p in fresh.iterdir()) == ["weights", "xrai-0-py3-none-any.whl"]
+    assert list(read_sums(fresh / "weights")) == ["mobilenet_v2-7ebf99e0.pth"]
+
+
+def test_wheelhouse_weights_unknown_model_or_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torch
+
+    import xrai.deploy.wheelhouse
+    from xrai.cli.commands import main
+
+    monkeypatch.setattr(xrai.deploy.wheelhouse, "_pip", _fake_pip("xrai-0-py3-none-any.whl"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert main(["wheelhouse", "--xrai-only", "--out", str(tmp_path / "w"), "--weights", "resnet19"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no model 'resnet19'" in err and "mobilenet_v2" in err
+
+    def fail(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fail)
+    assert main(["wheelhouse", "--xrai-only", "--out", str(tmp_path / "w"), "--weights", "resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resnet18-f37072fd.pth" in err and "no network" in err
+
+
 def _fresh_python(tmp: Path) -> Path:
     """A venv that sees this environment's packages (a linked folder) but not xrai: a runtime without xrai."""
     deps = tmp / "deps"

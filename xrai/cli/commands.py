@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xrai.config import KEEPS, OPTIMIZERS, RESIZES, SCHEDULERS, TrainConfig
-from xrai.deploy.wheelhouse import KAGGLE_PLATFORM, KAGGLE_PYTHON
+from xrai.deploy.wheelhouse import DEFAULT_WEIGHTS, KAGGLE_PLATFORM, KAGGLE_PYTHON
 from xrai.errors import is_user_error, one_line
 from xrai.labels import SOURCES
 from xrai.recipe import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES
@@ -191,6 +191,9 @@ def _add_wheelhouse(sub) -> None:
     p.add_argument("--python-version", default=KAGGLE_PYTHON, help="the target's Python (default: %(default)s)")
     p.add_argument("--platform", default=KAGGLE_PLATFORM, help="the target's pip platform tag (default: %(default)s)")
     p.add_argument("--xrai-only", action="store_true", help="only xrai's own wheel (works offline)")
+    p.add_argument("--weights", nargs="?", const=",".join(DEFAULT_WEIGHTS), default=None, metavar="MODEL,...",
+                   help="also the models' ImageNet weights files, under weights/ with a SHA256SUMS, for PRETRAINED = "
+                        "True offline (without a list: %(const)s)")
 
 
 def _add_export(sub) -> None:

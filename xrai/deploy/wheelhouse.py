@@ -6,11 +6,15 @@ torch (never put in the wheelhouse: its CUDA build must stay) and most of xrai's
 the wheelhouse holds xrai and the closure of its requirements that the image lacks (grad-cam and its
 ttach, today), for Kaggle's Python and platform. Pure-Python packages published only as source
 (grad-cam) are built into a wheel here, which installs on any platform.
+
+``--weights`` adds torchvision's ImageNet weights files of the named models under ``weights/`` with a
+``SHA256SUMS``; ``xrai.models.weights`` copies them into torch.hub's cache offline (PRETRAINED = True).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -19,14 +23,15 @@ from pathlib import Path
 
 from xrai.errors import UserError
 
-__all__ = ["KAGGLE_PLATFORM", "KAGGLE_PROVIDES", "KAGGLE_PYTHON", "NEVER", "WheelhouseError", "build_wheelhouse",
-           "project_root", "select_packages"]
+__all__ = ["DEFAULT_WEIGHTS", "KAGGLE_PLATFORM", "KAGGLE_PROVIDES", "KAGGLE_PYTHON", "NEVER", "WheelhouseError",
+           "add_weights", "build_wheelhouse", "project_root", "select_packages"]
 
 
 class WheelhouseError(UserError, RuntimeError):
     """pip could not get or build a wheel (no network, no wheel for the platform); one line in the CLI."""
 
 
+DEFAULT_WEIGHTS = ("mobilenet_v2",)  # --weights without a list: the model notebooks 00 and 03 start from
 KAGGLE_PYTHON = "3.11"  # the Python of Kaggle's (and Colab's) image
 KAGGLE_PLATFORM = "manylinux2014_x86_64"
 # Never in the wheelhouse: the runtime's CUDA build of torch must stay.
@@ -139,6 +144,47 @@ def build_wheelhouse(out: str | Path, *, python_version: str = KAGGLE_PYTHON, pl
                     raise WheelhouseError(f"{spec} has no wheel for {platform} / Python {python_version} and builds "
                                        f"only a platform wheel ({built[0].name}); it cannot go in the wheelhouse")
     return sorted(out.glob("*.whl"))
+
+
+def add_weights(out: str | Path, names: Iterable[str]) -> list[Path]:
+    """Copy each named model's ImageNet weights file into ``out``/weights/ and (re)write its SHA256SUMS.
+
+    The file is taken from torch.hub's cache (torch.hub.get_dir()/checkpoints), downloaded there first
+    when absent (its hash prefix checked, as torch.hub does).
+
+    Args:
+        out: the wheelhouse folder.
+        names: registry model names (xrai.models.list_models()).
+    Returns:
+        The weights files in ``out``/weights/.
+    Raises:
+        WheelhouseError: an unknown model name, or the download failed (one line).
+    """
+    # torch only here: the wheels alone (and `serve --onnx`, beside this in the CLI) need no torch
+    import torch.hub
+    import torchvision
+
+    from xrai.models.registry import MODELS
+    from xrai.models.weights import SUMS_FILE, WEIGHTS_DIR, cached_weights_file, write_sums
+
+    folder = Path(out) / WEIGHTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name not in MODELS:
+            raise WheelhouseError(f"--weights: no model {name!r}; choose from {', '.join(MODELS)}")
+        weights = torchvision.models.get_weight(MODELS[name].weights)
+        cached = cached_weights_file(weights)
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            prefix = torch.hub.HASH_REGEX.search(cached.name)
+            try:
+                torch.hub.download_url_to_file(weights.url, str(cached), prefix.group(1) if prefix else None,
+                                               progress=False)
+            except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
+                raise WheelhouseError(f"could not download {weights.url} for {name}: {err}") from err
+        shutil.copyfile(cached, folder / cached.name)
+    write_sums(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != SUMS_FILE)
 
 
 def _has(name: str) -> bool:
