@@ -492,3 +492,24 @@ def test_a_stale_lock_file_does_not_block(synthetic_root, synthetic_manifest, tm
     folder.train_lock.write_text("999999\n")  # left by a killed process: no live flock on it
     fit(_config(), synthetic_manifest, folder.path, progress=False)
     assert folder.checkpoint("last").is_file() and not folder.train_lock.exists()
+
+
+def test_a_pretrained_run_records_the_weights_file_it_started_from(synthetic_manifest, tmp_path, monkeypatch):
+    import torchvision
+
+    import xrai.models.weights as weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(weights, "_can_reach", lambda url, timeout=3.0: False)  # offline: the cached file only
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), cached)
+    run_dir = tmp_path / "run"
+    fit(_config(model="mobilenet_v2", pretrained=True), synthetic_manifest, run_dir, progress=False)
+    expected = {"weights": "MobileNet_V2_Weights.IMAGENET1K_V2", "file": cached.name,
+                "sha256": weights.sha256_file(cached)}
+    for which in ("best", "last"):
+        assert torch.load(run_dir / "checkpoints" / f"{which}.pt", weights_only=False)["pretrained_weights"] == expected
+    scratch = tmp_path / "scratch"
+    fit(_config(), synthetic_manifest, scratch, progress=False)
+    assert torch.load(scratch / "checkpoints" / "best.pt", weights_only=False)["pretrained_weights"] is None

@@ -76,6 +76,8 @@ from xrai.models.checkpoint import (
 from xrai.models.factory import create_model
 from xrai.models.logits import flip_tta_logits
 from xrai.models.pruning import prune_synflow, restore_pruning
+from xrai.models.registry import model_spec
+from xrai.models.weights import weights_record
 from xrai.runs.layout import RunFolder
 from xrai.train import distributed
 from xrai.train.regularise import build_criterion, make_ema
@@ -91,7 +93,8 @@ logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "lr", "seconds", "images_per_s",
                    "world_size"]
 FIT_COLUMNS = ("path", "label", "body_part", "split")  # the manifest columns fit() reads
-BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name")
+BEST_KEYS = ("model", "epoch", "best_metric", "best_epoch", "monitor", "history", "config", "model_name",
+             "pretrained_weights")
 STEPWISE_SCHEDULERS = ("cosine", "onecycle")  # stepped after every optimizer step, the others once per epoch
 NO_VALIDATION = {"val_loss": math.nan, "val_auroc": math.nan, "val_accuracy": math.nan}
 
@@ -343,6 +346,8 @@ class _Run:
     say: Any
     progress: bool
     written: list[Path] = field(default_factory=list)  # files a fresh run created before its first epoch
+    # the ImageNet weights file the run started from ({weights, file, sha256}; None from scratch): in every checkpoint
+    pretrained_weights: dict[str, str] | None = None
 
 
 @dataclass(kw_only=True)
@@ -462,7 +467,8 @@ def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx:
     run = _Run(config=config, ctx=ctx, folder=folder, model=model, net=net, train_src=train_src,
                valid_src=valid_src, gather=gather, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                amp_dtype=amp_dtype, criterion=criterion, val_criterion=val_criterion, ema=make_ema(net, config),
-               monitor=monitor, say=say, progress=progress, written=written)
+               monitor=monitor, say=say, progress=progress, written=written,
+               pretrained_weights=_pretrained_record(config, state))
     _announce(run, len(train_rows), len(valid_rows), pos_weight)
     return run
 
@@ -617,7 +623,8 @@ def _save(run: _Run, book: _Book, epoch: int, improved: bool) -> None:
             "scaler": to_cpu(run.scaler.state_dict()), "epoch": epoch, "best_metric": book.best,
             "best_epoch": book.best_epoch, "bad_epochs": book.bad, "stopped_early": book.stop, "monitor": run.monitor,
             "history": book.history, "rng": rng_state(), "config": run.config.to_dict(),
-            "model_name": run.config.model, "ema": to_cpu(ema.state_dict()) if ema is not None else None}
+            "model_name": run.config.model, "ema": to_cpu(ema.state_dict()) if ema is not None else None,
+            "pretrained_weights": run.pretrained_weights}
     if run.ctx.world_size > 1:  # each rank's own, so the same world size resumes bit for bit
         ckpt["rng_ranks"] = run.ctx.rng_states(ckpt["rng"])
     if not run.ctx.is_main:  # rank 0 alone writes
@@ -708,6 +715,13 @@ def _model_and_sources(config: TrainConfig, ctx: distributed.Distributed, state:
     model = _build_model(config, ctx.device, state, say, progress)
     return model, make_sources(config, train_rows, valid_rows, manifest=manifest, device=ctx.device,
                                progress=progress, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def _pretrained_record(config: TrainConfig, state: dict[str, Any] | None) -> dict[str, str] | None:
+    """Which ImageNet weights file a pretrained run started from (a resumed run: what its checkpoint says)."""
+    if state is not None:
+        return state.get("pretrained_weights")
+    return weights_record(model_spec(config.model)) if config.pretrained else None
 
 
 def _build_model(config: TrainConfig, device: torch.device, state: dict[str, Any] | None, say,
