@@ -124,3 +124,16 @@ def test_resized_copy_is_near_and_distinct_stays_alone(tmp_path):
     assert set(table["kind"]) == {"near"} and set(table["crosses"]) == {"split"}
     groups = duplicate_groups(frame, workers=1, progress=False)
     assert groups[0] == groups[1] != groups[2]
+
+
+def test_with_splits_recounts_the_crossings_under_new_splits():
+    # the CV's per-fold audit: same groups, other splits (xrai.data.audit imports pandas lazily)
+    import pandas as pd
+
+    from xrai.data.audit import audit_summary, with_splits
+
+    table = pd.DataFrame({"path": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g2"], "label": [0, 0, 1, 0],
+                          "split": ["train", "train", "train", "train"], "crosses": ["", "", "label", "label"]})
+    out = with_splits(table, pd.Series({"a": "train", "b": "valid", "c": "train", "d": "train"}))
+    assert list(out["split"]) == ["train", "valid", "train", "train"]
+    assert audit_summary(out) == {"cross_split_groups": 1, "cross_label_groups": 1}

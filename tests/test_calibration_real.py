@@ -74,3 +74,39 @@ def test_platt_calibrates_a_pos_weighted_run_on_real_xrays(trained):
     print(f"temperature scaling, cross-fitted: ECE {temp['ece']['calibrated']:.3f}, NLL {temp['nll']['calibrated']:.3f}, "
           f"Brier {temp['brier']['calibrated']:.3f}")
     assert temp["nll"]["calibrated"] > cal["nll"]["calibrated"] and temp["ece"]["calibrated"] > cal["ece"]["calibrated"]
+
+
+@pytest.fixture(scope="module")
+def cv_run(dev_root, tmp_path_factory):
+    """A 3-fold grouped CV on fracatlas-dev's train+valid pool (test never used): 64 px, 3 epochs of batches of 32,
+    about 2 minutes on 2 CPU cores (measured: out-of-fold AUROC 0.705, Platt a = 1.21, b = -1.63, ECE 0.309 -> 0.011)."""
+    from xrai.config import TrainConfig
+    from xrai.data import load
+    from xrai.train.cv import cross_validate
+
+    run = tmp_path_factory.mktemp("calib_real_cv") / "cv"
+    config = TrainConfig(data="fracatlas", root=str(dev_root), model="mobilenet_v2", pretrained=False, img_size=64,
+                         epochs=3, batch_size=32, num_workers=0, amp=False, device="cpu", tta=False,
+                         warmup_epochs=0, patience=0, pos_weighting=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cross_validate(config, load("fracatlas", root=dev_root, progress=False), run, folds=3, progress=False)
+    return run
+
+
+def test_platt_calibrates_a_cv_runs_out_of_fold_predictions_on_real_xrays(cv_run):
+    import json
+
+    from xrai.runs.layout import RunFolder
+
+    folder = RunFolder(cv_run)
+    report = json.loads(folder.report_json("oof").read_text())
+    cal = report["calibration"]
+    print(f"\nfracatlas-dev out-of-fold ({report['image']['n']} images, AUROC {report['image']['auroc']:.3f}): "
+          f"{cal['method']} a={cal['slope']:.3f} b={cal['intercept']:+.3f}; ECE {cal['ece']['uncalibrated']:.3f} -> "
+          f"{cal['ece']['calibrated']:.3f}, NLL {cal['nll']['uncalibrated']:.3f} -> {cal['nll']['calibrated']:.3f}")
+    assert report["image"]["auroc"] > 0.6  # it ranks (measured 0.705): not a constant calibrated to the base rate
+    assert cal["method"] == "platt" and cal["applied"] and cal["slope"] > 0.3
+    assert cal["ece"]["uncalibrated"] > 0.1 and cal["ece"]["calibrated"] < 0.05
+    pred = folder.read_predictions("oof")
+    assert abs(pred["probability"].mean() - pred["label"].mean()) < 0.05

@@ -256,6 +256,8 @@ def with_splits(table: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
         table: an ``audit`` table (or audit.csv read back).
         splits: the new split of each image, indexed by path; images it lacks get "".
     """
+    import pandas as pd  # here, not at import: xrai.data (the decoder) imports this module
+
     out = table.copy()
     out["split"] = out["path"].map(splits).fillna("").astype(str)
     if out.empty:
