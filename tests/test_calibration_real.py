@@ -30,20 +30,26 @@ def dev_root() -> Path:
     pytest.skip(f"real FracAtlas subset not found at any of {[str(c) for c in CANDIDATES]}")
 
 
+def _small_recipe(dev_root: Path, *, batch_size: int):
+    """MobileNetV2 from scratch at 64 px for 3 epochs on the CPU, the recipe's pos_weight on."""
+    from xrai.config import TrainConfig
+
+    return TrainConfig(data="fracatlas", root=str(dev_root), model="mobilenet_v2", pretrained=False, img_size=64,
+                       epochs=3, batch_size=batch_size, num_workers=0, amp=False, device="cpu", tta=False,
+                       warmup_epochs=0, patience=0, pos_weighting=True)
+
+
 @pytest.fixture(scope="module")
 def trained(dev_root, tmp_path_factory):
     """A MobileNetV2 from scratch at 64 px, 3 epochs, the recipe's pos_weight on: ~6 minutes on a shared
     2-core CPU (it hardly ranks at this scale, AUROC ~0.5; what it shows is the shift pos_weight puts
     on its probabilities, and Platt taking it back)."""
-    from xrai.config import TrainConfig
     from xrai.data import load
     from xrai.evaluate.run import evaluate_run
     from xrai.train.trainer import fit
 
     run = tmp_path_factory.mktemp("calib_real") / "run"
-    config = TrainConfig(data="fracatlas", root=str(dev_root), model="mobilenet_v2", pretrained=False, img_size=64,
-                         epochs=3, batch_size=64, num_workers=0, amp=False, device="cpu", tta=False,
-                         warmup_epochs=0, patience=0, pos_weighting=True)
+    config = _small_recipe(dev_root, batch_size=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(config, load("fracatlas", root=dev_root, progress=False), run, progress=False)
@@ -80,14 +86,11 @@ def test_platt_calibrates_a_pos_weighted_run_on_real_xrays(trained):
 def cv_run(dev_root, tmp_path_factory):
     """A 3-fold grouped CV on fracatlas-dev's train+valid pool (test never used): 64 px, 3 epochs of batches of 32,
     about 2 minutes on 2 CPU cores (measured: out-of-fold AUROC 0.705, Platt a = 1.21, b = -1.63, ECE 0.309 -> 0.011)."""
-    from xrai.config import TrainConfig
     from xrai.data import load
     from xrai.train.cv import cross_validate
 
     run = tmp_path_factory.mktemp("calib_real_cv") / "cv"
-    config = TrainConfig(data="fracatlas", root=str(dev_root), model="mobilenet_v2", pretrained=False, img_size=64,
-                         epochs=3, batch_size=32, num_workers=0, amp=False, device="cpu", tta=False,
-                         warmup_epochs=0, patience=0, pos_weighting=True)
+    config = _small_recipe(dev_root, batch_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cross_validate(config, load("fracatlas", root=dev_root, progress=False), run, folds=3, progress=False)

@@ -202,6 +202,14 @@ def _fsync_dir(folder: Path) -> None:
 # ---- inter-process lock -------------------------------------------------------------------------
 
 
+def _write_pid(handle: IO) -> None:
+    """The lock file's content: the holder's pid (what a refused or waiting process names)."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n".encode())
+    handle.flush()
+
+
 def try_lock(handle: IO) -> bool:
     """Take an exclusive lock on the open file without waiting; False when another process holds it.
 
@@ -270,10 +278,7 @@ def exclusive_lock(path: str | os.PathLike, *, poll_s: float = 0.2,
                     told = True
             time.sleep(poll_s if told else min(poll_s, 0.05))
             locked = try_lock(handle)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n".encode())
-        handle.flush()
+        _write_pid(handle)
         yield True
     finally:
         if locked:  # leave no pid behind: a waiter that reads one knows it is the live holder's
@@ -332,10 +337,7 @@ def held_lock(path: str | os.PathLike) -> Iterator[bool]:
     else:
         raise LockHeldError(path, "?")
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n".encode())
-        handle.flush()
+        _write_pid(handle)
         yield True
     finally:
         with contextlib.suppress(OSError):
