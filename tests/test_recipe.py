@@ -229,10 +229,10 @@ def test_default_config_is_the_default_recipe():
 def test_bench_recipe_prints_the_cv_auroc_and_reprints_it(synthetic_root, tmp_path, monkeypatch, capsys):
     import json
 
-    import xrai.recipe
+    import xrai.bench.recipe
     from xrai.cli.commands import main
 
-    monkeypatch.setattr(xrai.recipe, "QUICK_BUDGET", {"folds": 2, "img_size": 32, "epochs": 1})
+    monkeypatch.setattr(xrai.bench.recipe, "QUICK_BUDGET", {"folds": 2, "img_size": 32, "epochs": 1})
     args = ["bench", "--recipe", "v1", "--quick", "--data", "synthetic", "--root", str(synthetic_root),
             "--out", str(tmp_path / "cv"), "--json", str(tmp_path / "bench.json")]
     assert main(args) == 0
@@ -243,3 +243,26 @@ def test_bench_recipe_prints_the_cv_auroc_and_reprints_it(synthetic_root, tmp_pa
     stamp = (tmp_path / "cv" / "cv.json").stat().st_mtime_ns
     assert main(args) == 0 and (tmp_path / "cv" / "cv.json").stat().st_mtime_ns == stamp  # read back, not rerun
     assert capsys.readouterr().out.strip() == line
+
+
+def test_pretrained_runs_default_to_ft1_and_every_consumer_can_name_the_recipe():
+    from xrai.cli.commands import _train_config, build_parser
+    from xrai.config import TrainConfig
+    from xrai.recipe import RECIPES, default_recipe, describe_recipe, recipe_config, recipe_name
+
+    assert default_recipe(True) == "ft1" and default_recipe(False) == "v2"
+    assert recipe_name(TrainConfig(data="synthetic", pretrained=False)) == "v2"
+    assert recipe_name(recipe_config("ft1", data="synthetic", pretrained=True)) == "ft1"
+    assert recipe_name(recipe_config("v1", data="synthetic").to_dict()) == "v1"  # a config.json's dict
+    assert recipe_name(TrainConfig(data="synthetic", lr=0.0123)) is None
+    assert describe_recipe(TrainConfig(data="synthetic", lr=0.0123)).startswith("a custom recipe")
+    assert "fine-tuning ImageNet weights" in describe_recipe(recipe_config("ft1", data="synthetic"))
+    parser = build_parser()
+    pretrained = _train_config(parser.parse_args(["train", "--data", "synthetic"]))
+    scratch = _train_config(parser.parse_args(["train", "--data", "synthetic", "--no-pretrained"]))
+    for config, name in ((pretrained, "ft1"), (scratch, "v2")):
+        assert {k: getattr(config, k) for k in RECIPES[name]} == RECIPES[name]
+    explicit = _train_config(parser.parse_args(["train", "--data", "synthetic", "--recipe", "v2"]))
+    assert {k: getattr(explicit, k) for k in RECIPES["v2"]} == RECIPES["v2"]
+    assert _train_config(parser.parse_args(["train", "--data", "synthetic", "--freeze-epochs", "1",
+                                            "--layer-decay", "0.7"])).layer_decay == 0.7

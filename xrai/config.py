@@ -40,10 +40,11 @@ _FLOAT_RANGES = (
     ("test_fraction", 0.0, True, 1.0, True),
     ("step_gamma", 0.0, True, 1.0, False),
     ("exp_gamma", 0.0, True, 1.0, False),
+    ("layer_decay", 0.0, True, 1.0, False),
 )
 # (field, smallest value) for the integer settings.
 _INT_MINIMUMS = (
-    ("epochs", 1), ("batch_size", 1), ("prune_iterations", 1), ("step_size", 1), ("warmup_epochs", 0),
+    ("epochs", 1), ("batch_size", 1), ("prune_iterations", 1), ("step_size", 1), ("warmup_epochs", 0), ("freeze_epochs", 0),
     ("patience", 0), ("seed", 0), ("num_workers", 0), ("max_batches", 0), ("world_size", 1),
 )
 
@@ -79,7 +80,8 @@ class TrainConfig:
     model: str = "mobilenet_v2"
     pretrained: bool = True
     head: str = "linear"
-    freeze: bool = False
+    freeze: bool = False  # the backbone frozen throughout: only the head trains
+    freeze_epochs: int = 0  # the backbone frozen for the first N epochs (head warm-up), then trained (cosine)
     dropout: float = 0.0
     prune_sparsity: float = 0.0
     prune_iterations: int = 100
@@ -97,6 +99,7 @@ class TrainConfig:
     step_size: int = 5
     step_gamma: float = 0.1
     exp_gamma: float = 0.99
+    layer_decay: float = 1.0  # layer-wise lr decay: each backbone stage gets this times the next one's lr (1: off)
     patience: int = 5
     monitor: str = "auroc"
     seed: int = 0
@@ -167,6 +170,9 @@ class TrainConfig:
         if self.cache_size is not None:
             _integer("cache_size", self.cache_size, self.image_size,
                      why=f" (images are cached at this side and cropped to img_size {self.image_size})")
+        if self.freeze_epochs and self.scheduler != "cosine":
+            raise ValueError(f"freeze_epochs needs scheduler='cosine' (it warms the backbone up after unfreezing), "
+                             f"got scheduler={self.scheduler!r}")
         for logger in self.loggers:
             _choice("loggers", logger, ("mlflow", "wandb"))
 

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from xrai.bench.report import markdown_table
-from xrai.recipe import bench_recipe
 
 __all__ = ["cmd_bench"]
 
 
 def cmd_bench(args) -> int:
     if args.recipe is not None:
+        from xrai.bench.recipe import bench_recipe  # deliberate: torch only for a measuring run (as below)
+
         bench_recipe(args.recipe, data=args.data, root=args.root, quick=args.quick, out=args.out,
                      json_path=args.json)
         return 0

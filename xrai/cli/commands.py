@@ -26,7 +26,7 @@ from xrai.config import KEEPS, OPTIMIZERS, RESIZES, SCHEDULERS, TrainConfig
 from xrai.deploy.wheelhouse import DEFAULT_WEIGHTS, KAGGLE_PLATFORM, KAGGLE_PYTHON
 from xrai.errors import is_user_error, one_line
 from xrai.labels import SOURCES
-from xrai.recipe import DEFAULT_RECIPE, RECIPE_FIELDS, RECIPES
+from xrai.recipe import DEFAULT_RECIPE, PRETRAINED_RECIPE, RECIPE_FIELDS, RECIPES, default_recipe
 from xrai.runs.layout import AUDIT_CSV, CHECKPOINTS_DIR, CONFIG_JSON, MANIFEST_CSV
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
@@ -53,7 +53,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None, help="crop side (default 224; 128 on synthetic)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights (default: yes)")
-    p.add_argument("--freeze", action="store_true", help="train the head alone (frozen backbone)")
+    p.add_argument("--freeze", action="store_true", default=None, help="train the head alone (frozen backbone)")
     p.add_argument("--head", choices=("linear", "mlp"), default="linear")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--monitor", default=TrainConfig.monitor, choices=("auroc", "accuracy", "loss"))
@@ -66,7 +66,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _add_split_args(p)
     p.add_argument("--logger", action="append", default=[], choices=("mlflow", "wandb"), dest="loggers")
     g = p.add_argument_group("recipe (docs/recipe.md; unset flags take the --recipe's value, else the default)")
-    g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help=f"a named recipe (default {DEFAULT_RECIPE}, TrainConfig's; v1: the old one)")
+    g.add_argument("--recipe", default=None, choices=tuple(RECIPES), help=f"a named recipe (default: {PRETRAINED_RECIPE} with ImageNet weights, "
+                   f"{DEFAULT_RECIPE} from scratch; v1: the old one)")
     g.add_argument("--resize", default=None, choices=RESIZES, help="fit images to a square: keep aspect "
                    "(letterbox) or stretch")
     g.add_argument("--crop-scale", type=float, default=None, help="smallest random crop, as a share of the area")
@@ -84,6 +85,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="weigh abnormal images by n_normal / n_abnormal in the loss")
     g.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average each image's probability with its left-right flip's when evaluating")
+    g.add_argument("--freeze-epochs", type=int, default=None,
+                   help="the backbone frozen for the first N epochs (the head warms up alone), then trained")
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise lr decay: each earlier backbone stage's lr is this times the next's (1: off)")
     g.add_argument("--keep", default=None, choices=KEEPS, help="hand on the best validated or the last epoch")
     g.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without gain (0: off)")
 
@@ -249,11 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args) -> TrainConfig:
-    recipe = dict(RECIPES[args.recipe]) if args.recipe else {}
+    recipe = dict(RECIPES[args.recipe or default_recipe(args.pretrained)])
     recipe.update({name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None})
     return TrainConfig(
         data=args.data, root=args.root, body_part=args.body_part, model=args.model, epochs=args.epochs,
-        img_size=args.img_size, pretrained=args.pretrained, freeze=args.freeze, head=args.head,
+        img_size=args.img_size, pretrained=args.pretrained, head=args.head,
         dropout=args.dropout, monitor=args.monitor, prune_sparsity=args.prune_sparsity,
         input_path=args.input_path, num_workers=args.num_workers, seed=args.seed, loggers=args.loggers,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, deterministic=args.deterministic, **recipe,

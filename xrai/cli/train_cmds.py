@@ -18,6 +18,7 @@ from xrai.cli.data_cmds import config_manifest
 from xrai.cli.report_lines import fmt
 from xrai.config import TrainConfig
 from xrai.data import read_manifest
+from xrai.recipe import describe_recipe
 from xrai.runs.layout import CV_JSON, FOLDS_DIR, RunFolder
 from xrai.train import distributed
 from xrai.train.launcher import launch, resolve_nproc
@@ -48,6 +49,7 @@ def cmd_train(args) -> int:
             return read_manifest(args.manifest)
         return config_manifest(config)
 
+    print(f"{config.model}, {'ImageNet weights' if config.pretrained else 'from scratch'}: {describe_recipe(config)}")
     nproc = 1 if args.nproc is None else resolve_nproc(args.nproc, config.device)
     if nproc > 1:  # torchrun in a subprocess; this process draws the curves once it is done
         if distributed.world_size_from_env() > 1:
@@ -75,6 +77,7 @@ def cmd_cv(args) -> int:
         manifest = read_manifest(run_dir)  # the CV's own folds
     else:
         manifest = config_manifest(config)
+    print(f"{config.model}, {'ImageNet weights' if config.pretrained else 'from scratch'}: {describe_recipe(config)}")
     result = cv.cross_validate(config, manifest, run_dir, folds=args.folds, resume=args.resume, final=args.final)
     summary = result.summary
     auroc = summary["summary"]["image"]["auroc"]

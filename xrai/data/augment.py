@@ -34,24 +34,26 @@ from torch import Tensor, nn
 __all__ = ["BASE_DEGREES", "BASE_JITTER", "IMAGENET_MEAN", "IMAGENET_STD", "GpuAugment", "augment_options",
            "preprocess"]
 
-from xrai.data.contract import IMAGENET_MEAN, IMAGENET_STD, centre_crop_offset
+from xrai.data.contract import IMAGENET_MEAN, IMAGENET_STD, centre_crop_offset, model_normalisation
 from xrai.data.decode.images import fit_square
 
 # aug_strength 1 (TrainConfig): rotation within +-10 degrees, brightness and contrast factors in 1 +- 0.2.
 BASE_DEGREES, BASE_JITTER = 10.0, 0.2
 
 
-def augment_options(*, crop_scale: float = 0.7, aug_strength: float = 1.0) -> dict:
-    """GpuAugment's training ranges for a recipe: crops of ``crop_scale``..1 of the area, rotation and
-    intensity jitter scaled by ``aug_strength`` (0: crop and flip only)."""
+def augment_options(*, crop_scale: float = 0.7, aug_strength: float = 1.0, model: str = "") -> dict:
+    """GpuAugment's options for a recipe: crops of ``crop_scale``..1 of the area, rotation and intensity
+    jitter scaled by ``aug_strength`` (0: crop and flip only), and ``model``'s input normalisation."""
     if not 0 <= aug_strength * BASE_JITTER < 1:
         raise ValueError(f"aug_strength must be in [0, {1 / BASE_JITTER:g}), got {aug_strength}")
     return {"scale": (float(crop_scale), 1.0), "degrees": BASE_DEGREES * aug_strength,
-            "brightness": BASE_JITTER * aug_strength, "contrast": BASE_JITTER * aug_strength}
+            "brightness": BASE_JITTER * aug_strength, "contrast": BASE_JITTER * aug_strength,
+            **model_normalisation(model)}
 
 
 class GpuAugment(nn.Module):
-    """uint8 (B,1,S,S) or (B,S,S) on any device -> float32 (B,3,image_size,image_size), ImageNet-normalised.
+    """uint8 (B,1,S,S) or (B,S,S) on any device -> float32 (B,3,image_size,image_size), normalised with
+    ``mean`` and ``std`` (ImageNet's by default; the model's, ``xrai.data.contract.model_normalisation``).
 
     Train: per image a random resized crop (area `scale`, aspect `ratio`, as torchvision's
     RandomResizedCrop), a horizontal flip (p=0.5), a rotation within +-`degrees` and brightness and
@@ -63,6 +65,7 @@ class GpuAugment(nn.Module):
         image_size: output side.
         train: random augmentation on (True) or the deterministic centre crop (False).
         scale, ratio, degrees, flip_p, brightness, contrast: the training ranges.
+        mean, std: per-channel normalisation of x / 255 after grey is copied to 3 channels.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class GpuAugment(nn.Module):
         flip_p: float = 0.5,
         brightness: float = BASE_JITTER,
         contrast: float = BASE_JITTER,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if image_size < 1:
@@ -89,8 +94,8 @@ class GpuAugment(nn.Module):
         self.scale, self.ratio = scale, ratio
         self.degrees, self.flip_p = float(degrees), float(flip_p)
         self.brightness, self.contrast = float(brightness), float(contrast)
-        # Grey -> 3 channels and ImageNet normalisation in one multiply-add: out_c = x * a_c + b_c.
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        # Grey -> 3 channels and the normalisation in one multiply-add: out_c = x * a_c + b_c.
+        mean, std = torch.tensor(tuple(mean), dtype=torch.float32), torch.tensor(tuple(std), dtype=torch.float32)
         self.register_buffer("_mul", (1.0 / std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_add", (-mean / std).view(1, 3, 1, 1), persistent=False)
 
@@ -226,10 +231,13 @@ def preprocess(
     resize_size: int,
     device: torch.device | str = "cpu",
     resize: str = "letterbox",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
     """Single-image inference input: fit each uint8 (H,W) image to a `resize_size` square (`resize`:
     letterbox or stretch, the run's TrainConfig.resize), then the eval branch of GpuAugment (centre crop
-    to `image_size`), exactly as the cached and classic eval paths.
+    to `image_size`, normalised with `mean` and `std`: the model's), exactly as the cached and classic
+    eval paths.
 
     Returns:
         float32 (B,3,image_size,image_size) on `device`.
@@ -240,5 +248,5 @@ def preprocess(
         raise ValueError("preprocess got no images")
     boxed = np.stack([fit_square(np.asarray(im, dtype=np.uint8), resize_size, resize) for im in images])
     batch = torch.from_numpy(boxed).unsqueeze(1).to(device)
-    augment = GpuAugment(image_size, train=False).to(device)
+    augment = GpuAugment(image_size, train=False, mean=mean, std=std).to(device)
     return augment(batch)

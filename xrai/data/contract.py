@@ -2,7 +2,8 @@
 
 What turns a decoded uint8 (H, W) radiograph into a model's input, with the numbers a run was trained
 with: fit it into a ``resize_size`` square (letterbox), centre-crop ``image_size`` (zero-padded when
-the square is smaller), grey -> 3 channels, x / 255, ImageNet normalisation; float32 (B, 3, S, S).
+the square is smaller), grey -> 3 channels, x / 255, the model's normalisation (ImageNet's mean and std for
+torchvision's weights, ``MODEL_NORMALISATION`` for the others); float32 (B, 3, S, S).
 ``xrai.data.augment.preprocess`` is the torch implementation (its eval branch is the same integer crop
 and the same float32 arithmetic); ``prepare`` here is the numpy one, which the ONNX server uses
 without torch; tests hold them within 1e-6. An export writes ``InputContract.to_dict()`` into its
@@ -22,10 +23,26 @@ from xrai.config import (
 )
 from xrai.data.decode.images import fit_square as _fit_square
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputContract", "centre_crop_offset", "prepare"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LITE_MEAN", "LITE_STD", "MODEL_NORMALISATION", "InputContract",
+           "centre_crop_offset", "model_normalisation", "prepare"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite's TensorFlow weights were trained on (x - 127) / 128 of 0-255 pixels: [-1, 1]
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+# The input normalisation of each model whose weights expect something other than ImageNet's mean and std
+# (xrai.models.registry.register_model adds to it); every other model name gets ImageNet's.
+MODEL_NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "efficientnet_lite0": (LITE_MEAN, LITE_STD),
+}
+
+
+def model_normalisation(model: str) -> dict[str, tuple[float, float, float]]:
+    """{"mean", "std"} a model's input is normalised with (ImageNet's unless MODEL_NORMALISATION says)."""
+    mean, std = MODEL_NORMALISATION.get(str(model), (IMAGENET_MEAN, IMAGENET_STD))
+    return {"mean": tuple(mean), "std": tuple(std)}
 
 
 def centre_crop_offset(side: int, size: int) -> int:
@@ -62,9 +79,11 @@ class InputContract:
 
     @classmethod
     def from_config(cls, config: Any) -> InputContract:
-        """The contract of a TrainConfig (its image_size, resize_size and resize mode)."""
+        """The contract of a TrainConfig (its image_size, resize_size and resize mode, and its model's
+        normalisation)."""
         return cls(image_size=int(config.image_size), resize_size=int(config.resize_size),
-                   resize=str(getattr(config, "resize", "letterbox")))
+                   resize=str(getattr(config, "resize", "letterbox")),
+                   **model_normalisation(getattr(config, "model", "")))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputContract:

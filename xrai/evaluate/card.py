@@ -16,6 +16,7 @@ from xrai import __version__
 from xrai.config import TrainConfig
 from xrai.data.download import DATASETS
 from xrai.evaluate.report import calibration_words
+from xrai.recipe import describe_recipe
 from xrai.runs.layout import AUDIT_CSV, RunFolder, read_json
 
 __all__ = ["INTENDED_USE", "model_card", "write_model_card"]
@@ -86,7 +87,8 @@ def _recipe_section(run: RunFolder, reports: dict[str, dict]) -> list[str]:
                   f"- Optimiser {config.get('optimizer')}, lr {config.get('lr')}, weight decay "
                   f"{config.get('weight_decay')}, batch {config.get('batch_size')}, scheduler "
                   f"{config.get('scheduler')}, up to {config.get('epochs')} epochs (patience "
-                  f"{config.get('patience')} on validation {config.get('monitor')}), seed {config.get('seed')}"]
+                  f"{config.get('patience')} on validation {config.get('monitor')}), seed {config.get('seed')}",
+                  f"- Training {describe_recipe(config)}"]
         if config.get("prune_sparsity"):
             lines.append(f"- SynFlow pruning at init to {config['prune_sparsity']:.0%} sparsity")
     h = run.read_history()

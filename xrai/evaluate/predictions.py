@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from xrai.config import TrainConfig
 from xrai.data.augment import preprocess
+from xrai.data.contract import model_normalisation
 from xrai.data.decode.images import DamagedImages, ImageError, read_image
 from xrai.env import autocast_dtype, get_device
 from xrai.models.logits import flip_tta_logits, one_logit
@@ -75,7 +76,8 @@ def _logits(forward: Callable, paths: list[str], config: Any, dev: torch.device,
             if not keep:
                 continue
             x = preprocess([img for _, img in keep], image_size=config.image_size,
-                           resize_size=config.resize_size, device=dev, resize=config.resize)
+                           resize_size=config.resize_size, device=dev, resize=config.resize,
+                           **model_normalisation(config.model))
             z = flip_tta_logits(forward, x) if tta else forward(x)
             logits[[i for i, _ in keep]] = z.cpu().numpy()
     return logits, bad

@@ -38,6 +38,7 @@ from scipy.stats import spearmanr
 
 from xrai.data import read_manifest
 from xrai.data.augment import preprocess
+from xrai.data.contract import model_normalisation
 from xrai.data.decode.images import ImageError, read_image
 from xrai.data.synthetic import fracture_mask
 from xrai.evaluate.metrics import cam_mass_in_mask, pointing_chance, pointing_game
@@ -225,7 +226,7 @@ def measure_explanations(
         manifest = read_manifest(run.run_dir)
     lines = _line_rows(rows, manifest)
     x = preprocess(images, image_size=run.config.image_size, resize_size=run.config.resize_size, device=run.device,
-                   resize=run.config.resize)
+                   resize=run.config.resize, **model_normalisation(run.config.model))
     with _cpu_threads(x.device):
         return _measure(run, x, images, classes, lines, split=split, road_images=road_images, methods=methods,
                         seed=seed, progress=progress)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xrai.data.augment import preprocess
+from xrai.data.contract import model_normalisation
 from xrai.data.decode.images import ImageError, read_image
 from xrai.explain.overlays import cam_to_image, overlay, save_png
 from xrai.labels import CLASS_NAMES
@@ -234,7 +235,7 @@ def _cams_and_probabilities(explainer: CamExplainer | None, forward: Any, images
                             calibration: Calibration | None = None) -> tuple[Any, np.ndarray]:
     """(maps in the model's input frame, or Nones without an explainer; calibrated probabilities) of a batch."""
     x = preprocess(images, image_size=config.image_size, resize_size=config.resize_size, device=device,
-                   resize=config.resize)
+                   resize=config.resize, **model_normalisation(config.model))
     if explainer is None:
         logits = forward(x).cpu().numpy()
         cams: Any = [None] * x.shape[0]

