@@ -171,3 +171,12 @@ def test_freeze_epochs_hold_the_backbone_at_zero_then_warm_it_up():
     with pytest.raises(ValueError, match="freeze_epochs needs scheduler='cosine'"):
         TrainConfig(data="synthetic", freeze_epochs=1, scheduler="step")
     assert math.isclose(head[0], 1e-4)  # the head's own warm-up (1 epoch of 10 steps) is unchanged
+
+
+def test_synflow_prunes_lite0_to_the_asked_sparsity():
+    from xrai.models import prune_synflow
+
+    model = create_model("efficientnet_lite0", pretrained=False)
+    report = prune_synflow(model, sparsity=0.95, iterations=5, input_shape=(1, 3, 64, 64), progress=False)
+    assert "5.00%" in str(report)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1)
