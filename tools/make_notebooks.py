@@ -265,7 +265,8 @@ MY_XRAY = '''\
 if MY_XRAY:  # a path: scored and explained here
     MINE = xrai.evaluate.explain_file(RUN_DIR, MY_XRAY)
     print(f"{MINE['path']}: {MINE['label']}, probability {MINE['probability']:.3f} "
-          f"({'calibrated' if MINE['calibrated'] else 'not calibrated'}); thresholds: {MINE['thresholds']}")
+          f"({'calibrated' if MINE['calibrated'] else 'not calibrated'}); thresholds: "
+          + ", ".join(f"{which} {value:.3f}" for which, value in MINE["thresholds"].items()))
     display(MINE["figure"])
 else:  # an upload button (PNG, JPEG or DICOM); a saved version shows it as a line of text
     xrai.widgets.show(xrai.widgets.xray_upload(RUN_DIR))'''

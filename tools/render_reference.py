@@ -11,7 +11,7 @@ cell saying how it was made (device, epochs, image size, weights, date, the data
 pictures are downscaled and its widget state stripped, and it is written to ``--out`` as
 ``00_quickstart.ipynb``, ``04_evaluate.ipynb`` and ``05_gradcam.ipynb`` (no file is named after the
 dataset). A copy of 2 MB or more stops the tool with an error naming it. ``MY_XRAY`` is one fractured
-image of the test split, so the "your own X-ray" cells show a scored file.
+(label 1) image of the test split, so the "your own X-ray" cells show a scored file.
 
 tests/test_notebooks.py checks that the committed copies' code cells equal tools/make_notebooks.py's.
 """
@@ -33,6 +33,7 @@ from PIL import Image
 
 import xrai
 from xrai.data import audit, load, make_synthetic
+from xrai.labels import class_names
 from xrai.runs.layout import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def device_line() -> str:
 
 
 def my_xray(manifest) -> str:
-    """One fractured (abnormal) image of the test split: the file the "your own X-ray" cells score."""
+    """One image of the test split labelled 1 (fractured, abnormal): the file the "your own X-ray" cells score."""
     rows = manifest[(manifest["split"] == "test") & (manifest["label"] == 1)].sort_values("path")
     return str(rows["path"].iloc[0])
 
@@ -105,7 +106,7 @@ def made_with(name: str, args: argparse.Namespace, run_dir: Path, xray: str) -> 
         f"> - data: `DATASET = \"{args.dataset}\"`, all body parts; `MODEL = \"{args.model}\"`",
         f"> - epochs: {args.epochs}; image size: {args.img_size} px; batch size: {args.batch_size}",
         f"> - weights: {weights}",
-        f"> - `MY_XRAY`: `{Path(xray).name}`, a fractured image of the test split",
+        f"> - `MY_XRAY`: `{Path(xray).name}`, a {class_names(args.dataset)[1]} image of the test split",
     ]
     if auroc is not None:
         lines.append(f"> - test AUROC of this run: {auroc:.3f} (from its report_test.json)")
@@ -128,6 +129,8 @@ def tidy(nb: nbformat.NotebookNode) -> None:
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        # a widget's text fallback ("epoch 1:   0%|", a progress bar's first frame) says nothing on a page
+        cell.outputs = [o for o in cell.outputs if WIDGET_MIME not in o.get("data", {}) or "image/png" in o["data"]]
         for output in cell.outputs:
             data = output.get("data", {})
             data.pop(WIDGET_MIME, None)
