@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 SERIES = ["01_download", "02_eda", "03_train", "04_evaluate", "05_gradcam"]
 NAMES = ["00_quickstart", *SERIES]
+TRAINED = ["00_quickstart", "03_train", "04_evaluate", "05_gradcam"]  # their RUN_DIR: xrai.runs.run_dir_for(...)
+CLINICAL = ["00_quickstart", "04_evaluate", "05_gradcam"]  # the not-for-diagnosis line near the top
+KAGGLE_MENU = "Settings > Accelerator > GPU T4 x2"
+REFERENCE_DIR = ROOT / "docs" / "reference"
+REFERENCE_NAMES = {"00_quickstart", "04_evaluate", "05_gradcam"}
 NEEDS = {"02_eda": "01_download", "03_train": "01_download", "04_evaluate": "03_train", "05_gradcam": "04_evaluate"}
 CODE_BANNED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor, ast.While, ast.Lambda)
 FAST = {"EPOCHS": 1, "PRETRAINED": False, "IMG_SIZE": 64, "BATCH_SIZE": 32, "GALLERY_N": 2, "USE_DRIVE": False}
@@ -63,6 +68,10 @@ def _parse(source: str) -> ast.Module:
     from IPython.core.inputtransformer2 import TransformerManager
 
     return ast.parse(TransformerManager().transform_cell(source))
+
+
+def _sources(name: str, kind: str = "code") -> str:
+    return "\n\n".join(c.source for c in _read(name).cells if c.cell_type == kind)
 
 
 def _parameters(name: str) -> dict:
@@ -108,16 +117,22 @@ def test_gpu_check_first_then_install_then_runtime_and_parameters(name):
     assert nb.cells[1].cell_type == "code", "no cell before the GPU check"
     gpu, setup, imports, params = _code(nb)[:4]
     imported = {a.name for n in ast.walk(_parse(gpu.source)) if isinstance(n, ast.Import) for a in n.names}
-    assert imported == {"os", "torch"}, "the GPU check uses torch alone (it runs before xrai is installed)"
+    assert {"torch"} <= imported <= {"os", "torch"}, "the GPU check uses torch alone (it runs before xrai is installed)"
+    assert len(gpu.source.splitlines()) <= 12, "the GPU check is a few lines"
+    assert setup.source.startswith("#@title ") and setup.metadata.get("cellView") == "form", "the install is a Colab form"
     assert 'find_spec("xrai") is None' in setup.source and "--no-index" in setup.source and "--find-links" in setup.source
     assert f"git+https://github.com/{repo}" in setup.source and "curl" not in setup.source and "| bash" not in setup.source
-    calls = [ast.unparse(n.func) for n in ast.walk(_parse(imports.source)) if isinstance(n, ast.Call)]
-    calls = [c for c in calls if not c.startswith("get_ipython")]  # %matplotlib inline
-    assert calls == ["xrai.env.check_runtime"], "the first call after set-up"
+    calls = [n for n in ast.walk(_parse(imports.source)) if isinstance(n, ast.Call)]
+    calls = [c for c in calls if not ast.unparse(c.func).startswith("get_ipython")]  # %matplotlib inline
+    assert [ast.unparse(c.func) for c in calls] == ["xrai.env.check_runtime"], "the first call after set-up"
+    assert ast.unparse(calls[0]) == "xrai.env.check_runtime(show=False)", "the GPU check printed the status already"
     assert params.metadata.get("tags") == ["parameters"]
-    assert {"RUN_DIR", "USE_DRIVE"} <= set(_parameters(name))
+    assert {"RUN_DIR", "USE_DRIVE"} <= set(_parameters(name)) and _parameters(name)["RUN_DIR"] is None
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
-    assert _code(nb)[4].source.startswith("RUN_DIR = xrai.env.prepare_run_dir(RUN_DIR, use_drive=USE_DRIVE)")
+    assert _code(nb)[4].source.startswith("RUN_DIR = xrai.env.prepare_run_dir(RUN_DIR or ")
+    run_folder_md = nb.cells[nb.cells.index(_code(nb)[4]) - 1]
+    assert run_folder_md.cell_type == "markdown" and len(run_folder_md.source.splitlines()) == 1
+    assert "docs/notebooks.md#the-run-folder" in run_folder_md.source
 
 
 def test_series_parameters():
@@ -127,10 +142,47 @@ def test_series_parameters():
     assert {"BODY_PART", "MODEL", "EPOCHS", "IMG_SIZE", "BATCH_SIZE", "SEED", "PRETRAINED"} <= set(assigned["03_train"])
     assert assigned["03_train"]["PRETRAINED"] is True and assigned["03_train"]["EPOCHS"] >= 5
     assert assigned["03_train"]["ALLOW_CPU"] is False and assigned["00_quickstart"]["ALLOW_CPU"] is False
-    assert len({assigned[n]["RUN_DIR"] for n in SERIES}) == 1, "one run folder for the whole series"
+    settings = {n: (assigned[n]["DATASET"], assigned[n]["BODY_PART"], assigned[n]["MODEL"]) for n in TRAINED}
+    assert len({settings[n] for n in ("03_train", "04_evaluate", "05_gradcam")}) == 1, "03-05 default to one run"
     quick = assigned["00_quickstart"]
     assert (quick["DATASET"], quick["BODY_PART"], quick["MODEL"], quick["PRETRAINED"], quick["EPOCHS"]) == (
         "mura", "wrist", "mobilenet_v2", True, 5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_setting_parameters_are_colab_dropdowns(name):
+    """DATASET, BODY_PART and MODEL as `#@param` dropdowns in the one parameters cell (papermill overrides them)."""
+    from xrai.labels import SOURCES
+    from xrai.models import list_models
+
+    source = next(c for c in _read(name).cells if "parameters" in c.metadata.get("tags", [])).source
+    wanted = {"DATASET": SOURCES, "BODY_PART": None, "MODEL": list_models()} if name in TRAINED else {"DATASET": SOURCES}
+    for variable, allowed in wanted.items():
+        line = next(ln for ln in source.splitlines() if ln.startswith(f"{variable} = "))
+        match = re.search(r"#@param (\[.*?\])", line)
+        assert match, f"{name}: {variable} is not a Colab dropdown: {line}"
+        choices = ast.literal_eval(match.group(1))
+        assert ast.literal_eval(line.split("=", 1)[1].split("#")[0].strip()) in choices
+        assert allowed is None or set(choices) <= set(allowed), (variable, choices)
+    assert "picker" not in "".join(c.source for c in _code(_read(name))), "the inert ipywidgets pickers are gone"
+
+
+def test_run_folder_is_named_by_the_setting():
+    """A new MODEL (or BODY_PART) is a new run folder; the same setting, the same folder (it resumes)."""
+    from xrai.runs import run_dir_for
+
+    assert run_dir_for("mura", "wrist", "mobilenet_v2") != run_dir_for("mura", "wrist", "resnet18")
+    assert run_dir_for("mura", "wrist", "mobilenet_v2") != run_dir_for("mura", "hand", "mobilenet_v2")
+    assert run_dir_for("mura", "wrist", "mobilenet_v2") == run_dir_for("mura", "wrist", "mobilenet_v2")
+    for name in TRAINED:
+        prepare = _code(_read(name))[4].source.splitlines()[0]
+        assert prepare == ("RUN_DIR = xrai.env.prepare_run_dir(RUN_DIR or xrai.runs.run_dir_for(DATASET, BODY_PART, "
+                           "MODEL), use_drive=USE_DRIVE)"), name
+    for name in ("01_download", "02_eda"):  # the data's folder, which 03 reads the manifest from
+        assert 'RUN_DIR or f"runs/{DATASET}"' in _code(_read(name))[4].source
+    assert 'DATA_DIR or f"runs/{DATASET}"' in _code(_read("03_train"))[4].source
+    assert "xrai.data.read_manifest(DATA_DIR)" in _sources("03_train")
+    assert "xrai.runs.runs_table(" in _sources("04_evaluate")
 
 
 def test_quickstart_calls_the_functions_the_series_calls():
@@ -155,7 +207,7 @@ def test_setup_cell_does_nothing_where_xrai_imports(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("environ", "says"), [
-    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, "To get a T4: Kaggle: Settings (right panel) > Accelerator > GPU T4 x2"),
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, f"To get a T4: Kaggle: {KAGGLE_MENU}, then"),
     ({"COLAB_RELEASE_TAG": "x"}, "To get a T4: Colab: Runtime > Change runtime type > Hardware accelerator: T4 GPU"),
     ({}, "open this notebook in Colab (Runtime > Change runtime type"),
 ])
@@ -175,6 +227,144 @@ def test_gpu_check_names_the_menu_path(monkeypatch, capsys, environ, says):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
     exec(compile(_code(_read("03_train"))[0].source, "gpu", "exec"), {})
     assert capsys.readouterr().out.strip() == "GPU: Tesla T4; T4: yes"
+
+
+@pytest.mark.parametrize("name", ["01_download", "02_eda"])
+def test_gpu_check_of_01_and_02_says_no_gpu_is_needed(monkeypatch, capsys, name):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exec(compile(_code(_read(name))[0].source, "gpu", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("GPU: none; this notebook needs none"), out
+    assert "T4" not in _read(name).cells[0].source.split("**Needs:**")[1].split("·")[0], "01 and 02 ask for no T4"
+
+
+def test_install_cell_prints_one_line(tmp_path, monkeypatch, capsys):
+    import xrai
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_code(_read("03_train"))[1].source, "setup", "exec"), {})
+    assert capsys.readouterr().out == f"xrai {xrai.__version__}: already installed\n"
+
+
+def test_one_kaggle_menu_path_everywhere():
+    texts = {name: (NOTEBOOK_DIR / f"{name}.ipynb").read_text(encoding="utf-8") for name in NAMES}
+    texts |= {doc: (ROOT / doc).read_text(encoding="utf-8") for doc in ("README.md", "docs/notebooks.md")}
+    for where, text in texts.items():
+        for path in re.findall(r"Settings[^*`\"\n]*?Accelerator[^*`\"\n]*?T4 x2", text):
+            assert path == KAGGLE_MENU, f"{where}: {path!r}, not {KAGGLE_MENU!r}"
+    assert all(KAGGLE_MENU in texts[doc] for doc in ("README.md", "docs/notebooks.md"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_papermill_example_names_a_parameter_of_that_notebook(name):
+    examples = re.findall(r"-p ([A-Z_]+) ", _sources(name, "markdown"))
+    assert examples and set(examples) <= set(_parameters(name)), (name, examples)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_not_for_diagnosis_line_near_the_top(name):
+    from xrai.deploy.app import RESEARCH_NOTICE
+
+    first = _read(name).cells[0].source
+    if name in CLINICAL:
+        assert "not for diagnosis" in RESEARCH_NOTICE and "not a medical device, not for diagnosis" in first
+        assert first.index("not for diagnosis") < first.index("**Needs:**"), "near the top"
+    assert "/docs/reference/" in first and "/docs/performance.md" in first, "what you should see"
+    if name in REFERENCE_NAMES:
+        assert f"/docs/reference/{name}.ipynb" in first
+
+
+def test_class_names_come_from_the_run_and_mura_abnormal_is_explained():
+    for name in NAMES:
+        assert '"abnormal"' not in _sources(name), f"{name} names the classes itself (FracAtlas says fractured)"
+    for name in ("00_quickstart", "01_download", "03_train"):
+        assert "xrai.labels.class_names(" in _sources(name)
+    for name in ("00_quickstart", "01_download", "04_evaluate"):
+        assert "not only fractures" in _sources(name, "markdown")
+
+
+def test_metrics_in_plain_words_after_the_tables():
+    cells = [c.source for c in _code(_read("04_evaluate"))]
+    words = next(i for i, c in enumerate(cells) if "metrics_in_words" in c)
+    assert cells[words] == "Markdown(xrai.evaluate.metrics_in_words(report_valid, report_test))"
+    tables = ("thresholds_table(report", "calibration_table(report", 'report_test["image"]', 'report_test["study"]')
+    assert all(words > i for i, c in enumerate(cells) if any(t in c for t in tables))
+    assert "Markdown(xrai.evaluate.metrics_in_words(report_valid, report_test, short=True))" in _sources("00_quickstart")
+
+
+def test_gradcam_teaches():
+    code, text = _sources("05_gradcam"), _sources("05_gradcam", "markdown")
+    assert "Markdown(xrai.evaluate.gradcam_in_words(RUN_DIR, SPLIT))" in code
+    for kind in ("tp", "fp", "fn", "tn"):
+        assert f'display(Image(filename=str(GALLERY["{kind}"])))' in code
+        assert f'display(Image(filename=str(GALLERY["{kind}"])))' in _sources("00_quickstart")
+    assert "original | heat map | overlay" in text and "correct normals" in text
+    shortcut = next(c.source for c in _read("05_gradcam").cells if c.source.startswith("## A worked example"))
+    for word in ('"L"/"R"', "text", "Hardware", "cast", "edge"):
+        assert word in shortcut, word
+
+
+@pytest.mark.parametrize("name", ["00_quickstart", "05_gradcam"])
+def test_your_own_xray_then_export_then_model_card(name):
+    assert _parameters(name)["MY_XRAY"] is None
+    code = _sources(name)
+    order = [code.index(call) for call in ("xrai.evaluate.explain_file(RUN_DIR, MY_XRAY", "xrai.widgets.xray_upload(RUN_DIR",
+                                           "xrai.deploy.export.export_run(RUN_DIR", "xrai.evaluate.model_card_markdown(RUN_DIR")]
+    assert order == sorted(order)
+    assert "import xrai.deploy.export" in _code(_read(name))[2].source
+
+
+@pytest.mark.parametrize("name", ["00_quickstart", "03_train"])
+def test_the_seeds_knobs_reach_the_config(name):
+    """FREEZE, HEAD, LOGGERS and PRUNE_SPARSITY are parameters and go to TrainConfig's fields of those names."""
+    import dataclasses
+
+    from xrai.config import TrainConfig
+
+    params = _parameters(name)
+    assert (params["FREEZE"], params["HEAD"], params["LOGGERS"], params["PRUNE_SPARSITY"]) == (False, "linear", [], 0.0)
+    calls = [n for c in _code(_read(name)) for n in ast.walk(_parse(c.source))
+             if isinstance(n, ast.Call) and ast.unparse(n.func) in ("TrainConfig", "xrai.recipe.recipe_config")]
+    assert len(calls) == 1
+    keywords = {k.arg: ast.unparse(k.value) for k in calls[0].keywords}
+    assert set(keywords) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {k: keywords[k] for k in ("freeze", "head", "loggers", "prune_sparsity")} == {
+        "freeze": "FREEZE", "head": "HEAD", "loggers": "LOGGERS", "prune_sparsity": "PRUNE_SPARSITY"}
+    TrainConfig(freeze=params["FREEZE"], head=params["HEAD"], loggers=params["LOGGERS"],
+                prune_sparsity=params["PRUNE_SPARSITY"])
+
+
+def test_training_notebook_shows_inputs_parameter_counts_and_model_table():
+    code, text = _sources("03_train"), _sources("03_train", "markdown")
+    assert "xrai.plots.augmented_batch(config, manifest)" in code
+    assert code.count("xrai.models.parameter_count(") == 2
+    for topic in ("Transfer learning", "loss", "schedule", "Early stopping on validation AUROC", "Mixed precision",
+                  "cached input path"):
+        assert topic in text, topic
+    table = next(c.source for c in _read("03_train").cells if c.source.startswith("## Models on a T4"))
+    assert "estimates, not measurements" in table.lower() and "`densenet169`" in table
+
+
+def test_rendered_reference_copies_match_the_generator():
+    """FAILS until `python tools/render_reference.py` has written docs/reference/ (then commit them): every
+    rendered copy's code cells equal the generator's (after the parameters papermill injected), it is under
+    2 MB, and its first cell says how it was made."""
+    rendered = sorted(REFERENCE_DIR.glob("*.ipynb"))
+    assert rendered, f"no rendered copies in {REFERENCE_DIR}: run python tools/render_reference.py"
+    assert {p.stem for p in rendered} == REFERENCE_NAMES
+    generator = _generator()
+    for path in rendered:
+        assert path.stat().st_size < 2_000_000, f"{path} is {path.stat().st_size:,} bytes"
+        copy = nbformat.read(path, as_version=4)
+        made = copy.cells[0]
+        assert made.cell_type == "markdown" and "CC BY 4.0" in made.source and "Scientific Data" in made.source
+        for word in ("device", "epochs", "image size", "weights"):
+            assert word in made.source, word
+        code = [c.source for c in copy.cells if c.cell_type == "code"
+                and "injected-parameters" not in c.metadata.get("tags", [])]
+        assert code == [c.source for c in _code(generator.build(path.stem))], f"{path}: run tools/render_reference.py"
 
 
 # ---- end to end ---------------------------------------------------------------------------------
@@ -268,7 +458,8 @@ def _found(nb: nbformat.NotebookNode) -> tuple[str, str, float]:
 
 QUICKSTART_FILES = ("manifest.csv", "manifest.json", "config.json", "checkpoints/best.pt", "checkpoints/last.pt",
                     "history.csv", "curves.png", "predictions_valid.csv", "predictions_test.csv", "report_valid.json",
-                    "report_test.json", "gradcam/tp_test.png", "gradcam/fp_test.png", "gradcam/fn_test.png")
+                    "report_test.json", "gradcam/tp_test.png", "gradcam/fp_test.png", "gradcam/fn_test.png",
+                    "gradcam/tn_test.png")
 SERIES_FILES = QUICKSTART_FILES + ("audit.csv", "confusion_matrix_test.png", "roc_test.png", "pr_test.png",
                                    "per_body_part_test.png", "eda/class_balance.png", "eda/samples.png",
                                    "eda/image_sizes.png", "eda/patients_per_part.png", "eda/audit_groups.png")
@@ -294,12 +485,10 @@ def _check_artifacts(run_dir: Path, *, epochs: int = 1, body_part: str | None = 
 
 
 def _check_static_widgets(executed: dict, *, batch: bool) -> None:
-    """No blank widget cells: the pickers as text, the browser as a picture (and no widget view in a batch run)."""
-    pickers = _outputs(executed["03_train"], "xrai.widgets.show(part_picker")
+    """No blank widget cells: the browser as a picture (and no widget view in a batch run)."""
     browser = _outputs(executed["05_gradcam"], "xrai.widgets.show(browser)")
-    assert "Body part: " in _text(executed["03_train"], "xrai.widgets.show(part_picker")
     assert any("image/png" in o.get("data", {}) for o in browser), "the browser left no picture"
-    for output in (*pickers, *browser):
+    for output in browser:
         assert (WIDGET_MIME in output.get("data", {})) is not batch
 
 
@@ -327,7 +516,7 @@ def colab_like(tmp_path_factory, guard):
             shutil.rmtree(previous_home)  # the last runtime is gone, and its caches and data with it
         home, work = tmp / f"home{i}", tmp / f"content{i}"
         work.mkdir()
-        parameters = {"DATASET": "synthetic", "RUN_DIR": str(run_dir), **FAST, **extra}
+        parameters = {"DATASET": "synthetic", "RUN_DIR": str(run_dir), "DATA_DIR": str(run_dir), **FAST, **extra}
         if name in ("01_download", "00_quickstart"):  # the runtime makes its (tiny) synthetic set
             parameters["ROOT"] = str(make_synthetic(home / "synthetic", **TINY))
         if name == "00_quickstart":
@@ -353,7 +542,7 @@ def test_colab_like_each_notebook_in_a_fresh_runtime(colab_like, guard):
         assert how == "synthetic set regenerated" and "synthetic-v" in where, (name, where, how)
         resolving[name] = took
     assert "resumed" in _text(executed["03_train"], "xrai.train.launch(").lower()
-    assert "Google Colab" in _text(executed["01_download"], "RUNTIME = xrai.env.check_runtime()")
+    assert "To get a T4: Colab: " in _text(executed["03_train"], "GPU = torch.cuda")  # the GPU check saw Colab
     _check_static_widgets(executed, batch=False)
     assert _network_calls(guard) == ""
     print(f"\ncolab-like notebook seconds: {seconds}, total {sum(seconds.values()):.0f} s; "
@@ -403,7 +592,8 @@ def _kaggle_series(tmp: Path, guard: dict, *, dataset: str, data: Path, mount: s
         environ = {**guard, "XRAI_HOME": str(home), "XRAI_KAGGLE_INPUT": str(inputs), "KAGGLE_KERNEL_RUN_TYPE": "Batch",
                    "KAGGLE_URL_BASE": "https://www.kaggle.com", "KAGGLE_DATA_PROXY_URL": "http://127.0.0.1:9",
                    **(environ_extra or {})}
-        parameters = {"DATASET": dataset, "ROOT": None, "RUN_DIR": "runs/ci", "ALLOW_CPU": True, **FAST, **extra}
+        parameters = {"DATASET": dataset, "ROOT": None, "RUN_DIR": "runs/ci", "DATA_DIR": "runs/ci", "ALLOW_CPU": True,
+                      **FAST, **extra}
         start = time.perf_counter()
         executed[name] = _execute(name, tmp, work, parameters, environ)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -426,7 +616,7 @@ def _check_kaggle(executed: dict, last_work: Path, guard: dict, *, mount_root: s
         assert "copied from" in run_line and "notebooks/tester/xrai-" in run_line, run_line
         where, how, resolving[name] = _found(executed[name])
         assert how == "attached in Kaggle" and mount_root in where, (name, where, how)
-    assert "Kaggle (batch run)" in _text(executed["01_download"], "RUNTIME = xrai.env.check_runtime()")
+    assert "To get a T4: Kaggle: " in _text(executed["03_train"], "GPU = torch.cuda")  # the GPU check saw Kaggle
     _check_static_widgets(executed, batch=True)
     assert _network_calls(guard) == ""
     return resolving
@@ -492,7 +682,7 @@ def test_a_notebook_without_its_input_says_which_notebook_makes_it(name, tmp_pat
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as info:
-        _execute(name, tmp_path, tmp_path, {"RUN_DIR": str(tmp_path / "empty"), **FAST},
+        _execute(name, tmp_path, tmp_path, {"RUN_DIR": str(tmp_path / "empty"), "DATA_DIR": str(tmp_path / "empty"), **FAST},
                  {**guard, "XRAI_HOME": str(tmp_path / "home")})
     message = f"{info.value.ename}: {info.value.evalue}"
     assert "FileNotFoundError" in message and "01_download" in message, message
