@@ -109,7 +109,7 @@ def test_xrai_home_override(monkeypatch, tmp_path):
 def test_require_gpu_stops_without_one_unless_allowed(monkeypatch):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     _fake_cuda(monkeypatch, [])
-    with pytest.raises(env.NoGPUError, match=r"Settings \(right panel\) > Accelerator > GPU T4 x2.*ALLOW_CPU = True"):
+    with pytest.raises(env.NoGPUError, match=r"Settings > Accelerator > GPU T4 x2.*ALLOW_CPU = True"):
         env.require_gpu(dataset="mura")
     assert env.require_gpu(allow_cpu=True, dataset="mura").device == "cpu"
     assert env.require_gpu(dataset="synthetic").device == "cpu"

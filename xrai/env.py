@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # which runs before xrai is installed and so cannot import them.
 GPU_MENUS = {
     "colab": "Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save",
-    "kaggle": "Settings (right panel) > Accelerator > GPU T4 x2",
+    "kaggle": "Settings > Accelerator > GPU T4 x2",
 }
 T4_HINTS = {
     "colab": f"In Colab: {GPU_MENUS['colab']}, then run all again.",
