@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_files import assert_no_secrets, write_dicom
+from IPython.display import Image as IPythonImage
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -119,7 +120,8 @@ def test_upload_widget_shows_the_prediction(evaluated_run, xray, kind, monkeypat
     assert answer["path"] == name and answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
     assert name in result.value and f"{expected['probability']:.3f}" in result.value
     assert answer["thresholds"] == expected["thresholds"]
-    assert any(isinstance(item, Figure) for item in shown)  # the figure went to the Output
+    pictures = [item for item in shown if isinstance(item, IPythonImage)]  # the figure went to the Output, as PNG
+    assert len(pictures) == 1 and pictures[0].data.startswith(b"\x89PNG")
     bundle = widget._repr_mimebundle_()
     assert name in bundle["text/plain"] and f"{expected['probability']:.3f}" in bundle["text/plain"]
     if kind == "dcm":

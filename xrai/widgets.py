@@ -455,9 +455,12 @@ class XrayUpload(widgets.VBox):
         result = {**result, "path": name, "text": result["text"].replace(path.name, name, 1)}  # the file is gone
         self.results.append(result)
         self.result.value = f"<b>{_escape(result['text'])}</b>"
+        # as PNG bytes: a bare Figure only renders where matplotlib's inline backend registered its formatter
+        buffer = io.BytesIO()
+        result["figure"].savefig(buffer, format="png", dpi=100)
         self.output.clear_output(wait=True)
         with self.output:
-            ipython_display.display(result["figure"])
+            ipython_display.display(ipython_display.Image(data=buffer.getvalue(), format="png"))
         return result
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
