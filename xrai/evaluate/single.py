@@ -148,7 +148,8 @@ def explain_file(run_dir: str | Path, path: str | os.PathLike, *, method: str = 
     thresholds = thresholds_of(run_dir, run.threshold)
     calls = {name: names[int(probability >= t)] for name, t in thresholds.items()}
     label = names[int(probability >= run.threshold)]
-    at = "; ".join(f"{name} threshold {t:.3f}: {calls[name]}" for name, t in thresholds.items())
+    at = "; ".join(f"{'Youden' if name == 'youden' else name} threshold {t:.3f}: {calls[name]}"
+                   for name, t in thresholds.items())
     text = (f"{Path(path).name}: p({names[1]}) = {probability:.3f} "
             f"({'calibrated' if run.calibrated else 'not calibrated'}); {at}")
     title = f"{Path(path).name}: {label}, p({names[1]}) = {probability:.3f} (threshold {run.threshold:.3f})"

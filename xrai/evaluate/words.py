@@ -166,7 +166,10 @@ def _calibration(valid: dict[str, Any], test: dict[str, Any], names: tuple[str, 
 
 def _bootstrap(test: dict[str, Any]) -> str:
     unit = test.get("resampling_unit") or {}
-    replicates, images, studies = unit.get("replicates"), unit.get("image", "images"), unit.get("study")
+    if not unit.get("replicates"):
+        return ("**Bootstrap intervals.** Not in this report (evaluated without a bootstrap, or before reports "
+                "recorded their resampling unit).")
+    replicates, images, studies = unit["replicates"], unit.get("image") or "images", unit.get("study")
     text = (f"**Bootstrap intervals.** The ranges in brackets are 95% percentile bootstrap intervals: the test "
             f"split was resampled {replicates} times with replacement, each metric recomputed on every resample, and "
             f"the middle 95% of the results kept. Each resample drew whole {images}, not single images, so "
