@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _checks import assert_picture
 from PIL import Image
 from test_evaluate import make_fake_run
 
-from xrai.evaluate.galleries import gallery
+from xrai.evaluate.galleries import GALLERY_KINDS, _select, gallery
 from xrai.explain.cam import CAM_METHODS, CamExplainer, explain_paths
 from xrai.explain.overlays import cam_to_image, overlay
 
@@ -207,8 +208,8 @@ def test_gallery_holds_the_images_it_names(fake_run, monkeypatch):
     with pytest.warns(UserWarning):  # no audit.csv in the fake run
         written = gallery(fake_run, split="test", n=2, progress=False)
     singles = [k for k in written if "_" in k]
-    assert 1 <= len(singles) <= 6
-    for kind in ("tp", "fp", "fn"):
+    assert 1 <= len(singles) <= 8
+    for kind in ("tp", "fp", "fn", "tn"):  # the fourth outcome, correct normals, since issue 22
         assert written[kind] == fake_run / "gradcam" / f"{kind}_test.png"
         picture = assert_picture(written[kind], min_side=100)
         named = sorted(k for k in singles if k.startswith(f"{kind}_"))
@@ -235,3 +236,12 @@ def test_gradcam_points_at_the_fracture_line(demo_run):
     assert scores["n"] >= 10
     assert scores["mass_ratio"] > 1.5  # more CAM mass on the line than its share of the image
     assert scores["pointing_game"] > 2 * scores["chance"]
+
+
+def test_gallery_selects_the_four_outcomes_most_confident_first():
+    """tp / fp by probability high to low, fn / tn (correct normals, issue 22) low to high."""
+    pred = pd.DataFrame({"path": list("abcdefgh"), "label": [1, 1, 0, 0, 1, 1, 0, 0],
+                         "probability": [0.9, 0.7, 0.8, 0.6, 0.2, 0.4, 0.1, 0.3]})
+    assert list(GALLERY_KINDS) == ["tp", "fp", "fn", "tn"]
+    chosen = {kind: _select(pred, kind, 0.5, 2)["path"].tolist() for kind in GALLERY_KINDS}
+    assert chosen == {"tp": ["a", "b"], "fp": ["c", "d"], "fn": ["e", "f"], "tn": ["g", "h"]}

@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from _checks import assert_picture
 from matplotlib.figure import Figure
 
 from xrai import plots
+from xrai.config import TrainConfig
+from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment_options
+from xrai.data.dataset import ClassicBatches
 
 
 def _png(path: Path) -> None:
@@ -126,3 +130,30 @@ def test_plot_audit_groups(tmp_path, synthetic_manifest):
     _png(tmp_path / "audit.png")
     plots.plot_audit_groups(audit.iloc[:0], tmp_path / "empty.png")
     _png(tmp_path / "empty.png")
+
+
+def test_augmented_batch_is_what_the_training_loop_feeds(tmp_path, synthetic_manifest):
+    """The pictures are epoch 0's first training inputs: the classic batch source's, un-normalised."""
+    config = TrainConfig(data="synthetic", pretrained=False, img_size=64, batch_size=8, aug_strength=1.5, seed=3)
+    images, labels = plots.augmented_inputs(config, synthetic_manifest, n=12)
+    train = synthetic_manifest[synthetic_manifest["split"] == "train"]
+    source = ClassicBatches(train, image_size=64, resize_size=config.resize_size, batch_size=8, train=True, seed=3,
+                            num_workers=0, device="cpu", progress=False, resize=config.resize,
+                            augment=augment_options(crop_scale=config.crop_scale, aug_strength=1.5))
+    fed = list(source.epoch(0))
+    x = torch.cat([b[0] for b in fed])[:12]
+    y = torch.cat([b[1] for b in fed])[:12]
+    assert images.shape == (12, 64, 64) and labels.tolist() == y.int().tolist()
+    for channel in range(3):  # grey in every channel, normalised per channel
+        seen = (x[:, channel] * IMAGENET_STD[channel] + IMAGENET_MEAN[channel]).clamp(0, 1).numpy()
+        np.testing.assert_allclose(images, seen, atol=1e-5)
+
+    config.to_json(tmp_path / "config.json")  # a run folder works as well as a config
+    fig = plots.augmented_batch(tmp_path, synthetic_manifest, n=12, seed=3, path=tmp_path / "batch.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [("normal", "abnormal")[int(v)] for v in y]
+    _png(tmp_path / "batch.png")
+    other = plots.augmented_inputs(config.replace(seed=4), synthetic_manifest, n=12)[0]
+    assert not np.allclose(other, images)  # another seed, another draw
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        plots.augmented_batch(tmp_path / "none", synthetic_manifest)

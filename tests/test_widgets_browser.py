@@ -1,10 +1,13 @@
-"""The Grad-CAM browser live in JupyterLab, in a real headless Chromium: run the notebook, click, see it change.
+"""The Grad-CAM browser and the X-ray upload live in JupyterLab, in a real headless Chromium: run the notebook,
+click (or choose a file), see it change.
 
 A JupyterLab server (token-less, 127.0.0.1, a free port, no browser, its root, config, data and settings
 in tmp_path) opens a two-cell notebook written here (not the repository's notebooks, which train for
 minutes) that shows ``xrai.widgets.gradcam_browser`` over the session's evaluated synthetic run (Grad-CAM
 of its model, computed in the kernel). The page runs all cells, the test checks that the widget (not the
 static PNG beside it) rendered, clicks another outcome and sees the caption and the overlay's bytes change.
+A second notebook shows ``xrai.widgets.xray_upload``: the test gives the FileUpload's ``<input type=file>`` one
+of the run's images (selenium's send_keys, as a person choosing a file) and sees the prediction and the figure.
 
 Needs chromium, chromedriver, selenium and jupyterlab (the `test` extra): skipped without them, a failure
 under CI=true. Every wait is bounded (the whole test by about 2 minutes on a busy 2-core machine); the
@@ -30,6 +33,8 @@ import psutil
 import pytest
 from conftest import screenshot_colours, skip_or_fail
 
+from xrai.data import read_manifest
+from xrai.evaluate.single import explain_file
 from xrai.runs.layout import RunFolder
 from xrai.widgets import OUTCOMES, outcome_table
 
@@ -48,6 +53,7 @@ SERVER_START_S = 60  # JupyterLab answering /api/status
 NOTEBOOK_S = 120  # page loaded, kernel started, torch imported, the first Grad-CAM drawn
 CHANGE_S = 60  # a click answered with a new overlay
 NOTEBOOK = "gradcam_browser.ipynb"
+UPLOAD_NOTEBOOK = "xray_upload.ipynb"
 
 # The image's bytes as the page has them (an ipywidgets 8 Image is a blob: URL; 7 a data: URL).
 READ_IMAGE_JS = """
@@ -55,6 +61,19 @@ const done = arguments[arguments.length - 1];
 fetch(arguments[0].src).then(r => r.arrayBuffer()).then(buffer => {
   let s = ""; new Uint8Array(buffer).forEach(b => { s += String.fromCharCode(b); }); done(btoa(s));
 }).catch(e => done("error: " + e));
+"""
+
+# ipywidgets' FileUpload keeps its <input type=file> off the page and click()s it to open the file dialog,
+# which selenium cannot reach: put such an input on the page instead of opening the dialog.
+SHOW_FILE_INPUT_JS = """
+const click = HTMLInputElement.prototype.click;
+HTMLInputElement.prototype.click = function () {
+  if (this.type === "file" && !this.isConnected) {
+    this.style.display = "block"; this.setAttribute("data-xrai-test", "upload"); document.body.appendChild(this);
+    return;
+  }
+  return click.call(this);
+};
 """
 
 
@@ -80,11 +99,11 @@ def widget_labextensions() -> list[str]:
     return []
 
 
-def write_notebook(path: Path, run: Path) -> None:
-    cells = [
-        nbformat.v4.new_code_cell("from xrai.widgets import gradcam_browser"),
-        nbformat.v4.new_code_cell(f"browser = gradcam_browser({str(run)!r}, split='valid')\nbrowser"),
-    ]
+def write_notebook(path: Path, run: Path, cells: list[str] | None = None) -> None:
+    cells = [nbformat.v4.new_code_cell(source) for source in cells or [
+        "from xrai.widgets import gradcam_browser",
+        f"browser = gradcam_browser({str(run)!r}, split='valid')\nbrowser",
+    ]]
     notebook = nbformat.v4.new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, path)
@@ -184,19 +203,34 @@ def wait(browser, seconds: float, condition, what: str, log: Path):
                     f"server log:\n{log.read_text()[-2000:] if log.is_file() else ''}")
 
 
+def open_and_run(browser, url: str, notebook: str, log: Path) -> None:
+    """Open a two-cell notebook in JupyterLab, wait for its kernel, run all its cells."""
+    browser.get(f"{url}/lab/tree/{notebook}")
+    wait(browser, NOTEBOOK_S, lambda b: b.execute_script(
+        "const app = window.jupyterapp; const panel = app && app.shell.currentWidget;"
+        "return !!(panel && panel.sessionContext && panel.sessionContext.session"
+        " && panel.sessionContext.session.kernel && panel.content && panel.content.widgets.length === 2);"),
+        "the notebook open with its kernel", log)
+    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+
+
+def keep_screenshot(browser, shot: Path) -> None:
+    """Save a screenshot (kept under XRAI_SCREENSHOT when set) and check that it is not blank."""
+    assert browser.save_screenshot(str(shot))
+    if os.environ.get("XRAI_SCREENSHOT"):
+        keep = Path(os.environ["XRAI_SCREENSHOT"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, keep / shot.name)
+    spread, colours = screenshot_colours(shot)
+    assert spread > 10 and colours > 50, f"the screenshot looks blank: grey std {spread:.1f}, {colours} colours"
+
+
 def test_gradcam_browser_in_jupyterlab_changes_picture_on_click(jupyterlab, chromium, evaluated_run, tmp_path):
     url, root = jupyterlab
     log = tmp_path / "jupyterlab.log"
     start, other = first_outcome_and_another(evaluated_run)
     write_notebook(root / NOTEBOOK, evaluated_run)
-
-    chromium.get(f"{url}/lab/tree/{NOTEBOOK}")
-    wait(chromium, NOTEBOOK_S, lambda b: b.execute_script(
-        "const app = window.jupyterapp; const panel = app && app.shell.currentWidget;"
-        "return !!(panel && panel.sessionContext && panel.sessionContext.session"
-        " && panel.sessionContext.session.kernel && panel.content && panel.content.widgets.length === 2);"),
-        "the notebook open with its kernel", log)
-    chromium.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    open_and_run(chromium, url, NOTEBOOK, log)
 
     image = wait(chromium, NOTEBOOK_S, lambda b: next(iter(
         b.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img.widget-image")), None),
@@ -221,11 +255,46 @@ def test_gradcam_browser_in_jupyterlab_changes_picture_on_click(jupyterlab, chro
 
     widget = chromium.find_element(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-vbox")
     chromium.execute_script("arguments[0].scrollIntoView({block: 'start'});", widget)  # controls, caption, overlay
-    shot = tmp_path / "jupyterlab_gradcam_browser.png"
-    assert chromium.save_screenshot(str(shot))
-    if os.environ.get("XRAI_SCREENSHOT"):
-        keep = Path(os.environ["XRAI_SCREENSHOT"])
-        keep.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, keep / shot.name)
-    spread, colours = screenshot_colours(shot)
-    assert spread > 10 and colours > 50, f"the screenshot looks blank: grey std {spread:.1f}, {colours} colours"
+    keep_screenshot(chromium, tmp_path / "jupyterlab_gradcam_browser.png")
+
+
+def test_xray_upload_in_jupyterlab_explains_a_chosen_file(jupyterlab, chromium, evaluated_run, tmp_path):
+    url, root = jupyterlab
+    log = tmp_path / "jupyterlab.log"
+    manifest = read_manifest(evaluated_run)
+    xray = tmp_path / "my_wrist.png"
+    shutil.copyfile(manifest.loc[manifest["split"] == "test", "path"].iloc[0], xray)
+    expected = explain_file(evaluated_run, xray)
+    write_notebook(root / UPLOAD_NOTEBOOK, evaluated_run, [
+        "from xrai.widgets import xray_upload",
+        f"upload = xray_upload({str(evaluated_run)!r})\nupload",
+    ])
+    open_and_run(chromium, url, UPLOAD_NOTEBOOK, log)
+
+    button = wait(chromium, NOTEBOOK_S, lambda b: next(iter(
+        b.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-upload")), None),
+        "the upload widget's button (ipywidgets' JupyterLab extension rendering it)", log)
+    caption = chromium.find_element(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-html-content")
+    assert "upload a PNG, JPEG or DICOM" in caption.text
+    # A click on the button opens the system's file dialog through a file input outside the page; instead
+    # of the dialog, the input is put on the page, where selenium chooses the file as a person would.
+    chromium.execute_script(SHOW_FILE_INPUT_JS)
+    button.click()
+    chooser = wait(chromium, CHANGE_S, lambda b: next(iter(
+        b.find_elements(By.CSS_SELECTOR, "input[type=file][data-xrai-test=upload]")), None),
+        "the file input the button's click opens", log)
+    assert chooser.get_attribute("accept") == ".png,.jpg,.jpeg,.dcm"
+    chooser.send_keys(str(xray))
+
+    wait(chromium, CHANGE_S, lambda b: "my_wrist.png" in caption.text and "p(" in caption.text,
+         "the prediction line for the chosen file", log)
+    assert f"p(abnormal) = {expected['probability']:.3f}" in caption.text
+    figure = wait(chromium, CHANGE_S, lambda b: next(iter(
+        b.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-output img")), None),
+        "the figure (original | heat map | overlay) in the widget's Output", log)
+    wait(chromium, CHANGE_S, lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
+                                                         figure) > 0, "the figure decoded", log)
+    assert image_bytes(chromium, figure).startswith(b"\x89PNG")
+    widget = chromium.find_element(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-vbox")
+    chromium.execute_script("arguments[0].scrollIntoView({block: 'start'});", widget)
+    keep_screenshot(chromium, tmp_path / "jupyterlab_xray_upload.png")

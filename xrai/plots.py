@@ -14,12 +14,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import seaborn as sns
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy.special import expit
 from sklearn import metrics as skm
 
+from xrai.config import TrainConfig
 from xrai.data import ImageError, read_image
+from xrai.data.augment import IMAGENET_MEAN, IMAGENET_STD, GpuAugment, augment_options
+from xrai.data.batches import AUGMENT_STREAM, EpochPlan, epoch_generator, ready_batch
+from xrai.data.dataset import XrayDataset
+from xrai.data.split import filter_body_parts
 from xrai.evaluate.calibration import (
     ECE_BINS,
     expected_calibration_error,
@@ -30,7 +36,7 @@ from xrai.labels import CLASS_NAMES, class_names
 from xrai.runs.layout import RunFolder
 
 __all__ = [
-    "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",
+    "augmented_batch", "plot_audit_groups", "plot_class_balance", "plot_confusion_matrix", "plot_history", "plot_image_sizes",
     "plot_patients_per_part", "plot_per_body_part", "plot_pr", "plot_reliability", "plot_roc", "plot_sample_grid",
     "save_run_figures",
 ]
@@ -341,4 +347,80 @@ def plot_audit_groups(
         for ax, (_, m) in zip(row_axes, members.iterrows()):
             _thumb(ax, m["path"], f"group {group} [{m['crosses'] or 'ok'}, {m['kind']}]\n{m['split']}, "
                    f"{names[int(m['label'])]}")
+    return _finish(fig, path)
+
+
+# ---- what the model sees ------------------------------------------------------------------------
+
+
+def _train_config(run_dir_or_config: str | Path | TrainConfig) -> TrainConfig:
+    if isinstance(run_dir_or_config, TrainConfig):
+        return run_dir_or_config
+    folder = RunFolder(run_dir_or_config)
+    if not folder.config_json.is_file():
+        raise FileNotFoundError(f"no {folder.config_json.name} in {folder.path}: pass a TrainConfig, or a run folder "
+                                "that has started training")
+    return TrainConfig.from_json(folder.config_json)
+
+
+def augmented_inputs(config: TrainConfig, manifest: pd.DataFrame, *, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` training inputs of epoch 0 exactly as the training loop makes them, un-normalised.
+
+    The same pieces the trainer's batch sources use (``xrai.data.batches``): the train split of the config's
+    body parts, epoch 0's shuffled batches of ``config.batch_size``, each file decoded and fitted to the
+    ``resize_size`` square as the cache holds it (``XrayDataset``), then ``GpuAugment`` in training mode
+    with the recipe's ranges and the epoch's augmentation stream. Undoing the ImageNet normalisation
+    gives what the model's first channel sees, in [0, 1].
+
+    Returns:
+        (images float32 (n, image_size, image_size) in [0, 1], labels int (n,)).
+    """
+    rows = filter_body_parts(manifest, config.body_parts())
+    rows = rows[rows["split"] == "train"].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"no train images for body part {config.body_part!r} in the manifest")
+    plan = EpochPlan(len(rows), config.batch_size, True, config.seed)
+    dataset = XrayDataset(rows, resize_size=config.resize_size, resize=config.resize)
+    augment = GpuAugment(config.image_size, train=True,
+                         **augment_options(crop_scale=config.crop_scale, aug_strength=config.aug_strength))
+    generator = epoch_generator(config.seed, 0, AUGMENT_STREAM)
+    images, labels = [], []
+    for positions in plan.positions(0):
+        pairs = [dataset[int(i)] for i in positions]
+        x = torch.stack([p[0] for p in pairs])
+        with torch.no_grad():
+            x = ready_batch(augment, x, generator=generator, channels_last=False)
+        images.append(x[:, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0])  # channel 0, un-normalised
+        labels += [int(p[1]) for p in pairs]
+        if len(labels) >= n:
+            break
+    return torch.cat(images)[:n].clamp(0, 1).numpy(), np.asarray(labels[:n], dtype=int)
+
+
+def augmented_batch(run_dir_or_config: str | Path | TrainConfig, manifest: pd.DataFrame, *, n: int = 16,
+                    seed: int = 0, path: str | Path | None = None) -> Figure:
+    """A grid of ``n`` training inputs after augmentation, as the training loop makes them, with their labels.
+
+    Args:
+        run_dir_or_config: a run folder (its config.json) or a TrainConfig.
+        manifest: the run's manifest (``xrai.data.read_manifest(RUN_DIR)``), with its split column.
+        seed: the seed of the shuffle and the augmentation (the run's own when it equals the config's);
+            another seed shows another draw of the same recipe.
+    """
+    config = _train_config(run_dir_or_config)
+    config = config if seed == config.seed else config.replace(seed=int(seed))
+    images, labels = augmented_inputs(config, manifest, n=n)
+    names = _manifest_names(manifest)
+    cols = min(len(images), 8)
+    rows = -(-len(images) // cols)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image, label in zip(axes, images, labels):
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(names[int(label)], fontsize=8, color=CLASS_COLOURS[int(label)])
+    fig.suptitle(f"{len(images)} training inputs as the model sees them ({config.image_size} px, crop "
+                 f"{config.crop_scale:g}-1, flips, rotation and contrast x{config.aug_strength:g}; seed {config.seed})",
+                 fontsize=9)
     return _finish(fig, path)

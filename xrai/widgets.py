@@ -1,4 +1,4 @@
-"""Notebook widgets on core ipywidgets only: a body-part picker and a Grad-CAM browser.
+"""Notebook widgets on core ipywidgets only: a body-part picker, a Grad-CAM browser and an X-ray upload.
 
 Core widgets (Dropdown, ToggleButtons, IntSlider, HTML, Image, VBox, HBox) render in Colab, Kaggle,
 JupyterLab, classic Jupyter and VS Code without any front-end extension, which third-party widgets
@@ -18,8 +18,11 @@ only the static form is shown.
 from __future__ import annotations
 
 import base64
+import datetime
 import io
+import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from PIL import Image
 
 import xrai.data
 from xrai.env import detect_platform
+from xrai.errors import USER_ERRORS, one_line
+from xrai.evaluate.single import explain_file
 from xrai.explain.cam import explain_paths
 from xrai.labels import CLASS_NAMES
 from xrai.models.registry import list_models
@@ -87,7 +92,8 @@ def mimebundle(widget: widgets.Widget, *, text: str, png: bytes | None = None) -
 def show(*items: widgets.Widget) -> None:
     """Display widgets each with its static form: a picker as the line of its current choice."""
     for item in items:
-        bundle = item._repr_mimebundle_() if isinstance(item, GradCamBrowser) else mimebundle(item, text=describe(item))
+        own = isinstance(item, (GradCamBrowser, XrayUpload))  # these know their own static form
+        bundle = item._repr_mimebundle_() if own else mimebundle(item, text=describe(item))
         ipython_display.display(bundle, raw=True)
 
 
@@ -395,3 +401,104 @@ def gradcam_browser(
         explain = run_explainer(run_dir, threshold=threshold, method=method)
     return GradCamBrowser(outcome_table(predictions, threshold), threshold=threshold, explain=explain, split=split,
                           names=run_class_names(run_dir))
+
+
+# ---- your own X-ray ------------------------------------------------------------------------------
+
+UPLOAD_ACCEPT = ".png,.jpg,.jpeg,.dcm"
+
+
+def uploaded_files(value) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each file a FileUpload holds: ipywidgets 8's tuple of dicts or 7's dict by name."""
+    if isinstance(value, dict):  # ipywidgets 7: {name: {"metadata": {...}, "content": bytes}}
+        return [(str(name), bytes(item["content"])) for name, item in value.items()]
+    return [(str(item["name"]), bytes(item["content"])) for item in value or ()]
+
+
+class XrayUpload(widgets.VBox):
+    """An X-ray upload: a FileUpload (PNG, JPEG, DICOM), a line with the result and an Output with the figure.
+
+    On upload each file is written to a temporary file (its name's suffix kept), explained with the run
+    (``xrai.evaluate.single.explain_file``: the calibrated probability at the run's Youden and screening
+    thresholds, original | heat map | overlay) and removed. A file that cannot be explained shows its one
+    line in the result instead; the widget stays usable.
+
+    Attributes:
+        upload, result, output: the FileUpload, the HTML result line and the Output holding the figure.
+        results: explain_file's dict for each file explained so far (the last one last).
+    """
+
+    def __init__(self, run_dir: str | Path, *, method: str = "gradcam") -> None:
+        self.run_dir, self.method = Path(run_dir), method
+        self.results: list[dict] = []
+        self.upload = widgets.FileUpload(accept=UPLOAD_ACCEPT, multiple=False, description="X-ray")
+        self.result = widgets.HTML("<i>upload a PNG, JPEG or DICOM X-ray to see the model's answer</i>")
+        self.output = widgets.Output()
+        super().__init__([self.upload, self.result, self.output])
+        self.upload.observe(self._on_upload, names="value")
+
+    def _on_upload(self, change: dict | None = None) -> None:
+        for name, data in uploaded_files(self.upload.value):
+            self.explain(name, data)
+
+    def explain(self, name: str, data: bytes) -> dict | None:
+        """Explain one uploaded file's bytes; shows the result line and the figure. None when it failed."""
+        with tempfile.TemporaryDirectory(prefix="xrai-upload-") as folder:
+            path = Path(folder) / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-100:].lstrip(".") or "upload")
+            path.write_bytes(data)
+            try:
+                result = explain_file(self.run_dir, path, method=self.method)
+            except USER_ERRORS as err:
+                self.result.value = f"<b>{name}</b>: cannot explain it: {_escape(one_line(err).replace(str(path), name))}"
+                self.output.clear_output()
+                return None
+        result = {**result, "path": name, "text": result["text"].replace(path.name, name, 1)}  # the file is gone
+        self.results.append(result)
+        self.result.value = f"<b>{_escape(result['text'])}</b>"
+        # as PNG bytes: a bare Figure only renders where matplotlib's inline backend registered its formatter
+        buffer = io.BytesIO()
+        result["figure"].savefig(buffer, format="png", dpi=100)
+        self.output.clear_output(wait=True)
+        with self.output:
+            ipython_display.display(ipython_display.Image(data=buffer.getvalue(), format="png"))
+        return result
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        return mimebundle(self, text=f"X-ray upload for {self.run_dir.name}: " + (
+            self.results[-1]["text"] if self.results else "no file uploaded yet"))
+
+    def _ipython_display_(self) -> None:
+        ipython_display.display(self._repr_mimebundle_(), raw=True)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def xray_upload(run_dir: str | Path, *, method: str = "gradcam") -> XrayUpload:
+    """An upload for your own X-ray (PNG, JPEG or DICOM), explained with the run; show it with ``show``.
+
+    Raises:
+        FileNotFoundError: the run folder has no checkpoint.
+    """
+    enable_colab_widgets()
+    if not RunFolder(run_dir).checkpoint().is_file() and not RunFolder(run_dir).is_cv:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: train the run first (notebooks/03_train.ipynb)")
+    return XrayUpload(run_dir, method=method)
+
+
+def simulate_upload(widget: XrayUpload, name: str, data: bytes) -> dict | None:
+    """Upload ``data`` as the file ``name`` without a front end (tests, a headless run): sets the FileUpload's
+    value as ipywidgets 8 (or 7) does, which runs the same handler a browser upload runs.
+
+    Returns:
+        explain_file's result for it (``path`` is ``name``), or None when the file could not be explained.
+    """
+    before = len(widget.results)
+    if int(widgets.__version__.split(".")[0]) >= 8:
+        value = ({"name": name, "type": "", "size": len(data), "content": memoryview(data),
+                  "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    else:
+        value = {name: {"metadata": {"name": name, "type": "", "size": len(data)}, "content": data}}
+    widget.upload.value = value
+    return widget.results[-1] if len(widget.results) > before else None

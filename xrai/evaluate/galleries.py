@@ -1,5 +1,6 @@
-"""Grad-CAM galleries of a scored split: the most confident true positives, false positives and false
-negatives, each a row of overlays with the label, the prediction and the probability."""
+"""Grad-CAM galleries of a scored split: the most confident true positives, false positives, false negatives
+and true negatives (correct normals), each a row of tiles: per image, original | heat map | overlay side by
+side under its actual label, predicted label and probability (``xrai.evaluate.single.side_by_side``)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,30 @@ from typing import Any
 import numpy as np
 
 from xrai.data import read_manifest, relocate_paths
+from xrai.data.decode.images import read_image
 from xrai.evaluate.run import evaluate_run
+from xrai.evaluate.single import side_by_side
 from xrai.explain.cam import explain_paths
-from xrai.explain.overlays import save_png, text_band, tile, tile_row
+from xrai.explain.overlays import save_png, text_band, tile_row
+from xrai.labels import CLASS_NAMES
 from xrai.runs.layout import RunFolder, read_json
 from xrai.runs.load import load_run
 from xrai.runs.operating import operating_point
 
-__all__ = ["GALLERY_KINDS", "gallery"]
+__all__ = ["GALLERY_KINDS", "gallery", "tile"]
 
 GALLERY_KINDS = {
     "tp": "most confident true positives",
     "fp": "most confident false positives",
     "fn": "most confident false negatives",
+    "tn": "most confident true negatives (correct normals)",
 }
+
+
+def tile(path: str, cam: np.ndarray, label: int, probability: float, threshold: float, *,
+         names: tuple[str, str] = CLASS_NAMES) -> np.ndarray:
+    """A gallery tile: original | heat map | overlay of one image under its labels and probability."""
+    return side_by_side(read_image(path), cam, label=label, probability=probability, threshold=threshold, names=names)
 
 
 def _select(pred: Any, kind: str, threshold: float, n: int) -> Any:
@@ -31,8 +42,10 @@ def _select(pred: Any, kind: str, threshold: float, n: int) -> Any:
         rows = pred[(y == 1) & (p >= threshold)].sort_values("probability", ascending=False)
     elif kind == "fp":
         rows = pred[(y == 0) & (p >= threshold)].sort_values("probability", ascending=False)
-    else:
+    elif kind == "fn":
         rows = pred[(y == 1) & (p < threshold)].sort_values("probability", ascending=True)
+    else:
+        rows = pred[(y == 0) & (p < threshold)].sort_values("probability", ascending=True)
     return rows.head(n)
 
 
@@ -44,14 +57,15 @@ def gallery(
     method: str = "gradcam",
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Galleries of the most confident true positives, false positives and false negatives.
+    """Galleries of the most confident true positives, false positives, false negatives and true negatives.
 
     Reads predictions_<split>.csv (evaluating the split first when it is missing) and the run's
-    validation threshold and calibration (``xrai.runs.load.load_run``); writes under run_dir/gradcam/: ``<kind>_<split>.png`` (one row of overlays;
-    a short note when there is no such case) and ``<split>_<kind>_<rank>.png`` per image shown.
+    validation threshold and calibration (``xrai.runs.load.load_run``); writes under run_dir/gradcam/: ``<kind>_<split>.png`` (one row of
+    tiles, each original | heat map | overlay with the actual and predicted label and the probability; a short
+    note when there is no such case) and ``<split>_<kind>_<rank>.png`` per image shown (its overlay).
 
     Returns:
-        {"tp": path, "fp": path, "fn": path, "tp_1": path, ...}.
+        {"tp": path, "fp": path, "fn": path, "tn": path, "tp_1": path, ...}.
     """
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)

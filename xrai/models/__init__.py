@@ -16,6 +16,7 @@ from xrai.models.logits import flip_tta_logits, mean_probability_logit, one_logi
 from xrai.models.pruning import (
            SynFlowReport,
            count_nonzero,
+           parameter_count,
            prunable_layers,
            prune_synflow,
 )
@@ -31,4 +32,4 @@ from xrai.models.weights import PretrainedWeightsError
 __all__ = ["DEFAULT_MODEL", "MODELS", "CheckpointError", "DenseNetBackbone", "FoldEnsemble", "ModelSpec",
            "PretrainedWeightsError", "SynFlowReport", "XraiClassifier", "atomic_save", "count_nonzero", "create_model",
            "flip_tta_logits", "gradcam_layer", "gradcam_layers", "list_models", "load_checkpoint",
-           "mean_probability_logit", "one_logit", "prunable_layers", "prune_synflow", "register_model"]
+           "mean_probability_logit", "one_logit", "parameter_count", "prunable_layers", "prune_synflow", "register_model"]

@@ -21,7 +21,8 @@ from torch.nn.utils import prune
 from torchvision.ops.misc import SqueezeExcitation
 from tqdm.auto import tqdm
 
-__all__ = ["SynFlowReport", "count_nonzero", "fold_pruning", "prunable_layers", "prune_synflow", "restore_pruning"]
+__all__ = ["SynFlowReport", "count_nonzero", "fold_pruning", "parameter_count", "prunable_layers", "prune_synflow",
+           "restore_pruning"]
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -100,6 +101,27 @@ def count_nonzero(model: nn.Module) -> tuple[int, int]:
         nonzero += int(torch.count_nonzero(weight))
         total += weight.numel()
     return nonzero, total
+
+
+@torch.no_grad()
+def parameter_count(model: nn.Module) -> dict[str, int]:
+    """The model's parameters, all of them and those not zero, for "before and after pruning".
+
+    A pruned weight counts as ``weight_orig * weight_mask`` (what the model computes with), so its masked
+    entries are zeros; its mask (a buffer) is not a parameter.
+
+    Returns:
+        {"total", "nonzero"} over every parameter (entries), and {"prunable", "prunable_nonzero"}: the
+        conv and linear weights SynFlow ranks (``count_nonzero``).
+    """
+    total = nonzero = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            value = _effective_weight(module) if name == "weight_orig" and hasattr(module, "weight_mask") else param
+            total += value.numel()
+            nonzero += int(torch.count_nonzero(value))
+    prunable_nonzero, prunable = count_nonzero(model)
+    return {"total": total, "nonzero": nonzero, "prunable": prunable, "prunable_nonzero": prunable_nonzero}
 
 
 def prune_synflow(
