@@ -13,7 +13,7 @@ from xrai.cli.report_lines import print_report
 from xrai.cli.train_cmds import save_curves
 from xrai.config import TrainConfig
 from xrai.data import load
-from xrai.evaluate.galleries import gallery
+from xrai.evaluate.galleries import GALLERY_KINDS, gallery
 from xrai.runs.layout import RunFolder
 
 __all__ = ["cmd_demo"]
@@ -41,7 +41,7 @@ def cmd_demo(args) -> int:
     print(f"figures : {run_dir}/curves.png, confusion_matrix_test.png, roc_test.png, pr_test.png, "
           f"per_body_part_test.png, reliability_test.png")
     print(f"card    : {folder.model_card}")
-    galleries = sum(1 for key in pictures if key in ("tp", "fp", "fn"))
+    galleries = sum(1 for key in pictures if key in GALLERY_KINDS)
     print(f"Grad-CAM: {folder.gradcam} ({galleries} galleries, {len(pictures) - galleries} single overlays)")
     print(f"next    : python -m xrai serve --run {run_dir}")
     return 0
