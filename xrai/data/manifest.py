@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +142,8 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     manifest["label"] = manifest["label"].astype(np.int64)
     if "label_conflict" in manifest.columns:
         manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
+    if isinstance(splits, str):
+        splits = (splits,)
     needed = manifest if splits is None else manifest[manifest["split"].isin(list(splits))]
     if needed.empty:
         needed = manifest
@@ -166,7 +168,7 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     return manifest
 
 
-def _archive(run_dir: Path, paths: pd.Series):
+def _archive(run_dir: Path, paths: pd.Series) -> Callable[[], tuple[str, Path] | None]:
     """find_images' ``local``: the run folder's split_images.zip extracted, when it holds every one of ``paths``."""
     def local() -> tuple[str, Path] | None:
         opened = open_split_images(RunFolder(run_dir).split_images_zip, paths)
