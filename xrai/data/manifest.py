@@ -130,18 +130,7 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     run_dir = Path(run_dir)
     meta = manifest_info(run_dir)
     csv_path = RunFolder(run_dir).manifest_csv
-    try:
-        header = pd.read_csv(csv_path, nrows=0).columns
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{csv_path} is not a readable CSV ({e}); make it again with {_MAKES_MANIFEST}") from e
-    require_columns(header, where=str(csv_path), hint=f"make it again with {_MAKES_MANIFEST}")
-    manifest = pd.read_csv(csv_path, dtype={c: str for c in _STR_COLUMNS if c in header})
-    for c in _STR_COLUMNS:
-        if c in manifest.columns:
-            manifest[c] = manifest[c].fillna("")
-    manifest["label"] = manifest["label"].astype(np.int64)
-    if "label_conflict" in manifest.columns:
-        manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
+    manifest = _read_table(csv_path)
     if isinstance(splits, str):
         splits = (splits,)
     needed = manifest if splits is None else manifest[manifest["split"].isin(list(splits))]
@@ -165,6 +154,23 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
         extracted = is_under(found.root, extract_root())  # holds some splits only: never the root to record
         if meta["paths"] == "relative" and str(found.root) != meta["root"] and not extracted:
             _record_root(run_dir, str(found.root))
+    return manifest
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    """manifest.csv with its dtypes (ids as strings, "" for none), paths as written."""
+    try:
+        header = pd.read_csv(csv_path, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{csv_path} is not a readable CSV ({e}); make it again with {_MAKES_MANIFEST}") from e
+    require_columns(header, where=str(csv_path), hint=f"make it again with {_MAKES_MANIFEST}")
+    manifest = pd.read_csv(csv_path, dtype={c: str for c in _STR_COLUMNS if c in header})
+    for c in _STR_COLUMNS:
+        if c in manifest.columns:
+            manifest[c] = manifest[c].fillna("")
+    manifest["label"] = manifest["label"].astype(np.int64)
+    if "label_conflict" in manifest.columns:
+        manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
     return manifest
 
 
