@@ -416,16 +416,18 @@ def guard(tmp_path_factory) -> dict[str, str]:
 
 
 def _execute(name: str, out_dir: Path, cwd: Path, parameters: dict, environ: dict | None = None,
-             ) -> nbformat.NotebookNode:
-    """Run one notebook with papermill in a new kernel process that sees ``environ`` (a fresh runtime)."""
+             notebook: Path | None = None) -> nbformat.NotebookNode:
+    """Run one notebook (``notebook``: another copy of it) with papermill in a new kernel process that sees
+    ``environ`` (a fresh runtime)."""
     import papermill
 
-    wanted = papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
+    source = notebook or NOTEBOOK_DIR / f"{name}.ipynb"
+    wanted = papermill.inspect_notebook(str(source))
     saved = dict(os.environ)
     os.environ.update(environ or {})
     try:
         papermill.execute_notebook(
-            str(NOTEBOOK_DIR / f"{name}.ipynb"),
+            str(source),
             str(out_dir / f"{name}.ipynb"),
             parameters={k: v for k, v in parameters.items() if k in wanted},
             kernel_name="python3",
@@ -547,6 +549,67 @@ def test_colab_like_each_notebook_in_a_fresh_runtime(colab_like, guard):
     assert _network_calls(guard) == ""
     print(f"\ncolab-like notebook seconds: {seconds}, total {sum(seconds.values()):.0f} s; "
           f"seconds re-resolving the images in a fresh runtime: {resolving}")
+
+
+SCORED_READ = 'xrai.data.read_manifest(RUN_DIR, splits=("valid", "test"))'  # 04's and 05's images only
+
+
+def _reading_scored_splits(name: str, folder: Path) -> Path:
+    """A copy of 04 or 05 whose read_manifest cell asks for the valid and test images only (as committed
+    when the generator already says so)."""
+    nb = _read(name)
+    for cell in _code(nb):
+        cell.source = cell.source.replace("xrai.data.read_manifest(RUN_DIR)", SCORED_READ)
+    assert any(SCORED_READ in c.source for c in _code(nb)), f"{name} reads no manifest"
+    path = folder / f"{name}-scored.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_colab_like_04_and_05_read_their_images_from_the_run_folder_not_a_download(colab_like, guard, tmp_path):
+    """Before (no split_images.zip): a fresh runtime gets the whole set again (here the synthetic set is
+    regenerated, the stand-in for MURA's 3.3 GB download). After: 04 and 05 extract the valid and test
+    images from RUN_DIR/split_images.zip, which 01 wrote on "Colab", and nothing is downloaded or made."""
+    from xrai.runs.layout import RunFolder
+
+    run_dir = tmp_path / "drive" / "run"
+    shutil.copytree(colab_like[0], run_dir)  # the series' run, trained and evaluated; left as it was
+    archive = RunFolder(run_dir).split_images_zip
+    assert archive.is_file(), "01 on Colab kept no split_images.zip"
+    measured = {}
+    for when in ("before", "after"):
+        if when == "before":
+            archive.rename(archive.with_name("hidden.zip"))
+        else:
+            archive.with_name("hidden.zip").rename(archive)
+        for name in ("04_evaluate", "05_gradcam"):
+            home, work = tmp_path / f"home-{when}-{name}", tmp_path / f"content-{when}-{name}"
+            work.mkdir()
+            environ = {**guard, "XRAI_HOME": str(home), "COLAB_RELEASE_TAG": "release-colab-test",
+                       "XRAI_KAGGLE_INPUT": str(tmp_path / "no-kaggle-input")}
+            nb = _execute(name, work, work, {"RUN_DIR": str(run_dir), **FAST}, environ,
+                          notebook=_reading_scored_splits(name, tmp_path))
+            where, how, _ = _found(nb)
+            cell = next(c for c in _code(nb) if 'print(manifest.attrs["found"])' in c.source)
+            fetched = _folder_bytes(Path(where)) if when == "before" else archive.stat().st_size
+            measured[f"{name} {when}"] = {"how": how, "bytes": fetched, "seconds": cell.metadata.papermill.duration}
+            made = sorted(p.name for p in home.glob("synthetic-v*"))
+            if when == "before":
+                assert how == "synthetic set regenerated" and made, (name, how)
+            else:
+                assert how.startswith("valid+test images from RUN_DIR/split_images.zip") and "no download" in how
+                assert made == [], f"{name} made the synthetic set again: {made}"
+            shutil.rmtree(home)  # that runtime is gone
+    _check_artifacts(run_dir, epochs=2)
+    assert _network_calls(guard) == ""
+    print("\ncolab-like 04/05 getting their images (bytes fetched, or read from Drive; seconds of the cell):")
+    for key, value in measured.items():
+        print(f"  {key}: {value['bytes']:,} bytes, {value['seconds']:.2f} s ({value['how']})")
 
 
 def _tree_state(folder: Path) -> dict[str, tuple]:

@@ -231,7 +231,7 @@ def test_predictions_from_another_machine_are_found_again(fake_run, tmp_path, mo
     calls = []
     manifest = pd.DataFrame({"path": [f"/here/data/{p}.png" for p in ("w1", "w2")]})
     manifest.attrs = {"root": "/here/data"}
-    monkeypatch.setattr(xrai.data, "read_manifest", lambda run_dir: manifest)
+    monkeypatch.setattr(xrai.data, "read_manifest", lambda run_dir, **_: manifest)
     predictions = _predictions()
     predictions["path"] = "/old/machine/data/" + predictions["path"] + ".png"
     predictions.to_csv(fake_run / "predictions_test.csv", index=False)

@@ -233,7 +233,7 @@ def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
     predictions = folder.read_predictions(split)
     if folder.manifest_csv.is_file():  # written on another machine: its paths, found again on this one
         predictions["path"] = xrai.data.relocate_paths(predictions["path"].astype(str),
-                                                       xrai.data.read_manifest(run_dir))
+                                                       xrai.data.read_manifest(run_dir, splits=(split,)))
     threshold = float(folder.read_report(split)["threshold"])
     return predictions, threshold
 

@@ -13,16 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from xrai.data.archive import ARCHIVE_SPLITS, extract_root, leads_outside, open_split_images, write_split_images
 from xrai.data.locate import Found, find_images
 from xrai.data.sources import ManifestError, require_columns
-from xrai.env import is_under, kaggle_input_dir
+from xrai.env import detect_platform, is_under, kaggle_input_dir
 from xrai.fileio import atomic_write_json, atomic_write_text
 from xrai.runs.layout import MANIFEST_CSV, RunFolder
 
@@ -40,12 +40,19 @@ _MAKES_MANIFEST = (
 )
 
 
-def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
+def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike, *,
+                  keep_split_images: bool | None = None) -> Path:
     """Write run_dir/manifest.csv and run_dir/manifest.json (its attrs: source, dataset, root, split, ...).
 
     Paths under ``attrs["root"]`` are written relative to it, so the run folder does not depend on where
     this machine keeps the images. Both files are written atomically (temporary file, then rename): a
     run folder on Google Drive never holds half a manifest. Returns the path of manifest.csv.
+
+    Args:
+        keep_split_images: also write run_dir/split_images.zip, the valid and test images' original
+            files (xrai.data.archive), so that 04 and 05 in a fresh runtime need no download. None: on
+            Colab only (each notebook there is a fresh runtime). Needs relative paths and the images at
+            hand; without them, or on a full disk, one line is logged and the manifest is saved alone.
     """
     require_columns(manifest.columns, where="the manifest to save")
     run_dir = Path(run_dir)
@@ -61,7 +68,26 @@ def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike) -> Path:
     meta.update({"paths": "relative" if relative else "absolute", "rows": int(len(manifest)),
                  "columns": [str(c) for c in manifest.columns]})
     atomic_write_json(RunFolder(run_dir).manifest_json, meta)
+    if keep_split_images is None:
+        keep_split_images = detect_platform()[0] == "colab"
+    if keep_split_images:
+        _keep_split_images(manifest, table if relative else None, run_dir)
     return csv_path
+
+
+def _keep_split_images(manifest: pd.DataFrame, relative: pd.DataFrame | None, run_dir: Path) -> None:
+    """run_dir/split_images.zip of the valid and test rows (see save_manifest)."""
+    if relative is None:
+        logger.warning("%s: no split_images.zip: the manifest's paths are not under one dataset folder (attrs "
+                       "'root'), so they cannot be kept with their relative paths", run_dir)
+        return
+    rows = manifest["split"].isin(ARCHIVE_SPLITS).to_numpy()
+    if not rows.any():
+        logger.info("%s: no split_images.zip: the manifest has no %s rows", run_dir, " or ".join(ARCHIVE_SPLITS))
+        return
+    splits = [s for s in ARCHIVE_SPLITS if (manifest["split"] == s).any()]
+    write_split_images(RunFolder(run_dir).split_images_zip, zip(relative["path"][rows], manifest["path"][rows]),
+                       splits)
 
 
 def manifest_info(run_dir: str | os.PathLike) -> dict:
@@ -78,7 +104,8 @@ def manifest_info(run_dir: str | os.PathLike) -> dict:
     return {k: meta.get(k, "") for k in ATTRS} | {"paths": meta.get("paths", "absolute")}
 
 
-def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None = None) -> pd.DataFrame:
+def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                  splits: Iterable[str] | None = None) -> pd.DataFrame:
     """Read run_dir/manifest.csv with its dtypes and attrs, its paths made absolute on this machine.
 
     The images are looked for where xrai.data.locate says (the recorded root, an attached Kaggle copy,
@@ -86,9 +113,15 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     where they were found. When that is not the recorded root, manifest.json is updated (where the
     run folder is writable and outside Kaggle's input folder).
 
+    With ``splits``, only those splits' images need to be found: before a download (or a regeneration)
+    the run folder's split_images.zip is tried, extracted once into a folder on this machine's disk
+    when it holds every image of those splits (xrai.data.archive). Every row is returned, but only the
+    rows of ``splits`` are sure to be on this machine; the extracted folder is not recorded as the root.
+
     Args:
         run_dir: the run folder.
         root: a folder holding the dataset, tried before anything else.
+        splits: the splits the caller needs ("valid", "test"); None: all of them (training).
     Raises:
         FileNotFoundError: no manifest.csv there (the message says what makes one), or its images are on
             this machine nowhere and cannot be fetched (the message says what to do).
@@ -97,6 +130,35 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     run_dir = Path(run_dir)
     meta = manifest_info(run_dir)
     csv_path = RunFolder(run_dir).manifest_csv
+    manifest = _read_table(csv_path)
+    if isinstance(splits, str):
+        splits = (splits,)
+    needed = manifest if splits is None else manifest[manifest["split"].isin(list(splits))]
+    if needed.empty:
+        needed = manifest
+    found = None
+    if len(manifest):
+        if meta["paths"] == "relative":
+            _refuse_paths_outside_the_root(manifest["path"], csv_path)  # before any is looked at
+            local = None if splits is None or needed is manifest else _archive(run_dir, needed["path"])
+            found = _find_relative(manifest, meta, root, csv_path, needed["path"], local)
+        else:
+            found = _find_absolute(manifest, meta, root, csv_path)
+    manifest.attrs = {k: meta[k] for k in ATTRS}
+    if found is not None:
+        manifest.attrs["root"] = str(found.root)
+        manifest.attrs["found"] = found.line(len(needed))
+        told = (str(run_dir.resolve()), str(found.root))  # once per run and root: evaluate reads it per split
+        logger.log(logging.DEBUG if told in _TOLD else logging.INFO, "%s: %s", run_dir, manifest.attrs["found"])
+        _TOLD.add(told)
+        extracted = is_under(found.root, extract_root())  # holds some splits only: never the root to record
+        if meta["paths"] == "relative" and str(found.root) != meta["root"] and not extracted:
+            _record_root(run_dir, str(found.root))
+    return manifest
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    """manifest.csv with its dtypes (ids as strings, "" for none), paths as written."""
     try:
         header = pd.read_csv(csv_path, nrows=0).columns
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -109,33 +171,16 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     manifest["label"] = manifest["label"].astype(np.int64)
     if "label_conflict" in manifest.columns:
         manifest["label_conflict"] = manifest["label_conflict"].astype(bool)
-    found = None
-    if len(manifest):
-        if meta["paths"] == "relative":
-            _refuse_paths_outside_the_root(manifest["path"], csv_path)  # before any is looked at
-            found = _find_relative(manifest, meta, root, csv_path)
-        else:
-            found = _find_absolute(manifest, meta, root, csv_path)
-    manifest.attrs = {k: meta[k] for k in ATTRS}
-    if found is not None:
-        manifest.attrs["root"] = str(found.root)
-        manifest.attrs["found"] = found.line(len(manifest))
-        told = (str(run_dir.resolve()), str(found.root))  # once per run and root: evaluate reads it per split
-        logger.log(logging.DEBUG if told in _TOLD else logging.INFO, "%s: %s", run_dir, manifest.attrs["found"])
-        _TOLD.add(told)
-        if meta["paths"] == "relative" and str(found.root) != meta["root"]:
-            _record_root(run_dir, str(found.root))
     return manifest
 
 
-def _outside(path: str) -> bool:
-    """Whether a manifest's relative path leads out of the dataset folder: absolute (``/x``, ``C:x``,
-    ``\\server``) or climbing above it (``../x``, ``a/../../x``)."""
-    path = path.replace("\\", "/")
-    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
-        return True
-    normal = posixpath.normpath(path)
-    return normal == ".." or normal.startswith("../")
+def _archive(run_dir: Path, paths: pd.Series) -> Callable[[], tuple[str, Path] | None]:
+    """find_images' ``local``: the run folder's split_images.zip extracted, when it holds every one of ``paths``."""
+    def local() -> tuple[str, Path] | None:
+        opened = open_split_images(RunFolder(run_dir).split_images_zip, paths)
+        return None if opened is None else (opened[1], opened[0])
+
+    return local
 
 
 def _refuse_paths_outside_the_root(paths: pd.Series, csv_path: Path) -> None:
@@ -144,7 +189,7 @@ def _refuse_paths_outside_the_root(paths: pd.Series, csv_path: Path) -> None:
     A manifest travels with its run folder (Google Drive, a Kaggle output): a path such as
     ``../../../../etc/passwd`` would have evaluate read (and score) any file this machine holds.
     """
-    outside = paths.map(_outside)
+    outside = paths.map(leads_outside)
     if outside.any():
         row = int(np.flatnonzero(outside.to_numpy())[0])
         raise ManifestError(f"{csv_path}: row {row + 2} has path {paths.iloc[row]!r}, which leads outside the dataset "
@@ -152,10 +197,11 @@ def _refuse_paths_outside_the_root(paths: pd.Series, csv_path: Path) -> None:
                             f"The file was edited or damaged: make it again with {_MAKES_MANIFEST}")
 
 
-def _find_relative(manifest: pd.DataFrame, meta: dict, root, csv_path: Path) -> Found:
-    probes = list(dict.fromkeys([manifest["path"].iloc[0], manifest["path"].iloc[-1]]))
+def _find_relative(manifest: pd.DataFrame, meta: dict, root, csv_path: Path, needed: pd.Series,
+                   local=None) -> Found:
+    probes = list(dict.fromkeys([needed.iloc[0], needed.iloc[-1]]))
     found = find_images(meta, lambda folder: all((folder / p).exists() for p in probes), root=root,
-                        where=str(csv_path))
+                        where=str(csv_path), local=local)
     manifest["path"] = str(found.root) + os.sep + manifest["path"].str.replace("/", os.sep, regex=False)
     return found
 

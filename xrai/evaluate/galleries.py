@@ -77,7 +77,7 @@ def gallery(
         run.point = operating_point(run_dir, run.checkpoint_sha256)[0] or run.point
     pred = folder.read_predictions(split)
     if folder.manifest_csv.is_file():  # predicted on another machine (a fresh runtime): find its images here
-        pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir))
+        pred["path"] = relocate_paths(pred["path"], read_manifest(run_dir, splits=(split,)))
     threshold, model, config = run.threshold, run.model, run.config
     names = folder.class_names()
     out_dir = folder.gradcam

@@ -110,7 +110,7 @@ def run_threshold(run_dir: str | Path) -> float:
 
 
 def _split_rows(run_dir: Path, split: str, config: Any) -> pd.DataFrame:
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir, splits=(split,))  # this split's images only: a fresh Colab runtime extracts them
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         present = manifest["split"].value_counts().to_dict()

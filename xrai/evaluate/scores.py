@@ -222,8 +222,7 @@ def measure_explanations(
         raise ValueError(f"no readable image among the {len(rows)} sampled from the {split} predictions")
     rows = rows.iloc[readable].reset_index(drop=True)
     if manifest is None:
-
-        manifest = read_manifest(run.run_dir)
+        manifest = read_manifest(run.run_dir, splits=(split,))
     lines = _line_rows(rows, manifest)
     x = preprocess(images, image_size=run.config.image_size, resize_size=run.config.resize_size, device=run.device,
                    resize=run.config.resize, **model_normalisation(run.config.model))
@@ -331,7 +330,7 @@ def fracture_localisation(
     Raises:
         ValueError: the run's manifest has no recorded lines (only the synthetic source has them).
     """
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir, splits=(split,))
     if "line_x0" not in manifest.columns:
         raise ValueError(f"{run_dir}: the manifest has no fracture lines (source {manifest.attrs.get('source')!r}); "
                          "only the synthetic set records them")

@@ -4,6 +4,7 @@ A run folder (docs/design.md, "The run folder")::
 
     RUN_DIR/
       manifest.csv, manifest.json   the images and where they came from (xrai.data.manifest)
+      split_images.zip              the valid and test images, byte for byte (Colab: 04/05 need no download)
       audit.csv                     duplicate groups across splits and labels (leakage audit)
       config.json                   the TrainConfig the run was trained with
       history.csv                   one row per epoch
@@ -46,6 +47,7 @@ __all__ = [
     "MODEL_CARD_MD",
     "THRESHOLD_JSON",
     "TRAIN_LOCK",
+    "SPLIT_IMAGES_ZIP",
     "RunFolder",
     "read_json",
     "read_predictions",
@@ -65,6 +67,9 @@ FOLDS_DIR = "folds"
 # Where a run without a validation split of its own (a final fit on all of a CV's pool) keeps the
 # operating point it was given: the CV's out-of-fold one, {"threshold_from": "oof", ...}.
 THRESHOLD_JSON = "threshold.json"
+# The original files of the images 04 and 05 score (valid and test), one uncompressed zip with their
+# manifest-relative paths (xrai.data.archive): a fresh Colab runtime reads them from Drive, no download.
+SPLIT_IMAGES_ZIP = "split_images.zip"
 DAMAGED_CSV = "damaged_images.csv"  # images evaluate found truncated or unreadable (xrai.data.decode.DamagedImages)
 # Held by the training process (rank 0) for the whole run, so a second `train` into the same folder
 # fails at once instead of replacing the first's checkpoints; removed when training ends.
@@ -113,6 +118,10 @@ class RunFolder:
     @property
     def manifest_json(self) -> Path:
         return self.path / MANIFEST_JSON
+
+    @property
+    def split_images_zip(self) -> Path:
+        return self.path / SPLIT_IMAGES_ZIP
 
     @property
     def audit_csv(self) -> Path:

@@ -197,7 +197,8 @@ def launch(config: TrainConfig, run_dir: str | os.PathLike, *, nproc: int | str 
         config_path.write_text(config.to_json() + "\n", encoding="utf-8")
         args = ["-m", "xrai", "train", "--config", str(config_path), "--out", str(run_dir)]
         if manifest is not None and not RunFolder(run_dir).manifest_csv.is_file():
-            save_manifest(manifest, Path(tmp) / "manifest")  # the workers read it; fit() copies it into run_dir
+            # the workers read it; fit() copies it into run_dir (no split_images.zip: a folder no notebook reads)
+            save_manifest(manifest, Path(tmp) / "manifest", keep_split_images=False)
             args += ["--manifest", str(Path(tmp) / "manifest")]
         if resume:
             args.append("--resume")

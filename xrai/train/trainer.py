@@ -539,8 +539,8 @@ def _prepare_folder(folder: RunFolder, config: TrainConfig, manifest: pd.DataFra
     # Left by a process killed while saving.
     for torn in folder.checkpoints.glob(f"{TMP_PREFIX}*.pt.*{TMP_SUFFIX}"):
         torn.unlink()
-    if not folder.manifest_csv.is_file():
-        save_manifest(manifest, folder.path)
+    if not folder.manifest_csv.is_file():  # no split_images.zip: 01's save_manifest keeps one (not K per CV)
+        save_manifest(manifest, folder.path, keep_split_images=False)
     return created
 
 
