@@ -89,7 +89,7 @@ def test_written_on_colab_by_default_and_read_back_in_a_fresh_runtime(machine, m
     assert downloads == []
     found = back.attrs["found"]
     assert found.startswith(f"images: {int(scored.sum()):,} found at {extract_root()}")
-    assert "valid+test images from RUN_DIR/split_images.zip" in found and "MB, no download" in found
+    assert f"valid+test images from {run.name}/split_images.zip" in found and "MB, no download" in found
     assert _digests(back, back["split"].isin(SCORED)) == kept, "not the same files"
     pd.testing.assert_frame_equal(back.drop(columns="path"), m.drop(columns="path"), check_dtype=False)
     assert json.loads((run / "manifest.json").read_text())["root"] == recorded, "a partial copy recorded as the root"
@@ -199,7 +199,7 @@ def test_a_zip_without_every_image_asked_for_is_ignored(machine, monkeypatch, ca
     write_split_images(RunFolder(run).split_images_zip,
                        ((p[len(m.attrs["root"]) + 1:], p) for p in valid["path"]), ["valid"])
     _fresh_runtime(tmp_path, monkeypatch)
-    assert "valid images from RUN_DIR/split_images.zip" in read_manifest(run, splits=("valid",)).attrs["found"]
+    assert f"valid images from {run.name}/split_images.zip" in read_manifest(run, splits=("valid",)).attrs["found"]
     with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError):
         read_manifest(run, splits=("test",))
     assert downloads == ["mura"] and any("it lacks" in r.getMessage() for r in caplog.records)
@@ -212,7 +212,7 @@ def test_the_synthetic_set_is_taken_from_the_zip_instead_of_regenerated(machine,
     run = tmp_path / "drive" / "run"
     save_manifest(m, run, keep_split_images=True)
     _fresh_runtime(tmp_path, monkeypatch)
-    assert "(valid+test images from RUN_DIR/split_images.zip," in read_manifest(run, splits=SCORED).attrs["found"]
+    assert f"(valid+test images from {run.name}/split_images.zip," in read_manifest(run, splits=SCORED).attrs["found"]
     assert "(synthetic set regenerated," in read_manifest(run).attrs["found"]  # all splits: as before
 
 

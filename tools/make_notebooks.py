@@ -111,8 +111,11 @@ IMAGES_MD = ("## Images\n\nThe line below says where this machine's copy of the 
              f"([how]({DOCS}/notebooks.md#each-notebook-starts-on-a-fresh-machine)).")
 
 
-def read_manifest(folder: str = "RUN_DIR") -> str:
-    return f'manifest = xrai.data.read_manifest({folder})\nprint(manifest.attrs["found"])'
+def read_manifest(folder: str = "RUN_DIR", *, scored: bool = False) -> str:
+    """The cell that finds the images; ``scored``: the valid and test images only (04, 05), which a fresh Colab
+    runtime unpacks from the data folder's split_images.zip instead of downloading the dataset again."""
+    splits = ', splits=("valid", "test")' if scored else ""
+    return f'manifest = xrai.data.read_manifest({folder}{splits})\nprint(manifest.attrs["found"])'
 
 
 def title(name: str, heading: str, text: str, needs: str, *, clinical: bool = False) -> str:
@@ -168,12 +171,18 @@ DATA_FOLDER = 'f"runs/{DATASET}"'
 RUN_FOLDER = "xrai.runs.run_dir_for(DATASET, BODY_PART, MODEL)"
 
 
-def run_folder(default: str, *, read: bool = True) -> list:
-    """The run-folder cells: prepare it (Drive, Kaggle's read-only input) and, with ``read``, find the images."""
+def run_folder(default: str, *, read: bool = True, scored: bool = False) -> list:
+    """The run-folder cells: prepare it (Drive, Kaggle's read-only input) and, with ``read``, find the images
+    (``scored``: the valid and test ones only)."""
     cells = [md(RUN_FOLDER_MD), code(f"RUN_DIR = xrai.env.prepare_run_dir(RUN_DIR or {default}, use_drive=USE_DRIVE)")]
     if read:
-        cells += [md(IMAGES_MD), code(read_manifest())]
+        cells += [md(IMAGES_MD + (SCORED_MD if scored else "")), code(read_manifest(scored=scored))]
     return cells
+
+
+SCORED_MD = (" This notebook needs the valid and test images only: in a fresh Colab runtime they are unpacked from "
+             "the `split_images.zip` that 01 kept beside the manifest on Drive (about 0.7 GB for MURA, an estimate), "
+             "not downloaded again.")
 
 
 # ---- the parameters -----------------------------------------------------------------------------
@@ -437,7 +446,9 @@ def nb01() -> list:
             "notebooks after it. " + MURA_ABNORMAL,
             "no GPU (CPU is fine) · about 5 minutes on Colab for MURA (3.3 GB download; an estimate) · "
             "nothing before it. In Kaggle, attach the dataset first (Add Input > search `mura-v11`) and "
-            "nothing is downloaded.",
+            "nothing is downloaded. On Colab it also keeps the valid and test images in "
+            "`runs/<DATASET>/split_images.zip` on Drive (about 0.7 GB for MURA, an estimate), so 04 and 05 need no "
+            "second download.",
             ("import xrai.labels",),
             example="-p DATASET synthetic", gpu=False,
         ),
@@ -522,7 +533,8 @@ def nb03() -> list:
             "The seeds' knobs are here too: a frozen backbone, an MLP head, mlflow or wandb, SynFlow pruning.",
             "GPU T4 (without one it stops, unless `ALLOW_CPU = True` or the data is the synthetic set) · about 15 "
             "minutes on a T4 for MobileNetV2 on all of MURA, 10 epochs at 224 px (an estimate; one body part takes "
-            "a fraction of that) · run **01_download.ipynb** first (02_eda for the audit).",
+            "a fraction of that) · run **01_download.ipynb** first (02_eda for the audit). Training needs the "
+            "whole dataset: a fresh Colab runtime downloads it again (MURA 3.3 GB).",
             ("import xrai.labels", "import xrai.models", "import xrai.plots", "import xrai.recipe", "import xrai.runs",
              "import xrai.train"),
             example="-p EPOCHS 1",
@@ -624,7 +636,7 @@ def nb04() -> list:
             setting_parameters("all") + "\n" + RUN_DIR_PARAMETER + "\n"
             "TTA = None  # average each image with its mirror image: None as the run's recipe says (v2: yes), or True/False"
         ),
-        *run_folder(RUN_FOLDER),
+        *run_folder(RUN_FOLDER, scored=True),
         md(
             "## Validation, then test\n\nOn validation only: a calibration of the probabilities (Platt scaling, used "
             "only where it helps), then an image threshold (on images) and a study threshold (on study means), "
@@ -683,7 +695,7 @@ def nb05() -> list:
             'SPLIT = "test"\n'
             "GALLERY_N = 4  # images per gallery\n" + CAM_PARAMETER + "\n" + MY_XRAY_PARAMETER
         ),
-        *run_folder(RUN_FOLDER),
+        *run_folder(RUN_FOLDER, scored=True),
         md("## What the heat map is\n\nFor this run's model and the report of `SPLIT` (04_evaluate):"),
         code("Markdown(xrai.evaluate.gradcam_in_words(RUN_DIR, SPLIT))"),
         md("## Galleries\n\n" + GALLERY_MD + " Written to `RUN_DIR/gradcam/`; red text marks a wrong call. A heat "

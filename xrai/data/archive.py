@@ -30,7 +30,6 @@ from pathlib import Path
 
 from xrai.env import xrai_home
 from xrai.fileio import atomic_write, free_bytes
-from xrai.runs.layout import SPLIT_IMAGES_ZIP
 
 __all__ = ["ARCHIVE_SPLITS", "INDEX_MEMBER", "extract_root", "leads_outside", "open_split_images",
            "write_split_images"]
@@ -130,7 +129,7 @@ def _checked_index(zf: zipfile.ZipFile) -> tuple[dict | None, str]:
 
 def open_split_images(zip_path: str | os.PathLike, needed: Iterable[str]) -> tuple[Path, str] | None:
     """The folder (on this machine's disk) holding the archive's images, extracted now or earlier, and a
-    line saying where they came from ("valid+test images from RUN_DIR/split_images.zip, 12.3 MB, no
+    line saying where they came from ("valid+test images from runs-fracatlas/split_images.zip, 12.3 MB, no
     download"); None when there is no archive, or it is damaged or lacks a ``needed`` path (one line logged).
 
     Args:
@@ -156,7 +155,7 @@ def open_split_images(zip_path: str | os.PathLike, needed: Iterable[str]) -> tup
     except (OSError, zipfile.BadZipFile, EOFError) as error:
         return _ignored(zip_path, f"{type(error).__name__}: {error}")
     size = zip_path.stat().st_size
-    return folder, f"{'+'.join(index['splits'])} images from RUN_DIR/{SPLIT_IMAGES_ZIP}, {_mb(size)}, no download"
+    return folder, f"{'+'.join(index['splits'])} images from {zip_path.parent.name}/{zip_path.name}, {_mb(size)}, no download"
 
 
 def _ignored(zip_path: Path, why: str) -> None:

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 _TOLD: set[tuple[str, str]] = set()  # (run folder, image root) pairs whose "images found" line was logged
 
 # What manifest.json records besides rows and columns; a manifest's attrs carry the same keys.
-ATTRS = ("source", "dataset", "slug", "root", "split_method", "split", "synthetic")
+# split_images: the zip of the valid and test images (save_manifest's keep_split_images), relative to the run
+# folder: its own, or the data folder's that 03 copied the manifest from (so 04 and 05 find it from RUN_DIR)
+ATTRS = ("source", "dataset", "slug", "root", "split_method", "split", "synthetic", "split_images")
 _STR_COLUMNS = ("path", "body_part", "patient_id", "study_id", "split", "source", "image_id")
 _MAKES_MANIFEST = (
     "notebooks/01_download.ipynb, or `python -m xrai audit --data SOURCE --root DIR --out RUN_DIR` "
@@ -64,15 +66,33 @@ def save_manifest(manifest: pd.DataFrame, run_dir: str | os.PathLike, *,
         if relative else manifest
     csv_path = RunFolder(run_dir).manifest_csv
     atomic_write_text(csv_path, table.to_csv(index=False, lineterminator="\n"))
-    meta = {k: manifest.attrs.get(k, "") for k in ATTRS}
-    meta.update({"paths": "relative" if relative else "absolute", "rows": int(len(manifest)),
-                 "columns": [str(c) for c in manifest.columns]})
-    atomic_write_json(RunFolder(run_dir).manifest_json, meta)
     if keep_split_images is None:
         keep_split_images = detect_platform()[0] == "colab"
     if keep_split_images:
         _keep_split_images(manifest, table if relative else None, run_dir)
+    meta = {k: manifest.attrs.get(k, "") for k in ATTRS}
+    meta.update({"paths": "relative" if relative else "absolute", "rows": int(len(manifest)),
+                 "columns": [str(c) for c in manifest.columns], "split_images": _zip_record(manifest, run_dir)})
+    atomic_write_json(RunFolder(run_dir).manifest_json, meta)
     return csv_path
+
+
+def _zip_record(manifest: pd.DataFrame, run_dir: Path) -> str:
+    """manifest.json's split_images: this folder's zip, else the one the manifest was read with, relative to run_dir."""
+    own = RunFolder(run_dir).split_images_zip
+    if own.is_file():
+        return own.name
+    carried = manifest.attrs.get("split_images") or ""
+    if carried and Path(carried).is_absolute() and Path(carried).is_file():
+        return os.path.relpath(carried, run_dir)
+    return ""
+
+
+def _recorded_zip(run_dir: Path, meta: dict) -> Path | None:
+    """The split-images zip manifest.json names (absolute), when it is there."""
+    value = meta.get("split_images") or ""
+    path = (run_dir / value) if value else None
+    return path.resolve() if path is not None and path.is_file() else None
 
 
 def _keep_split_images(manifest: pd.DataFrame, relative: pd.DataFrame | None, run_dir: Path) -> None:
@@ -140,11 +160,13 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
     if len(manifest):
         if meta["paths"] == "relative":
             _refuse_paths_outside_the_root(manifest["path"], csv_path)  # before any is looked at
-            local = None if splits is None or needed is manifest else _archive(run_dir, needed["path"])
+            local = None if splits is None or needed is manifest else _archive(run_dir, needed["path"], meta)
             found = _find_relative(manifest, meta, root, csv_path, needed["path"], local)
         else:
             found = _find_absolute(manifest, meta, root, csv_path)
     manifest.attrs = {k: meta[k] for k in ATTRS}
+    recorded = _recorded_zip(run_dir, meta)
+    manifest.attrs["split_images"] = "" if recorded is None else str(recorded)
     if found is not None:
         manifest.attrs["root"] = str(found.root)
         manifest.attrs["found"] = found.line(len(needed))
@@ -174,10 +196,13 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
     return manifest
 
 
-def _archive(run_dir: Path, paths: pd.Series) -> Callable[[], tuple[str, Path] | None]:
-    """find_images' ``local``: the run folder's split_images.zip extracted, when it holds every one of ``paths``."""
+def _archive(run_dir: Path, paths: pd.Series, meta: dict) -> Callable[[], tuple[str, Path] | None]:
+    """find_images' ``local``: the run folder's split_images.zip (or the one its manifest.json names: the data
+    folder's, for a run that copied its manifest from there) extracted, when it holds every one of ``paths``."""
     def local() -> tuple[str, Path] | None:
-        opened = open_split_images(RunFolder(run_dir).split_images_zip, paths)
+        own = RunFolder(run_dir).split_images_zip
+        zip_path = own if own.is_file() else (_recorded_zip(run_dir, meta) or own)
+        opened = open_split_images(zip_path, paths)
         return None if opened is None else (opened[1], opened[0])
 
     return local
