@@ -224,3 +224,21 @@ def test_missing_images_leave_the_manifest_saved_alone(machine, caplog):
         save_manifest(m, tmp_path / "run", keep_split_images=True)
     assert (tmp_path / "run" / "manifest.csv").is_file() and not (tmp_path / "run" / SPLIT_IMAGES_ZIP).exists()
     assert any("not written: 1 of the" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_that_copied_its_manifest_from_the_data_folder_finds_that_folders_zip(machine, monkeypatch):
+    """01 keeps the zip in the data folder (runs/<DATASET>); 03 trains in runs/<DATASET>-<MODEL> with a copy of
+    the manifest; 04 and 05 read that run folder, and find the data folder's zip through its manifest.json."""
+    tmp_path, _ = machine
+    made = make_synthetic(tmp_path / "home" / "tiny", **TINY)
+    data = tmp_path / "drive" / "runs" / "synthetic"
+    save_manifest(load("synthetic", root=made, progress=False), data, keep_split_images=True)
+    run = tmp_path / "drive" / "runs" / "synthetic-mobilenet_v2"
+    copied = read_manifest(data)
+    assert copied.attrs["split_images"] == str(RunFolder(data).split_images_zip.resolve())
+    save_manifest(copied, run, keep_split_images=False)  # what fit() does with 03's manifest
+    assert not RunFolder(run).split_images_zip.exists()
+    assert json.loads(RunFolder(run).manifest_json.read_text())["split_images"] == "../synthetic/split_images.zip"
+    _fresh_runtime(tmp_path, monkeypatch)
+    found = read_manifest(run, splits=SCORED).attrs["found"]
+    assert "(valid+test images from synthetic/split_images.zip," in found and "no download" in found

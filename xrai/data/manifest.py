@@ -164,9 +164,10 @@ def read_manifest(run_dir: str | os.PathLike, *, root: str | os.PathLike | None 
             found = _find_relative(manifest, meta, root, csv_path, needed["path"], local)
         else:
             found = _find_absolute(manifest, meta, root, csv_path)
-    manifest.attrs = {k: meta[k] for k in ATTRS}
+    manifest.attrs = {k: meta[k] for k in ATTRS if k != "split_images"}
     recorded = _recorded_zip(run_dir, meta)
-    manifest.attrs["split_images"] = "" if recorded is None else str(recorded)
+    if recorded is not None:  # absolute here, so a copy saved in another folder can point at it (_zip_record)
+        manifest.attrs["split_images"] = str(recorded)
     if found is not None:
         manifest.attrs["root"] = str(found.root)
         manifest.attrs["found"] = found.line(len(needed))
