@@ -129,21 +129,28 @@ def test_classic_batches_say_one_line_and_stay_quiet_while_serving(ward, capsys,
     assert "cut_train.jpg" in _one_line_about_damage(lines)
 
 
-# ---- training through the cached path, as notebook 03 does ----------------------------------------
+# ---- training: the cached path (as notebook 03 does) and the classic one ---------------------------
 
 
-def test_a_fit_on_the_cached_path_says_one_line_listed_in_the_run(ward, tmp_path, capsys, caplog):
+@pytest.mark.parametrize("input_path", ["cached", "classic"])
+def test_a_fit_says_one_line_listed_in_the_run(ward, input_path, tmp_path, capsys, caplog):
     manifest, cut = ward
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
+    manifest = manifest.copy()
+    manifest.loc[manifest.index[manifest["split"] == "train"][0], "path"] = str(broken)  # a broken file: left out
     config = TrainConfig(data="synthetic", pretrained=False, epochs=1, img_size=32, batch_size=16, num_workers=0,
-                         input_path="cached", max_batches=1, warmup_epochs=0, patience=0)
+                         input_path=input_path, max_batches=1, warmup_epochs=0, patience=0)
     run_dir = tmp_path / "run"
     with _shown(capsys, caplog) as lines:
         fit(config, manifest, run_dir, progress=False)
     line = _one_line_about_damage(lines)
     listing = RunFolder(run_dir).damaged_csv
-    assert "2 image(s) were truncated" in line and f"listed in {listing}" in line
-    table = pd.read_csv(listing)
-    assert sorted(table["path"]) == sorted(cut[:2]) and set(table["problem"]) == {"truncated"}  # train and valid
+    assert "3 image(s) were truncated or unreadable (dropped 1 unreadable, 2 truncated" in line
+    assert f"listed in {listing}" in line
+    table = pd.read_csv(listing)  # train and valid: the test split's are evaluate's to say
+    assert sorted(table["path"]) == sorted([*cut[:2], str(broken)])
+    assert sorted(table["problem"]) == ["truncated", "truncated", "unreadable"]
 
 
 # ---- explain: the CLI and the gallery (notebook 05) ---------------------------------------------
