@@ -25,6 +25,7 @@ from xrai.cli.commands import _one_line_warning, main
 from xrai.config import TrainConfig
 from xrai.data.cache import DAMAGED_LIST, build_cache
 from xrai.data.dataset import ClassicBatches, find_bad_images
+from xrai.data.decode.images import DamagedImages
 from xrai.evaluate.galleries import gallery
 from xrai.explain.cam import explain_paths
 from xrai.runs.layout import RunFolder
@@ -99,8 +100,6 @@ def test_a_cache_build_says_one_line_naming_its_list(ward, tmp_path, capsys, cap
     assert sum("truncated JPEG" in m for m in each) == 3  # -v shows each one
 
     with _shown(capsys, caplog) as lines:  # reused: nothing new to say; a caller counts them itself
-        from xrai.data.decode.images import DamagedImages
-
         counted = DamagedImages()
         again = build_cache(manifest, size=32, cache_dir=tmp_path / "c", progress=False, damaged=counted)
     assert not again.built and sorted(p for p, _, _ in counted.entries()) == sorted(cut)
