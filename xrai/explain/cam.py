@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from xrai.data.augment import preprocess
 from xrai.data.contract import model_normalisation
-from xrai.data.decode.images import ImageError, read_image
+from xrai.data.decode.images import DamagedImages, ImageError, read_image
 from xrai.explain.overlays import cam_to_image, overlay, save_png
 from xrai.labels import CLASS_NAMES
 from xrai.models.factory import gradcam_layers
 from xrai.models.logits import flip_tta_logits, one_logit
+from xrai.runs.layout import DAMAGED_CSV
 from xrai.runs.operating import Calibration
 
 __all__ = ["CAM_METHODS", "CamExplainer", "EconomyEigenCAM", "explain_paths"]
@@ -170,10 +171,12 @@ def explain_paths(
     temperature: float = 1.0,
     calibration: Calibration | None = None,
     class_names: tuple[str, str] = CLASS_NAMES,
+    damaged: DamagedImages | None = None,
 ) -> list[dict[str, Any]]:
     """Probability, label at the threshold and Grad-CAM for image files; overlays written to out_dir.
 
-    A file that cannot be read gives an entry with ``error`` set and the rest go on.
+    A file that cannot be read gives an entry with ``error`` set and the rest go on. Such files and truncated
+    ones are said in ONE warning at the end (``_say_damaged``); each at DEBUG on ``xrai.data.decode`` (-v).
 
     Args:
         config: the run's TrainConfig (image_size, resize_size).
@@ -184,6 +187,7 @@ def explain_paths(
         temperature, calibration: probability = ``calibration.apply(logit)`` (the run's, the number
             ``threshold`` was chosen on), or sigmoid(logit / temperature) without one.
         class_names: the words for label 0 and 1 in the overlays' text band.
+        damaged: where the unreadable and truncated files are counted instead, for the caller's one line.
 
     Returns:
         one dict per path, in order: path, probability, label (predicted, at threshold), threshold,
@@ -191,28 +195,54 @@ def explain_paths(
     """
     paths = [str(p) for p in paths]
     _check_request(paths, out_dir=out_dir, with_cam=with_cam, labels=labels)
-    results: list[dict[str, Any]] = [{"path": p, "probability": None, "label": None, "threshold": float(threshold),
-                                      "cam": None, "overlay": None, "error": None} for p in paths]
+    results = [_blank_result(p, threshold) for p in paths]
     out, used, device = (Path(out_dir) if out_dir is not None else None), set(), next(model.parameters()).device
-    model.eval()
-    forward = functools.partial(one_logit, model)  # no autocast: the logits the CAM pass gives
+    counted = DamagedImages() if damaged is None else damaged
+    forward = functools.partial(one_logit, model.eval())  # no autocast: the logits the CAM pass gives
     with (CamExplainer(model, method=method) if with_cam else contextlib.nullcontext()) as explainer:
         for start in tqdm(range(0, len(paths), batch_size), desc="grad-cam", unit="batch", disable=not progress):
-            batch, images = _read_batch(paths, range(start, min(start + batch_size, len(paths))), results)
+            batch, images = _read_batch(paths, range(start, min(start + batch_size, len(paths))), results, counted)
             if not batch:
                 continue
             cams, probs = _cams_and_probabilities(explainer, forward, images, config, device, target_class,
                                                   temperature, calibration)
             for i, image, cam, prob in zip(batch, images, cams, probs):
-                r = results[i]
-                r["probability"], r["label"] = float(prob), int(prob >= threshold)
-                if cam is not None:
-                    r["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size, resize=config.resize)
+                r = _record(results[i], image, cam, prob, threshold, config)
                 if out is not None:
                     name = _unique_name(names[i] if names is not None else _file_stem(paths[i]), used)
                     actual = None if labels is None else labels[i]
                     r["overlay"] = _save_overlay(out / f"{name}.png", image, r, actual, threshold, class_names)
+    _say_damaged(counted, out, ours=damaged is None)
     return results
+
+
+def _blank_result(path: str, threshold: float) -> dict[str, Any]:
+    return {"path": path, "probability": None, "label": None, "threshold": float(threshold), "cam": None,
+            "overlay": None, "error": None}
+
+
+def _record(result: dict[str, Any], image: np.ndarray, cam: np.ndarray | None, prob: float, threshold: float,
+            config: Any) -> dict[str, Any]:
+    """``result`` with the image's probability, label at the threshold and map (on its own pixels)."""
+    result["probability"], result["label"] = float(prob), int(prob >= threshold)
+    if cam is not None:
+        result["cam"] = cam_to_image(cam, image.shape, resize_size=config.resize_size, resize=config.resize)
+    return result
+
+
+_NAMED = 3  # damaged files one line names; more are listed in out_dir/damaged_images.csv
+
+
+def _say_damaged(damaged: DamagedImages, out: Path | None, *, ours: bool) -> None:
+    """explain_paths's one warning about its damaged files (when it counted them itself: ``ours``): their
+    names when few (or nowhere to list them), else the count and out_dir/damaged_images.csv."""
+    if not ours or not len(damaged):
+        return
+    listing = out / DAMAGED_CSV if out is not None and len(damaged) > _NAMED else None
+    if listing is not None:
+        listing.parent.mkdir(parents=True, exist_ok=True)
+    # at explain_paths's caller (stacklevel 3): the line shows no source line of the package
+    warnings.warn(damaged.summary(listing), UserWarning, stacklevel=3)
 
 
 def _check_request(paths: list[str], *, out_dir: Any, with_cam: bool, labels: Sequence | None) -> None:
@@ -246,16 +276,17 @@ def _cams_and_probabilities(explainer: CamExplainer | None, forward: Any, images
     return cams, (calibration or Calibration.from_temperature(temperature)).apply(logits)
 
 
-def _read_batch(paths: list[str], indices: range, results: list[dict[str, Any]]) -> tuple[list[int], list]:
-    """(indices read, their images); a file that cannot be read gets its ``error`` set and a warning
-    naming explain_paths's caller (stacklevel 3), and the others go on."""
+def _read_batch(paths: list[str], indices: range, results: list[dict[str, Any]],
+                damaged: DamagedImages) -> tuple[list[int], list]:
+    """(indices read, their images); a file that cannot be read gets its ``error`` set and is counted in
+    ``damaged`` (as a truncated one is), and the others go on."""
     batch, images = [], []
     for i in indices:
         try:
-            images.append(read_image(paths[i]))
+            images.append(read_image(paths[i], damaged=damaged))
         except (ImageError, OSError) as e:  # one bad file must not stop the others
             results[i]["error"] = str(e)
-            warnings.warn(f"skipping {paths[i]}: {e}", UserWarning, stacklevel=3)
+            damaged.add(paths[i], "unreadable", str(e))
             continue
         batch.append(i)
     return batch, images

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,9 +50,10 @@ from tqdm.auto import tqdm
 from xrai.config import TrainConfig
 from xrai.data import filter_body_parts, require_columns, save_manifest
 from xrai.data.augment import augment_options
-from xrai.data.batches import per_rank_batch
+from xrai.data.batches import BadImageWarning, per_rank_batch
 from xrai.data.cache import build_cache, cache_fits, find_cache
 from xrai.data.dataset import ClassicBatches
+from xrai.data.decode.images import DamagedImages
 from xrai.data.loader import CachedBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
 from xrai.errors import UserError, disk_full_cause
@@ -298,7 +300,7 @@ def validate(model, source, criterion, *, device: torch.device, amp_dtype: torch
 
 def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
                  device: torch.device, progress: bool = True, manifest: pd.DataFrame | None = None,
-                 rank: int = 0, world_size: int = 1) -> tuple[Any, Any, str]:
+                 rank: int = 0, world_size: int = 1, damaged: DamagedImages | None = None) -> tuple[Any, Any, str]:
     """(train source, valid source, "cached" | "classic") for config.input_path ("auto": cached when it fits).
 
     The valid source is None when there are no valid rows (a final fit on all the training data).
@@ -307,6 +309,8 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
     on another body part, or the evaluation, reuses it instead of decoding again; over train and valid
     alone when only that fits the disk. A cache that already exists needs no space and is always used.
     With world_size > 1 the sources serve rank `rank`'s shard of every global batch (xrai.data.batches).
+    With `damaged`, the truncated and unreadable train and valid images are counted into it for the run's
+    one line, and neither the cache build nor the sources say their own.
     """
     path = config.input_path
     cache = None
@@ -321,8 +325,26 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
             rows = next((rows for rows in choices if cache_fits(len(rows), size)), None)
             if rows is not None or path == "cached":  # asked for explicitly: build_cache says why it does not fit
                 cache = build_cache(choices[-1] if rows is None else rows, size=size, progress=progress,
-                                    resize=config.resize)
+                                    resize=config.resize,
+                                    damaged=None if damaged is None else DamagedImages())  # the run counts its own
+        if cache is not None and damaged is not None:
+            cache.count_damaged(train_and_valid["path"].astype(str), damaged)
         path = "classic" if cache is None else "cached"
+    with warnings.catch_warnings():
+        if damaged is not None:  # the unreadable images are in the run's one line (and its damaged_images.csv)
+            warnings.simplefilter("ignore", BadImageWarning)
+        sources = _sources(path, cache, config, train_rows, valid_rows, device=device, progress=progress, rank=rank,
+                           world_size=world_size, damaged=damaged)
+    if damaged is not None:
+        for source in sources[:2]:
+            _count_dropped(source, damaged)
+    return sources
+
+
+def _sources(path: str, cache: Any, config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.DataFrame, *,
+             device: torch.device, progress: bool, rank: int, world_size: int,
+             damaged: DamagedImages | None) -> tuple[Any, Any, str]:
+    """make_sources's sources once the input path is chosen (and the cache found or built)."""
     common = dict(image_size=config.image_size, batch_size=config.batch_size, seed=config.seed, device=device,
                   channels_last=config.channels_last, max_batches=config.max_batches, rank=rank,
                   world_size=world_size,
@@ -332,9 +354,40 @@ def make_sources(config: TrainConfig, train_rows: pd.DataFrame, valid_rows: pd.D
         return (CachedBatches(cache, train_rows, train=True, **common),
                 CachedBatches(cache, valid_rows, train=False, **common) if len(valid_rows) else None, path)
     classic = dict(resize_size=config.resize_size, num_workers=config.num_workers, progress=progress,
-                   resize=config.resize, **common)
+                   resize=config.resize, damaged=damaged, **common)
     return (ClassicBatches(train_rows, train=True, **classic),
             ClassicBatches(valid_rows, train=False, **classic) if len(valid_rows) else None, path)
+
+
+def _count_dropped(source: Any, damaged: DamagedImages) -> None:
+    """Count the files a source left out that are not counted yet (a cache row missing, say) as unreadable."""
+    if source is None:
+        return
+    counted = {path for path, _, _ in damaged.entries()}
+    for path, reason in zip(source.bad["path"], source.bad["reason"]):
+        if path not in counted:
+            damaged.add(path, "unreadable", reason)
+
+
+def _say_damaged(damaged: DamagedImages, folder: RunFolder) -> list[Path]:
+    """The run's ONE line about its truncated and unreadable images, listed in its damaged_images.csv,
+    said at the first line outside the package that led here (a notebook cell, a script): no source line
+    of the package under it. Returns the list's path when this made it (for ``_undo_start``), else []."""
+    new = not folder.damaged_csv.exists()
+    if line := damaged.summary(folder.damaged_csv):
+        warnings.warn(line, UserWarning, stacklevel=_outside_package_stacklevel())
+    return [folder.damaged_csv] if new and folder.damaged_csv.exists() else []
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../xrai/
+
+
+def _outside_package_stacklevel() -> int:
+    """The stacklevel, for a warning issued by this function's caller, of the nearest frame outside xrai."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ---- fit -----------------------------------------------------------------------------------------
@@ -490,9 +543,10 @@ def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx:
     monitor = state["monitor"] if state is not None else _monitor(config, valid_rows)
     # Rank 0 first (pretrained weights fetched once, the image cache built once); the others reuse them
     # and take the input path rank 0 resolved.
+    damaged = DamagedImages()  # the run's truncated and unreadable images: one line, in its damaged_images.csv
     model, (train_src, valid_src, input_path) = ctx.main_first(
         lambda shared: _model_and_sources(config if shared is None else config.replace(input_path=shared), ctx,
-                                          state, train_rows, valid_rows, manifest, say, progress),
+                                          state, train_rows, valid_rows, manifest, say, progress, damaged),
         share=lambda built: built[1][2])
     config = config.replace(input_path=input_path)  # "auto" resolved: config.json and checkpoints record the path
     written: list[Path] = []
@@ -500,7 +554,7 @@ def _set_up(config: TrainConfig, manifest: pd.DataFrame, folder: RunFolder, ctx:
         if state is None:  # nothing written yet: a disk too small for the checkpoints leaves the folder as it was
             require_free_space(folder.path, _checkpoint_bytes_estimate(model, config),
                                f"{config.model}'s checkpoints (best.pt and last.pt)")
-        written = _prepare_folder(folder, config, manifest)
+        written = _prepare_folder(folder, config, manifest) + _say_damaged(damaged, folder)
     model = ctx.wrap(model, sync_bn=config.sync_bn)  # DistributedDataParallel (and SyncBatchNorm) with several
     net = ctx.unwrap(model)
     # each rank validates its shard; the logits are gathered (no valid source in a final fit)
@@ -760,10 +814,10 @@ def _monitor(config: TrainConfig, valid_rows: pd.DataFrame) -> str:
 
 def _model_and_sources(config: TrainConfig, ctx: distributed.Distributed, state: dict[str, Any] | None,
                        train_rows: pd.DataFrame, valid_rows: pd.DataFrame, manifest: pd.DataFrame, say,
-                       progress: bool) -> tuple[nn.Module, tuple[Any, Any, str]]:
+                       progress: bool, damaged: DamagedImages) -> tuple[nn.Module, tuple[Any, Any, str]]:
     model = _build_model(config, ctx.device, state, say, progress)
     return model, make_sources(config, train_rows, valid_rows, manifest=manifest, device=ctx.device,
-                               progress=progress, rank=ctx.rank, world_size=ctx.world_size)
+                               progress=progress, rank=ctx.rank, world_size=ctx.world_size, damaged=damaged)
 
 
 def _pretrained_record(config: TrainConfig, state: dict[str, Any] | None) -> dict[str, str] | None:
