@@ -22,11 +22,13 @@ from xrai.deploy.app import MAX_UPLOAD_BYTES, create_app
 from xrai.deploy.server import serve_in_thread
 
 try:  # a test extra: without it the `chromium` fixture skips (fails under CI) before any of these is used
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:
     By = ec = WebDriverWait = None
+    WebDriverException = Exception
 
 pytestmark = pytest.mark.browser
 
@@ -49,7 +51,18 @@ def submit(browser, url: str, path: Path):
     form_page = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.ID, "file").send_keys(str(path))
     browser.find_element(By.ID, "submit").click()
-    WebDriverWait(browser, WAIT_S).until(ec.staleness_of(form_page))  # the answer is a new page
+    WebDriverWait(browser, WAIT_S).until(lambda _: _gone(form_page))  # the answer is a new page
+
+
+def _gone(element) -> bool:
+    """Whether the page ``element`` was on has been replaced. Chromium may answer the check mid-navigation with
+    "Node with given id does not belong to the document" (a plain WebDriverException) rather than a stale
+    reference: that is gone too."""
+    try:
+        element.is_enabled()
+    except WebDriverException:  # StaleElementReferenceException is one
+        return True
+    return False
 
 
 def keep_screenshot(browser, tmp_path: Path, name: str) -> Path:
