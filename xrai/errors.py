@@ -9,9 +9,12 @@ tracebacks with exit code 1. This module imports nothing of xrai, so every modul
 from __future__ import annotations
 
 import errno
+import os
 import re
+import sys
 
-__all__ = ["USER_ERRORS", "DiskFullError", "UserError", "disk_full_cause", "first_lines", "is_user_error", "one_line"]
+__all__ = ["USER_ERRORS", "DiskFullError", "UserError", "disk_full_cause", "first_lines", "is_user_error", "one_line",
+           "outside_package_stacklevel"]
 
 
 class UserError(Exception):
@@ -113,3 +116,15 @@ def _os_error_text(error: OSError) -> str:
         errno.EROFS: "choose a folder on a writable disk",
     }.get(error.errno)
     return reason + (f": {where}" if where else "") + (f" ({hint})" if hint else "")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep  # .../xrai/
+
+
+def outside_package_stacklevel() -> int:
+    """The stacklevel, for a warning issued by this function's caller, of the nearest frame outside xrai: a
+    notebook cell or a script sees its own line, never a line of the package's source."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -21,6 +21,7 @@ from xrai.data.augment import preprocess
 from xrai.data.contract import model_normalisation
 from xrai.data.decode.images import DamagedImages, ImageError, read_image
 from xrai.env import autocast_dtype, get_device
+from xrai.errors import outside_package_stacklevel
 from xrai.models.logits import flip_tta_logits, one_logit
 from xrai.runs.layout import RunFolder
 from xrai.runs.load import RunModel
@@ -133,7 +134,7 @@ def predict(
     logits, _ = _logits(forward, paths, config, dev, tta=tta, batch_size=batch_size, progress=progress,
                         damaged=damaged)
     if line := damaged.summary(RunFolder(model.run_dir).damaged_csv if isinstance(model, RunModel) else None):
-        warnings.warn(line, UserWarning, stacklevel=2)
+        warnings.warn(line, UserWarning, stacklevel=outside_package_stacklevel())
     out = pd.DataFrame({"path": paths, "probability": calibration.apply(np.nan_to_num(logits))})
     out["label"] = table["label"].astype(int) if "label" in table.columns else -1
     for col in ("body_part", "patient_id", "study_id"):

@@ -39,7 +39,7 @@ from scipy.stats import spearmanr
 from xrai.data import read_manifest
 from xrai.data.augment import preprocess
 from xrai.data.contract import model_normalisation
-from xrai.data.decode.images import ImageError, read_image
+from xrai.data.decode.images import DamagedImages, ImageError, read_image
 from xrai.data.synthetic import fracture_mask
 from xrai.evaluate.metrics import cam_mass_in_mask, pointing_chance, pointing_game
 from xrai.explain.cam import CAM_METHODS, CamExplainer, explain_paths
@@ -211,9 +211,10 @@ def measure_explanations(
 
     rows = _sample(predictions, n_images, seed)
     images, classes, readable = [], [], []
+    counted = DamagedImages()  # predict has said them already, in one line: here they are only counted
     for i, (_, row) in enumerate(rows.iterrows()):
         try:
-            images.append(read_image(row["path"]))
+            images.append(read_image(row["path"], damaged=counted))
         except (ImageError, OSError):  # predict already warned about it; leave it out here
             continue
         classes.append(int(row["probability"] >= threshold))

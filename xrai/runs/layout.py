@@ -70,7 +70,7 @@ THRESHOLD_JSON = "threshold.json"
 # The original files of the images 04 and 05 score (valid and test), one uncompressed zip with their
 # manifest-relative paths (xrai.data.archive): a fresh Colab runtime reads them from Drive, no download.
 SPLIT_IMAGES_ZIP = "split_images.zip"
-DAMAGED_CSV = "damaged_images.csv"  # images evaluate found truncated or unreadable (xrai.data.decode.DamagedImages)
+DAMAGED_CSV = "damaged_images.csv"  # images training, evaluate or a gallery found truncated or unreadable (DamagedImages)
 # Held by the training process (rank 0) for the whole run, so a second `train` into the same folder
 # fails at once instead of replacing the first's checkpoints; removed when training ends.
 TRAIN_LOCK = ".train.lock"

@@ -33,7 +33,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from xrai.data.dataset import ClassicBatches
 from xrai.data.decode.images import DamagedImages
 from xrai.data.loader import CachedBatches
 from xrai.env import autocast_dtype, backend_settings, get_device, seed_everything
-from xrai.errors import UserError, disk_full_cause
+from xrai.errors import UserError, disk_full_cause, outside_package_stacklevel
 from xrai.fileio import (
     TMP_PREFIX,
     TMP_SUFFIX,
@@ -375,19 +374,8 @@ def _say_damaged(damaged: DamagedImages, folder: RunFolder) -> list[Path]:
     of the package under it. Returns the list's path when this made it (for ``_undo_start``), else []."""
     new = not folder.damaged_csv.exists()
     if line := damaged.summary(folder.damaged_csv):
-        warnings.warn(line, UserWarning, stacklevel=_outside_package_stacklevel())
+        warnings.warn(line, UserWarning, stacklevel=outside_package_stacklevel())
     return [folder.damaged_csv] if new and folder.damaged_csv.exists() else []
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../xrai/
-
-
-def _outside_package_stacklevel() -> int:
-    """The stacklevel, for a warning issued by this function's caller, of the nearest frame outside xrai."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 # ---- fit -----------------------------------------------------------------------------------------
