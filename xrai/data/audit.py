@@ -29,6 +29,7 @@ from PIL import Image
 
 from xrai.data.decode.images import ImageError, read_image
 from xrai.env import cpu_count
+from xrai.errors import outside_package_stacklevel
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,7 +186,7 @@ def _report_bad(hashes: pd.DataFrame) -> None:
     if len(bad):
         listed = "; ".join(f"{p}: {e}" for p, e in zip(bad["path"].head(10), bad["error"].head(10)))
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-        warnings.warn(f"audit skipped {len(bad)} unreadable image(s): {listed}{more}", UserWarning, stacklevel=3)
+        warnings.warn(f"audit skipped {len(bad)} unreadable image(s): {listed}{more}", UserWarning, stacklevel=outside_package_stacklevel())
 
 
 def duplicate_groups(manifest: pd.DataFrame, *, near_distance: int = NEAR_DISTANCE,

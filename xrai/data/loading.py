@@ -16,6 +16,7 @@ from xrai.data.download import DATASETS
 from xrai.data.sources import ManifestWarning, dataset_dir, read_class_folders, read_fracatlas, read_mura
 from xrai.data.split import filter_body_parts, split_manifest
 from xrai.data.synthetic import ensure_synthetic, read_fracture_lines, synthetic_options
+from xrai.errors import outside_package_stacklevel
 
 __all__ = ["describe", "keep_body_parts", "read_source", "split_source"]
 
@@ -52,7 +53,7 @@ def _synthetic_lines(manifest: pd.DataFrame) -> pd.DataFrame:
         lines = read_fracture_lines(mura_dir)
     except FileNotFoundError:
         # stacklevel 4: the caller of xrai.data.load (load -> read_source -> here)
-        warnings.warn(f"no fracture_lines.csv in {mura_dir}: line_* columns left empty", ManifestWarning, stacklevel=4)
+        warnings.warn(f"no fracture_lines.csv in {mura_dir}: line_* columns left empty", ManifestWarning, stacklevel=outside_package_stacklevel())
         return manifest.assign(**{c: np.nan for c in cols})
     key = lines["path"].str.replace("\\", "/", regex=False).str.split("/", n=1).str[1]
     table = lines.drop(columns="path").set_axis(cols, axis=1).set_index(key)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from xrai.data.decode.dicom import DICOM_EXTENSIONS, HEAD_BYTES, looks_like_dicom
-from xrai.errors import UserError
+from xrai.errors import UserError, outside_package_stacklevel
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -182,7 +182,7 @@ def _warn_conflicts(conflicts: pd.Series, what: str) -> None:
             f"{len(conflicts)} {what} filed under one label but labelled otherwise in the CSV: "
             f"{_examples(conflicts)}. The folder label is kept; see the label_conflict column.",
             LabelConflictWarning,
-            stacklevel=3,
+            stacklevel=outside_package_stacklevel(),
         )
 
 
@@ -280,7 +280,7 @@ def _read_mura_split(mura: Path, split: str, source: str) -> tuple[pd.DataFrame,
     if bad.any():
         warnings.warn(f"{int(bad.sum())} images under {mura / split} are not at "
                       f"XR_<PART>/patient/study/image depth; left out: {_examples(rel[bad])}",
-                      ManifestWarning, stacklevel=3)  # fmt: skip
+                      ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
         rel, parts = rel[~bad], parts[~bad]
     study_key = parts["split"] + "/" + parts["part"] + "/" + parts["patient"] + "/" + parts["study"]
     folder = parts["study"].str.extract(r"_(positive|negative)$", expand=False).str.lower()
@@ -292,7 +292,7 @@ def _read_mura_split(mura: Path, split: str, source: str) -> tuple[pd.DataFrame,
     if unlabelled.any():
         warnings.warn(f"{int(unlabelled.sum())} images have neither a _positive/_negative study folder "
                       f"nor a labeled_studies entry; left out: {_examples(rel[unlabelled])}",
-                      ManifestWarning, stacklevel=3)  # fmt: skip
+                      ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     keep = ~unlabelled
     frame = pd.DataFrame({
         "path": str(mura) + "/" + rel[keep],
@@ -316,18 +316,18 @@ def _mura_images(mura: Path, split: str) -> pd.Series:
     if not csv.is_file():
         if len(on_disk):
             warnings.warn(f"{csv} not found: using all {len(on_disk)} images on disk under {split}/ "
-                          "(labels from folder names only)", ManifestWarning, stacklevel=4)  # fmt: skip
+                          "(labels from folder names only)", ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
         return on_disk
     listed = _relative_to_split(pd.read_csv(csv, header=None, usecols=[0], dtype=str)[0]).dropna()
     listed = listed[listed.str.contains(_IMAGE_NAME_RE, case=False)].drop_duplicates()
     missing = listed[~_isin(listed, on_disk)]
     if len(missing):
         warnings.warn(f"{len(missing)} images listed in {csv.name} are missing under {mura}; "
-                      f"dropped: {_examples(missing)}", ManifestWarning, stacklevel=4)  # fmt: skip
+                      f"dropped: {_examples(missing)}", ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     unlisted = on_disk[~_isin(on_disk, listed)]
     if len(unlisted):
         warnings.warn(f"{len(unlisted)} images under {mura / split} are not in {csv.name}; left out: "
-                      f"{_examples(unlisted)}", ManifestWarning, stacklevel=4)  # fmt: skip
+                      f"{_examples(unlisted)}", ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     return listed[_isin(listed, on_disk)]
 
 
@@ -387,11 +387,11 @@ def read_fracatlas(root: str | os.PathLike) -> pd.DataFrame:
     unlisted = m.loc[m["_merge"] == "left_only", "path"]
     if len(unlisted):
         warnings.warn(f"{len(unlisted)} FracAtlas images are not in dataset.csv (body_part 'unknown'): "
-                      f"{_examples(unlisted)}", ManifestWarning, stacklevel=2)  # fmt: skip
+                      f"{_examples(unlisted)}", ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     absent = csv.loc[~csv["image_id"].isin(disk["image_id"]), "image_id"]
     if len(absent):
         warnings.warn(f"{len(absent)} dataset.csv rows have no image under {images}: {_examples(absent)}",
-                      ManifestWarning, stacklevel=2)  # fmt: skip
+                      ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     m = m.drop(columns="_merge")
     parts = [p for p in FRACATLAS_PARTS if p in m.columns]
     flags = m[parts].fillna(0).astype(int).clip(0, 1) if parts else pd.DataFrame(index=m.index)
@@ -468,7 +468,7 @@ def read_class_folders(root: str | os.PathLike) -> pd.DataFrame:
             rows.extend((str(sub / rel), lab, split) for rel in _walk_images(sub, dicom=True))
     if skipped:
         warnings.warn(f"folders in {top} that are neither a split nor a class were skipped: {_examples(skipped)}",
-                      ManifestWarning, stacklevel=2)  # fmt: skip
+                      ManifestWarning, stacklevel=outside_package_stacklevel())  # fmt: skip
     if not rows:
         raise FileNotFoundError(f"no .png/.jpg/.jpeg or DICOM images in the class folders under {top}")
     m = pd.DataFrame(rows, columns=["path", "label", "split"])

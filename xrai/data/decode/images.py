@@ -33,7 +33,7 @@ from xrai.data.decode.limits import (  # shared with the DICOM decoder; importab
     ImageTooLargeError,
     check_decode_budget,
 )
-from xrai.errors import first_lines
+from xrai.errors import first_lines, outside_package_stacklevel
 
 __all__ = [
     "DECODER_VERSION",
@@ -313,7 +313,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS,
     image, notes = decode_image(data, name=path, max_pixels=max_pixels, max_bytes=max_bytes)
     for note in notes:
         if damaged is None:
-            warnings.warn(note, TruncatedImageWarning, stacklevel=2)
+            warnings.warn(note, TruncatedImageWarning, stacklevel=outside_package_stacklevel())
         else:
             damaged.add(path, "truncated", note)
     return image
