@@ -138,10 +138,11 @@ def plot_pr(
 
 def plot_reliability(
     y_true: Any, prob: Any, path: str | Path | None = None, *, raw_prob: Any = None, n_bins: int = ECE_BINS,
-    title: str = "reliability",
+    title: str = "reliability", positive: str = CLASS_NAMES[1],
 ) -> Figure:
-    """Reliability diagram: fraction abnormal against mean p(abnormal) per equal-width bin, calibrated
-    (and uncalibrated, when ``raw_prob`` is given) with the ECE in the legend; images per bin below."""
+    """Reliability diagram: fraction positive against mean p(positive) per equal-width bin, calibrated
+    (and uncalibrated, when ``raw_prob`` is given) with the ECE in the legend; images per bin below.
+    ``positive``: the positive class's name in the axis labels ("abnormal"; FracAtlas "fractured")."""
     y = np.asarray(y_true, int)
     fig = Figure(figsize=(4.8, 5.6), layout="constrained")
     ax, hist_ax = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
@@ -157,9 +158,9 @@ def plot_reliability(
                 label=f"{name}: ECE {ece:.3f}")
         centres = (bins["lower"] + bins["upper"]) / 2
         hist_ax.bar(centres, bins["n"], width=1 / n_bins, alpha=0.5, color=colour, label=name)
-    ax.set(ylabel="fraction abnormal", title=f"{title} ({n_bins} equal-width bins)", xlim=(0, 1), ylim=(-0.02, 1.02))
+    ax.set(ylabel=f"fraction {positive}", title=f"{title} ({n_bins} equal-width bins)", xlim=(0, 1), ylim=(-0.02, 1.02))
     ax.legend(loc="upper left", fontsize=8)
-    hist_ax.set(xlabel="mean p(abnormal) in the bin", ylabel="images")
+    hist_ax.set(xlabel=f"mean p({positive}) in the bin", ylabel="images")
     return _finish(fig, path)
 
 
@@ -214,7 +215,7 @@ def save_run_figures(run_dir: str | Path, split: str) -> dict[str, Path]:
         "reliability": run_dir / f"reliability_{split}.png",
     }
     raw = expit(pred["logit"].to_numpy(float)) if "logit" in pred else None
-    plot_reliability(y, p, out["reliability"], raw_prob=raw, title=f"reliability ({split})")
+    plot_reliability(y, p, out["reliability"], raw_prob=raw, title=f"reliability ({split})", positive=names[1])
     where = f"{split}, threshold {thr:.3f} from {report['threshold_from']}"
     plot_confusion_matrix(report["image"]["confusion_matrix"], out["confusion_matrix"],
                           title=f"confusion matrix ({where})", labels=names)
