@@ -316,8 +316,14 @@ the bone. The classic shortcuts, and what each looks like here:
 - **Burnt-in text** (dates, "PORTABLE", a scanner's name, MURA's and FracAtlas's annotations): the same,
   a hot band along the top or bottom edge.
 - **Hardware and casts**: plates, screws and casts appear mostly after a fracture, so a model can score
-  the cast, not the break. In MURA, hardware *is* abnormal by its labels; in FracAtlas it is not a
-  fracture. The heat map covers the metal; the false positives are casts without a break.
+  the metal, not the break. In MURA, hardware *is* abnormal by its labels. **A worked example, with
+  numbers**: in the FracAtlas subset behind the rendered reference run, 58 of the 2,449 images show
+  surgical hardware, and 56 of those 58 are labelled fractured (97%, against 16% of the images without
+  hardware). A model can score well by finding metal. In that run's most confident true positives
+  ([docs/reference/05_gradcam.ipynb]({docs}/reference/05_gradcam.ipynb)) plates and screws lie inside
+  the hot region: the map cannot tell whether the model scored the break or the plate, and that is the
+  question it raises. The check: FracAtlas's `dataset.csv` has a `hardware` column; score the images
+  without hardware on their own, and if the AUROC falls, part of the skill was the metal.
 - **Image edges and collimation**: the black border, the shape of the exposed field or a ruler differ
   between sites. The heat map hugs the border of the image.
 
@@ -326,7 +332,8 @@ explains the call), then at the correct normals (a heat map on a marker there sa
 the marker whatever it calls). One image proves nothing; the same off-bone spot across a gallery does.
 ROAD (above) measures whether the map points at what the model uses, not whether that is the bone:
 a faithful map of a shortcut scores well. To confirm a suspicion, cover the spot (a black square over the
-marker) in an image of your own and score it below: if the probability falls, the model used it."""
+marker) in an image of your own and score it below: if the probability falls, the model used it.""".replace(
+    "{docs}", DOCS)
 # 03 trains in its own folder: 02's leakage audit goes with the manifest (fit() copies that), for 04's report.
 CARRY_AUDIT = """\
 AUDIT = xrai.runs.RunFolder(DATA_DIR).read_audit()  # 02's leakage audit: 04's report quotes its counts
