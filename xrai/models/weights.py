@@ -10,7 +10,6 @@ the wheelhouse's ``weights/`` folder with a ``SHA256SUMS``; attached as a datase
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -27,6 +26,7 @@ import torchvision
 
 from xrai.env import kaggle_input_dir
 from xrai.errors import UserError
+from xrai.fileio import sha256_file
 from xrai.models.lite import LITE0_SHA256, lite0_weights_file
 from xrai.models.registry import ModelSpec
 
@@ -103,14 +103,6 @@ def weights_help(spec: ModelSpec, reason: str) -> str:
 
 
 # ---- weights from an attached wheelhouse (Internet off) ----------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_sums(folder: str | os.PathLike) -> dict[str, str]:

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.special import expit
 
 from xrai.errors import UserError
+from xrai.fileio import sha256_file
 from xrai.labels import DEFAULT_THRESHOLD
 from xrai.runs.layout import RunFolder, read_json
 
@@ -129,11 +130,7 @@ NO_CALIBRATION = Calibration()
 
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of a checkpoint file's bytes (streamed: DenseNet-169's 50 MB take ~0.1 s)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def folds_sha256(run_dir: str | Path, folds: int, which: str = "best") -> str:
