@@ -147,8 +147,10 @@ def test_cli_recipe_flags_override_the_named_recipe():
     config = _train_config(args)
     assert (config.lr, config.pos_weighting, config.tta, config.keep, config.batch_size) == (0.002, False, True,
                                                                                             "last", 32)
-    default = _train_config(build_parser().parse_args(["train"]))
-    assert recipe_of(default) == recipe_of(TrainConfig())  # no flags: TrainConfig's defaults
+    default = _train_config(build_parser().parse_args(["train"]))  # ImageNet weights by default: ft1
+    assert recipe_of(default) == recipe_of(recipe_config("ft1"))
+    scratch = _train_config(build_parser().parse_args(["train", "--no-pretrained"]))
+    assert recipe_of(scratch) == recipe_of(TrainConfig())  # from scratch: TrainConfig's defaults (v2)
 
 
 # ---- the input recipe: resize mode, crop scale, augmentation strength ------------------------------
