@@ -238,11 +238,6 @@ def _read_predictions(run_dir: Path, split: str) -> tuple[pd.DataFrame, float]:
     return predictions, threshold
 
 
-def run_class_names(run_dir: str | Path) -> tuple[str, str]:
-    """The words for label 0 and 1 of a run's source (manifest.json "source"; MURA's without one)."""
-    return RunFolder(run_dir).class_names()
-
-
 def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradcam") -> Explain:
     """An ``explain(path, label) -> PNG bytes`` over the run's best model; the model loads on first use.
 
@@ -250,7 +245,7 @@ def run_explainer(run_dir: str | Path, *, threshold: float, method: str = "gradc
     """
     run_dir = Path(run_dir)
     out_dir = RunFolder(run_dir).gradcam / "browser"
-    names = run_class_names(run_dir)
+    names = RunFolder(run_dir).class_names()
     loaded: dict[str, object] = {}
 
     def explain(path: str, label: int) -> bytes:
@@ -400,7 +395,7 @@ def gradcam_browser(
     if explain is None:
         explain = run_explainer(run_dir, threshold=threshold, method=method)
     return GradCamBrowser(outcome_table(predictions, threshold), threshold=threshold, explain=explain, split=split,
-                          names=run_class_names(run_dir))
+                          names=RunFolder(run_dir).class_names())
 
 
 # ---- your own X-ray ------------------------------------------------------------------------------

@@ -12,12 +12,7 @@ from xrai.explain.cam import explain_paths
 from xrai.runs.layout import RunFolder
 from xrai.runs.load import load_run
 
-__all__ = ["cmd_explain", "cmd_predict", "run_class_names"]
-
-
-def run_class_names(run_dir) -> tuple[str, str]:
-    """The words for label 0 and 1 of a run's source (manifest.json "source")."""
-    return RunFolder(run_dir).class_names()
+__all__ = ["cmd_explain", "cmd_predict"]
 
 
 def _explain_or_predict(run: str, images: list[str], out: str | None, method: str = "gradcam") -> int:
@@ -28,7 +23,7 @@ def _explain_or_predict(run: str, images: list[str], out: str | None, method: st
     threshold = loaded.threshold
     results = explain_paths(loaded.model, loaded.config, images, threshold=threshold, out_dir=out, method=method,
                             with_cam=out is not None, calibration=loaded.calibration,
-                            class_names=run_class_names(run))
+                            class_names=RunFolder(run).class_names())
     failures = 0
     for r in results:
         if r.get("error"):

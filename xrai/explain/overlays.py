@@ -10,10 +10,9 @@ import numpy as np
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from xrai.data.decode.images import DamagedImages, read_image
 from xrai.labels import CLASS_NAMES, DEFAULT_THRESHOLD
 
-__all__ = ["cam_to_image", "overlay", "save_png", "text_band", "tile", "tile_row"]
+__all__ = ["cam_to_image", "overlay", "save_png", "text_band", "tile_row"]
 
 
 def cam_to_image(cam: np.ndarray, shape: tuple[int, int], *, resize_size: int,
@@ -142,21 +141,6 @@ def save_png(rgb: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(path)
     return path
-
-
-def tile(path: str, cam: np.ndarray, label: int, probability: float, threshold: float, *,
-         height: int = 320, min_width: int = 280, names: tuple[str, str] = CLASS_NAMES,
-         damaged: DamagedImages | None = None) -> np.ndarray:
-    """A gallery tile: the X-ray and its CAM scaled to a readable size, then overlaid with its text band.
-
-    ``damaged``: where a truncated image is counted (the gallery's one line) instead of warned about."""
-    image = read_image(path, damaged=damaged)
-    h, w = image.shape
-    scale = max(height / h, min_width / w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    cam = cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
-    return overlay(image, cam, label=label, probability=probability, threshold=threshold, names=names)
 
 
 def tile_row(tiles: list[np.ndarray], title: str) -> np.ndarray:
