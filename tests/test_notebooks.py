@@ -577,37 +577,36 @@ def _folder_bytes(folder: Path) -> int:
 def test_colab_like_04_and_05_read_their_images_from_the_run_folder_not_a_download(colab_like, guard, tmp_path):
     """Before (no split_images.zip): a fresh runtime gets the whole set again (here the synthetic set is
     regenerated, the stand-in for MURA's 3.3 GB download). After: 04 and 05 extract the valid and test
-    images from RUN_DIR/split_images.zip, which 01 wrote on "Colab", and nothing is downloaded or made."""
+    images from RUN_DIR/split_images.zip, which 01 wrote on "Colab", and nothing is downloaded or made.
+
+    "After" is the series' own 04 and 05 (each in a fresh runtime); "before" runs 04 once more, in another
+    fresh runtime, on a copy of the run whose zip is gone (05 gets its images by the same call)."""
     from xrai.runs.layout import RunFolder
 
-    run_dir = tmp_path / "drive" / "run"
-    shutil.copytree(colab_like[0], run_dir)  # the series' run, trained and evaluated; left as it was
-    archive = RunFolder(run_dir).split_images_zip
+    series_dir, executed, _ = colab_like
+    archive = RunFolder(series_dir).split_images_zip
     assert archive.is_file(), "01 on Colab kept no split_images.zip"
     measured = {}
-    for when in ("before", "after"):
-        if when == "before":
-            archive.rename(archive.with_name("hidden.zip"))
-        else:
-            archive.with_name("hidden.zip").rename(archive)
-        for name in ("04_evaluate", "05_gradcam"):
-            home, work = tmp_path / f"home-{when}-{name}", tmp_path / f"content-{when}-{name}"
-            work.mkdir()
-            environ = {**guard, "XRAI_HOME": str(home), "COLAB_RELEASE_TAG": "release-colab-test",
-                       "XRAI_KAGGLE_INPUT": str(tmp_path / "no-kaggle-input")}
-            nb = _execute(name, work, work, {"RUN_DIR": str(run_dir), **FAST}, environ,
-                          notebook=_reading_scored_splits(name, tmp_path))
-            where, how, _ = _found(nb)
-            cell = next(c for c in _code(nb) if 'print(manifest.attrs["found"])' in c.source)
-            fetched = _folder_bytes(Path(where)) if when == "before" else archive.stat().st_size
-            measured[f"{name} {when}"] = {"how": how, "bytes": fetched, "seconds": cell.metadata.papermill.duration}
-            made = sorted(p.name for p in home.glob("synthetic-v*"))
-            if when == "before":
-                assert how == "synthetic set regenerated" and made, (name, how)
-            else:
-                assert how.startswith(f"valid+test images from {run_dir.name}/split_images.zip") and "no download" in how
-                assert made == [], f"{name} made the synthetic set again: {made}"
-            shutil.rmtree(home)  # that runtime is gone
+    for name in ("04_evaluate", "05_gradcam"):
+        where, how, _ = _found(executed[name])
+        assert how.startswith(f"valid+test images from {series_dir.name}/split_images.zip") and "no download" in how
+        cell = next(c for c in _code(executed[name]) if 'print(manifest.attrs["found"])' in c.source)
+        measured[f"{name} after"] = {"how": how, "bytes": archive.stat().st_size,
+                                     "seconds": cell.metadata.papermill.duration}
+    run_dir = tmp_path / "drive" / "run"
+    shutil.copytree(series_dir, run_dir, ignore=shutil.ignore_patterns(archive.name))  # the zip never written
+    home, work = tmp_path / "home-before", tmp_path / "content-before"
+    work.mkdir()
+    environ = {**guard, "XRAI_HOME": str(home), "COLAB_RELEASE_TAG": "release-colab-test",
+               "XRAI_KAGGLE_INPUT": str(tmp_path / "no-kaggle-input")}
+    nb = _execute("04_evaluate", work, work, {"RUN_DIR": str(run_dir), **FAST}, environ,
+                  notebook=_reading_scored_splits("04_evaluate", tmp_path))
+    where, how, _ = _found(nb)
+    cell = next(c for c in _code(nb) if 'print(manifest.attrs["found"])' in c.source)
+    assert how == "synthetic set regenerated" and sorted(home.glob("synthetic-v*")), how
+    measured["04_evaluate before"] = {"how": how, "bytes": _folder_bytes(Path(where)),
+                                      "seconds": cell.metadata.papermill.duration}
+    assert measured["04_evaluate before"]["bytes"] > archive.stat().st_size
     _check_artifacts(run_dir, epochs=2)
     assert _network_calls(guard) == ""
     print("\ncolab-like 04/05 getting their images (bytes fetched, or read from Drive; seconds of the cell):")
