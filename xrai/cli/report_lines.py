@@ -3,29 +3,21 @@ explanation scores. Formatting only (the words for a calibration are xrai.evalua
 
 from __future__ import annotations
 
-from xrai.evaluate.report import calibration_words
+from xrai.evaluate.report import calibration_words, figure, interval
 
-__all__ = ["ci", "extras", "fmt", "headline", "print_report"]
-
-
-def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def ci(interval) -> str:
-    return "" if not interval or interval[0] is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+__all__ = ["extras", "headline", "print_report"]
 
 
 def headline(report: dict) -> str:
     """One line per report: image figures at the image threshold, study figures at the study threshold;
     the MURA baseline only on MURA runs, with what it was measured on."""
     image = report["image"]
-    parts = [f"{report['split']}: n={image['n']}", f"AUROC {fmt(image.get('auroc'))} {ci(image.get('auroc_ci'))}",
-             f"kappa {fmt(image.get('kappa'))} {ci(image.get('kappa_ci'))}",
-             f"sensitivity {fmt(image.get('sensitivity'))}", f"specificity {fmt(image.get('specificity'))}",
+    parts = [f"{report['split']}: n={image['n']}", f"AUROC {figure(image.get('auroc'))} {interval(image.get('auroc_ci'))}",
+             f"kappa {figure(image.get('kappa'))} {interval(image.get('kappa_ci'))}",
+             f"sensitivity {figure(image.get('sensitivity'))}", f"specificity {figure(image.get('specificity'))}",
              f"at image threshold {report['threshold']:.3f}"]
     if report.get("study"):
-        parts.append(f"study kappa {fmt(report['study'].get('kappa'))} {ci(report['study'].get('kappa_ci'))} "
+        parts.append(f"study kappa {figure(report['study'].get('kappa'))} {interval(report['study'].get('kappa_ci'))} "
                      f"at study threshold {report['study_threshold']:.3f}")
     line = ", ".join(parts) + f" (chosen on {report['threshold_from']})"
     if report.get("baseline"):
@@ -44,18 +36,18 @@ def extras(report: dict) -> list[str]:
     point = (report.get("operating_points") or {}).get("sensitivity")
     if point:
         lines.append(f"  screening point (sensitivity >= {point['target']:.2f} on valid): threshold "
-                     f"{point['threshold']:.3f} -> sensitivity {fmt(point['image']['sensitivity'])}, specificity "
-                     f"{fmt(point['image']['specificity'])}")
+                     f"{point['threshold']:.3f} -> sensitivity {figure(point['image']['sensitivity'])}, specificity "
+                     f"{figure(point['image']['specificity'])}")
     block = report.get("explain")
     if block:
         for method, v in block["methods"].items():
             check = "passes" if v["randomisation"]["passes"] else "FAILS"
             point = v.get("pointing_game")
-            lines.append(f"  {method}: ROAD {fmt(v['road_combined']['mean'])}, randomisation check {check} "
-                         f"(Spearman {fmt(v['randomisation']['spearman_mean'])})"
+            lines.append(f"  {method}: ROAD {figure(v['road_combined']['mean'])}, randomisation check {check} "
+                         f"(Spearman {figure(v['randomisation']['spearman_mean'])})"
                          + (f", pointing game {point['pointing_game']:.2f} (chance {point['chance']:.2f})"
                             if point else ""))
-        lines.append(f"  (noise map ROAD {fmt(block['noise_map']['road_combined']['mean'])}; "
+        lines.append(f"  (noise map ROAD {figure(block['noise_map']['road_combined']['mean'])}; "
                      f"{block['sample']['n_images']} images, seed {block['sample']['seed']})")
     return lines
 

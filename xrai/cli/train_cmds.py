@@ -15,9 +15,9 @@ import xrai.train.trainer as trainer
 from xrai import plots
 from xrai.cli.commands import _run_config, _train_config
 from xrai.cli.data_cmds import config_manifest
-from xrai.cli.report_lines import fmt
 from xrai.config import TrainConfig
 from xrai.data import read_manifest
+from xrai.evaluate.report import figure
 from xrai.recipe import describe_recipe
 from xrai.runs.layout import CV_JSON, FOLDS_DIR, RunFolder
 from xrai.train import distributed
@@ -81,8 +81,8 @@ def cmd_cv(args) -> int:
     result = cv.cross_validate(config, manifest, run_dir, folds=args.folds, resume=args.resume, final=args.final)
     summary = result.summary
     auroc = summary["summary"]["image"]["auroc"]
-    print(f"{args.folds}-fold CV AUROC {fmt(auroc['mean'])} +- {fmt(auroc['std'])} (std over folds; per fold "
-          f"{', '.join(fmt(v) for v in auroc['values'])}); out-of-fold AUROC {fmt(summary['oof']['auroc'])} at "
+    print(f"{args.folds}-fold CV AUROC {figure(auroc['mean'])} +- {figure(auroc['std'])} (std over folds; per fold "
+          f"{', '.join(figure(v) for v in auroc['values'])}); out-of-fold AUROC {figure(summary['oof']['auroc'])} at "
           f"threshold {summary['oof']['threshold']:.3f}; {summary['epochs']['chosen']} epochs "
           f"({summary['epochs']['rule']})")
     print(f"run folder: {run_dir} ({CV_JSON}, {folder.report_json('oof').name}, {FOLDS_DIR}/); the folds' ensemble: "

@@ -15,7 +15,7 @@ import pandas as pd
 from xrai import __version__
 from xrai.config import TrainConfig
 from xrai.data.download import DATASETS
-from xrai.evaluate.report import calibration_words
+from xrai.evaluate.report import calibration_words, figure, interval
 from xrai.recipe import describe_recipe
 from xrai.runs.layout import AUDIT_CSV, RunFolder, read_json
 
@@ -28,12 +28,8 @@ _DATA_NAMES = {"mura": "MURA v1.1 (Stanford AIMI)", "fracatlas": "FracAtlas (Abe
                "bonefracture": "Kaggle bone fracture detection set"}
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def _ci(ci: Any) -> str:
-    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f" {interval(ci)}" if interval(ci) else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -110,14 +106,14 @@ def _operating_section(valid: dict[str, Any] | None) -> list[str]:
     if valid is None:
         return lines + ["Not evaluated on valid yet.", ""]
     cal = valid.get("calibration") or {}
-    lines += [f"- Image threshold {_f(valid['threshold'])} and study threshold {_f(valid.get('study_threshold'))} "
+    lines += [f"- Image threshold {figure(valid['threshold'])} and study threshold {figure(valid.get('study_threshold'))} "
               f"on calibrated probabilities ({valid.get('threshold_method', 'youden')}, chosen on "
               f"{valid['threshold_from']}); a study's probability is the mean of its images'"]
     points = valid.get("operating_points") or {}
     if "sensitivity" in points:
         p = points["sensitivity"]
         lines.append(f"- Screening operating point (sensitivity >= {p['target']:.2f} on {short}): image threshold "
-                     f"{_f(p['threshold'])}, study threshold {_f(p.get('study_threshold'))}")
+                     f"{figure(p['threshold'])}, study threshold {figure(p.get('study_threshold'))}")
     if cal:
         lines.append(f"- {calibration_words(cal, short)}; ECE over {cal['bins']} {cal['binning']}")
     return lines + [""]
@@ -132,17 +128,17 @@ def _metrics_section(reports: dict[str, dict]) -> list[str]:
             if not block:
                 continue
             t = r["threshold"] if level == "image" else r.get("study_threshold")
-            rows.append([split, level, str(block["n"]), _f(block["auroc"]) + _ci(block.get("auroc_ci")),
-                         _f(block["kappa"]) + _ci(block.get("kappa_ci")), _f(block["sensitivity"]),
-                         _f(block["specificity"]), _f(t)])
+            rows.append([split, level, str(block["n"]), figure(block["auroc"]) + _ci(block.get("auroc_ci")),
+                         figure(block["kappa"]) + _ci(block.get("kappa_ci")), figure(block["sensitivity"]),
+                         figure(block["specificity"]), figure(t)])
     lines += _table(["split", "level", "n", "AUROC [95% CI]", "kappa [95% CI]", "sensitivity", "specificity",
                      "threshold"], rows)
     unit = next((r.get("resampling_unit") for r in reports.values() if r.get("resampling_unit")), None)
     if unit:
         lines += ["", f"Intervals: percentile bootstrap, {unit.get('replicates')} replicates, resampling "
                   f"{unit.get('image')} (studies: {unit.get('study') or 'n/a'})."]
-    cal_rows = [[s, _f(r["calibration"]["ece"]["uncalibrated"]), _f(r["calibration"]["ece"]["calibrated"]),
-                 _f(r["calibration"]["nll"]["uncalibrated"]), _f(r["calibration"]["nll"]["calibrated"])]
+    cal_rows = [[s, figure(r["calibration"]["ece"]["uncalibrated"]), figure(r["calibration"]["ece"]["calibrated"]),
+                 figure(r["calibration"]["nll"]["uncalibrated"]), figure(r["calibration"]["nll"]["calibrated"])]
                 for s, r in reports.items() if r.get("calibration")]
     if cal_rows:
         lines += ["", *_table(["split", "ECE uncalibrated", "ECE calibrated", "NLL uncalibrated",
@@ -152,9 +148,9 @@ def _metrics_section(reports: dict[str, dict]) -> list[str]:
     if parts:
         lines += ["", f"Per body part ({split}):", "",
                   *_table(["body part", "n", "AUROC [95% CI]", "kappa [95% CI]", "study kappa [95% CI]"],
-                          [[p, str(v["n"]), _f(v["auroc"]) + _ci(v.get("auroc_ci")),
-                            _f(v["kappa"]) + _ci(v.get("kappa_ci")),
-                            _f(v.get("study_kappa")) + _ci(v.get("study_kappa_ci"))] for p, v in parts.items()])]
+                          [[p, str(v["n"]), figure(v["auroc"]) + _ci(v.get("auroc_ci")),
+                            figure(v["kappa"]) + _ci(v.get("kappa_ci")),
+                            figure(v.get("study_kappa")) + _ci(v.get("study_kappa_ci"))] for p, v in parts.items()])]
     baseline = reports[split].get("baseline")
     if baseline:
         lines += ["", f"MURA DenseNet-169 study kappa {baseline['study_kappa']['overall']:.3f} overall: "
@@ -172,11 +168,11 @@ def _explain_section(reports: dict[str, dict]) -> list[str]:
     rows = []
     for method, v in block["methods"].items():
         point = v.get("pointing_game") or {}
-        rows.append([method, _f(v["road_combined"]["mean"]), _f(v["confidence_change"]["mean"]),
-                     _f(v["randomisation"]["spearman_mean"]), "passes" if v["randomisation"]["passes"] else "FAILS",
+        rows.append([method, figure(v["road_combined"]["mean"]), figure(v["confidence_change"]["mean"]),
+                     figure(v["randomisation"]["spearman_mean"]), "passes" if v["randomisation"]["passes"] else "FAILS",
                      "n/a" if not point else f"{point['pointing_game']:.2f} (chance {point['chance']:.2f})"])
     noise = block["noise_map"]
-    rows.append(["noise map (reference)", _f(noise["road_combined"]["mean"]), _f(noise["confidence_change"]["mean"]),
+    rows.append(["noise map (reference)", figure(noise["road_combined"]["mean"]), figure(noise["confidence_change"]["mean"]),
                  "", "", ""])
     sample = block["sample"]
     lines += [f"On {sample['n_images']} {split} images (seed {sample['seed']}; ROAD on {sample['road_images']}, "

@@ -50,6 +50,8 @@ __all__ = [
     "calibration_block",
     "calibration_table",
     "calibration_words",
+    "figure",
+    "interval",
     "choose_selection",
     "operating_points",
     "per_body_part",
@@ -335,6 +337,16 @@ CALIBRATION_DESCRIPTIONS = {
     "temperature": "temperature scaling: sigmoid(logit / T), NLL minimised on valid by a bounded 1-D search",
     "none": "none: sigmoid(logit)",
 }
+
+
+def figure(value: float | None) -> str:
+    """A metric as every printed line and table writes it: three decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def interval(ci: Any) -> str:
+    """A 95% interval as "[low, high]", or "" where there is none."""
+    return "" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def calibration_words(section: dict[str, Any], where: str = "valid") -> str:

@@ -51,7 +51,7 @@ from xrai.data import audit, audit_summary, duplicate_groups, filter_body_parts,
 from xrai.data.audit import image_hashes, with_splits
 from xrai.data.split import group_ids
 from xrai.evaluate.predictions import predict
-from xrai.evaluate.report import choose_selection
+from xrai.evaluate.report import choose_selection, figure
 from xrai.evaluate.run import evaluate_run, score_predictions
 from xrai.labels import CLASS_NAMES
 from xrai.runs.layout import CHECKPOINTS_DIR, CV_JSON, FOLDS_DIR, RunFolder, read_json, write_json
@@ -193,8 +193,8 @@ def cross_validate(config: TrainConfig, manifest: pd.DataFrame, run_dir: str | o
     config.to_json(RunFolder(run_dir).config_json)
     write_json(summary, RunFolder(run_dir).cv_json)  # last: its presence marks a finished CV run
     image = summary["summary"]["image"]["auroc"]
-    say(f"{folds}-fold CV AUROC {_fmt(image['mean'])} +- {_fmt(image['std'])} (fold std); OOF AUROC "
-        f"{_fmt(summary['oof']['auroc'])}, OOF threshold {summary['oof']['threshold']:.3f}; "
+    say(f"{folds}-fold CV AUROC {figure(image['mean'])} +- {figure(image['std'])} (fold std); OOF AUROC "
+        f"{figure(summary['oof']['auroc'])}, OOF threshold {summary['oof']['threshold']:.3f}; "
         f"{summary['wall_seconds'] / 60:.1f} min")
     fitted = fit_final(run_dir, resume=resume, progress=progress) if final else None
     return CVResult(run_dir=run_dir, summary=summary, oof=oof, final=fitted)
@@ -236,7 +236,7 @@ def _run_fold(config: TrainConfig, table: pd.DataFrame, audit_table: pd.DataFram
     report = _fold_report(fold_dir) if resume else None
     if report is None:
         report = evaluate_run(fold_dir, split="valid", progress=progress, seed=config.seed, explain_images=0)
-    say(f"fold {k + 1}/{folds}: valid AUROC {_fmt(report['image']['auroc'])} (epoch {result.best_epoch} handed on)")
+    say(f"fold {k + 1}/{folds}: valid AUROC {figure(report['image']['auroc'])} (epoch {result.best_epoch} handed on)")
     return _fold_summary(k, rows, result, report, eval_seconds=time.perf_counter() - began)
 
 
@@ -344,10 +344,6 @@ def _fold_report(fold_dir: Path) -> dict[str, Any] | None:
         return None
     report = read_json(path)
     return report if (report.get("checkpoint") or {}).get("sha256") == checkpoint_sha256(best) else None
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _fold_summary(k: int, rows: pd.DataFrame, result, report: dict[str, Any], *, eval_seconds: float) -> dict:
