@@ -84,8 +84,9 @@ def test_platt_calibrates_a_pos_weighted_run_on_real_xrays(trained):
 
 @pytest.fixture(scope="module")
 def cv_run(dev_root, tmp_path_factory):
-    """A 3-fold grouped CV on fracatlas-dev's train+valid pool (test never used): 64 px, 3 epochs of batches of 32,
-    about 2 minutes on 2 CPU cores (measured: out-of-fold AUROC 0.705, Platt a = 1.21, b = -1.63, ECE 0.309 -> 0.011)."""
+    """A 2-fold grouped CV on fracatlas-dev's train+valid pool (test never used): 64 px, 3 epochs of batches of 32,
+    about 1 minute on 2 CPU cores (measured: out-of-fold AUROC 0.669, Platt a = 1.35, b = -1.61, ECE 0.313 -> 0.017;
+    with 3 folds, twice the training, 0.705 and ECE 0.309 -> 0.011)."""
     from xrai.data import load
     from xrai.train.cv import cross_validate
 
@@ -93,7 +94,7 @@ def cv_run(dev_root, tmp_path_factory):
     config = _small_recipe(dev_root, batch_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cross_validate(config, load("fracatlas", root=dev_root, progress=False), run, folds=3, progress=False)
+        cross_validate(config, load("fracatlas", root=dev_root, progress=False), run, folds=2, progress=False)
     return run
 
 
@@ -108,7 +109,7 @@ def test_platt_calibrates_a_cv_runs_out_of_fold_predictions_on_real_xrays(cv_run
     print(f"\nfracatlas-dev out-of-fold ({report['image']['n']} images, AUROC {report['image']['auroc']:.3f}): "
           f"{cal['method']} a={cal['slope']:.3f} b={cal['intercept']:+.3f}; ECE {cal['ece']['uncalibrated']:.3f} -> "
           f"{cal['ece']['calibrated']:.3f}, NLL {cal['nll']['uncalibrated']:.3f} -> {cal['nll']['calibrated']:.3f}")
-    assert report["image"]["auroc"] > 0.6  # it ranks (measured 0.705): not a constant calibrated to the base rate
+    assert report["image"]["auroc"] > 0.6  # it ranks (measured 0.669): not a constant calibrated to the base rate
     assert cal["method"] == "platt" and cal["applied"] and cal["slope"] > 0.3
     assert cal["ece"]["uncalibrated"] > 0.1 and cal["ece"]["calibrated"] < 0.05
     pred = folder.read_predictions("oof")
