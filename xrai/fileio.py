@@ -38,8 +38,8 @@ __all__ = [
     "free_bytes",
     "held_lock",
     "require_free_space",
-    "tensor_bytes",
     "sha256_file",
+    "tensor_bytes",
     "try_lock",
 ]
 

@@ -3,7 +3,7 @@ explanation scores. Formatting only (the words for a calibration are xrai.evalua
 
 from __future__ import annotations
 
-from xrai.evaluate.report import calibration_words, figure, interval
+from xrai.evaluate.report import calibration_words, figure
 
 __all__ = ["extras", "headline", "print_report"]
 
@@ -12,12 +12,12 @@ def headline(report: dict) -> str:
     """One line per report: image figures at the image threshold, study figures at the study threshold;
     the MURA baseline only on MURA runs, with what it was measured on."""
     image = report["image"]
-    parts = [f"{report['split']}: n={image['n']}", f"AUROC {figure(image.get('auroc'))} {interval(image.get('auroc_ci'))}",
-             f"kappa {figure(image.get('kappa'))} {interval(image.get('kappa_ci'))}",
+    parts = [f"{report['split']}: n={image['n']}", f"AUROC {figure(image.get('auroc'), image.get('auroc_ci'))}",
+             f"kappa {figure(image.get('kappa'), image.get('kappa_ci'))}",
              f"sensitivity {figure(image.get('sensitivity'))}", f"specificity {figure(image.get('specificity'))}",
              f"at image threshold {report['threshold']:.3f}"]
     if report.get("study"):
-        parts.append(f"study kappa {figure(report['study'].get('kappa'))} {interval(report['study'].get('kappa_ci'))} "
+        parts.append(f"study kappa {figure(report['study'].get('kappa'), report['study'].get('kappa_ci'))} "
                      f"at study threshold {report['study_threshold']:.3f}")
     line = ", ".join(parts) + f" (chosen on {report['threshold_from']})"
     if report.get("baseline"):

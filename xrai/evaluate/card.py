@@ -15,7 +15,7 @@ import pandas as pd
 from xrai import __version__
 from xrai.config import TrainConfig
 from xrai.data.download import DATASETS
-from xrai.evaluate.report import calibration_words, figure, interval
+from xrai.evaluate.report import calibration_words, figure
 from xrai.recipe import describe_recipe
 from xrai.runs.layout import AUDIT_CSV, RunFolder, read_json
 
@@ -26,10 +26,6 @@ _DATA_NAMES = {"mura": "MURA v1.1 (Stanford AIMI)", "fracatlas": "FracAtlas (Abe
                "synthetic": "X-RAI's synthetic phantoms (generated; not real X-rays)",
                "folder": "class folders", "multiregion": "Kaggle multi-region bone fracture set",
                "bonefracture": "Kaggle bone fracture detection set"}
-
-
-def _ci(ci: Any) -> str:
-    return f" {interval(ci)}" if interval(ci) else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -128,8 +124,8 @@ def _metrics_section(reports: dict[str, dict]) -> list[str]:
             if not block:
                 continue
             t = r["threshold"] if level == "image" else r.get("study_threshold")
-            rows.append([split, level, str(block["n"]), figure(block["auroc"]) + _ci(block.get("auroc_ci")),
-                         figure(block["kappa"]) + _ci(block.get("kappa_ci")), figure(block["sensitivity"]),
+            rows.append([split, level, str(block["n"]), figure(block["auroc"], block.get("auroc_ci")),
+                         figure(block["kappa"], block.get("kappa_ci")), figure(block["sensitivity"]),
                          figure(block["specificity"]), figure(t)])
     lines += _table(["split", "level", "n", "AUROC [95% CI]", "kappa [95% CI]", "sensitivity", "specificity",
                      "threshold"], rows)
@@ -148,9 +144,9 @@ def _metrics_section(reports: dict[str, dict]) -> list[str]:
     if parts:
         lines += ["", f"Per body part ({split}):", "",
                   *_table(["body part", "n", "AUROC [95% CI]", "kappa [95% CI]", "study kappa [95% CI]"],
-                          [[p, str(v["n"]), figure(v["auroc"]) + _ci(v.get("auroc_ci")),
-                            figure(v["kappa"]) + _ci(v.get("kappa_ci")),
-                            figure(v.get("study_kappa")) + _ci(v.get("study_kappa_ci"))] for p, v in parts.items()])]
+                          [[p, str(v["n"]), figure(v["auroc"], v.get("auroc_ci")),
+                            figure(v["kappa"], v.get("kappa_ci")),
+                            figure(v.get("study_kappa"), v.get("study_kappa_ci"))] for p, v in parts.items()])]
     baseline = reports[split].get("baseline")
     if baseline:
         lines += ["", f"MURA DenseNet-169 study kappa {baseline['study_kappa']['overall']:.3f} overall: "

@@ -50,9 +50,8 @@ __all__ = [
     "calibration_block",
     "calibration_table",
     "calibration_words",
-    "figure",
-    "interval",
     "choose_selection",
+    "figure",
     "operating_points",
     "per_body_part",
     "per_part_table",
@@ -339,14 +338,11 @@ CALIBRATION_DESCRIPTIONS = {
 }
 
 
-def figure(value: float | None) -> str:
-    """A metric as every printed line and table writes it: three decimals, or n/a."""
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def interval(ci: Any) -> str:
-    """A 95% interval as "[low, high]", or "" where there is none."""
-    return "" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+def figure(value: float | None, ci: Any = None) -> str:
+    """A metric as every printed line and table writes it: three decimals or n/a, then its 95% interval as
+    " [low, high]" where there is one."""
+    text = "n/a" if value is None else f"{value:.3f}"
+    return text if not ci or ci[0] is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def calibration_words(section: dict[str, Any], where: str = "valid") -> str:
